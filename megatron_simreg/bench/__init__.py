@@ -1,0 +1,1 @@
+"""Benchmarks: each prints ratios against a reference operation; run with `python -m`."""
