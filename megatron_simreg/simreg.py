@@ -1,0 +1,382 @@
+"""SimReg: embedding-similarity regularization (arXiv 2605.08809, Eq. 3).
+
+For the final-layer embeddings h_i of one sequence and their next-token labels y_i,
+
+    phi(i, j) = exp(cos(h_i, h_j) / tau)
+    P_i = {valid j : y_j == y_i}  (i itself included)      N_i = {valid j : y_j != y_i}
+    Lsr_i = log sum_{j in N_i} phi(i, j) - log sum_{j in P_i} phi(i, j)
+
+and the regulariser is the mean of softplus(Lsr_i) over label groups (default) or tokens.
+Pairs are taken inside one sequence, or inside one chunk of it (chunk-wise SimReg).
+
+Plain PyTorch (+ torch.distributed): no Megatron import. The pairwise work runs in tiles, flash-style:
+no `s x s` matrix is kept for backward (only two log-sum-exps per token are saved, the tiles are
+recomputed), and extra memory is O(block * s) rather than O(s^2). The math is fp32 whatever the
+input dtype. Under sequence or context parallelism each rank holds a slice of every sequence;
+chunk-wise SimReg then needs no activation communication, full SimReg gathers the embeddings, and
+in both cases loss and gradients equal the single-process result (see `simreg_loss`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+NORM_EPS = 1e-12
+"""Embeddings with a smaller norm are treated as `h / NORM_EPS` (as `F.normalize`): zero stays zero."""
+
+ChunkSize = int | Literal["local"] | None
+SequenceLayout = Literal["contiguous", "zigzag"]
+
+
+@dataclass
+class SimRegOutput:
+    """The scalar lambda-free SimReg term and the statistics worth logging beside it.
+
+    `loss == weighted_sum / normalizer` (globally, over the process group); the Megatron glue uses
+    the two parts to normalise SimReg like the cross-entropy across micro-batches.
+    """
+
+    loss: torch.Tensor  # differentiable scalar
+    weighted_sum: torch.Tensor  # differentiable: this rank's sum of w_i * softplus(Lsr_i)
+    normalizer: torch.Tensor  # sum of w_i over all ranks (number of groups, or of anchors)
+    lsr_mean: torch.Tensor  # mean Lsr over anchors with a non-empty N_i
+    live_fraction: torch.Tensor  # share of anchors whose gradient weight sigmoid(Lsr_i) >= live_threshold
+    negative_angle: torch.Tensor  # mean angle (degrees) between different-label pairs
+    anchors: torch.Tensor  # number of anchors (valid tokens)
+
+    def stats(self) -> dict[str, float]:
+        """The logged statistics as plain floats."""
+        return {
+            "simreg": self.loss.item(),
+            "simreg lsr": self.lsr_mean.item(),
+            "simreg live anchors": self.live_fraction.item(),
+            "simreg negative angle": self.negative_angle.item(),
+        }
+
+
+def simreg_terms(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor | None = None,
+    temperature: float = 0.01,
+    chunk_size: ChunkSize = None,
+    *,
+    sequence_first: bool = False,
+    process_group: dist.ProcessGroup | None = None,
+    sequence_layout: SequenceLayout = "contiguous",
+    block_size: int = 1024,
+) -> torch.Tensor:
+    """Lsr per token, `[b, s]` float32 (-inf where N_i is empty, 0 at masked positions).
+
+    hidden: `[b, s, h]`, or `[s, b, h]` with `sequence_first=True` (Megatron's layout, used as is).
+    labels, loss_mask: `[b, s]`; loss_mask 1 marks valid tokens (anchors and pair members).
+    chunk_size: None for full SimReg; an int for chunk-wise SimReg over that many consecutive tokens;
+        "local" for chunks equal to each rank's slice (with a process group) or the whole sequence.
+    process_group, sequence_layout: see `simreg_loss`.
+    """
+    return _run(
+        hidden, labels, loss_mask, temperature, chunk_size, sequence_first, process_group, sequence_layout, block_size
+    ).lsr
+
+
+def simreg_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor | None = None,
+    temperature: float = 0.01,
+    chunk_size: ChunkSize = None,
+    reduction: Literal["group", "token"] = "group",
+    *,
+    sequence_first: bool = False,
+    process_group: dist.ProcessGroup | None = None,
+    sequence_layout: SequenceLayout = "contiguous",
+    block_size: int = 1024,
+    live_threshold: float = 1e-3,
+) -> SimRegOutput:
+    """The SimReg term (without lambda): mean of softplus(Lsr_i), and its statistics.
+
+    reduction="group": mean over label groups (sequence or chunk, label) of the mean over each group's
+    anchors, so frequent tokens do not dominate; "token": plain mean over anchors.
+
+    With `process_group` every rank holds a slice of each sequence: the contiguous slice `rank` of
+    `world` equal parts (`sequence_layout="contiguous"`, Megatron's sequence parallelism), or chunks
+    `rank` and `2*world-1-rank` of `2*world` (`"zigzag"`, Megatron's context parallelism). Labels
+    and mask are the rank's own slice too. Chunk-wise SimReg (`chunk_size` int or "local", where
+    "local" means each contiguous local piece) exchanges only scalars; full SimReg (`chunk_size=None`)
+    all-gathers the embeddings. Every rank returns the global value; the gradient reaching each
+    rank's `hidden` is that of the global loss, as in the single-process computation.
+    """
+    if reduction not in ("group", "token"):
+        raise ValueError(f"simreg reduction must be 'group' or 'token', got {reduction!r}")
+    run = _run(
+        hidden, labels, loss_mask, temperature, chunk_size, sequence_first, process_group, sequence_layout, block_size
+    )
+    valid = run.valid
+    has_negatives = valid & torch.isfinite(run.lsr)
+    softplus = torch.where(valid, F.softplus(run.lsr), 0.0)
+    weights = valid.float() / run.positive_count.clamp_min(1) if reduction == "group" else valid.float()
+    weighted_sum = (softplus * weights).sum()
+
+    finite_lsr = torch.where(has_negatives, run.lsr.detach(), 0.0)
+    live = has_negatives & (torch.sigmoid(finite_lsr) >= live_threshold)
+    totals = torch.stack(
+        [
+            weights.sum(),
+            weighted_sum.detach(),
+            finite_lsr.sum(),
+            has_negatives.sum().float(),
+            live.sum().float(),
+            valid.sum().float(),
+            run.angle_sum,
+            run.angle_count,
+        ]
+    ).double()
+    if process_group is not None:
+        dist.all_reduce(totals, group=process_group)
+    normalizer, global_sum, lsr_sum, with_negatives, live_count, anchors, angle_sum, angle_count = totals.to(weighted_sum.dtype)
+
+    loss = weighted_sum / normalizer.clamp_min(1.0)
+    if process_group is not None:  # the global value, with this rank's share of the gradient
+        loss = loss + (global_sum / normalizer.clamp_min(1.0) - loss).detach()
+    return SimRegOutput(
+        loss=loss,
+        weighted_sum=weighted_sum,
+        normalizer=normalizer,
+        lsr_mean=lsr_sum / with_negatives.clamp_min(1.0),
+        live_fraction=live_count / anchors.clamp_min(1.0),
+        negative_angle=angle_sum / angle_count.clamp_min(1.0),
+        anchors=anchors,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: which tokens pair with which
+
+
+@dataclass
+class _Run:
+    lsr: torch.Tensor  # [b, s] float32
+    positive_count: torch.Tensor  # [b, s] float32, |P_i|
+    valid: torch.Tensor  # [b, s] bool
+    angle_sum: torch.Tensor  # scalar float64
+    angle_count: torch.Tensor  # scalar float64
+
+
+@dataclass
+class _Plan:
+    """Fixed, non-differentiable inputs of the pairwise kernel.
+
+    `segments` are `(start, end)` ranges of the local sequence whose tokens pair only among
+    themselves (chunks). With `gather` the local tokens pair with the whole gathered sequence.
+    """
+
+    labels: torch.Tensor  # [b, s_local] int64
+    valid: torch.Tensor  # [b, s_local] bool
+    segments: list[tuple[int, int]]
+    gather: dist.ProcessGroup | None
+    inv_temperature: float
+    block_size: int
+    dtype: torch.dtype  # float32, or float64 for float64 embeddings (gradcheck)
+
+
+def _run(hidden, labels, loss_mask, temperature, chunk_size, sequence_first, process_group, layout, block_size):
+    batch_major = hidden.transpose(0, 1) if sequence_first else hidden
+    if batch_major.dim() != 3:
+        raise ValueError(f"simreg expects hidden [b, s, h] (or [s, b, h] with sequence_first=True), got {tuple(hidden.shape)}")
+    b, s, _ = batch_major.shape
+    if tuple(labels.shape) != (b, s):
+        raise ValueError(
+            f"simreg labels have shape {tuple(labels.shape)} but hidden holds [b={b}, s={s}] tokens; "
+            "pass labels (and loss_mask) as [b, s] for this rank's own slice of the sequence"
+        )
+    if loss_mask is None:
+        valid = torch.ones(b, s, dtype=torch.bool, device=hidden.device)
+    elif tuple(loss_mask.shape) != (b, s):
+        raise ValueError(f"simreg loss_mask has shape {tuple(loss_mask.shape)}, expected [b={b}, s={s}] like labels")
+    else:
+        valid = loss_mask.to(device=hidden.device) > 0
+    if temperature <= 0:
+        raise ValueError(f"simreg temperature must be positive, got {temperature}")
+    if block_size < 1:
+        raise ValueError(f"simreg block_size must be positive, got {block_size}")
+    if layout not in ("contiguous", "zigzag"):
+        raise ValueError(f"simreg sequence_layout must be 'contiguous' or 'zigzag', got {layout!r}")
+
+    pieces = [(0, s)] if layout == "contiguous" or process_group is None else _zigzag_pieces(s)
+    distributed = process_group is not None and dist.get_world_size(process_group) > 1
+    plan = _Plan(
+        labels=labels.to(device=hidden.device, dtype=torch.long),
+        valid=valid,
+        segments=_segments(pieces, chunk_size),
+        gather=process_group if (chunk_size is None and distributed) else None,
+        inv_temperature=1.0 / temperature,
+        block_size=block_size,
+        dtype=torch.promote_types(hidden.dtype, torch.float32),
+    )
+    lsr, positive_count, angles = _SimRegFunction.apply(batch_major, plan)
+    return _Run(lsr, positive_count, valid, angles[0], angles[1])
+
+
+def _zigzag_pieces(s: int) -> list[tuple[int, int]]:
+    if s % 2:
+        raise ValueError(f"the zigzag (context-parallel) layout holds two equal halves per rank, got {s} local tokens")
+    return [(0, s // 2), (s // 2, s)]
+
+
+def _segments(pieces: list[tuple[int, int]], chunk_size: ChunkSize) -> list[tuple[int, int]]:
+    """Split the local contiguous pieces into the ranges whose tokens pair among themselves."""
+    if chunk_size is None or chunk_size == "local":
+        return pieces
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"simreg chunk_size must be a positive int, 'local' or None (full), got {chunk_size!r}")
+    segments = []
+    for start, end in pieces:
+        if len(pieces) > 1 and (end - start) % chunk_size:
+            raise ValueError(
+                f"simreg chunk_size {chunk_size} does not divide this rank's contiguous piece of {end - start} tokens, "
+                "so chunks would straddle ranks; choose a divisor or chunk_size='local'"
+            )
+        segments += [(c, min(c + chunk_size, end)) for c in range(start, end, chunk_size)]
+    return segments
+
+
+# ---------------------------------------------------------------------------------------------
+# The pairwise kernel
+
+
+class _SimRegFunction(torch.autograd.Function):
+    """Lsr per token from the embeddings; saves only per-token scalars and recomputes tiles."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, plan: _Plan):
+        inv_norm = _inverse_norms(hidden, plan.dtype)
+        keys, key_inv_norm, key_labels, key_valid = _pairing_partners(hidden, inv_norm, plan)
+        b, s, _ = hidden.shape
+        lse_pos = torch.full((b, s), -math.inf, dtype=plan.dtype, device=hidden.device)
+        lse_neg = torch.full_like(lse_pos, -math.inf)
+        positive_count = torch.zeros_like(lse_pos)
+        angles = torch.zeros(2, dtype=torch.float64, device=hidden.device)
+        for sample, rows, cols in _pairings(plan, b, s, keys.shape[1]):
+            key_units = keys[sample, cols].to(plan.dtype) * key_inv_norm[sample, cols, None]
+            for at, z, same in _tiles(hidden[sample], inv_norm[sample], plan.labels[sample], rows, key_units, key_labels[sample, cols], plan):
+                pos = same & key_valid[sample, cols]
+                neg = ~same & key_valid[sample, cols]
+                lse_pos[sample, at] = _masked_logsumexp(z, pos)
+                lse_neg[sample, at] = _masked_logsumexp(z, neg)
+                positive_count[sample, at] = pos.sum(1, dtype=torch.float32)
+                negative_pairs = neg & plan.valid[sample, at, None]
+                cosine = (z[negative_pairs] / plan.inv_temperature).clamp(-1.0, 1.0)
+                angles[0] += torch.rad2deg(torch.acos(cosine)).sum(dtype=torch.float64)
+                angles[1] += negative_pairs.sum()
+        lsr = torch.where(plan.valid, lse_neg - lse_pos, 0.0)
+        ctx.plan = plan
+        ctx.save_for_backward(hidden, lse_pos, lse_neg)
+        ctx.mark_non_differentiable(positive_count, angles)
+        return lsr, positive_count, angles
+
+    @staticmethod
+    def backward(ctx, grad_lsr, _grad_count, _grad_angles):
+        hidden, lse_pos, lse_neg = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        inv_norm = _inverse_norms(hidden, plan.dtype)
+        # Masked anchors and anchors without negatives (Lsr = -inf) contribute nothing.
+        grad = torch.where(plan.valid & torch.isfinite(lse_neg), grad_lsr.to(plan.dtype), 0.0)
+        keys, key_inv_norm, key_labels, key_valid = _pairing_partners(hidden, inv_norm, plan)
+        key_lse_pos, key_lse_neg, key_grad = _gather_scalars(plan, lse_pos, lse_neg, grad)
+        grad_hidden = torch.empty_like(hidden)
+        b, s, _ = hidden.shape
+        for sample, rows, cols in _pairings(plan, b, s, keys.shape[1]):
+            key_units = keys[sample, cols].to(plan.dtype) * key_inv_norm[sample, cols, None]
+            for at, z, same in _tiles(hidden[sample], inv_norm[sample], plan.labels[sample], rows, key_units, key_labels[sample, cols], plan):
+                # z_ij is symmetric, so token i receives d Lsr_i / d z_ij as the anchor of row i
+                # and d Lsr_j / d z_ji as a member of anchor j's pairs.
+                key_is_member = key_valid[sample, cols][None, :]
+                row_is_member = plan.valid[sample, at, None]
+                as_anchor = _lsr_logit_grad(
+                    z, same & key_is_member, ~same & key_is_member, lse_pos[sample, at, None], lse_neg[sample, at, None]
+                )
+                as_member = _lsr_logit_grad(
+                    z, same & row_is_member, ~same & row_is_member, key_lse_pos[sample, cols], key_lse_neg[sample, cols]
+                )
+                grad_logits = as_anchor * grad[sample, at, None] + as_member * key_grad[sample, cols]
+                grad_units = (grad_logits @ key_units) * plan.inv_temperature
+                grad_hidden[sample, at] = _normalize_backward(hidden[sample, at], inv_norm[sample, at], grad_units)
+        return grad_hidden, None
+
+
+def _inverse_norms(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return 1.0 / torch.linalg.vector_norm(hidden, dim=-1, dtype=dtype).clamp_min(NORM_EPS)
+
+
+def _normalize_backward(rows: torch.Tensor, inv_norm: torch.Tensor, grad_units: torch.Tensor) -> torch.Tensor:
+    """Gradient through u = h / max(|h|, eps): the radial part drops out unless |h| < eps."""
+    units = rows.to(inv_norm.dtype) * inv_norm[:, None]
+    radial = (units * grad_units).sum(-1, keepdim=True) * units
+    clamped = (inv_norm >= 1.0 / NORM_EPS)[:, None]
+    return (torch.where(clamped, grad_units, grad_units - radial) * inv_norm[:, None]).to(rows.dtype)
+
+
+def _pairing_partners(hidden, inv_norm, plan: _Plan):
+    """The tokens the local anchors pair with: the local ones, or the gathered sequence."""
+    if plan.gather is None:
+        return hidden, inv_norm, plan.labels, plan.valid
+    return (
+        _all_gather_sequence(hidden, plan.gather),
+        _all_gather_sequence(inv_norm, plan.gather),
+        _all_gather_sequence(plan.labels, plan.gather),
+        _all_gather_sequence(plan.valid, plan.gather),
+    )
+
+
+def _gather_scalars(plan: _Plan, *per_token: torch.Tensor) -> list[torch.Tensor]:
+    if plan.gather is None:
+        return list(per_token)
+    gathered = _all_gather_sequence(torch.stack(per_token, dim=-1), plan.gather)
+    return list(gathered.unbind(-1))
+
+
+def _all_gather_sequence(local: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Concatenate every rank's `[b, s_local, ...]` slice along the sequence (rank order)."""
+    world = dist.get_world_size(group)
+    sequence_major = local.transpose(0, 1).contiguous()
+    out = sequence_major.new_empty((world * sequence_major.shape[0], *sequence_major.shape[1:]))
+    if out.dtype == torch.bool:  # gloo and nccl collectives do not take bool
+        dist.all_gather_into_tensor(out.view(torch.uint8), sequence_major.view(torch.uint8), group=group)
+    else:
+        dist.all_gather_into_tensor(out, sequence_major, group=group)
+    return out.transpose(0, 1)
+
+
+def _pairings(plan: _Plan, batch: int, local_len: int, key_len: int):
+    """(sample, anchor rows, key columns): each chunk with itself, or all local rows with all keys."""
+    ranges = [(slice(0, local_len), slice(0, key_len))] if plan.gather is not None else [
+        (slice(start, end), slice(start, end)) for start, end in plan.segments
+    ]
+    return [(sample, rows, cols) for sample in range(batch) for rows, cols in ranges]
+
+
+def _tiles(hidden, inv_norm, labels, rows: slice, key_units, key_labels, plan: _Plan):
+    """Yield (anchor positions, logits z = cos / tau, same-label mask) per block of anchors.
+
+    A tile is `[block, n_keys]`: extra memory grows with block * sequence, never sequence^2.
+    """
+    for start in range(rows.start, rows.stop, plan.block_size):
+        at = slice(start, min(start + plan.block_size, rows.stop))
+        units = hidden[at].to(plan.dtype) * inv_norm[at, None]
+        z = (units @ key_units.T) * plan.inv_temperature
+        yield at, z, labels[at, None] == key_labels[None, :]
+
+
+def _masked_logsumexp(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(torch.where(mask, z, -math.inf), dim=1)
+
+
+def _lsr_logit_grad(z, pos, neg, lse_pos, lse_neg):
+    """d Lsr / d z: softmax over the negatives minus softmax over the positives (0 off the masks)."""
+    return torch.where(neg, torch.exp(z - lse_neg), 0.0) - torch.where(pos, torch.exp(z - lse_pos), 0.0)
