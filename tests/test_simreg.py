@@ -1,0 +1,214 @@
+"""SimReg against the naive float64 reference: values, gradients, layouts, edge cases, memory."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_simreg.simreg import simreg_loss, simreg_terms
+from simreg_reference import reference_loss, reference_terms
+
+
+def clustered(b, s, h, labels=5, spread=0.3, seed=0, dtype=torch.float64):
+    """Embeddings around a few directions, labels drawn independently: negatives lie close by,
+    so Lsr is of order one even at tau = 0.01 (random vectors would make it vanish)."""
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(3, h, generator=gen, dtype=torch.float64)
+    hidden = centers[torch.randint(0, 3, (b, s), generator=gen)]
+    hidden = hidden + spread * torch.randn(b, s, h, generator=gen, dtype=torch.float64)
+    return hidden.to(dtype), torch.randint(0, labels, (b, s), generator=gen)
+
+
+def random_mask(b, s, keep=0.8, seed=1):
+    return torch.rand(b, s, generator=torch.Generator().manual_seed(seed)) < keep
+
+
+def both_gradients(fast, slow, hidden):
+    a = hidden.detach().clone().requires_grad_()
+    b = hidden.detach().clone().requires_grad_()
+    fast(a).backward()
+    slow(b).backward()
+    return a.grad, b.grad
+
+
+@pytest.mark.parametrize("temperature", [0.01, 0.1, 1.0])
+@pytest.mark.parametrize("chunk_size", [None, 8, 7])
+def test_terms_match_reference(temperature, chunk_size):
+    hidden, labels = clustered(2, 24, 16, spread=0.3 if temperature == 0.01 else 1.0)
+    mask = random_mask(2, 24)
+    ours = simreg_terms(hidden, labels, mask, temperature, chunk_size, block_size=5)
+    ref = reference_terms(hidden, labels, mask, temperature, chunk_size)
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours[mask], ref[mask], rtol=1e-10, atol=1e-10)
+    assert ref[mask].abs().min() < 20, "the data should exercise values of order one"
+
+
+@pytest.mark.parametrize("reduction", ["group", "token"])
+@pytest.mark.parametrize("chunk_size", [None, 6])
+@pytest.mark.parametrize("temperature", [0.01, 1.0])
+def test_loss_and_gradient_match_reference(reduction, chunk_size, temperature):
+    hidden, labels = clustered(2, 18, 12)
+    mask = random_mask(2, 18)
+    ours = simreg_loss(hidden, labels, mask, temperature, chunk_size, reduction, block_size=4).loss
+    ref = reference_loss(hidden, labels, mask, temperature, chunk_size, reduction)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    assert ref > 1e-3
+    fast, slow = both_gradients(
+        lambda x: simreg_loss(x, labels, mask, temperature, chunk_size, reduction, block_size=4).loss,
+        lambda x: reference_loss(x, labels, mask, temperature, chunk_size, reduction),
+        hidden,
+    )
+    torch.testing.assert_close(fast, slow, rtol=1e-8, atol=1e-12)
+
+
+def test_group_and_token_reductions_differ_when_groups_are_uneven():
+    hidden, _ = clustered(1, 12, 8)
+    labels = torch.tensor([[0] * 9 + [1, 2, 3]])
+    group = simreg_loss(hidden, labels, temperature=0.1, reduction="group").loss
+    token = simreg_loss(hidden, labels, temperature=0.1, reduction="token").loss
+    torch.testing.assert_close(group, reference_loss(hidden, labels, temperature=0.1, reduction="group"))
+    torch.testing.assert_close(token, reference_loss(hidden, labels, temperature=0.1, reduction="token"))
+    assert not torch.isclose(group, token)
+
+
+def test_bf16_input_computes_in_fp32():
+    hidden, labels = clustered(2, 32, 64, dtype=torch.bfloat16)
+    mask = random_mask(2, 32)
+    ours = simreg_terms(hidden, labels, mask, 0.01)
+    assert ours.dtype == torch.float32
+    ref = reference_terms(hidden.double(), labels, mask, 0.01)
+    torch.testing.assert_close(ours[mask].double(), ref[mask], rtol=1e-4, atol=1e-3)
+    x = hidden.detach().clone().requires_grad_()
+    simreg_loss(x, labels, mask, 0.01).loss.backward()
+    assert x.grad.dtype == torch.bfloat16
+    reference_input = hidden.double().requires_grad_()
+    reference_loss(reference_input, labels, mask, 0.01).backward()
+    slow = reference_input.grad
+    torch.testing.assert_close(x.grad.double(), slow, rtol=2e-2, atol=1e-4 * slow.abs().max().item())
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_gradcheck_float64(chunk_size):
+    hidden, labels = clustered(1, 10, 6, labels=3)
+    mask = random_mask(1, 10, keep=0.9)
+    x = hidden.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x: simreg_loss(x, labels, mask, 0.1, chunk_size, block_size=3).loss, (x,), eps=1e-6, atol=1e-7
+    )
+    assert torch.autograd.gradcheck(
+        lambda x: simreg_terms(x, labels, mask, 0.1, chunk_size, block_size=3), (x,), eps=1e-6, atol=1e-7
+    )
+
+
+def test_blockwise_equals_single_tile():
+    hidden, labels = clustered(2, 40, 16, dtype=torch.float32)
+    mask = random_mask(2, 40)
+    tiled, whole = both_gradients(
+        lambda x: simreg_loss(x, labels, mask, 0.01, block_size=3).loss,
+        lambda x: simreg_loss(x, labels, mask, 0.01, block_size=10_000).loss,
+        hidden,
+    )
+    torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-7)
+
+
+def test_sequence_first_input_is_used_in_place():
+    hidden, labels = clustered(3, 16, 8, dtype=torch.float32)
+    mask = random_mask(3, 16)
+    sequence_first = hidden.transpose(0, 1).contiguous().requires_grad_()  # Megatron's [s, b, h]
+    batch_first = hidden.clone().requires_grad_()
+    a = simreg_loss(sequence_first, labels, mask, 0.1, sequence_first=True).loss
+    b = simreg_loss(batch_first, labels, mask, 0.1).loss
+    torch.testing.assert_close(a, b)
+    (a + b).backward()
+    assert sequence_first.grad.is_contiguous()  # the gradient comes back in the caller's layout
+    torch.testing.assert_close(sequence_first.grad.transpose(0, 1), batch_first.grad)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["all same label", "all masked", "zero vectors", "duplicates", "single valid token"],
+)
+def test_edge_cases_are_finite(case):
+    hidden, labels = clustered(2, 12, 8, dtype=torch.float32)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    if case == "all same label":
+        labels = torch.zeros_like(labels)
+    elif case == "all masked":
+        mask[0] = False
+    elif case == "zero vectors":
+        hidden[0, :4] = 0
+    elif case == "duplicates":
+        hidden[:, 6:] = hidden[:, :6]
+    elif case == "single valid token":
+        mask[:] = False
+        mask[1, 3] = True
+    x = hidden.clone().requires_grad_()
+    out = simreg_loss(x, labels, mask, 0.01)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(x.grad).all()
+    for value in (out.lsr_mean, out.live_fraction, out.negative_angle):
+        assert torch.isfinite(value)
+    ref = reference_loss(hidden.double(), labels, mask, 0.01)
+    torch.testing.assert_close(out.loss.double(), ref, rtol=1e-4, atol=1e-6)
+    if case == "all same label":  # no negatives anywhere: Lsr = -inf, no loss, no gradient
+        assert out.loss == 0 and torch.all(x.grad == 0)
+        assert torch.isinf(simreg_terms(hidden, labels, mask)).all()
+
+
+def test_statistics():
+    hidden, labels = clustered(2, 20, 8)
+    mask = random_mask(2, 20)
+    out = simreg_loss(hidden, labels, mask, 0.1, live_threshold=0.05)
+    ref = reference_terms(hidden, labels, mask, 0.1)[mask]
+    finite = ref[torch.isfinite(ref)]
+    torch.testing.assert_close(out.lsr_mean, finite.mean())
+    torch.testing.assert_close(out.live_fraction.double(), (torch.sigmoid(finite) >= 0.05).sum() / mask.sum().double())
+    units = F.normalize(hidden, dim=-1)
+    angles = []
+    for sample in range(2):
+        for i in range(20):
+            for j in range(20):
+                if mask[sample, i] and mask[sample, j] and labels[sample, i] != labels[sample, j]:
+                    angles.append(math.degrees(math.acos(min(1.0, max(-1.0, float(units[sample, i] @ units[sample, j]))))))
+    assert out.negative_angle.item() == pytest.approx(sum(angles) / len(angles), rel=1e-9)
+    assert out.anchors.item() == mask.sum().item()
+    assert set(out.stats()) == {"simreg", "simreg lsr", "simreg live anchors", "simreg negative angle"}
+
+
+def test_backward_keeps_no_quadratic_tensor():
+    """Saved for backward: the embeddings and per-token scalars, nothing of size s x s."""
+    s, h = 256, 8
+    hidden, labels = clustered(1, s, h, dtype=torch.float32)
+    x = hidden.clone().requires_grad_()
+    saved = []
+
+    def keep(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss = simreg_loss(x, labels, temperature=0.01, block_size=32).loss
+    assert saved and max(saved) <= s * h
+    loss.backward()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(chunk_size=0), "chunk_size"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(reduction="mean"), "reduction"),
+        (dict(sequence_layout="ring"), "sequence_layout"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    hidden, labels = clustered(1, 8, 4)
+    with pytest.raises(ValueError, match=message):
+        simreg_loss(hidden, labels, **kwargs)
+
+
+def test_label_shape_mismatch_is_explained():
+    hidden, labels = clustered(2, 8, 4)
+    with pytest.raises(ValueError, match="labels"):
+        simreg_loss(hidden, labels[:, :4])
