@@ -70,7 +70,7 @@ def simreg_terms(
     sequence_first: bool = False,
     process_group: dist.ProcessGroup | None = None,
     sequence_layout: SequenceLayout = "contiguous",
-    block_size: int = 1024,
+    block_size: int = 512,
 ) -> torch.Tensor:
     """Lsr per token, `[b, s]` float32 (-inf where N_i is empty, 0 at masked positions).
 
@@ -96,7 +96,7 @@ def simreg_loss(
     sequence_first: bool = False,
     process_group: dist.ProcessGroup | None = None,
     sequence_layout: SequenceLayout = "contiguous",
-    block_size: int = 1024,
+    block_size: int = 512,
     live_threshold: float = 1e-3,
 ) -> SimRegOutput:
     """The SimReg term (without lambda): mean of softplus(Lsr_i), and its statistics.
@@ -263,17 +263,21 @@ class _SimRegFunction(torch.autograd.Function):
         positive_count = torch.zeros_like(lse_pos)
         angles = torch.zeros(2, dtype=torch.float64, device=hidden.device)
         for sample, rows, cols in _pairings(plan, b, s, keys.shape[1]):
-            key_units = keys[sample, cols].to(plan.dtype) * key_inv_norm[sample, cols, None]
-            for at, z, same in _tiles(hidden[sample], inv_norm[sample], plan.labels[sample], rows, key_units, key_labels[sample, cols], plan):
-                pos = same & key_valid[sample, cols]
-                neg = ~same & key_valid[sample, cols]
-                lse_pos[sample, at] = _masked_logsumexp(z, pos)
-                lse_neg[sample, at] = _masked_logsumexp(z, neg)
-                positive_count[sample, at] = pos.sum(1, dtype=torch.float32)
-                negative_pairs = neg & plan.valid[sample, at, None]
-                cosine = (z[negative_pairs] / plan.inv_temperature).clamp(-1.0, 1.0)
-                angles[0] += torch.rad2deg(torch.acos(cosine)).sum(dtype=torch.float64)
-                angles[1] += negative_pairs.sum()
+            for at in _blocks(rows, plan.block_size):
+                units = _units(hidden[sample, at], inv_norm[sample, at], plan.dtype)
+                for key_at in _blocks(cols, plan.block_size):
+                    # Keys are normalised tile by tile, never all at once.
+                    key_units = _units(keys[sample, key_at], key_inv_norm[sample, key_at], plan.dtype)
+                    z = (units @ key_units.T) * plan.inv_temperature
+                    same = plan.labels[sample, at, None] == key_labels[sample, key_at]
+                    z.masked_fill_(~key_valid[sample, key_at], -math.inf)
+                    lse_pos[sample, at] = torch.logaddexp(lse_pos[sample, at], _masked_logsumexp(z, same))
+                    lse_neg[sample, at] = torch.logaddexp(lse_neg[sample, at], _masked_logsumexp(z, ~same))
+                    positive_count[sample, at] += (same & key_valid[sample, key_at]).sum(1, dtype=plan.dtype)
+                    negative_pairs = ~same & key_valid[sample, key_at] & plan.valid[sample, at, None]
+                    radians = z[negative_pairs].mul_(1.0 / plan.inv_temperature).clamp_(-1.0, 1.0).acos_()
+                    angles[0] += math.degrees(radians.sum(dtype=torch.float64).item())
+                    angles[1] += negative_pairs.sum()
         lsr = torch.where(plan.valid, lse_neg - lse_pos, 0.0)
         ctx.plan = plan
         ctx.save_for_backward(hidden, lse_pos, lse_neg)
@@ -287,26 +291,27 @@ class _SimRegFunction(torch.autograd.Function):
         inv_norm = _inverse_norms(hidden, plan.dtype)
         # Masked anchors and anchors without negatives (Lsr = -inf) contribute nothing.
         grad = torch.where(plan.valid & torch.isfinite(lse_neg), grad_lsr.to(plan.dtype), 0.0)
+        # +inf where a set is empty, so exp(z - lse) is 0 rather than inf * 0.
+        lse_pos, lse_neg = (torch.where(torch.isfinite(lse), lse, math.inf) for lse in (lse_pos, lse_neg))
         keys, key_inv_norm, key_labels, key_valid = _pairing_partners(hidden, inv_norm, plan)
         key_lse_pos, key_lse_neg, key_grad = _gather_scalars(plan, lse_pos, lse_neg, grad)
         grad_hidden = torch.empty_like(hidden)
         b, s, _ = hidden.shape
         for sample, rows, cols in _pairings(plan, b, s, keys.shape[1]):
-            key_units = keys[sample, cols].to(plan.dtype) * key_inv_norm[sample, cols, None]
-            for at, z, same in _tiles(hidden[sample], inv_norm[sample], plan.labels[sample], rows, key_units, key_labels[sample, cols], plan):
-                # z_ij is symmetric, so token i receives d Lsr_i / d z_ij as the anchor of row i
-                # and d Lsr_j / d z_ji as a member of anchor j's pairs.
-                key_is_member = key_valid[sample, cols][None, :]
-                row_is_member = plan.valid[sample, at, None]
-                as_anchor = _lsr_logit_grad(
-                    z, same & key_is_member, ~same & key_is_member, lse_pos[sample, at, None], lse_neg[sample, at, None]
-                )
-                as_member = _lsr_logit_grad(
-                    z, same & row_is_member, ~same & row_is_member, key_lse_pos[sample, cols], key_lse_neg[sample, cols]
-                )
-                grad_logits = as_anchor * grad[sample, at, None] + as_member * key_grad[sample, cols]
-                grad_units = (grad_logits @ key_units) * plan.inv_temperature
-                grad_hidden[sample, at] = _normalize_backward(hidden[sample, at], inv_norm[sample, at], grad_units)
+            for at in _blocks(rows, plan.block_size):
+                units = _units(hidden[sample, at], inv_norm[sample, at], plan.dtype)
+                grad_units = torch.zeros_like(units)
+                for key_at in _blocks(cols, plan.block_size):
+                    key_units = _units(keys[sample, key_at], key_inv_norm[sample, key_at], plan.dtype)
+                    z = (units @ key_units.T) * plan.inv_temperature
+                    z.masked_fill_(~(plan.valid[sample, at, None] & key_valid[sample, key_at]), -math.inf)
+                    same = plan.labels[sample, at, None] == key_labels[sample, key_at]
+                    # z_ij is symmetric: token i receives d Lsr_i / d z_ij as the anchor of its row,
+                    # and d Lsr_j / d z_ji as a member of anchor j's pairs.
+                    grad_logits = _lsr_logit_grad(z, same, lse_pos[sample, at, None], lse_neg[sample, at, None], grad[sample, at, None])
+                    grad_logits += _lsr_logit_grad(z, same, key_lse_pos[sample, key_at], key_lse_neg[sample, key_at], key_grad[sample, key_at])
+                    grad_units.addmm_(grad_logits, key_units, alpha=plan.inv_temperature)
+                grad_hidden[sample, at] = _normalize_backward(units, inv_norm[sample, at], grad_units).to(hidden.dtype)
         return grad_hidden, None
 
 
@@ -314,12 +319,15 @@ def _inverse_norms(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return 1.0 / torch.linalg.vector_norm(hidden, dim=-1, dtype=dtype).clamp_min(NORM_EPS)
 
 
-def _normalize_backward(rows: torch.Tensor, inv_norm: torch.Tensor, grad_units: torch.Tensor) -> torch.Tensor:
+def _units(rows: torch.Tensor, inv_norm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return rows.to(dtype) * inv_norm[:, None]
+
+
+def _normalize_backward(units: torch.Tensor, inv_norm: torch.Tensor, grad_units: torch.Tensor) -> torch.Tensor:
     """Gradient through u = h / max(|h|, eps): the radial part drops out unless |h| < eps."""
-    units = rows.to(inv_norm.dtype) * inv_norm[:, None]
     radial = (units * grad_units).sum(-1, keepdim=True) * units
     clamped = (inv_norm >= 1.0 / NORM_EPS)[:, None]
-    return (torch.where(clamped, grad_units, grad_units - radial) * inv_norm[:, None]).to(rows.dtype)
+    return torch.where(clamped, grad_units, grad_units - radial) * inv_norm[:, None]
 
 
 def _pairing_partners(hidden, inv_norm, plan: _Plan):
@@ -361,22 +369,18 @@ def _pairings(plan: _Plan, batch: int, local_len: int, key_len: int):
     return [(sample, rows, cols) for sample in range(batch) for rows, cols in ranges]
 
 
-def _tiles(hidden, inv_norm, labels, rows: slice, key_units, key_labels, plan: _Plan):
-    """Yield (anchor positions, logits z = cos / tau, same-label mask) per block of anchors.
-
-    A tile is `[block, n_keys]`: extra memory grows with block * sequence, never sequence^2.
-    """
-    for start in range(rows.start, rows.stop, plan.block_size):
-        at = slice(start, min(start + plan.block_size, rows.stop))
-        units = hidden[at].to(plan.dtype) * inv_norm[at, None]
-        z = (units @ key_units.T) * plan.inv_temperature
-        yield at, z, labels[at, None] == key_labels[None, :]
+def _blocks(span: slice, size: int):
+    """Consecutive sub-ranges of at most `size` tokens: tiles are `[size, size]`, whatever s is."""
+    return [slice(start, min(start + size, span.stop)) for start in range(span.start, span.stop, size)]
 
 
 def _masked_logsumexp(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(torch.where(mask, z, -math.inf), dim=1)
 
 
-def _lsr_logit_grad(z, pos, neg, lse_pos, lse_neg):
-    """d Lsr / d z: softmax over the negatives minus softmax over the positives (0 off the masks)."""
-    return torch.where(neg, torch.exp(z - lse_neg), 0.0) - torch.where(pos, torch.exp(z - lse_pos), 0.0)
+def _lsr_logit_grad(z, same, lse_pos, lse_neg, grad):
+    """grad * d Lsr / d z: softmax over the negatives minus softmax over the positives.
+
+    z is -inf off the pairs; lse is +inf where its set is empty; both make the term 0.
+    """
+    return torch.exp(z - torch.where(same, lse_pos, lse_neg)).mul_(torch.where(same, -grad, grad))
