@@ -213,7 +213,7 @@ def _run(hidden, labels, loss_mask, temperature, chunk_size, sequence_first, pro
     plan = _Plan(
         labels=labels.to(device=hidden.device, dtype=torch.long),
         valid=valid,
-        segments=_segments(pieces, chunk_size),
+        segments=_segments(pieces, chunk_size, split_across_ranks=distributed),
         gather=process_group if (chunk_size is None and distributed) else None,
         inv_temperature=1.0 / temperature,
         block_size=block_size,
@@ -229,7 +229,7 @@ def _zigzag_pieces(s: int) -> list[tuple[int, int]]:
     return [(0, s // 2), (s // 2, s)]
 
 
-def _segments(pieces: list[tuple[int, int]], chunk_size: ChunkSize) -> list[tuple[int, int]]:
+def _segments(pieces: list[tuple[int, int]], chunk_size: ChunkSize, split_across_ranks: bool) -> list[tuple[int, int]]:
     """Split the local contiguous pieces into the ranges whose tokens pair among themselves."""
     if chunk_size is None or chunk_size == "local":
         return pieces
@@ -237,7 +237,7 @@ def _segments(pieces: list[tuple[int, int]], chunk_size: ChunkSize) -> list[tupl
         raise ValueError(f"simreg chunk_size must be a positive int, 'local' or None (full), got {chunk_size!r}")
     segments = []
     for start, end in pieces:
-        if len(pieces) > 1 and (end - start) % chunk_size:
+        if split_across_ranks and (end - start) % chunk_size:
             raise ValueError(
                 f"simreg chunk_size {chunk_size} does not divide this rank's contiguous piece of {end - start} tokens, "
                 "so chunks would straddle ranks; choose a divisor or chunk_size='local'"
