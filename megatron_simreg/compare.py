@@ -1,0 +1,99 @@
+"""Compare runs as the paper does: loss curves against tokens, and the convergence speedup.
+
+Convergence speedup of a run over the baseline: the tokens it needs to reach the baseline's final loss,
+as a share of the tokens the baseline used; `saved = 1 - candidate_tokens / baseline_tokens`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from megatron_simreg.metrics import Curve, Run, smoothed, tokens_to_reach
+
+PLOTTED = (("train", "lm loss"), ("valid", "lm loss"), ("train", "simreg"))
+
+
+@dataclass
+class Speedup:
+    candidate: str
+    target_loss: float  # the baseline's final loss
+    baseline_tokens: float
+    candidate_tokens: float | None  # None: never reached the target
+
+    @property
+    def saved(self) -> float | None:
+        if self.candidate_tokens is None:
+            return None
+        return 1.0 - self.candidate_tokens / self.baseline_tokens
+
+
+def comparison_curve(run: Run, metric: str = "lm loss", train_smoothing: float = 0.9) -> tuple[str, Curve]:
+    """Validation loss when the run logged one; else the training loss, smoothed."""
+    valid = run.curve("valid", metric)
+    if valid is not None and valid.values:
+        return "validation", valid
+    train = run.curve("train", metric)
+    if train is None or not train.values:
+        raise ValueError(f"run {run.name!r} logged no {metric!r}: nothing to compare")
+    return "training (smoothed)", smoothed(train, train_smoothing)
+
+
+def convergence_speedup(baseline: Run, candidate: Run, metric: str = "lm loss") -> Speedup:
+    _, base = comparison_curve(baseline, metric)
+    _, other = comparison_curve(candidate, metric)
+    target = base.values[-1]
+    return Speedup(candidate.name, target, base.tokens[-1], tokens_to_reach(other, target))
+
+
+def markdown_report(runs: list[Run], metric: str = "lm loss") -> str:
+    """A table of final values per run and, against the first run, the convergence speedup."""
+    baseline = runs[0]
+    kind, _ = comparison_curve(baseline, metric)
+    lines = [
+        f"Baseline: `{baseline.name}`; compared on {kind} `{metric}`.",
+        "",
+        "| run | final train loss | final valid loss | final SimReg | tokens | tokens to baseline's final loss | saved |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        speedup = convergence_speedup(baseline, run, metric)
+        reached = "not reached" if speedup.candidate_tokens is None else f"{speedup.candidate_tokens:,.0f}"
+        saved = "-" if speedup.saved is None else f"{100 * speedup.saved:.1f}%"
+        _, curve = comparison_curve(run, metric)
+        lines.append(
+            f"| {run.name} | {_final(run, 'train', metric)} | {_final(run, 'valid', metric)} "
+            f"| {_final(run, 'train', 'simreg', '.3g')} | {curve.tokens[-1]:,.0f} | {reached} | {saved} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _final(run: Run, split: str, metric: str, spec: str = ".4f") -> str:
+    curve = run.curve(split, metric)
+    return "-" if curve is None or not curve.values else format(curve.values[-1], spec)
+
+
+def plot_runs(runs: list[Run], path: str) -> str:
+    """One PNG: training loss, validation loss and the SimReg term against tokens, a line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(5 * len(PLOTTED), 4))
+    for ax, (split, metric) in zip(axes, PLOTTED):
+        for run in runs:
+            curve = run.curve(split, metric)
+            if curve is not None and curve.values:
+                ax.plot(curve.tokens, curve.values, label=run.name)
+        ax.set_title(f"{'validation' if split == 'valid' else 'training'} {metric}")
+        ax.set_xlabel("tokens")
+        if metric == "simreg":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

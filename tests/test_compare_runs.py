@@ -1,0 +1,72 @@
+"""The run comparison: the convergence speedup on logs with a known answer, plots and reports written."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from megatron_simreg.compare import convergence_speedup
+from megatron_simreg.metrics import MetricsWriter, load_run, tokens_to_reach, Curve
+
+
+def baseline_loss(tokens):
+    return 3.0 + 4.0 * math.exp(-tokens / 300.0)
+
+
+def write_run(run_dir, speed, total=1000, every=10):
+    """A run whose loss at t tokens is the baseline's at t * speed: it needs 1/speed of the tokens."""
+    writer = MetricsWriter(str(run_dir))
+    for step, tokens in enumerate(range(every, total + 1, every), 1):
+        writer.write("train", step, tokens, {"lm loss": baseline_loss(tokens * speed) + 0.05 * math.sin(step), "simreg": 0.1 / step})
+        if step % 10 == 0:
+            writer.write("valid", step, tokens, {"lm loss": baseline_loss(tokens * speed)})
+    writer.close()
+    return run_dir
+
+
+def test_speedup_of_a_run_reaching_the_baseline_at_70_percent(tmp_path):
+    baseline = load_run(str(write_run(tmp_path / "baseline", 1.0)))
+    simreg = load_run(str(write_run(tmp_path / "simreg", 1 / 0.7)))
+    speedup = convergence_speedup(baseline, simreg)
+    assert speedup.target_loss == pytest.approx(baseline_loss(1000))
+    assert speedup.saved == pytest.approx(0.30, abs=0.005)
+    assert convergence_speedup(baseline, baseline).saved == pytest.approx(0.0)
+    slower = load_run(str(write_run(tmp_path / "slower", 0.8)))
+    assert convergence_speedup(baseline, slower).saved is None  # never reaches the target
+
+
+def test_interpolates_between_logged_points():
+    curve = Curve(tokens=[0, 100, 200], values=[5.0, 4.0, 2.0])
+    assert tokens_to_reach(curve, 3.0) == pytest.approx(150.0)
+    assert tokens_to_reach(curve, 1.0) is None
+
+
+def test_tensorboard_events_read_as_megatron_writes_them(tmp_path):
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    for samples in range(8, 81, 8):
+        writer.add_scalar("lm loss vs samples", baseline_loss(samples * 16), samples)
+        writer.add_scalar("lm loss validation vs samples", baseline_loss(samples * 16) + 0.1, samples)
+    writer.close()
+    run = load_run(str(tmp_path / "tb"), seq_length=16)
+    assert run.curve("train", "lm loss").tokens[-1] == 80 * 16
+    assert run.curve("valid", "lm loss").values[0] == pytest.approx(baseline_loss(128) + 0.1, rel=1e-6)
+
+
+def test_cli_writes_plot_and_table(tmp_path):
+    write_run(tmp_path / "baseline", 1.0)
+    write_run(tmp_path / "simreg", 1 / 0.7)
+    out = tmp_path / "report"
+    result = subprocess.run(
+        [sys.executable, "tools/compare_runs.py", str(tmp_path / "baseline"), str(tmp_path / "simreg"), "--out", str(out)],
+        capture_output=True, text=True, check=True,
+    )
+    assert "| simreg |" in result.stdout and "30.0%" in result.stdout
+    assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "30.0%" in (out / "comparison.md").read_text()
+
+
+def test_missing_metrics_are_explained(tmp_path):
+    result = subprocess.run([sys.executable, "tools/compare_runs.py", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode != 0 and "metrics.jsonl" in result.stderr
