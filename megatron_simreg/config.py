@@ -1,0 +1,327 @@
+"""Run configuration: typed sections, YAML files that extend a base, dotted command-line overrides.
+
+    cfg = load_config("configs/llama2-350m.yaml", ["simreg.weight=0", "training.micro_batch_size=4"])
+
+A file may say `extends: base.yaml` (relative to itself); later files and then overrides win. An unknown
+key is an error naming it and the nearest valid keys. `simreg.weight: auto` becomes 10 * sqrt(hidden / 1024).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot work, with what to change."""
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 172
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # grouped-query attention; None = one group per head
+    vocab_size: int = 32000  # the tokenizer's; padded for tensor parallelism when the model is built
+    make_vocab_size_divisible_by: int = 128
+    seq_length: int = 2048
+    rotary_base: int = 10000
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    untie_embeddings_and_output_weights: bool = True
+    num_experts: int | None = None  # MoE when set (Mixtral)
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: int | None = None
+    moe_aux_loss_coeff: float = 0.01
+
+
+@dataclass
+class SimRegSection:
+    enabled: bool = True
+    weight: float | str = "auto"  # lambda; "auto" = 10 * sqrt(hidden_size / 1024)
+    temperature: float = 0.01
+    mode: str = "full"  # "full" | "chunk"
+    chunk_size: int | None = None  # chunk mode: None = each rank's slice under SP/CP, else tokens per chunk
+    reduction: str = "group"  # "group" | "token"
+    layer: int = -1  # -1: final hidden states; k: output of decoder layer k (Sec. 5.3 ablation)
+    block_size: int = 512  # tile size of the pairwise kernel
+
+
+@dataclass
+class AdaGCSection:
+    enabled: bool = True
+    lambda_rel: float = 1.04
+    beta: float = 0.99
+    warmup_steps: int = 100
+    warmup_max_norm: float = 1.0
+    eps: float = 1e-6
+    variant: str = "tensor"  # "tensor" | "shard" | "global"
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    min_lr: float | None = None  # None = lr / 10 (the paper's cosine floor)
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # global-norm clipping when AdaGC is off
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 2000
+    decay_style: str = "cosine"
+    train_iters: int | None = None
+    train_tokens: int | None = None  # alternative to train_iters
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 1
+    global_batch_size: int = 512
+    precision: str = "bf16"  # "bf16" | "fp32"
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 1000
+    eval_iters: int = 10
+    save_interval: int = 1000
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    context: int = 1
+    expert: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+    moe_token_dispatcher: str = "alltoall"  # "alltoall" | "allgather"
+
+
+@dataclass
+class DataConfig:
+    prefix: list[str] = field(default_factory=list)  # Megatron indexed datasets (PREFIX.bin/.idx)
+    tokenizer: str | None = None  # SentencePiece model or HF folder; None = the default LLaMA-style 32k
+    split: str = "98,1,1"
+    cache_dir: str | None = None
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str | None = None  # None = runs/<config name>
+    tensorboard: bool = True
+    jsonl: bool = True
+    wandb_project: str | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None = None  # None = <run_dir>/checkpoints
+    load: str | None = None  # None = resume from `save` when it holds a checkpoint
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    simreg: SimRegSection = field(default_factory=SimRegSection)
+    adagc: AdaGCSection = field(default_factory=AdaGCSection)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def simreg_weight(self) -> float:
+        """lambda, with "auto" resolved as the paper's 10 * sqrt(hidden / 1024)."""
+        if self.simreg.weight == "auto":
+            return 10.0 * math.sqrt(self.model.hidden_size / 1024)
+        return float(self.simreg.weight)
+
+    @property
+    def run_dir(self) -> str:
+        return self.logging.run_dir or os.path.join("runs", self.name)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "simreg.mode": ("full", "chunk"),
+    "simreg.reduction": ("group", "token"),
+    "adagc.variant": ("tensor", "shard", "global"),
+    "schedule.decay_style": ("cosine", "linear", "constant"),
+    "training.precision": ("bf16", "fp32"),
+    "parallel.moe_token_dispatcher": ("alltoall", "allgather"),
+}
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (following `extends`), apply `section.key=value` overrides, check it."""
+    raw = _read_with_bases(path, seen=())
+    raw.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    for override in overrides or []:
+        key, sep, value = override.partition("=")
+        if not sep:
+            raise ConfigError(f"override {override!r} is not key=value (e.g. simreg.weight=0)")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+    config = _build(Config, raw, prefix="", source=path)
+    _check_values(config)
+    return config
+
+
+def save_config(config: Config, run_dir: str) -> str:
+    """Write the resolved config beside the run, as YAML that `load_config` reads back."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "config.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+    return path
+
+
+def _read_with_bases(path: str, seen: tuple[str, ...]) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found; the shipped ones are in configs/")
+    real = os.path.realpath(path)
+    if real in seen:
+        raise ConfigError(f"config {path!r} extends itself through {' -> '.join(seen)}")
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path!r} must be a mapping of sections")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    merged = _read_with_bases(os.path.join(os.path.dirname(path), base), seen + (real,))
+    return _deep_merge(merged, data)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _set_dotted(raw: dict, key: str, value) -> None:
+    *sections, leaf = key.split(".")
+    node = raw
+    for section in sections:
+        node = node.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {section!r} is a value, not a section")
+    node[leaf] = value
+
+
+def _build(cls, raw, prefix: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} in {source} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        if key not in names:
+            valid = [prefix + name for name in names]
+            near = difflib.get_close_matches(prefix + str(key), valid, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(near)}?" if near else f"; valid keys: {', '.join(valid)}"
+            raise ConfigError(f"unknown config key {prefix + str(key)!r} in {source}{hint}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = _build(hint, value, f"{prefix}{key}.", source)
+        else:
+            values[key] = _coerce(value, hint, prefix + key)
+    return cls(**values)
+
+
+def _coerce(value, hint, key: str):
+    """Check a value against its field's type (int for float is fine; a list for a list of str)."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for kind in allowed:
+        if kind is type(None) and value is None:
+            return None
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind in (str, bool) and isinstance(value, kind):
+            return value
+        if typing.get_origin(kind) is list:
+            if isinstance(value, str):
+                return [value]
+            if isinstance(value, list):
+                return value
+    names = " or ".join("null" if k is type(None) else getattr(k, "__name__", str(k)) for k in allowed)
+    raise ConfigError(f"config key {key!r} must be {names}, got {value!r}")
+
+
+def _check_values(config: Config) -> None:
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    if isinstance(config.simreg.weight, str) and config.simreg.weight != "auto":
+        raise ConfigError(f"simreg.weight must be a number or 'auto', got {config.simreg.weight!r}")
+    if config.simreg.temperature <= 0:
+        raise ConfigError(f"simreg.temperature must be positive, got {config.simreg.temperature}")
+    if config.simreg.mode == "full" and config.simreg.chunk_size is not None:
+        raise ConfigError("simreg.chunk_size is set but simreg.mode is full: set simreg.mode=chunk, or chunk_size=null")
+    if config.schedule.train_iters is None and config.schedule.train_tokens is None:
+        raise ConfigError("set schedule.train_iters or schedule.train_tokens")
+
+
+def check_layout(config: Config, world_size: int) -> int:
+    """Check the parallel layout against `world_size` GPUs (or processes); return the data-parallel size."""
+    p, m, t = config.parallel, config.model, config.training
+    model_parallel = p.tensor * p.pipeline * p.context
+    problems = []
+    if world_size % model_parallel:
+        problems.append(
+            f"world size {world_size} is not divisible by tensor*pipeline*context = {p.tensor}*{p.pipeline}*{p.context}"
+        )
+    data_parallel = max(world_size // model_parallel, 1)
+    if m.num_attention_heads % p.tensor:
+        problems.append(f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tensor={p.tensor}")
+    groups = m.num_query_groups or m.num_attention_heads
+    if groups % p.tensor:
+        problems.append(f"model.num_query_groups={groups} is not divisible by parallel.tensor={p.tensor}")
+    if m.num_layers % p.pipeline:
+        problems.append(f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={p.pipeline}")
+    if p.sequence_parallel and m.seq_length % (p.tensor * p.context):
+        problems.append(f"model.seq_length={m.seq_length} is not divisible by tensor*context={p.tensor * p.context} (sequence parallel)")
+    if p.context > 1 and m.seq_length % (2 * p.context):
+        problems.append(f"model.seq_length={m.seq_length} is not divisible by 2*context={2 * p.context}")
+    if m.num_experts is None and p.expert > 1:
+        problems.append(f"parallel.expert={p.expert} needs an MoE model (model.num_experts)")
+    if m.num_experts is not None:
+        if m.num_experts % p.expert:
+            problems.append(f"model.num_experts={m.num_experts} is not divisible by parallel.expert={p.expert}")
+        if (data_parallel * p.context) % p.expert:
+            problems.append(f"parallel.expert={p.expert} must divide data*context parallel size {data_parallel * p.context}")
+        if m.moe_router_topk > m.num_experts:
+            problems.append(f"model.moe_router_topk={m.moe_router_topk} exceeds model.num_experts={m.num_experts}")
+    if t.global_batch_size % (t.micro_batch_size * data_parallel):
+        problems.append(
+            f"training.global_batch_size={t.global_batch_size} is not divisible by "
+            f"micro_batch_size*data_parallel = {t.micro_batch_size}*{data_parallel}"
+        )
+    if config.simreg.mode == "chunk" and config.simreg.chunk_size:
+        local = m.seq_length // (p.tensor if p.sequence_parallel else 1) // (2 * p.context if p.context > 1 else 1)
+        if (p.sequence_parallel or p.context > 1) and local % config.simreg.chunk_size:
+            problems.append(f"simreg.chunk_size={config.simreg.chunk_size} does not divide the per-rank sequence piece of {local} tokens")
+    if problems:
+        raise ConfigError(f"parallel layout cannot run on {world_size} processes:\n  - " + "\n  - ".join(problems))
+    return data_parallel
