@@ -9,12 +9,18 @@ On a machine without CUDA, `enable_cpu_compat()` points exactly those at the CPU
 - `torch.cuda.get_rng_state`/`set_rng_state`/`manual_seed` act on the CPU generator, and
   megatron's `_get_cuda_rng_state`/`_set_cuda_rng_state` likewise, so `CudaRNGStatesTracker`
   forks (dropout regions, per-rank initialisation) keep working;
-- `get_default_causal_mask`/`get_sliding_window_causal_mask` build their masks on the CPU.
+- `get_default_causal_mask`/`get_sliding_window_causal_mask` build their masks on the CPU;
+- the modules that create small bookkeeping tensors with a literal `device="cuda"` (the pipeline
+  schedules' token counts, the optimizers' scale and overflow flags, grad clipping's norm buffers, the
+  DDP grad buffers) see a `torch` whose tensor factories put "cuda" tensors on the CPU, and whose
+  `torch.cuda` streams and events are no-ops (CPU work is already ordered).
 
 Nothing changes where CUDA is available: the function returns without touching anything. The rest of
 the project never needs to know; only the entry points call this.
 """
 
+import contextlib
+import importlib
 import logging
 
 import torch
@@ -55,5 +61,90 @@ def enable_cpu_compat() -> bool:
     for module in (transformer_utils, fused_softmax):
         module.get_default_causal_mask = causal_mask
         module.get_sliding_window_causal_mask = sliding_window_mask
+    for name in _MODULES_WITH_CUDA_LITERALS:
+        importlib.import_module(name).torch = _TorchWithCpuForCuda()
+    # Grad clipping asserts `torch.cuda.FloatTensor` grads before scaling them.
+    importlib.import_module("megatron.core.optimizer.optimizer").clip_grad_by_total_norm_fp32 = _clip_by_total_norm
     _ENABLED = True
     return True
+
+
+_MODULES_WITH_CUDA_LITERALS = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.utils",
+)
+def _clip_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's `clip_grad_by_total_norm_fp32`, on CPU grads."""
+    coefficient = max_norm / (total_norm + 1.0e-6)
+    if coefficient < 1.0:
+        for param in parameters:
+            grad = param.decoupled_grad if use_decoupled_grad else param.grad
+            if grad is not None:
+                grad.detach().mul_(coefficient)
+
+
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like", "empty_like")
+
+
+class _TorchWithCpuForCuda:
+    """`torch` as seen by one megatron module: tensor factories map device "cuda" to the CPU."""
+
+    def __getattr__(self, name):
+        if name == "cuda":
+            return _CUDA_STREAMS_ON_CPU
+        attribute = getattr(torch, name)
+        if name not in _FACTORIES:
+            return attribute
+
+        def factory(*args, **kwargs):
+            device = kwargs.get("device")
+            if device is not None and torch.device(device).type == "cuda":
+                kwargs["device"] = _CPU
+            return attribute(*args, **kwargs)
+
+        return factory
+
+
+class _NoOpStream:
+    """A CUDA stream or event stand-in: on the CPU every operation is already in order."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args):
+        pass
+
+    def wait_stream(self, *args):
+        pass
+
+    def record(self, *args):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+class _CudaStreamsOnCpu:
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    Stream = Event = _NoOpStream
+
+    @staticmethod
+    def current_stream(*args):
+        return _NoOpStream()
+
+    @staticmethod
+    def stream(*args):
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def synchronize(*args):
+        pass
+
+
+_CUDA_STREAMS_ON_CPU = _CudaStreamsOnCpu()
