@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from megatron_simreg.adagc import AdaGCConfig
+
 
 class ConfigError(ValueError):
     """A config that cannot work, with what to change."""
@@ -53,17 +55,6 @@ class SimRegSection:
     reduction: str = "group"  # "group" | "token"
     layer: int = -1  # -1: final hidden states; k: output of decoder layer k (Sec. 5.3 ablation)
     block_size: int = 512  # tile size of the pairwise kernel
-
-
-@dataclass
-class AdaGCSection:
-    enabled: bool = True
-    lambda_rel: float = 1.04
-    beta: float = 0.99
-    warmup_steps: int = 100
-    warmup_max_norm: float = 1.0
-    eps: float = 1e-6
-    variant: str = "tensor"  # "tensor" | "shard" | "global"
 
 
 @dataclass
@@ -135,7 +126,7 @@ class Config:
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
     simreg: SimRegSection = field(default_factory=SimRegSection)
-    adagc: AdaGCSection = field(default_factory=AdaGCSection)
+    adagc: AdaGCConfig = field(default_factory=AdaGCConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -162,7 +153,6 @@ class Config:
 CHOICES = {
     "simreg.mode": ("full", "chunk"),
     "simreg.reduction": ("group", "token"),
-    "adagc.variant": ("tensor", "shard", "global"),
     "schedule.decay_style": ("cosine", "linear", "constant"),
     "training.precision": ("bf16", "fp32"),
     "parallel.moe_token_dispatcher": ("alltoall", "allgather"),
