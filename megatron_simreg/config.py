@@ -86,6 +86,7 @@ class TrainingConfig:
     eval_interval: int = 1000
     eval_iters: int = 10
     save_interval: int = 1000
+    exit_interval: int | None = None  # stop (with a checkpoint) every this many iterations, e.g. before a Slurm time limit
 
 
 @dataclass

@@ -181,12 +181,15 @@ def _train(cfg: Config) -> dict:
             valid = evaluate(cfg, model, step, valid_set, schedule, dp_group)
             if logger is not None and valid is not None:
                 logger.validation(iteration, consumed, valid)
-        if iteration % cfg.training.save_interval == 0 or iteration == schedule.train_iters:
+        stop = cfg.training.exit_interval is not None and iteration % cfg.training.exit_interval == 0
+        if stop or iteration % cfg.training.save_interval == 0 or iteration == schedule.train_iters:
             save_checkpoint(save_dir, iteration, {
                 "model": parallel_model(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "adagc": adagc.state_dict() if adagc else None,
                 "consumed_samples": consumed,
             })
+        if stop:
+            break
     if logger is not None:
         logger.close()
     return last

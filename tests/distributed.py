@@ -39,7 +39,8 @@ def _worker(rank, world_size, port, results_dir, fn, args, kwargs):
     except BaseException:  # report every failure, assertion or not, to the parent
         outcome = (False, traceback.format_exc())
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # the function may have torn its group down itself
+            dist.destroy_process_group()
     torch.save(outcome, os.path.join(results_dir, f"{rank}.pt"))
 
 
