@@ -76,6 +76,8 @@ _MODULES_WITH_CUDA_LITERALS = (
     "megatron.core.optimizer.grad_scaler",
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.utils",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
 )
 def _clip_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
     """megatron's `clip_grad_by_total_norm_fp32`, on CPU grads."""

@@ -1,0 +1,157 @@
+"""Parallel layouts with SimReg on, over gloo: losses and gathered gradients equal the single-process run.
+
+The single-process model's weights are saved with megatron-core's distributed checkpointing and loaded
+into each layout (the library reshards them), then one training step's forward and backward runs
+through the local loop's DDP, optimizer wrapper and megatron's schedules.
+"""
+
+import os
+import re
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from distributed import run_distributed
+from megatron_simreg.config import load_config
+
+BASE = [
+    "model.seq_length=32", "model.num_layers=2", "training.micro_batch_size=2", "training.global_batch_size=4",
+    "schedule.train_iters=10", "schedule.warmup_steps=2", "simreg.temperature=0.1", "simreg.block_size=8",
+]
+
+
+def batch_for(seed=0, micro_batches=2, micro_batch=2, seq=32):
+    """Token ids with repeats (so SimReg has positives), the same on every rank."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 50, (micro_batches * micro_batch, seq + 1), generator=gen)
+    return {
+        "tokens": tokens[:, :-1], "labels": tokens[:, 1:],
+        "loss_mask": (torch.rand(micro_batches * micro_batch, seq, generator=gen) > 0.1).float(),
+        "position_ids": torch.arange(seq).expand(micro_batches * micro_batch, seq).clone(),
+    }
+
+
+def step_worker(rank, world, overrides, checkpoint, save):
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_simreg import parallel
+    from megatron_simreg.batches import on_this_rank
+    from megatron_simreg.local_loop import build_model_and_optimizer, objective_of, schedule_of
+    from megatron_simreg.objective import forward_step, reduce_reports
+
+    cfg = load_config("configs/tiny-llama.yaml", BASE + overrides)
+    parallel.initialize(cfg)
+    try:
+        model, _ = build_model_and_optimizer(cfg)
+        if save:
+            os.makedirs(checkpoint, exist_ok=True)
+            dist_checkpointing.save(model.module.sharded_state_dict(), checkpoint)
+        else:
+            model.module.load_state_dict(dist_checkpointing.load(model.module.sharded_state_dict(), checkpoint))
+        schedule = schedule_of(cfg, parallel_state.get_data_parallel_world_size())
+        full = batch_for(micro_batches=cfg.training.global_batch_size // cfg.training.micro_batch_size)
+        dp, dp_rank, mbs = schedule.data_parallel, parallel_state.get_data_parallel_rank(), cfg.training.micro_batch_size
+        micro = [
+            {k: v[(m * dp + dp_rank) * mbs:(m * dp + dp_rank + 1) * mbs] for k, v in full.items()}
+            for m in range(schedule.micro_batches)
+        ]
+        model.zero_grad_buffer()
+        reports = get_forward_backward_func()(
+            forward_step_func=lambda it, m: forward_step(objective_of(cfg), lambda i: on_this_rank(next(i)), it, m),
+            data_iterator=iter(micro), model=[model], num_microbatches=schedule.micro_batches,
+            seq_length=cfg.model.seq_length, micro_batch_size=mbs, forward_only=False,
+        )
+        metrics = reduce_reports(reports, parallel_state.get_data_parallel_group(with_context_parallel=True)) if reports else None
+        return metrics, gathered_grads(model.module)
+    finally:
+        parallel.destroy()
+
+
+def gathered_grads(model):
+    """Every parameter's gradient as the single-process model would name and shape it."""
+    from megatron.core import parallel_state
+
+    out = {}
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    for name, param in model.named_parameters():
+        grad = param.main_grad.detach().clone()
+        if getattr(param, "tensor_model_parallel", False) and parallel_state.get_tensor_model_parallel_world_size() > 1:
+            pieces = [torch.empty_like(grad) for _ in range(dist.get_world_size(tp_group))]
+            dist.all_gather(pieces, grad.contiguous(), group=tp_group)
+            if name.endswith("linear_fc1.weight"):  # SwiGLU: each rank holds [gate shard; up shard]
+                gates, ups = zip(*(piece.chunk(2, dim=0) for piece in pieces))
+                pieces = list(gates) + list(ups)
+            grad = torch.cat(pieces, dim=param.partition_dim)
+        out[_global_name(model, name, ep_rank)] = grad
+    return out
+
+
+def _global_name(model, name, ep_rank):
+    match = re.search(r"layers\.(\d+)\.", name)
+    if match:
+        layer = model.decoder.layers[int(match.group(1))]
+        name = name.replace(match.group(0), f"layers.{layer.layer_number - 1}.", 1)
+        experts = re.search(r"local_experts\.(\d+)\.", name)
+        if experts:
+            per_rank = len(layer.mlp.experts.local_experts)
+            name = name.replace(experts.group(0), f"local_experts.{ep_rank * per_rank + int(experts.group(1))}.", 1)
+    return name
+
+
+LAYOUTS = {
+    "TP=2": (2, ["parallel.tensor=2"]),
+    "TP=2 + SP": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
+    "PP=2": (2, ["parallel.pipeline=2"]),
+    "DP=2": (2, []),
+    "TP=2 + SP, chunk-wise": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "simreg.mode=chunk"]),
+}
+SINGLE = {"TP=2 + SP, chunk-wise": ["simreg.mode=chunk", "simreg.chunk_size=16"]}  # chunk = s / 2
+
+
+def merged(per_rank):
+    grads, metrics = {}, None
+    for rank_metrics, rank_grads in per_rank:
+        metrics = metrics or rank_metrics
+        for name, grad in rank_grads.items():
+            if name in grads:
+                torch.testing.assert_close(grad, grads[name])  # replicas agree
+            grads[name] = grad
+    return metrics, grads
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_process(layout, tmp_path):
+    world, overrides = LAYOUTS[layout]
+    single_overrides = SINGLE.get(layout, [])
+    checkpoint = str(tmp_path / "weights")
+    expected = merged(run_distributed(step_worker, 1, single_overrides, checkpoint, True))
+    got = merged(run_distributed(step_worker, world, overrides, checkpoint, False))
+    for key in ("lm loss", "simreg", "simreg lsr", "simreg negative angle"):
+        assert got[0][key] == pytest.approx(expected[0][key], rel=1e-5, abs=1e-7), key
+    assert expected[0]["simreg"] > 1e-4, "SimReg should contribute to this step"
+    assert sorted(got[1]) == sorted(expected[1])
+    for name in expected[1]:
+        torch.testing.assert_close(got[1][name], expected[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_expert_parallel_mixtral_matches_single_process(tmp_path):
+    checkpoint = str(tmp_path / "weights")
+    moe = ["model.num_experts=4", "model.moe_ffn_hidden_size=32", "parallel.moe_token_dispatcher=allgather"]
+    expected = merged(run_distributed(step_worker, 1, moe, checkpoint, True))
+    got = merged(run_distributed(step_worker, 2, moe + ["parallel.expert=2"], checkpoint, False))
+    assert got[0]["lm loss"] == pytest.approx(expected[0]["lm loss"], rel=1e-5)
+    assert got[0]["simreg"] == pytest.approx(expected[0]["simreg"], rel=1e-5)
+    for name in expected[1]:
+        torch.testing.assert_close(got[1][name], expected[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_zero_weight_gives_exactly_cross_entropy(tmp_path):
+    checkpoint = str(tmp_path / "weights")
+    without = merged(run_distributed(step_worker, 1, ["simreg.enabled=false"], checkpoint, True))
+    logged = merged(run_distributed(step_worker, 1, ["simreg.weight=0"], checkpoint, False))
+    assert logged[0]["lm loss"] == without[0]["lm loss"] and logged[0]["simreg"] > 0
+    for name in without[1]:
+        assert torch.equal(logged[1][name], without[1][name]), name
