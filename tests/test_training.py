@@ -76,3 +76,55 @@ def test_impossible_layout_and_missing_data_are_explained(corpus, tmp_path):
         capture_output=True, text=True,
     )
     assert unknown.returncode != 0 and "did you mean simreg.weight" in unknown.stderr
+
+
+def nan_worker(rank, world, cfg):
+    from megatron_simreg.local_loop import TrainingError, train
+
+    try:
+        train(cfg)
+    except TrainingError as error:
+        return str(error)
+    return None
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+    cfg = config(corpus, tmp_path / "nan", "optimizer.lr=1.0e+6", "adagc.enabled=false", "optimizer.clip_grad=0",
+                 "schedule.warmup_steps=0", "training.save_interval=1", "schedule.train_iters=30", "training.eval_interval=100")
+    message = run_distributed(nan_worker, 1, cfg)[0]
+    assert message is not None and "loss is not finite at iteration" in message
+    failed = int(message.split("iteration ")[1].split(" ")[0])
+    assert failed > 1 and f"last good checkpoint is iteration {failed - 1}" in message
+    checkpoints = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir() if p.name.startswith("iter_"))
+    assert checkpoints[-1] == f"iter_{failed - 1:07d}"  # nothing saved after the NaN
+
+
+def layer_worker(rank, world, cfg):
+    """SimReg on decoder layer 0's output (Sec. 5.3 ablation) differs from SimReg on the final states."""
+    import torch
+
+    from megatron_simreg import parallel
+    from megatron_simreg.local_loop import build_model_and_optimizer, objective_of
+    from megatron_simreg.objective import forward_step
+
+    parallel.initialize(cfg)
+    try:
+        model, _ = build_model_and_optimizer(cfg)
+        gen = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, 40, (2, 33), generator=gen)
+        batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(2, 32),
+                 "position_ids": torch.arange(32).expand(2, 32)}
+        values = {}
+        for layer in (-1, 0, 1):
+            objective = objective_of(cfg).__class__(**{**objective_of(cfg).__dict__, "layer": layer})
+            output, loss_func = forward_step(objective, lambda it: next(it), iter([batch]), model)
+            values[layer] = loss_func(output)[2]["simreg"][0].item()
+        return values
+    finally:
+        parallel.destroy()
+
+
+def test_simreg_on_an_intermediate_layer(corpus, tmp_path):
+    values = run_distributed(layer_worker, 1, config(corpus, tmp_path / "layer", "simreg.temperature=0.1"))[0]
+    assert values[0] != values[-1] and values[1] != values[0]
+    assert all(v > 0 for v in values.values())
