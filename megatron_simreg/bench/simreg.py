@@ -5,19 +5,18 @@ and of one causal `scaled_dot_product_attention` (32 heads) at the same shape, a
 peak memory each adds on top of its inputs, then prints both as ratios to attention.
 
 Peak memory: `torch.cuda.max_memory_allocated` on a GPU; on a CPU the peak resident-set growth of a
-fresh subprocess that runs the operation once (Linux's VmHWM, reset first; the CPU allocator keeps no statistics).
+fresh subprocess that runs the operation once (see `megatron_simreg.bench.memory`).
 """
 
 import argparse
-import contextlib
 import multiprocessing
-import os
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from megatron_simreg.bench.memory import peak_bytes, reset_peak, restart_with_fixed_mmap_threshold
 from megatron_simreg.simreg import simreg_loss
 
 DEFAULT_SHAPES = ((1, 2048, 1024), (1, 2048, 4096), (1, 4096, 4096))
@@ -74,44 +73,21 @@ def peak_extra_bytes(kind, shape, dtype, device, block_size):
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    # A fixed mmap threshold makes glibc map every large tensor afresh and unmap it when freed,
-    # so the resident set follows the live tensors instead of reusing freed heap.
-    with _environment(MALLOC_MMAP_THRESHOLD_="65536"), multiprocessing.get_context("spawn").Pool(1) as pool:
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(_cpu_peak_in_fresh_process, (kind, shape, dtype, block_size))
-
-
-@contextlib.contextmanager
-def _environment(**values):
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key)
-            else:
-                os.environ[key] = value
 
 
 def _cpu_peak_in_fresh_process(kind, shape, dtype, block_size):
     torch.set_num_threads(1)  # no thread pools growing during the measured run
     _, step = make_inputs(kind, shape, dtype, "cpu", block_size)
     step()  # faults in library code and allocates the input gradients: neither is extra memory
-    with open("/proc/self/clear_refs", "w") as refs:  # resets the peak resident set to the current one
-        refs.write("5")
-    base = _resident_peak_bytes()
+    base = reset_peak()
     step()
-    return _resident_peak_bytes() - base
-
-
-def _resident_peak_bytes():
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
+    return peak_bytes() - base
 
 
 def main(argv=None):
+    restart_with_fixed_mmap_threshold("megatron_simreg.bench.simreg")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=[",".join(map(str, s)) for s in DEFAULT_SHAPES], help="b,s,h")
     parser.add_argument("--chunk", type=int, default=1024)

@@ -117,8 +117,15 @@ def _limited(documents: Iterable[str], limit: int | None) -> Iterator[str]:
         yield document
 
 
+BATCH_DOCUMENTS = 64  # documents per encode call: SentencePiece's batched C++ loop, few IPC round trips
+
+
 class _encoder:
-    """Context manager giving `encode(documents) -> iterator of (text, ids)`, in order, over `workers` processes."""
+    """Context manager giving `encode(documents) -> iterator of (text, ids)`, in order, over `workers` processes.
+
+    Workers are forked (they inherit the loaded libraries instead of importing them again) and encode
+    batches of documents with SentencePiece directly, or with the tokenizer object for other kinds.
+    """
 
     def __init__(self, tokenizer_path: str, workers: int):
         self.tokenizer_path, self.workers, self.pool = tokenizer_path, workers, None
@@ -126,10 +133,17 @@ class _encoder:
     def __enter__(self):
         if self.workers <= 1:
             _init_worker(self.tokenizer_path)
-            return lambda documents: map(_encode, documents)
-        context = multiprocessing.get_context("spawn")
-        self.pool = context.Pool(self.workers, initializer=_init_worker, initargs=(self.tokenizer_path,))
-        return lambda documents: self.pool.imap(_encode, documents, chunksize=16)
+            mapper = map
+        else:
+            context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+            self.pool = context.Pool(self.workers, initializer=_init_worker, initargs=(self.tokenizer_path,))
+            mapper = self.pool.imap
+
+        def encode(documents):
+            for texts, ids in mapper(_encode_batch, _batches(documents)):
+                yield from zip(texts, ids)
+
+        return encode
 
     def __exit__(self, *exc):
         if self.pool is not None:
@@ -137,16 +151,34 @@ class _encoder:
             self.pool.join()
 
 
-_WORKER_TOKENIZER = None
+def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
+    batch = []
+    for document in documents:
+        batch.append(document)
+        if len(batch) == BATCH_DOCUMENTS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+_WORKER_ENCODE = None
 
 
 def _init_worker(tokenizer_path: str) -> None:
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = build_tokenizer(tokenizer_path)
+    global _WORKER_ENCODE
+    if os.path.isfile(tokenizer_path):
+        import sentencepiece
+
+        processor = sentencepiece.SentencePieceProcessor(model_file=tokenizer_path)
+        _WORKER_ENCODE = lambda texts: processor.encode(texts, num_threads=1)  # noqa: E731
+    else:
+        tokenizer = build_tokenizer(tokenizer_path)
+        _WORKER_ENCODE = lambda texts: [list(tokenizer.tokenize(text)) for text in texts]  # noqa: E731
 
 
-def _encode(text: str) -> tuple[str, list[int]]:
-    return text, list(_WORKER_TOKENIZER.tokenize(text))
+def _encode_batch(texts: list[str]) -> tuple[list[str], list[list[int]]]:
+    return texts, _WORKER_ENCODE(texts)
 
 
 class _ShardWriter:
