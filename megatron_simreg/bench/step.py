@@ -19,11 +19,6 @@ from megatron_simreg.config import load_config
 from megatron_simreg.local_loop import build_model_and_optimizer, objective_of, schedule_of
 from megatron_simreg.objective import forward_step
 
-VARIANTS = {
-    "no SimReg": ["simreg.enabled=false"],
-    "full": ["simreg.mode=full"],
-    "chunk": ["simreg.mode=chunk"],
-}
 
 
 def measure(config: str, overrides: list[str], steps: int) -> tuple[float, int]:
@@ -68,8 +63,15 @@ def main(argv=None):
     parser.add_argument("--config", default="configs/tiny-llama.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--chunk", type=int, help="chunk size of the chunk-wise variant (default: a quarter of the sequence)")
     args = parser.parse_args(argv)
-    results = {name: measure(args.config, args.overrides + extra, args.steps) for name, extra in VARIANTS.items()}
+    chunk = args.chunk or load_config(args.config, args.overrides).model.seq_length // 4
+    variants = {
+        "no SimReg": ["simreg.enabled=false"],
+        "full SimReg": ["simreg.mode=full"],
+        f"chunk-wise SimReg ({chunk})": ["simreg.mode=chunk", f"simreg.chunk_size={chunk}"],
+    }
+    results = {name: measure(args.config, args.overrides + extra, args.steps) for name, extra in variants.items()}
     base_time, base_memory = results["no SimReg"]
     cfg = load_config(args.config, args.overrides)
     print(f"# training step, {args.config} {' '.join(args.overrides)}: micro-batch {cfg.training.micro_batch_size} x "
