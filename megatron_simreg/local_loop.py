@@ -69,6 +69,11 @@ def objective_of(cfg: Config) -> SimRegObjective:
 
 
 def build_model_and_optimizer(cfg: Config):
+    if cfg.parallel.distributed_optimizer and not torch.cuda.is_available():
+        raise ConfigError(
+            "parallel.distributed_optimizer needs CUDA (megatron-core's DistributedOptimizer accepts only CUDA "
+            "tensors): set parallel.distributed_optimizer=false for CPU runs"
+        )
     pre, post = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
     model = model_provider(cfg, pre_process=pre, post_process=post)
     ddp_config = DistributedDataParallelConfig(

@@ -155,3 +155,62 @@ def test_zero_weight_gives_exactly_cross_entropy(tmp_path):
     assert logged[0]["lm loss"] == without[0]["lm loss"] and logged[0]["simreg"] > 0
     for name in without[1]:
         assert torch.equal(logged[1][name], without[1][name]), name
+
+
+def adagc_worker(rank, world, overrides, checkpoint, save):
+    """Two optimizer steps with AdaGC (the second past its warm-up); its norms and thresholds."""
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_simreg import parallel
+    from megatron_simreg.adagc import AdaGC
+    from megatron_simreg.batches import on_this_rank
+    from megatron_simreg.local_loop import build_model_and_optimizer, objective_of, schedule_of
+    from megatron_simreg.megatron_adagc import attach_adagc
+    from megatron_simreg.objective import forward_step
+
+    cfg = load_config("configs/tiny-llama.yaml", BASE + ["adagc.warmup_steps=1"] + overrides)
+    parallel.initialize(cfg)
+    try:
+        model, optimizer = build_model_and_optimizer(cfg)
+        if save:
+            os.makedirs(checkpoint, exist_ok=True)
+            dist_checkpointing.save(model.module.sharded_state_dict(), checkpoint)
+        else:
+            model.module.load_state_dict(dist_checkpointing.load(model.module.sharded_state_dict(), checkpoint))
+        adagc = AdaGC(cfg.adagc)
+        attach_adagc(optimizer, [model], adagc)
+        schedule = schedule_of(cfg, parallel_state.get_data_parallel_world_size())
+        dp, dp_rank, mbs = schedule.data_parallel, parallel_state.get_data_parallel_rank(), cfg.training.micro_batch_size
+        stats = []
+        for seed in (0, 1):
+            full = batch_for(seed=seed, micro_batches=cfg.training.global_batch_size // mbs)
+            micro = [{k: v[(m * dp + dp_rank) * mbs:(m * dp + dp_rank + 1) * mbs] for k, v in full.items()}
+                     for m in range(schedule.micro_batches)]
+            model.zero_grad_buffer()
+            optimizer.zero_grad()
+            get_forward_backward_func()(
+                forward_step_func=lambda it, m: forward_step(objective_of(cfg), lambda i: on_this_rank(next(i)), it, m),
+                data_iterator=iter(micro), model=[model], num_microbatches=schedule.micro_batches,
+                seq_length=cfg.model.seq_length, micro_batch_size=mbs, forward_only=False,
+            )
+            optimizer.step()
+            stats.append(optimizer.adagc_stats)
+        return [(s.grad_norm, s.clipped_grad_norm, s.num_clipped) for s in stats], dict(adagc.gamma)
+    finally:
+        parallel.destroy()
+
+
+@pytest.mark.parametrize("layout", ["DP=2", "TP=2"])
+def test_adagc_on_megatron_optimizers_matches_single_process(layout, tmp_path):
+    overrides = {"DP=2": [], "TP=2": ["parallel.tensor=2"]}[layout]
+    checkpoint = str(tmp_path / "weights")
+    (expected_stats, expected_gamma), = run_distributed(adagc_worker, 1, [], checkpoint, True)
+    per_rank = run_distributed(adagc_worker, 2, overrides, checkpoint, False)
+    for stats, gamma in per_rank:
+        assert sorted(gamma) == sorted(expected_gamma)
+        for name in gamma:
+            assert gamma[name] == pytest.approx(expected_gamma[name], rel=1e-4), name
+        for (norm, clipped, count), (want_norm, want_clipped, want_count) in zip(stats, expected_stats):
+            assert norm == pytest.approx(want_norm, rel=1e-4) and clipped == pytest.approx(want_clipped, rel=1e-4)
+            assert count == want_count
