@@ -32,38 +32,52 @@ def batch_for(seed=0, micro_batches=2, micro_batch=2, seq=32):
     }
 
 
-def step_worker(rank, world, overrides, checkpoint, save):
-    from megatron.core import dist_checkpointing, parallel_state
+def model_with_shared_weights(cfg, checkpoint, save):
+    """The layout's model and optimizer, holding the single-process run's weights (resharded by megatron)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_simreg.local_loop import build_model_and_optimizer
+
+    model, optimizer = build_model_and_optimizer(cfg)
+    if save:
+        os.makedirs(checkpoint, exist_ok=True)
+        dist_checkpointing.save(model.module.sharded_state_dict(), checkpoint)
+    else:
+        model.module.load_state_dict(dist_checkpointing.load(model.module.sharded_state_dict(), checkpoint))
+    return model, optimizer
+
+
+def forward_backward(cfg, model, seed=0):
+    """One global batch through megatron's schedule; this rank's share of it; the reduced report."""
+    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_simreg import parallel
     from megatron_simreg.batches import on_this_rank
-    from megatron_simreg.local_loop import build_model_and_optimizer, objective_of, schedule_of
+    from megatron_simreg.local_loop import objective_of, schedule_of
     from megatron_simreg.objective import forward_step, reduce_reports
+
+    schedule = schedule_of(cfg, parallel_state.get_data_parallel_world_size())
+    dp, dp_rank, mbs = schedule.data_parallel, parallel_state.get_data_parallel_rank(), cfg.training.micro_batch_size
+    full = batch_for(seed=seed, micro_batches=cfg.training.global_batch_size // mbs)
+    micro = [{k: v[(m * dp + dp_rank) * mbs:(m * dp + dp_rank + 1) * mbs] for k, v in full.items()}
+             for m in range(schedule.micro_batches)]
+    model.zero_grad_buffer()
+    reports = get_forward_backward_func()(
+        forward_step_func=lambda it, m: forward_step(objective_of(cfg), lambda i: on_this_rank(next(i)), it, m),
+        data_iterator=iter(micro), model=[model], num_microbatches=schedule.micro_batches,
+        seq_length=cfg.model.seq_length, micro_batch_size=mbs, forward_only=False,
+    )
+    return reduce_reports(reports, parallel_state.get_data_parallel_group(with_context_parallel=True)) if reports else None
+
+
+def step_worker(rank, world, overrides, checkpoint, save):
+    from megatron_simreg import parallel
 
     cfg = load_config("configs/tiny-llama.yaml", BASE + overrides)
     parallel.initialize(cfg)
     try:
-        model, _ = build_model_and_optimizer(cfg)
-        if save:
-            os.makedirs(checkpoint, exist_ok=True)
-            dist_checkpointing.save(model.module.sharded_state_dict(), checkpoint)
-        else:
-            model.module.load_state_dict(dist_checkpointing.load(model.module.sharded_state_dict(), checkpoint))
-        schedule = schedule_of(cfg, parallel_state.get_data_parallel_world_size())
-        full = batch_for(micro_batches=cfg.training.global_batch_size // cfg.training.micro_batch_size)
-        dp, dp_rank, mbs = schedule.data_parallel, parallel_state.get_data_parallel_rank(), cfg.training.micro_batch_size
-        micro = [
-            {k: v[(m * dp + dp_rank) * mbs:(m * dp + dp_rank + 1) * mbs] for k, v in full.items()}
-            for m in range(schedule.micro_batches)
-        ]
-        model.zero_grad_buffer()
-        reports = get_forward_backward_func()(
-            forward_step_func=lambda it, m: forward_step(objective_of(cfg), lambda i: on_this_rank(next(i)), it, m),
-            data_iterator=iter(micro), model=[model], num_microbatches=schedule.micro_batches,
-            seq_length=cfg.model.seq_length, micro_batch_size=mbs, forward_only=False,
-        )
-        metrics = reduce_reports(reports, parallel_state.get_data_parallel_group(with_context_parallel=True)) if reports else None
+        model, _ = model_with_shared_weights(cfg, checkpoint, save)
+        metrics = forward_backward(cfg, model)
         return metrics, gathered_grads(model.module)
     finally:
         parallel.destroy()
@@ -159,41 +173,20 @@ def test_zero_weight_gives_exactly_cross_entropy(tmp_path):
 
 def adagc_worker(rank, world, overrides, checkpoint, save):
     """Two optimizer steps with AdaGC (the second past its warm-up); its norms and thresholds."""
-    from megatron.core import dist_checkpointing, parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     from megatron_simreg import parallel
     from megatron_simreg.adagc import AdaGC
-    from megatron_simreg.batches import on_this_rank
-    from megatron_simreg.local_loop import build_model_and_optimizer, objective_of, schedule_of
     from megatron_simreg.megatron_adagc import attach_adagc
-    from megatron_simreg.objective import forward_step
 
     cfg = load_config("configs/tiny-llama.yaml", BASE + ["adagc.warmup_steps=1"] + overrides)
     parallel.initialize(cfg)
     try:
-        model, optimizer = build_model_and_optimizer(cfg)
-        if save:
-            os.makedirs(checkpoint, exist_ok=True)
-            dist_checkpointing.save(model.module.sharded_state_dict(), checkpoint)
-        else:
-            model.module.load_state_dict(dist_checkpointing.load(model.module.sharded_state_dict(), checkpoint))
+        model, optimizer = model_with_shared_weights(cfg, checkpoint, save)
         adagc = AdaGC(cfg.adagc)
         attach_adagc(optimizer, [model], adagc)
-        schedule = schedule_of(cfg, parallel_state.get_data_parallel_world_size())
-        dp, dp_rank, mbs = schedule.data_parallel, parallel_state.get_data_parallel_rank(), cfg.training.micro_batch_size
         stats = []
         for seed in (0, 1):
-            full = batch_for(seed=seed, micro_batches=cfg.training.global_batch_size // mbs)
-            micro = [{k: v[(m * dp + dp_rank) * mbs:(m * dp + dp_rank + 1) * mbs] for k, v in full.items()}
-                     for m in range(schedule.micro_batches)]
-            model.zero_grad_buffer()
             optimizer.zero_grad()
-            get_forward_backward_func()(
-                forward_step_func=lambda it, m: forward_step(objective_of(cfg), lambda i: on_this_rank(next(i)), it, m),
-                data_iterator=iter(micro), model=[model], num_microbatches=schedule.micro_batches,
-                seq_length=cfg.model.seq_length, micro_batch_size=mbs, forward_only=False,
-            )
+            forward_backward(cfg, model, seed)
             optimizer.step()
             stats.append(optimizer.adagc_stats)
         return [(s.grad_norm, s.clipped_grad_norm, s.num_clipped) for s in stats], dict(adagc.gamma)
