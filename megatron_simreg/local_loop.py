@@ -60,14 +60,6 @@ def schedule_of(cfg: Config, data_parallel: int) -> Schedule:
     return Schedule(data_parallel, micro, iters, tokens_per_iter)
 
 
-def objective_of(cfg: Config) -> SimRegObjective:
-    s = cfg.simreg
-    return SimRegObjective(
-        enabled=s.enabled, weight=cfg.simreg_weight, temperature=s.temperature, mode=s.mode,
-        chunk_size=s.chunk_size, reduction=s.reduction, layer=s.layer, block_size=s.block_size,
-    )
-
-
 def build_model_and_optimizer(cfg: Config):
     if cfg.parallel.distributed_optimizer and not torch.cuda.is_available():
         raise ConfigError(
@@ -152,7 +144,7 @@ def _train(cfg: Config) -> dict:
         iteration, consumed = state["iteration"], state["consumed_samples"]
 
     logger = _RunLogger(cfg, schedule, start=iteration) if parallel.is_logging_rank() else None
-    step = partial(forward_step, objective_of(cfg), lambda it: on_this_rank(next(it)))
+    step = partial(forward_step, SimRegObjective.from_config(cfg), lambda it: on_this_rank(next(it)))
     run_schedule = get_forward_backward_func()
     train_batches = micro_batches(train_set, consumed, cfg.training.micro_batch_size, schedule.micro_batches)
     dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)

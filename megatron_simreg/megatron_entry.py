@@ -20,7 +20,7 @@ from megatron_simreg.batches import on_this_rank
 from megatron_simreg.config import Config, save_config
 from megatron_simreg.data import build_gpt_datasets, build_tokenizer, default_tokenizer_path
 from megatron_simreg.model import model_provider
-from megatron_simreg.objective import forward_step
+from megatron_simreg.objective import SimRegObjective, forward_step
 
 
 def megatron_arguments(cfg: Config, run_dir: str | None = None) -> list[str]:
@@ -105,7 +105,7 @@ def pretrain(cfg: Config) -> None:
                                   split=cfg.data.split, seed=cfg.training.seed, cache_dir=cfg.data.cache_dir)
 
     datasets_provider.is_distributed = True  # every rank reads its own batches (no broadcast)
-    step = partial(forward_step, _objective(cfg), _cuda_batch)
+    step = partial(forward_step, SimRegObjective.from_config(cfg), _cuda_batch)
     training.pretrain(
         pretrain_cfg_container_from_args(args),
         datasets_provider,
@@ -113,12 +113,6 @@ def pretrain(cfg: Config) -> None:
         lambda data_iterator, model, *rest, **kw: step(data_iterator, model),
         model_provider=partial(model_provider, cfg),
     )
-
-
-def _objective(cfg: Config):
-    from megatron_simreg.local_loop import objective_of
-
-    return objective_of(cfg)
 
 
 def _cuda_batch(data_iterator) -> dict:

@@ -45,6 +45,15 @@ class SimRegObjective:
     layer: int = -1
     block_size: int = 512
 
+    @classmethod
+    def from_config(cls, cfg) -> "SimRegObjective":
+        """From a `megatron_simreg.config.Config`, lambda resolved."""
+        s = cfg.simreg
+        return cls(
+            enabled=s.enabled, weight=cfg.simreg_weight, temperature=s.temperature, mode=s.mode,
+            chunk_size=s.chunk_size, reduction=s.reduction, layer=s.layer, block_size=s.block_size,
+        )
+
     def __post_init__(self):
         if self.mode not in ("full", "chunk"):
             raise ValueError(f"simreg.mode must be 'full' or 'chunk', got {self.mode!r}")

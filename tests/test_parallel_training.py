@@ -53,8 +53,8 @@ def forward_backward(cfg, model, seed=0):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_simreg.batches import on_this_rank
-    from megatron_simreg.local_loop import objective_of, schedule_of
-    from megatron_simreg.objective import forward_step, reduce_reports
+    from megatron_simreg.local_loop import schedule_of
+    from megatron_simreg.objective import SimRegObjective, forward_step, reduce_reports
 
     schedule = schedule_of(cfg, parallel_state.get_data_parallel_world_size())
     dp, dp_rank, mbs = schedule.data_parallel, parallel_state.get_data_parallel_rank(), cfg.training.micro_batch_size
@@ -63,7 +63,7 @@ def forward_backward(cfg, model, seed=0):
              for m in range(schedule.micro_batches)]
     model.zero_grad_buffer()
     reports = get_forward_backward_func()(
-        forward_step_func=lambda it, m: forward_step(objective_of(cfg), lambda i: on_this_rank(next(i)), it, m),
+        forward_step_func=lambda it, m: forward_step(SimRegObjective.from_config(cfg), lambda i: on_this_rank(next(i)), it, m),
         data_iterator=iter(micro), model=[model], num_microbatches=schedule.micro_batches,
         seq_length=cfg.model.seq_length, micro_batch_size=mbs, forward_only=False,
     )

@@ -101,11 +101,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
 
 def layer_worker(rank, world, cfg):
     """SimReg on decoder layer 0's output (Sec. 5.3 ablation) differs from SimReg on the final states."""
+    import dataclasses
+
     import torch
 
     from megatron_simreg import parallel
-    from megatron_simreg.local_loop import build_model_and_optimizer, objective_of
-    from megatron_simreg.objective import forward_step
+    from megatron_simreg.local_loop import build_model_and_optimizer
+    from megatron_simreg.objective import SimRegObjective, forward_step
 
     parallel.initialize(cfg)
     try:
@@ -116,7 +118,7 @@ def layer_worker(rank, world, cfg):
                  "position_ids": torch.arange(32).expand(2, 32)}
         values = {}
         for layer in (-1, 0, 1):
-            objective = objective_of(cfg).__class__(**{**objective_of(cfg).__dict__, "layer": layer})
+            objective = dataclasses.replace(SimRegObjective.from_config(cfg), layer=layer)
             output, loss_func = forward_step(objective, lambda it: next(it), iter([batch]), model)
             values[layer] = loss_func(output)[2]["simreg"][0].item()
         return values

@@ -16,8 +16,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_simreg import parallel
 from megatron_simreg.bench.memory import peak_bytes, reset_peak, restart_with_fixed_mmap_threshold
 from megatron_simreg.config import load_config
-from megatron_simreg.local_loop import build_model_and_optimizer, objective_of, schedule_of
-from megatron_simreg.objective import forward_step
+from megatron_simreg.local_loop import build_model_and_optimizer, schedule_of
+from megatron_simreg.objective import SimRegObjective, forward_step
 
 
 
@@ -32,7 +32,7 @@ def measure(config: str, overrides: list[str], steps: int) -> tuple[float, int]:
         tokens = torch.randint(0, cfg.model.vocab_size, (mbs, seq + 1), generator=gen)
         batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(mbs, seq),
                  "position_ids": torch.arange(seq).expand(mbs, seq)}
-        objective = objective_of(cfg)
+        objective = SimRegObjective.from_config(cfg)
 
         def step():
             model.zero_grad_buffer()
