@@ -6,6 +6,7 @@ single- or multi-process over gloo.
 """
 
 import argparse
+import os
 import sys
 
 import torch
@@ -18,6 +19,10 @@ def parse_args(argv=None):
     parser.add_argument("--config", required=True, help="a YAML file from configs/")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set simreg.weight=0 (repeatable)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the layout, print sizes, memory per GPU, FLOPs and the exact arguments; train nothing")
+    parser.add_argument("--world-size", type=int, default=None, help="GPUs for --dry-run (default: WORLD_SIZE or 1)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="for --dry-run")
     return parser.parse_args(argv)
 
 
@@ -27,6 +32,15 @@ def main(argv=None):
         cfg = load_config(args.config, args.overrides)
     except ValueError as error:
         sys.exit(f"config error: {error}")
+    if args.dry_run:
+        from megatron_simreg.dry_run import report
+
+        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        try:
+            print(report(cfg, world, args.gpus_per_node))
+        except ValueError as error:
+            sys.exit(f"dry run: {error}")
+        return
     if torch.cuda.is_available():
         from megatron_simreg.megatron_entry import pretrain
 
