@@ -6,7 +6,12 @@ MODEL=${1:-}
 NODES=${2:-}
 CONFIG="configs/${MODEL}.yaml"
 if [[ -z "$MODEL" || -z "$NODES" || ! -f "$CONFIG" ]]; then
-  echo "usage: scripts/slurm/submit.sh MODEL NODES [--set key=value ...] (MODEL: $(cd configs && ls -- *.yaml | sed 's/\.yaml$//' | grep -v -e base -e tiny | tr '\n' ' '))" >&2
+  models=""
+  for file in configs/*.yaml; do
+    name=$(basename "$file" .yaml)
+    [[ "$name" == base || "$name" == tiny-* ]] || models+="$name "
+  done
+  echo "usage: scripts/slurm/submit.sh MODEL NODES [--set key=value ...] (MODEL: ${models})" >&2
   exit 2
 fi
 shift 2
