@@ -1,0 +1,175 @@
+"""Megatron checkpoints of our training loop to Hugging Face `LlamaForCausalLM` / `MixtralForCausalLM` folders.
+
+Tensor-parallel shards are merged (column-parallel layers along their rows, row-parallel ones along their
+columns, SwiGLU's [gate; up] halves kept apart), pipeline stages renumbered into one layer list, expert
+shards renumbered into one expert list. Megatron's fused QKV holds, per query group, that group's query
+heads then one key and one value head; it is split into `q_proj`, `k_proj`, `v_proj`. The padded
+vocabulary is cut back to the tokenizer's. The tokenizer files are written beside the weights, so the
+folder loads offline with `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+
+import torch
+
+from megatron_simreg.checkpoint import FILE, iteration_dir, latest_iteration
+from megatron_simreg.config import Config, load_config
+
+COLUMN_PARALLEL = ("linear_qkv.weight", "linear_fc1.weight", "word_embeddings.weight", "output_layer.weight")
+ROW_PARALLEL = ("linear_proj.weight", "linear_fc2.weight")
+
+
+def load_merged_state(checkpoint_dir: str, cfg: Config, iteration: int | None = None) -> dict[str, torch.Tensor]:
+    """One full (TP=1, PP=1, EP=1) GPTModel state dict from the shards of one checkpoint."""
+    iteration = iteration if iteration is not None else latest_iteration(checkpoint_dir)
+    if iteration is None:
+        raise FileNotFoundError(
+            f"no checkpoint in {checkpoint_dir!r}: expected latest_checkpointed_iteration.txt and iter_NNNNNNN/ "
+            "written by `python -m megatron_simreg.train`"
+        )
+    folder = iteration_dir(checkpoint_dir, iteration)
+    p = cfg.parallel
+    shards: dict[tuple[int, int, int], dict] = {}
+    for tp in range(p.tensor):
+        for pp in range(p.pipeline):
+            for ep in range(p.expert):
+                name = f"mp_rank_{tp:02d}_{pp:03d}" + (f"_{ep:03d}" if p.expert > 1 else "")
+                path = os.path.join(folder, name, FILE)
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(
+                        f"checkpoint shard {path} is missing: the checkpoint is partial, or was saved with another "
+                        f"layout than the config's (tensor {p.tensor}, pipeline {p.pipeline}, expert {p.expert})"
+                    )
+                shards[(tp, pp, ep)] = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    layers_per_stage = cfg.model.num_layers // p.pipeline
+    experts_per_rank = (cfg.model.num_experts or 1) // p.expert
+    merged: dict[str, list] = {}
+    for (tp, pp, ep), state in sorted(shards.items()):
+        for key, tensor in state.items():
+            if key.endswith("_extra_state"):
+                continue
+            is_expert = ".local_experts." in key
+            if ep > 0 and not is_expert:
+                continue  # dense weights are replicated over expert ranks
+            key = _global_key(key, pp * layers_per_stage, ep * experts_per_rank)
+            merged.setdefault(key, [None] * p.tensor)[tp] = tensor
+    return {key: _merge_tensor_parallel(key, pieces) for key, pieces in merged.items()}
+
+
+def _global_key(key: str, layer_offset: int, expert_offset: int) -> str:
+    key = re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{int(m.group(1)) + layer_offset}.", key, count=1)
+    return re.sub(r"local_experts\.(\d+)\.", lambda m: f"local_experts.{int(m.group(1)) + expert_offset}.", key, count=1)
+
+
+def _merge_tensor_parallel(key: str, pieces: list) -> torch.Tensor:
+    if len(pieces) == 1 or not key.endswith(COLUMN_PARALLEL + ROW_PARALLEL) or ".router." in key:
+        return pieces[0]
+    if key.endswith(ROW_PARALLEL):
+        return torch.cat(pieces, dim=1)
+    if key.endswith("linear_fc1.weight"):  # each rank holds [gate shard; up shard]
+        gates, ups = zip(*(piece.chunk(2, dim=0) for piece in pieces))
+        return torch.cat(gates + ups, dim=0)
+    return torch.cat(pieces, dim=0)
+
+
+def hugging_face_state(state: dict[str, torch.Tensor], cfg: Config, vocab_size: int) -> dict[str, torch.Tensor]:
+    """Rename and split our GPTModel weights into Llama / Mixtral names."""
+    m = cfg.model
+    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
+    head_dim = m.hidden_size // heads
+    out = {
+        "model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:vocab_size],
+        "model.norm.weight": state["decoder.final_layernorm.weight"],
+        "lm_head.weight": state["output_layer.weight"][:vocab_size],
+    }
+    for i in range(m.num_layers):
+        ours, theirs = f"decoder.layers.{i}.", f"model.layers.{i}."
+        qkv = state[ours + "self_attention.linear_qkv.weight"].view(groups, (heads // groups + 2) * head_dim, m.hidden_size)
+        q, k, v = qkv.split([heads // groups * head_dim, head_dim, head_dim], dim=1)
+        out.update({
+            theirs + "input_layernorm.weight": state[ours + "input_layernorm.weight"],
+            theirs + "self_attn.q_proj.weight": q.reshape(-1, m.hidden_size),
+            theirs + "self_attn.k_proj.weight": k.reshape(-1, m.hidden_size),
+            theirs + "self_attn.v_proj.weight": v.reshape(-1, m.hidden_size),
+            theirs + "self_attn.o_proj.weight": state[ours + "self_attention.linear_proj.weight"],
+            theirs + "post_attention_layernorm.weight": state[ours + "pre_mlp_layernorm.weight"],
+        })
+        if m.num_experts:
+            out[theirs + "mlp.gate.weight"] = state[ours + "mlp.router.weight"]
+            for e in range(m.num_experts):
+                expert = f"{ours}mlp.experts.local_experts.{e}."
+                gate, up = state[expert + "linear_fc1.weight"].chunk(2, dim=0)
+                out.update({
+                    f"{theirs}mlp.experts.{e}.w1.weight": gate,
+                    f"{theirs}mlp.experts.{e}.w3.weight": up,
+                    f"{theirs}mlp.experts.{e}.w2.weight": state[expert + "linear_fc2.weight"],
+                })
+        else:
+            gate, up = state[ours + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+            out.update({
+                theirs + "mlp.gate_proj.weight": gate,
+                theirs + "mlp.up_proj.weight": up,
+                theirs + "mlp.down_proj.weight": state[ours + "mlp.linear_fc2.weight"],
+            })
+    return {name: tensor.contiguous() for name, tensor in out.items()}
+
+
+def hugging_face_config(cfg: Config, vocab_size: int, tokenizer):
+    from transformers import LlamaConfig, MixtralConfig
+
+    m = cfg.model
+    common = dict(
+        vocab_size=vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups or m.num_attention_heads,
+        max_position_embeddings=m.seq_length, rms_norm_eps=m.norm_epsilon, rope_theta=float(m.rotary_base),
+        tie_word_embeddings=not m.untie_embeddings_and_output_weights, bos_token_id=tokenizer.bos,
+        eos_token_id=tokenizer.eod, torch_dtype="bfloat16" if cfg.training.precision == "bf16" else "float32",
+    )
+    if m.num_experts:
+        return MixtralConfig(intermediate_size=m.moe_ffn_hidden_size or m.ffn_hidden_size, num_local_experts=m.num_experts,
+                             num_experts_per_tok=m.moe_router_topk, router_aux_loss_coef=m.moe_aux_loss_coeff, **common)
+    return LlamaConfig(intermediate_size=m.ffn_hidden_size, attention_bias=False, mlp_bias=False, **common)
+
+
+def export(checkpoint_dir: str, output_dir: str, config_path: str | None = None, iteration: int | None = None) -> str:
+    """Write a Hugging Face model folder (config, safetensors, tokenizer) from one of our checkpoints."""
+    from safetensors.torch import save_file
+
+    from megatron_simreg.data import build_tokenizer, default_tokenizer_path
+
+    config_path = config_path or os.path.join(os.path.dirname(os.path.abspath(checkpoint_dir)), "config.yaml")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(
+            f"no run config at {config_path}: pass --config (the resolved config.yaml the run saved beside its checkpoints)"
+        )
+    cfg = load_config(config_path)
+    tokenizer_path = cfg.data.tokenizer or default_tokenizer_path()
+    tokenizer = build_tokenizer(tokenizer_path)
+    state = hugging_face_state(load_merged_state(checkpoint_dir, cfg, iteration), cfg, tokenizer.vocab_size)
+    partial = output_dir.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    hugging_face_config(cfg, tokenizer.vocab_size, tokenizer).save_pretrained(partial)
+    save_file(state, os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
+    _write_tokenizer(tokenizer_path, partial)
+    if os.path.isdir(output_dir):
+        shutil.rmtree(output_dir)
+    os.replace(partial, output_dir)
+    return output_dir
+
+
+def _write_tokenizer(tokenizer_path: str, folder: str) -> None:
+    if os.path.isdir(tokenizer_path):  # a Hugging Face tokenizer folder: copy its files
+        for path in glob.glob(os.path.join(tokenizer_path, "*")):
+            if os.path.isfile(path) and not path.endswith((".safetensors", ".bin")):
+                shutil.copy(path, folder)
+        return
+    from transformers import LlamaTokenizer
+
+    shutil.copy(tokenizer_path, os.path.join(folder, "tokenizer.model"))
+    LlamaTokenizer.from_pretrained(folder).save_pretrained(folder)  # adds tokenizer.json and its config

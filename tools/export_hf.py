@@ -1,0 +1,27 @@
+"""Export a checkpoint of our training loop to a Hugging Face folder (LlamaForCausalLM / MixtralForCausalLM).
+
+    python tools/export_hf.py --checkpoint runs/tiny-llama/checkpoints --output runs/tiny-llama/hf
+    python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('runs/tiny-llama/hf')"
+"""
+
+import argparse
+import sys
+
+from megatron_simreg.export_hf import export
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="the run's checkpoint folder (holding iter_NNNNNNN/)")
+    parser.add_argument("--output", required=True, help="the Hugging Face folder to write")
+    parser.add_argument("--config", help="the run's config.yaml (default: beside the checkpoint folder)")
+    parser.add_argument("--iteration", type=int, help="default: the latest")
+    args = parser.parse_args(argv)
+    try:
+        print(export(args.checkpoint, args.output, args.config, args.iteration))
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        sys.exit(f"export_hf: {error}")
+
+
+if __name__ == "__main__":
+    main()
