@@ -99,7 +99,7 @@ def pretrain(cfg: Config) -> None:
     if cfg.adagc.enabled:
         _attach_adagc_to_megatron(training, AdaGC(cfg.adagc), args)
 
-    def datasets_provider(num_samples):
+    def datasets_provider(num_samples, vp_stage=None):  # megatron passes vp_stage with virtual pipelines
         tokenizer = build_tokenizer(cfg.data.tokenizer)
         return build_gpt_datasets(cfg.data.prefix, tokenizer, cfg.model.seq_length, tuple(num_samples),
                                   split=cfg.data.split, seed=cfg.training.seed, cache_dir=cfg.data.cache_dir)
