@@ -5,22 +5,30 @@ tensor's threshold gamma_i starts at its first norm and then keeps the smallest 
 tensor whose norm n_i exceeds lambda_rel * gamma_i is scaled down to that, and
 gamma_i <- beta * gamma_i + (1 - beta) * min(n_i, lambda_rel * gamma_i).
 
-Plain PyTorch + torch.distributed. A gradient may be a shard of its tensor (tensor parallelism, a
-distributed optimizer): each `GradShard` names the groups over which its squared norm is summed to get
-the whole tensor's norm, and whether it counts towards the global norm on this rank (replicas count
-once). The state (step, gamma per tensor name) goes into checkpoints, so a resumed run clips exactly
-as an uninterrupted one.
+Warm-up norms: NOTES.md writes gamma_i = min(gamma_i, ||g_i||) with the gradient as it arrives, so by
+default (`warmup_gamma="raw"`) gamma tracks norms before the warm-up's global clipping.
+`warmup_gamma="clipped"` tracks them after it, as public re-implementations of AdaGC do
+(pytorch_optimizer's `AdaGC`: gamma = min(gamma, ||g_hat||)); that starts the EMA lower whenever the
+global norm exceeds `warmup_max_norm` during warm-up, and so clips harder afterwards.
+
+Plain PyTorch + torch.distributed. A gradient may be a piece of its tensor: `GradShard` names the
+process groups whose ranks hold the other pieces, and the core sums squared norms over them. Every rank
+of such a group must pass the tensors reduced over it in the same order; a rank holding no piece of a
+tensor passes an empty gradient. The state (step, gamma per tensor name) goes into checkpoints, so a
+resumed run clips exactly as an uninterrupted one (the official code keeps gamma in memory only and
+replays the warm-up after a restart).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 
 VARIANTS = ("tensor", "shard", "global")
+WARMUP_GAMMAS = ("raw", "clipped")
 GLOBAL_KEY = "<global>"
 
 
@@ -32,26 +40,43 @@ class AdaGCConfig:
     warmup_steps: int = 100
     warmup_max_norm: float = 1.0
     eps: float = 1e-6
-    variant: str = "tensor"  # "tensor": per whole tensor; "shard": per local shard; "global": one threshold
+    variant: str = "tensor"  # "tensor": whole tensors; "shard": each model-parallel piece alone; "global": one threshold
+    warmup_gamma: str = "raw"  # warm-up gamma from norms before ("raw") or after ("clipped") global clipping
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"adagc.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.warmup_gamma not in WARMUP_GAMMAS:
+            raise ValueError(f"adagc.warmup_gamma must be one of {', '.join(WARMUP_GAMMAS)}, got {self.warmup_gamma!r}")
         if not 0.0 <= self.beta < 1.0:
             raise ValueError(f"adagc.beta must lie in [0, 1), got {self.beta}")
         if self.lambda_rel <= 0 or self.warmup_max_norm <= 0:
-            raise ValueError("adagc.lambda_rel and adagc.warmup_max_norm must be positive")
+            raise ValueError(f"adagc.lambda_rel ({self.lambda_rel}) and adagc.warmup_max_norm ({self.warmup_max_norm}) must be positive")
+        if self.warmup_steps < 1:
+            raise ValueError(f"adagc.warmup_steps must be at least 1 (the warm-up sets the thresholds), got {self.warmup_steps}")
+        if self.eps < 0:
+            raise ValueError(f"adagc.eps must not be negative, got {self.eps}")
 
 
 @dataclass
 class GradShard:
-    """A gradient to clip in place, with how its whole-tensor norm is assembled."""
+    """A gradient to clip in place (all or part of the tensor `name`) and where the rest of it lives.
+
+    split_group: ranks across which the model splits the tensor (tensor parallelism); summed over for the
+        `tensor` variant only, so `shard` clips each piece on its own.
+    shard_group: ranks across which the optimizer shards the gradient (a distributed optimizer); always
+        summed over, so the optimizer's layout never changes the result.
+    global_group: ranks whose gradients make up the global norm (this pipeline stage's model-parallel
+        peers and beyond); None for a single process.
+    counted: False for a replica already counted in the global norm on another rank of `global_group`.
+    """
 
     name: str
     grad: torch.Tensor
-    norm_groups: tuple = ()  # process groups over which this tensor's squared norm is summed
-    global_groups: tuple = ()  # process groups over which the global squared norm is summed
-    counted: bool = True  # False on ranks that hold a replica already counted elsewhere
+    split_group: dist.ProcessGroup | None = None
+    shard_group: dist.ProcessGroup | None = None
+    global_group: dist.ProcessGroup | None = None
+    counted: bool = True
 
 
 @dataclass
@@ -59,8 +84,8 @@ class AdaGCStats:
     step: int
     grad_norm: float  # global norm before clipping
     clipped_grad_norm: float  # global norm after
-    num_clipped: int  # tensors clipped this step (after warm-up) or 0/all (warm-up)
-    min_clip_coeff: float
+    num_clipped: int  # tensors scaled down this step, whole model
+    min_clip_coeff: float  # smallest scale applied, whole model (1.0: none)
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -80,83 +105,133 @@ class AdaGC:
     @torch.no_grad()
     def clip(self, shards: list[GradShard]) -> AdaGCStats:
         """Clip `shards` in place for the next optimizer step; return what to log."""
-        self.step += 1
         cfg = self.config
-        squares = _local_squares(shards)
-        global_before = math.sqrt(_global_square(shards, squares))
+        _check_unique(shards)
+        self.step += 1
+        device = shards[0].grad.device if shards else torch.device("cpu")
+        grads = [s.grad for s in shards]
+        squares = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double() ** 2 if shards else torch.zeros(0, dtype=torch.float64)
+        counted = torch.tensor([s.counted for s in shards], dtype=torch.float64, device=device)
+        global_before = math.sqrt(_global_square(shards, squares * counted))
         if cfg.variant == "global":
-            keys = [GLOBAL_KEY] * len(shards)
-            norms = {GLOBAL_KEY: torch.tensor(global_before, dtype=torch.float64)}
+            keys, norms = [GLOBAL_KEY] * len(shards), {GLOBAL_KEY: global_before}
         else:
-            keys = [shard.name for shard in shards]
-            norms = _tensor_norms(shards, squares, reduce=cfg.variant == "tensor")
+            keys = [s.name for s in shards]
+            norms = dict(zip(keys, _whole_tensor_squares(shards, squares, cfg.variant == "tensor").sqrt().tolist()))
 
         if self.step <= cfg.warmup_steps:
             coefficient = min(1.0, cfg.warmup_max_norm / (global_before + cfg.eps))
+            tracked = coefficient if cfg.warmup_gamma == "clipped" else 1.0
             for key, norm in norms.items():
-                value = float(norm)
-                self.gamma[key] = value if self.step == 1 or key not in self.gamma else min(self.gamma[key], value)
-            coefficients = torch.full((len(shards),), coefficient, dtype=torch.float64)
-            num_clipped = len(shards) if coefficient < 1.0 else 0
+                seen = norm * tracked
+                self.gamma[key] = seen if self.step == 1 else min(self._gamma(key), seen)
+            per_key = dict.fromkeys(norms, coefficient)
         else:
             per_key = {}
             for key, norm in norms.items():
-                value = float(norm)
-                gamma = self.gamma.get(key, value)
+                gamma = self._gamma(key)
                 limit = cfg.lambda_rel * gamma
-                per_key[key] = limit / (value + cfg.eps) if value > limit else 1.0
-                self.gamma[key] = cfg.beta * gamma + (1.0 - cfg.beta) * min(value, limit)
-            coefficients = torch.tensor([per_key[key] for key in keys], dtype=torch.float64)
-            num_clipped = int((coefficients < 1.0).sum())
+                per_key[key] = limit / (norm + cfg.eps) if norm > limit else 1.0
+                self.gamma[key] = cfg.beta * gamma + (1.0 - cfg.beta) * min(norm, limit)
 
-        scaled = [s.grad for s, c in zip(shards, coefficients.tolist()) if c < 1.0]
+        coefficients = [per_key[key] for key in keys]
+        scaled = [(grad, c) for grad, c in zip(grads, coefficients) if c < 1.0 and grad.numel()]
         if scaled:
-            torch._foreach_mul_(scaled, [c for c in coefficients.tolist() if c < 1.0])
-        global_after = math.sqrt(_global_square(shards, squares * coefficients.to(squares.dtype) ** 2))
-        return AdaGCStats(self.step, global_before, global_after, num_clipped, float(coefficients.min()) if len(shards) else 1.0)
+            torch._foreach_mul_([grad for grad, _ in scaled], [c for _, c in scaled])
+        pieces_are_units = cfg.variant == "shard"
+        return AdaGCStats(self.step, global_before, *_after_clipping(shards, squares * counted, coefficients, pieces_are_units))
+
+    def _gamma(self, key: str) -> float:
+        if key not in self.gamma:
+            raise ValueError(
+                f"AdaGC has no threshold for {key!r} at step {self.step}: the model has a tensor the loaded AdaGC "
+                "state does not (resume with the parallel layout and model the checkpoint was saved with)"
+            )
+        return self.gamma[key]
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "gamma": dict(self.gamma), "config": vars(self.config).copy()}
+        return {"step": self.step, "gamma": dict(self.gamma), "config": asdict(self.config)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore step and thresholds; the current config's settings stay, except a changed variant is refused."""
+        saved = state.get("config", {}).get("variant", self.config.variant)
+        if saved != self.config.variant:
+            raise ValueError(
+                f"the AdaGC state was saved with adagc.variant={saved!r} but this run has {self.config.variant!r}: "
+                f"set adagc.variant={saved} to resume, or start AdaGC afresh without its state"
+            )
         self.step = int(state["step"])
         self.gamma = {str(k): float(v) for k, v in state["gamma"].items()}
 
 
-def _local_squares(shards: list[GradShard]) -> torch.Tensor:
-    if not shards:
-        return torch.zeros(0, dtype=torch.float64)
-    norms = torch._foreach_norm([s.grad.float() if s.grad.dtype != torch.float32 else s.grad for s in shards])
-    return torch.stack(norms).double().cpu() ** 2
+def _check_unique(shards: list[GradShard]) -> None:
+    names = [s.name for s in shards]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"AdaGC got several gradients named {twice[:3]}: give every tensor its own name")
 
 
-def _tensor_norms(shards, squares, reduce: bool) -> dict[str, torch.Tensor]:
-    """Whole-tensor norms: local squares summed over each shard's groups (batched per group set)."""
+def _whole_tensor_squares(shards: list[GradShard], squares: torch.Tensor, include_split: bool) -> torch.Tensor:
+    """Squared whole-tensor norms: each piece's square summed over the groups holding the other pieces."""
     totals = squares.clone()
-    if reduce:
-        by_groups: dict[tuple, list[int]] = {}
+    attributes = ("split_group", "shard_group") if include_split else ("shard_group",)
+    for attribute in attributes:  # one fixed order on every rank
+        by_group: dict[dist.ProcessGroup, list[int]] = {}
         for index, shard in enumerate(shards):
-            if shard.norm_groups:
-                by_groups.setdefault(tuple(shard.norm_groups), []).append(index)
-        for groups, indices in by_groups.items():
-            values = totals[indices].to(shards[indices[0]].grad.device)
-            for group in groups:
-                dist.all_reduce(values, group=group)
-            totals[indices] = values.cpu()
-    return {shard.name: totals[i].sqrt() for i, shard in enumerate(shards)}
+            group = getattr(shard, attribute)
+            if group is not None:
+                by_group.setdefault(group, []).append(index)
+        for group, indices in by_group.items():
+            positions = torch.tensor(indices, device=totals.device)
+            values = totals[positions]
+            dist.all_reduce(values, group=group)
+            totals[positions] = values
+    return totals
 
 
-def _global_square(shards, squares) -> float:
-    by_groups: dict[tuple, float] = {}
-    for shard, square in zip(shards, squares.tolist()):
-        by_groups.setdefault(tuple(shard.global_groups), 0.0)
-        if shard.counted:
-            by_groups[tuple(shard.global_groups)] += square
+def _global_square(shards: list[GradShard], counted_squares: torch.Tensor) -> float:
+    """The squared global norm: this rank's counted squares, summed over each global group."""
     total = 0.0
-    device = shards[0].grad.device if shards else "cpu"
-    for groups, value in by_groups.items():
-        tensor = torch.tensor([value], dtype=torch.float64, device=device)
-        for group in groups:
-            dist.all_reduce(tensor, group=group)
-        total += float(tensor)
+    for group, positions in _by_global_group(shards, counted_squares.device):
+        value = counted_squares[positions].sum().reshape(1)
+        if group is not None:
+            dist.all_reduce(value, group=group)
+        total += float(value)
     return total
+
+
+def _after_clipping(shards: list[GradShard], counted_squares: torch.Tensor, coefficients: list[float],
+                    pieces_are_units: bool) -> tuple:
+    """Whole-model global norm after clipping, number of tensors clipped, and the smallest coefficient.
+
+    A tensor is counted on one rank (the first of its split and shard groups, where it is not a replica);
+    with `pieces_are_units` (the `shard` variant) each split piece counts on its own.
+    """
+    device = counted_squares.device
+
+    def owns(s: GradShard) -> bool:
+        groups = (s.shard_group,) if pieces_are_units else (s.split_group, s.shard_group)
+        return s.counted and all(g is None or dist.get_rank(g) == 0 for g in groups)
+
+    owner = torch.tensor(
+        [owns(s) for s in shards],
+        dtype=torch.float64, device=device,
+    )
+    coefficient = torch.tensor(coefficients, dtype=torch.float64, device=device)
+    square, clipped, smallest = 0.0, 0, 1.0
+    for group, positions in _by_global_group(shards, device):
+        sums = torch.stack([(counted_squares[positions] * coefficient[positions] ** 2).sum(),
+                            (owner[positions] * (coefficient[positions] < 1.0)).sum()])
+        least = coefficient[positions].min().reshape(1)
+        if group is not None:
+            dist.all_reduce(sums, group=group)
+            dist.all_reduce(least, op=dist.ReduceOp.MIN, group=group)
+        square, clipped, smallest = square + float(sums[0]), clipped + round(float(sums[1])), min(smallest, float(least))
+    return math.sqrt(square), clipped, smallest
+
+
+def _by_global_group(shards: list[GradShard], device) -> list[tuple]:
+    by_group: dict[dist.ProcessGroup | None, list[int]] = {}
+    for index, shard in enumerate(shards):
+        by_group.setdefault(shard.global_group, []).append(index)
+    return [(group, torch.tensor(indices, device=device)) for group, indices in by_group.items()]
