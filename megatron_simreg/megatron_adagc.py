@@ -1,83 +1,155 @@
 """AdaGC on Megatron's optimizers: replaces global-norm clipping inside `optimizer.step()`.
 
-Works for `FP32Optimizer`, `Float16OptimizerWithFloat16Params`, `DistributedOptimizer` and a
-`ChainedOptimizer` of dense and expert parts, so megatron.training's `train_step` and our CPU loop,
-which both call `optimizer.step()`, clip with AdaGC. Each fp32 main gradient (or its distributed
-optimizer shard) is named after its model parameter and reduced over exactly the groups that hold the
-rest of that tensor: the tensor group for tensor-parallel splits (expert tensor group for experts),
-the optimizer's data-parallel group for distributed-optimizer shards, never the pipeline.
+`attach_adagc` works on what `megatron.core.optimizer.get_megatron_optimizer` builds: `FP32Optimizer`,
+`Float16OptimizerWithFloat16Params`, `DistributedOptimizer`, and a `ChainedOptimizer` of dense and
+expert parts. megatron.training's `train_step` and our CPU loop both call `optimizer.step()`, so both
+clip with AdaGC. Each main gradient (or its distributed-optimizer shard; `decoupled_grad` with the
+precision-aware optimizer, bf16 or fp32) is named after its model parameter and reduced over exactly
+the ranks holding the rest of that tensor: the part's tensor-parallel group for TP-split tensors (expert
+tensor-parallel group for experts), the part's data-parallel group for distributed-optimizer shards
+(the expert data-parallel group for experts), never the pipeline. The global norm is summed over each
+part's own grad-stats group, counting TP replicas and shared embeddings once, as Megatron does.
+
+Names are layout-independent: decoder layers carry their global layer number and experts their global
+expert index, so pipeline stages, virtual-pipeline chunks and expert-parallel ranks never share a name
+and AdaGC's checkpointed state (`AdaGC.state_dict()`, keyed by these names) means the same tensors
+whatever the layout.
 """
 
 from __future__ import annotations
 
-from megatron.core import parallel_state
+import re
+from dataclasses import dataclass
 
-from megatron_simreg.adagc import AdaGC, AdaGCStats, GradShard
+import torch
+from megatron.core import parallel_state
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer.module import param_is_not_shared
+
+from megatron_simreg.adagc import AdaGC, GradShard
 
 
 def attach_adagc(optimizer, model_chunks, adagc: AdaGC) -> None:
-    """Make `optimizer.step()` clip with `adagc`; its stats land in `optimizer.adagc_stats`."""
-    names = {id(param): name for chunk in model_chunks for name, param in _unwrap(chunk).named_parameters()}
-    parts = list(getattr(optimizer, "chained_optimizers", [optimizer]))
-    for part in parts:
-        part.config.clip_grad = 0.0  # AdaGC replaces Megatron's global-norm clipping
+    """Make `optimizer.step()` clip with `adagc` instead of global-norm clipping.
 
+    The step returns what Megatron's does: (success, grad norm before clipping, zeros in grads or None);
+    AdaGC's figures for the log are left in `optimizer.adagc_stats`. With a loss scaler that finds
+    inf/nan the step is skipped before AdaGC, as Megatron skips it, so AdaGC's state does not move.
+    """
+    names = parameter_names(model_chunks)
+    parts = [p for p in getattr(optimizer, "chained_optimizers", [optimizer]) if not getattr(p, "is_stub_optimizer", False)]
+    layout = [entry for part in parts for entry in _layout(part, names, adagc.config.variant)]
+
+    @torch.no_grad()
     def step():
-        if optimizer.prepare_grads():  # found inf/nan with a loss scaler: skip, as Megatron does
+        if optimizer.prepare_grads():
             return False, None, None
-        shards = [shard for part in parts for shard in _grad_shards(part, names, adagc.config.variant)]
-        stats: AdaGCStats = adagc.clip(shards)
+        stats = adagc.clip([entry.shard() for entry in layout])
         optimizer.adagc_stats = stats
-        return optimizer.step_with_ready_grads(), stats.grad_norm, None
+        num_zeros = optimizer.count_zeros() if optimizer.config.log_num_zeros_in_grad else None
+        return optimizer.step_with_ready_grads(), stats.grad_norm, num_zeros
 
     optimizer.step = step
 
 
+def parameter_names(model_chunks) -> dict[torch.nn.Parameter, str]:
+    """Each parameter's name in the whole model: global layer numbers and expert indices."""
+    names, taken = {}, set()
+    for chunk in model_chunks:
+        for name, param in _named_parameters(_unwrap(chunk), "", 0):
+            if param in names:
+                continue  # tied weights within a chunk: one tensor, one name
+            if name in taken:
+                raise ValueError(f"two parameters of the model chunks are both named {name!r}")
+            names[param] = name
+            taken.add(name)
+    return names
+
+
+def _named_parameters(module, prefix: str, expert_offset: int):
+    for name, param in module.named_parameters(recurse=False):
+        yield prefix + (_offset_index(name, r"(weight|bias)(\d+)", expert_offset)), param
+    if hasattr(module, "num_local_experts") and hasattr(module, "ep_group"):  # SequentialMLP, TEGroupedMLP
+        expert_offset = module.ep_group.rank() * module.num_local_experts
+    for name, child in module.named_children():
+        if name.isdigit() and hasattr(child, "layer_number"):  # a TransformerLayer: its global number
+            name = str(child.layer_number - 1)
+        elif name.isdigit() and prefix.endswith("local_experts."):
+            name = str(int(name) + expert_offset)
+        yield from _named_parameters(child, f"{prefix}{name}.", expert_offset)
+
+
+def _offset_index(name: str, pattern: str, offset: int) -> str:
+    match = re.fullmatch(pattern, name)
+    return f"{match[1]}{int(match[2]) + offset}" if match and offset else name
+
+
 def _unwrap(module):
-    while hasattr(module, "module"):
+    while hasattr(module, "module"):  # DDP, Float16Module
         module = module.module
     return module
 
 
-def _main_and_model_params(part):
-    """(main param holding the fp32 grad, model param it belongs to) for one Megatron optimizer."""
-    if hasattr(part, "shard_fp32_from_float16_groups"):  # DistributedOptimizer
-        pairs = zip(part.model_float16_groups + part.model_fp32_groups,
-                    part.shard_fp32_from_float16_groups + part.shard_fp32_groups)
-    elif hasattr(part, "fp32_from_float16_groups"):  # Float16OptimizerWithFloat16Params
-        pairs = zip(part.float16_groups + part.fp32_from_fp32_groups,
-                    part.fp32_from_float16_groups + part.fp32_from_fp32_groups)
+@dataclass
+class _Entry:
+    """One tensor as a part of the optimizer holds it: where its gradient is found each step."""
+
+    name: str
+    main: torch.Tensor | None  # main param (or shard) whose grad is clipped; None: no piece on this rank
+    grad_attribute: str
+    split_group: object
+    shard_group: object
+    global_group: object
+    counted: bool
+    empty: torch.Tensor
+
+    def shard(self) -> GradShard:
+        grad = getattr(self.main, self.grad_attribute, None) if self.main is not None else None
+        return GradShard(self.name, self.empty if grad is None else grad, self.split_group, self.shard_group,
+                         self.global_group, self.counted)
+
+
+def _layout(part, names, variant: str) -> list[_Entry]:
+    """Every tensor of one optimizer part in name order (the same on every rank), with its groups."""
+    decoupled = part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+    distributed = isinstance(part, DistributedOptimizer)
+    tp_group = getattr(part, "tp_group", None) or parallel_state.get_tensor_model_parallel_group()
+    expert_tp_group = getattr(part, "expert_tp_group", None) or parallel_state.get_expert_tensor_parallel_group()
+    main_of = dict(_model_and_main_params(part, decoupled))
+    if distributed:  # every tensor of the part's buffers: ranks without a piece of one pass an empty grad
+        models = [param for buffer in part.buffers for param in buffer.params]
+    else:
+        models = list(main_of)
+    entries = []
+    for model in sorted(models, key=lambda p: names[p]):
+        expert = not getattr(model, "allreduce", True)
+        split = getattr(model, "tensor_model_parallel", False) and variant != "shard"
+        main = main_of.get(model)
+        entries.append(_Entry(
+            name=names[model],
+            main=main,
+            grad_attribute="decoupled_grad" if decoupled else "grad",
+            split_group=(expert_tp_group if expert else tp_group) if split else None,
+            shard_group=part.data_parallel_group if distributed else None,
+            global_group=part.get_grad_stats_parallel_group(),
+            counted=param_is_not_shared(model)
+            and param_is_not_tensor_parallel_duplicate(model, tp_group=tp_group, expert_tp_group=expert_tp_group),
+            empty=torch.empty(0, device=model.device),
+        ))
+    return entries
+
+
+def _model_and_main_params(part, decoupled: bool):
+    """(model param, the main param or shard holding its gradient) for one Megatron optimizer part."""
+    if isinstance(part, DistributedOptimizer):
+        main_groups = part.shard_float16_groups if decoupled else part.shard_fp32_from_float16_groups
+        pairs = zip(part.model_float16_groups + part.model_fp32_groups, main_groups + part.shard_fp32_groups)
+    elif isinstance(part, Float16OptimizerWithFloat16Params):
+        pairs = zip(part.float16_groups + part.fp32_from_fp32_groups, part.fp32_from_float16_groups + part.fp32_from_fp32_groups)
     else:  # FP32Optimizer: the model params are the main params
         groups = [group["params"] for group in part.optimizer.param_groups]
         pairs = zip(groups, groups)
     for model_group, main_group in pairs:
-        yield from zip(main_group, model_group)
-
-
-def _grad_shards(part, names: dict[int, str], variant: str) -> list[GradShard]:
-    distributed = hasattr(part, "shard_fp32_from_float16_groups")
-    global_groups = (part.get_grad_stats_parallel_group(),)
-    shards = []
-    for main, model in _main_and_model_params(part):
-        if main.grad is None:
-            continue
-        is_expert = not getattr(model, "allreduce", True)
-        split = getattr(model, "tensor_model_parallel", False)
-        norm_groups = []
-        if split and variant != "shard":
-            norm_groups.append(
-                parallel_state.get_expert_tensor_parallel_group() if is_expert else parallel_state.get_tensor_model_parallel_group()
-            )
-        if distributed:
-            norm_groups.append(part.data_parallel_group)
-        tp_rank = parallel_state.get_expert_tensor_parallel_rank() if is_expert else parallel_state.get_tensor_model_parallel_rank()
-        shards.append(
-            GradShard(
-                name=names[id(model)],
-                grad=main.grad,
-                norm_groups=tuple(norm_groups),
-                global_groups=global_groups,
-                counted=split or tp_rank == 0,
-            )
-        )
-    return shards
+        yield from zip(model_group, main_group)
