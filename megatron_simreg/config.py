@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -168,6 +169,7 @@ def load_config(path: str, overrides: list[str] | None = None) -> Config:
         key, sep, value = override.partition("=")
         if not sep:
             raise ConfigError(f"override {override!r} is not key=value (e.g. simreg.weight=0)")
+        _check_key(key.strip(), source=f"override {override!r}")
         _set_dotted(raw, key.strip(), yaml.safe_load(value))
     config = _build(Config, raw, prefix="", source=path)
     _check_values(config)
@@ -175,11 +177,13 @@ def load_config(path: str, overrides: list[str] | None = None) -> Config:
 
 
 def save_config(config: Config, run_dir: str) -> str:
-    """Write the resolved config beside the run, as YAML that `load_config` reads back."""
+    """Write the resolved config beside the run (lambda as the number used), as YAML that `load_config` reads back."""
     os.makedirs(run_dir, exist_ok=True)
+    resolved = config.to_dict()
+    resolved["simreg"]["weight"] = config.simreg_weight
     path = os.path.join(run_dir, "config.yaml")
     with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+        yaml.safe_dump(resolved, f, sort_keys=False)
     return path
 
 
@@ -207,6 +211,24 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
+def _check_key(key: str, source: str) -> None:
+    """Refuse a dotted key that names no config field, before it is merged with the files' keys."""
+    cls, prefix = Config, ""
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"{source}: {prefix.rstrip('.')!r} is a value, not a section")
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            raise _unknown_key(prefix, part, names, source)
+        cls, prefix = typing.get_type_hints(cls)[part], f"{prefix}{part}."
+
+
+def _unknown_key(prefix: str, key: str, names: list[str], source: str) -> ConfigError:
+    near = [prefix + name for name in difflib.get_close_matches(key, names, n=3, cutoff=0.5)]
+    hint = f"did you mean {', '.join(near)}?" if near else f"valid keys: {', '.join(prefix + name for name in names)}"
+    return ConfigError(f"unknown config key {prefix + key!r} in {source}; {hint}")
+
+
 def _set_dotted(raw: dict, key: str, value) -> None:
     *sections, leaf = key.split(".")
     node = raw
@@ -225,16 +247,17 @@ def _build(cls, raw, prefix: str, source: str):
     values = {}
     for key, value in raw.items():
         if key not in names:
-            valid = [prefix + name for name in names]
-            near = difflib.get_close_matches(prefix + str(key), valid, n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(near)}?" if near else f"; valid keys: {', '.join(valid)}"
-            raise ConfigError(f"unknown config key {prefix + str(key)!r} in {source}{hint}")
+            raise _unknown_key(prefix, str(key), names, source)
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             values[key] = _build(hint, value, f"{prefix}{key}.", source)
         else:
             values[key] = _coerce(value, hint, prefix + key)
     return cls(**values)
+
+
+# YAML 1.1 (PyYAML) reads "1e-3" as a string: it wants a dot in the mantissa ("1.0e-3").
+_EXPONENT_ONLY = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
 
 
 def _coerce(value, hint, key: str):
@@ -244,6 +267,8 @@ def _coerce(value, hint, key: str):
         if kind is type(None) and value is None:
             return None
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is float and isinstance(value, str) and _EXPONENT_ONLY.fullmatch(value):
             return float(value)
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -270,6 +295,14 @@ def _check_values(config: Config) -> None:
         raise ConfigError(f"simreg.temperature must be positive, got {config.simreg.temperature}")
     if config.simreg.mode == "full" and config.simreg.chunk_size is not None:
         raise ConfigError("simreg.chunk_size is set but simreg.mode is full: set simreg.mode=chunk, or chunk_size=null")
+    m = config.model
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
+    if m.num_query_groups is not None and m.num_attention_heads % m.num_query_groups:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by model.num_query_groups={m.num_query_groups} "
+            "(each query group shares one key/value head)"
+        )
     if config.schedule.train_iters is None and config.schedule.train_tokens is None:
         raise ConfigError("set schedule.train_iters or schedule.train_tokens")
 
