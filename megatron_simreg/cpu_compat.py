@@ -13,13 +13,18 @@ On a machine without CUDA, `enable_cpu_compat()` points exactly those at the CPU
 - the modules that create small bookkeeping tensors with a literal `device="cuda"` (the pipeline
   schedules' token counts, the optimizers' scale and overflow flags, grad clipping's norm buffers, the
   DDP grad buffers) see a `torch` whose tensor factories put "cuda" tensors on the CPU, and whose
-  `torch.cuda` streams and events are no-ops (CPU work is already ordered).
+  `torch.cuda` streams and events are no-ops (CPU work is already ordered);
+- megatron's mixed-precision and distributed optimizers (`Float16OptimizerWithFloat16Params`,
+  `DistributedOptimizer`) sort parameters by `param.type()` strings such as "torch.cuda.FloatTensor"
+  and refuse anything else: while their constructors run, CPU tensors report those CUDA names, so
+  bf16 training and the distributed optimizer (reduce-scatter/all-gather over gloo) work on CPU.
 
 Nothing changes where CUDA is available: the function returns without touching anything. The rest of
 the project never needs to know; only the entry points call this.
 """
 
 import contextlib
+import functools
 import importlib
 import logging
 
@@ -65,6 +70,11 @@ def enable_cpu_compat() -> bool:
         importlib.import_module(name).torch = _TorchWithCpuForCuda()
     # Grad clipping asserts `torch.cuda.FloatTensor` grads before scaling them.
     importlib.import_module("megatron.core.optimizer.optimizer").clip_grad_by_total_norm_fp32 = _clip_by_total_norm
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    for optimizer_class in (Float16OptimizerWithFloat16Params, DistributedOptimizer):
+        optimizer_class.__init__ = _with_cuda_type_names(optimizer_class.__init__)
     _ENABLED = True
     return True
 
@@ -79,6 +89,29 @@ _MODULES_WITH_CUDA_LITERALS = (
     "megatron.core.pipeline_parallel.p2p_communication",
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
 )
+
+
+def _with_cuda_type_names(init):
+    """An optimizer constructor during which CPU tensors' `type()` names the CUDA type megatron expects."""
+
+    @functools.wraps(init)
+    def init_on_cpu(self, *args, **kwargs):
+        tensor_type = torch.Tensor.type
+
+        def cuda_type_name(tensor, dtype=None, non_blocking=False, **kw):
+            if dtype is None and tensor.device.type == "cpu":
+                return tensor_type(tensor).replace("torch.", "torch.cuda.", 1)
+            return tensor_type(tensor, dtype, non_blocking, **kw)
+
+        torch.Tensor.type = cuda_type_name
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            torch.Tensor.type = tensor_type
+
+    return init_on_cpu
+
+
 def _clip_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
     """megatron's `clip_grad_by_total_norm_fp32`, on CPU grads."""
     coefficient = max_norm / (total_norm + 1.0e-6)

@@ -86,7 +86,7 @@ def block_spec(config: TransformerConfig, vp_stage: int | None = None):
     if torch.cuda.is_available() and _have_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec(config.num_moe_experts, moe_grouped_gemm=False)
+        return get_gpt_layer_with_transformer_engine_spec(config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm)
     layer = copy.deepcopy(get_gpt_layer_local_spec(config.num_moe_experts, normalization="RMSNorm"))
     layer.submodules.input_layernorm = SequenceParallelRMSNorm
     layer.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
@@ -102,9 +102,22 @@ def _have_transformer_engine() -> bool:
     return True
 
 
-def model_provider(cfg: Config, pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None, **_):
-    """A GPTModel for this pipeline stage (Megatron-LM's model-provider contract)."""
-    config = transformer_config_from(cfg)
+def model_provider(
+    cfg: Config,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+    config: TransformerConfig | None = None,
+    pg_collection=None,
+) -> GPTModel:
+    """A GPTModel for this pipeline stage (Megatron-LM's model-provider contract).
+
+    megatron.training 0.19 calls `model_provider(pre_process=, post_process=, [vp_stage=,] config=,
+    pg_collection=)`, with the TransformerConfig it built from our arguments (the same model, plus its
+    GPU fusions): that one is used when given. The CPU loop passes neither.
+    """
+    if config is None:
+        config = transformer_config_from(cfg)
     return GPTModel(
         config=config,
         transformer_layer_spec=block_spec(config, vp_stage),
@@ -115,5 +128,6 @@ def model_provider(cfg: Config, pre_process: bool = True, post_process: bool = T
         share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=cfg.model.rotary_base,
+        pg_collection=pg_collection,
         vp_stage=vp_stage,
     )
