@@ -1,44 +1,71 @@
 """Tokenize text into a Megatron indexed dataset (PREFIX.bin, PREFIX.idx, PREFIX.stats.json).
 
-    # C4 (English), streamed from the Hugging Face hub, LLaMA-2 tokenizer, 8 workers, 10 GB shards:
+    # C4 (English), streamed from the Hugging Face hub (pip install datasets), LLaMA-2 tokenizer,
+    # 8 workers, shards of 5B tokens (10 GB each in uint16):
     python tools/prepare_data.py --input hf:allenai/c4 --tokenizer /path/to/llama2/tokenizer.model \\
         --output-prefix data/c4/c4-en_text_document --workers 8 --shard-tokens 5000000000
     # local C4-format shards or text files, the default tokenizer:
     python tools/prepare_data.py --input 'c4/en/c4-train.*.json.gz' --output-prefix data/c4/c4-en_text_document
     # the offline Gutenberg corpus the demo uses:
     python tools/prepare_data.py --offline-corpus data/demo --output-prefix data/demo/gutenberg_text_document
+
+Nothing appears under PREFIX until the run is complete; Ctrl-C or SIGTERM (a Slurm time limit) removes
+what was written so far.
 """
 
 import argparse
+import os
+import signal
 import sys
 
 from megatron_simreg.data import prepare_corpus, write_offline_corpus
+from megatron_simreg.data.sources import DEFAULT_HF_DATASET
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--input", nargs="+", default=[DEFAULT_HF_DATASET],
+                        help=f"files, folders, globs, or hf:NAME (default: {DEFAULT_HF_DATASET})")
+    source.add_argument("--offline-corpus", metavar="DIR", help="write the offline Gutenberg corpus to DIR and use it")
+    parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.stats.json")
+    parser.add_argument("--tokenizer", help="SentencePiece .model file or Hugging Face folder (default: LLaMA-style 32k)")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    parser.add_argument("--max-documents", type=int)
+    parser.add_argument("--max-tokens", type=int, help="stop after the document that reaches this many tokens")
+    parser.add_argument("--shard-tokens", type=int, help="write PREFIX-00000, PREFIX-00001, ... of this many tokens")
+    parser.add_argument("--dtype", choices=["uint16", "int32", "int64"], help="token type (default: smallest that fits)")
+    parser.add_argument("--text-field", default="text", help="JSON field holding the document (C4: text)")
+    parser.add_argument("--hf-config", default="en", help="Hugging Face dataset config (C4: en)")
+    parser.add_argument("--hf-split", default="train")
+    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already at --output-prefix")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def _stop_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C, so the partial files are removed
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", nargs="+", help="files, folders, globs, or hf:NAME (e.g. hf:allenai/c4)")
-    source.add_argument("--offline-corpus", metavar="DIR", help="write the offline Gutenberg corpus to DIR and use it")
-    parser.add_argument("--output-prefix", required=True)
-    parser.add_argument("--tokenizer", help="SentencePiece .model file or Hugging Face folder (default: LLaMA-style 32k)")
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--max-documents", type=int)
-    parser.add_argument("--max-tokens", type=int)
-    parser.add_argument("--shard-tokens", type=int, help="start a new PREFIX-NNNNN shard every this many tokens")
-    parser.add_argument("--dtype", choices=["uint16", "int32", "int64"], help="token type (default: smallest that fits)")
-    args = parser.parse_args(argv)
-    sources = args.input or [write_offline_corpus(args.offline_corpus)]
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
+        sources = [write_offline_corpus(args.offline_corpus)] if args.offline_corpus else args.input
         stats = prepare_corpus(
-            sources, args.output_prefix, args.tokenizer, args.workers, args.max_documents, args.max_tokens,
-            args.shard_tokens, args.dtype,
+            sources, args.output_prefix, tokenizer=args.tokenizer, workers=args.workers,
+            max_documents=args.max_documents, max_tokens=args.max_tokens, shard_tokens=args.shard_tokens,
+            dtype=args.dtype, text_field=args.text_field, hf_config=args.hf_config, hf_split=args.hf_split,
+            overwrite=args.overwrite, progress=not args.quiet,
         )
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, ImportError, ValueError, RuntimeError) as error:
         sys.exit(f"prepare_data: {error}")
+    folder = os.path.dirname(args.output_prefix)
     print(
-        f"{stats.documents:,} documents, {stats.tokens:,} tokens ({stats.skipped_lines} lines skipped) "
-        f"in {stats.seconds:.1f}s -> {', '.join(stats.prefixes)}"
+        f"{stats.documents:,} documents, {stats.tokens:,} tokens, {stats.bytes:,} bytes "
+        f"({stats.skipped_lines:,} lines skipped) in {stats.seconds:.1f}s "
+        f"({stats.tokens / max(stats.seconds, 1e-9):,.0f} tokens/s) -> "
+        f"{', '.join(os.path.join(folder, shard) for shard in stats.shards)} (.bin/.idx), {args.output_prefix}.stats.json"
     )
 
 

@@ -1,7 +1,8 @@
 """Train/valid/test GPTDatasets from indexed datasets, through megatron-core's BlendedMegatronDatasetBuilder.
 
-Before building anything, the inputs are checked: the files exist, the tokenizer matches the one the
-data was written with, and there are enough tokens for one sequence.
+Before anything is built the inputs are checked on every rank alike (so no rank waits at a barrier for
+one that failed): the files exist, the data was written with this tokenizer, there are enough tokens for
+a sequence. A prefix written in shards (`--shard-tokens`) stands for all of its shards.
 """
 
 from __future__ import annotations
@@ -10,20 +11,27 @@ import json
 import os
 
 import numpy
-import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
+from megatron.core.datasets.utils import get_blend_from_list
 
-from megatron_simreg.data.prepare import stats_path
+from megatron_simreg.data.indexed import stats_path
 
-TOKENS_CHECKED = 10_000_000  # tokens scanned for ids beyond the vocabulary (beginning of each file)
+TOKENS_CHECKED = 10_000_000  # tokens scanned for ids beyond the vocabulary, from the start of each file
 
 
 def build_gpt_datasets(data_prefix, tokenizer, seq_length: int, num_samples: tuple[int, int, int],
                        split: str = "98,1,1", seed: int = 1234, cache_dir: str | None = None):
-    """(train, valid, test) GPTDatasets; a split with 0 samples requested or 0 share comes back None."""
-    prefixes = [data_prefix] if isinstance(data_prefix, str) else list(data_prefix)
+    """(train, valid, test) GPTDatasets; a split with a 0 share comes back None.
+
+    `data_prefix`: one prefix, a list of prefixes (blended by size), or Megatron's weighted list
+    ["30", "path/a", "70", "path/b"]. `num_samples`: samples wanted per split (a split smaller than that
+    repeats in shuffled epochs). The sample-order indices are cached in `cache_dir` (default: beside the
+    data), built by rank 0 and read by the others, so on several nodes it must be a shared folder.
+    """
+    _check_dataset_helpers()
+    prefixes, weights = dataset_prefixes(data_prefix)
     total_tokens = sum(check_indexed_dataset(prefix, tokenizer) for prefix in prefixes)
     if total_tokens < seq_length + 1:
         raise ValueError(
@@ -33,7 +41,7 @@ def build_gpt_datasets(data_prefix, tokenizer, seq_length: int, num_samples: tup
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend=(prefixes, None),
+        blend=(prefixes, weights),
         split=split,
         tokenizer=tokenizer,
         reset_position_ids=False,
@@ -42,32 +50,86 @@ def build_gpt_datasets(data_prefix, tokenizer, seq_length: int, num_samples: tup
         create_attention_mask=False,  # causal attention needs no explicit mask
         path_to_cache=cache_dir,
     )
-    builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), _built_on_this_rank, config)
+    for prefix in prefixes:
+        _check_split_sizes(prefix, config.split_matrix, seq_length, num_samples, split)
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), _built_on_every_rank, config)
     return tuple(builder.build())
 
 
-def _built_on_this_rank() -> bool:
+def _check_split_sizes(prefix: str, split_matrix, seq_length: int, num_samples, split: str) -> None:
+    """Each split in use needs a sequence's worth of tokens (megatron-core loops forever on an empty one)."""
+    dataset = IndexedDataset(prefix, mmap=True)
+    lengths, documents = dataset.sequence_lengths, GPTDataset.numel_low_level_dataset(dataset)
+    for name, bounds, wanted in zip(("train", "valid", "test"), split_matrix, num_samples):
+        if bounds is None:
+            continue
+        begin, end = (int(round(bound * documents)) for bound in bounds)  # megatron-core's document split
+        tokens = int(lengths[begin:end].sum())
+        needed = seq_length + 1 if wanted else 1
+        if tokens < needed:
+            raise ValueError(
+                f"the {name} split (split={split!r}) of {prefix} gets {end - begin} of its {documents} documents, "
+                f"{tokens} tokens, fewer than {needed} (one sequence of {seq_length} + 1): give it a larger share in "
+                f"data.split (or 0 if unused), lower model.seq_length, or prepare more documents"
+            )
+
+
+def _built_on_every_rank() -> bool:
+    """Every rank reads its own batches (no broadcast from a data rank)."""
     return True
+
+
+def dataset_prefixes(data_prefix) -> tuple[list[str], list[float] | None]:
+    """(prefixes, weights or None), sharded outputs replaced by their shards (a weight split by shard size)."""
+    blend = [data_prefix] if isinstance(data_prefix, str) else [str(item) for item in data_prefix]
+    prefixes, weights = get_blend_from_list(blend)
+    expanded, expanded_weights = [], []
+    for index, prefix in enumerate(prefixes):
+        shards = _shards_of(prefix)
+        expanded.extend(shards)
+        if weights is not None:
+            tokens = [_token_count(shard) for shard in shards]
+            expanded_weights.extend(weights[index] * count / sum(tokens) for count in tokens)
+    return expanded, (expanded_weights if weights is not None else None)
+
+
+def _shards_of(prefix: str) -> list[str]:
+    if os.path.isfile(get_idx_path(prefix)) or not os.path.isfile(stats_path(prefix)):
+        return [prefix]
+    with open(stats_path(prefix), encoding="utf-8") as f:
+        shards = json.load(f).get("shards") or [os.path.basename(prefix)]
+    return [os.path.join(os.path.dirname(prefix), shard) for shard in shards]
+
+
+def _token_count(prefix: str) -> int:
+    _check_files(prefix)
+    return int(IndexedDataset(prefix, mmap=True).sequence_lengths.sum())
+
+
+def _check_files(prefix: str) -> None:
+    missing = [path for path in (get_bin_path(prefix), get_idx_path(prefix)) if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(
+            f"data {', '.join(missing)} not found: create it with "
+            f"`python tools/prepare_data.py --input YOUR_TEXT --output-prefix {prefix}` "
+            "(or set data.prefix to where it is)"
+        )
 
 
 def check_indexed_dataset(prefix: str, tokenizer) -> int:
     """Check one PREFIX.bin/.idx against the tokenizer; return its number of tokens."""
-    missing = [p for p in (get_bin_path(prefix), get_idx_path(prefix)) if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(
-            f"data {', '.join(missing)} not found: create it with "
-            f"`python tools/prepare_data.py --input YOUR_TEXT --output-prefix {prefix}`"
-        )
+    _check_files(prefix)
     stats_file = stats_path(prefix)
     if os.path.isfile(stats_file):
         with open(stats_file, encoding="utf-8") as f:
             written_with = json.load(f)
-        if written_with.get("vocab_size") not in (None, tokenizer.vocab_size):
-            raise ValueError(
-                f"{prefix} was tokenized with a {written_with['vocab_size']}-token vocabulary "
-                f"({written_with.get('tokenizer')}) but the tokenizer now has {tokenizer.vocab_size}: "
-                "use the same tokenizer (data.tokenizer) or prepare the data again"
-            )
+        for key in ("vocab_size", "eod"):
+            if written_with.get(key, getattr(tokenizer, key)) != getattr(tokenizer, key):
+                raise ValueError(
+                    f"{prefix} was tokenized with {key}={written_with[key]} ({written_with.get('tokenizer')}) but the "
+                    f"tokenizer now has {key}={getattr(tokenizer, key)}: use the tokenizer the data was written "
+                    "with (data.tokenizer) or prepare the data again with this one"
+                )
     dataset = IndexedDataset(prefix, mmap=True)
     tokens = int(dataset.sequence_lengths.sum())
     head = numpy.asarray(dataset.bin_reader.read(dataset.index.dtype, min(tokens, TOKENS_CHECKED), 0))
@@ -77,3 +139,18 @@ def check_indexed_dataset(prefix: str, tokenizer) -> int:
             "vocabulary: the data was written with another tokenizer; prepare it again with this one"
         )
     return tokens
+
+
+def _check_dataset_helpers() -> None:
+    """GPTDataset needs megatron-core's compiled helpers; the x86-64 wheels ship them, other builds may not."""
+    try:
+        import megatron.core.datasets.helpers_cpp  # noqa: F401
+    except ImportError as error:
+        import megatron.core.datasets
+
+        folder = os.path.dirname(megatron.core.datasets.__file__)
+        raise ImportError(
+            "megatron-core's C++ dataset helpers (megatron.core.datasets.helpers_cpp) are missing; compile them: "
+            f"pip install pybind11 && cd {folder} && c++ -O3 -shared -std=c++17 -fPIC $(python -m pybind11 --includes) "
+            "helpers.cpp -o helpers_cpp$(python -c \"import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))\")"
+        ) from error

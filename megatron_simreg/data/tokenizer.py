@@ -1,39 +1,56 @@
-"""Tokenizers as megatron-core objects (vocab_size, eod, tokenize, detokenize), loaded without a hub.
+"""Tokenizers as megatron-core objects (vocab_size, eod, tokenize, detokenize, unique_identifiers), no hub.
 
 The default is the LLaMA-style 32k SentencePiece model shipped inside the `mistral-common` package
 (`mistral_common/data/tokenizer.model.v1`, Apache-2.0); for the paper's reproduction pass the LLaMA-2
-`tokenizer.model`. A folder is read as a Hugging Face tokenizer (needs `transformers`).
+`tokenizer.model`. A folder is read as a Hugging Face tokenizer (needs `transformers`). Either way a
+document becomes its tokens without BOS, so both kinds of the same model write the same ids.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from megatron.core.tokenizers import MegatronTokenizer
 
 
 def default_tokenizer_path() -> str:
+    """The LLaMA-style 32k SentencePiece model inside the installed `mistral-common` package."""
     import mistral_common
 
     path = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"the default tokenizer {path} is missing from the installed mistral-common; "
-            "reinstall it (pip install mistral_common) or pass a SentencePiece model with --tokenizer"
+            "reinstall it (pip install mistral_common==1.13.1) or pass a SentencePiece model with --tokenizer"
         )
     return path
 
 
-def build_tokenizer(path: str | None = None):
-    """A megatron-core tokenizer from a SentencePiece model file, a Hugging Face folder, or the default."""
-    path = path or default_tokenizer_path()
+def tokenizer_library(path: str) -> str:
+    """'sentencepiece' for a model file, 'huggingface' for a folder; a clear error for anything else."""
+    if os.path.isfile(path):
+        return "sentencepiece"
     if os.path.isdir(path):
-        library = "huggingface"
-    elif os.path.isfile(path):
-        library = "sentencepiece"
-    else:
-        raise FileNotFoundError(
-            f"tokenizer {path!r} not found: pass a SentencePiece .model file, a Hugging Face tokenizer folder, "
-            "or nothing for the default LLaMA-style 32k model"
-        )
-    return MegatronTokenizer.from_pretrained(tokenizer_path=path, metadata_path={"library": library})
+        if importlib.util.find_spec("transformers") is None:
+            raise ImportError(
+                f"{path} is a Hugging Face tokenizer folder, which needs `transformers`: "
+                "pip install 'megatron-simreg[hf]' (or transformers), or pass a SentencePiece .model file"
+            )
+        return "huggingface"
+    raise FileNotFoundError(
+        f"tokenizer {path!r} not found: pass a SentencePiece .model file (the LLaMA-2 tokenizer.model), "
+        "a Hugging Face tokenizer folder, or nothing for the default LLaMA-style 32k model"
+    )
+
+
+def build_tokenizer(path_or_name: str | None = None):
+    """A megatron-core tokenizer from a SentencePiece model file, a Hugging Face folder, or the default (None)."""
+    path = path_or_name or default_tokenizer_path()
+    library = tokenizer_library(path)
+    # Hugging Face tokenizers add BOS by default; SentencePiece files do not. Documents are BOS-free here.
+    options = {"include_special_tokens": False} if library == "huggingface" else {}
+    tokenizer = MegatronTokenizer.from_pretrained(tokenizer_path=path, metadata_path={"library": library}, **options)
+    if tokenizer.eod is None or tokenizer.eod < 0:
+        raise ValueError(f"tokenizer {path} has no end-of-document token (eos); pick one that does")
+    return tokenizer
