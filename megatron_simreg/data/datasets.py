@@ -14,7 +14,7 @@ import numpy
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
-from megatron.core.datasets.utils import get_blend_from_list
+from megatron.core.datasets.utils import get_blend_from_list, normalize
 
 from megatron_simreg.data.indexed import stats_path
 
@@ -80,7 +80,7 @@ def _built_on_every_rank() -> bool:
 
 
 def dataset_prefixes(data_prefix) -> tuple[list[str], list[float] | None]:
-    """(prefixes, weights or None), sharded outputs replaced by their shards (a weight split by shard size)."""
+    """(prefixes, weights summing to 1 or None), sharded outputs replaced by their shards (a weight split by size)."""
     blend = [data_prefix] if isinstance(data_prefix, str) else [str(item) for item in data_prefix]
     prefixes, weights = get_blend_from_list(blend)
     expanded, expanded_weights = [], []
@@ -90,7 +90,7 @@ def dataset_prefixes(data_prefix) -> tuple[list[str], list[float] | None]:
         if weights is not None:
             tokens = [_token_count(shard) for shard in shards]
             expanded_weights.extend(weights[index] * count / sum(tokens) for count in tokens)
-    return expanded, (expanded_weights if weights is not None else None)
+    return expanded, (normalize(expanded_weights) if weights is not None else None)
 
 
 def _shards_of(prefix: str) -> list[str]:
@@ -103,7 +103,8 @@ def _shards_of(prefix: str) -> list[str]:
 
 def _token_count(prefix: str) -> int:
     _check_files(prefix)
-    return int(IndexedDataset(prefix, mmap=True).sequence_lengths.sum())
+    dataset = IndexedDataset(prefix, mmap=True)  # kept alive: its arrays view a memory map it closes on deletion
+    return int(dataset.sequence_lengths.sum())
 
 
 def _check_files(prefix: str) -> None:
