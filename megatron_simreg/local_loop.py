@@ -61,11 +61,6 @@ def schedule_of(cfg: Config, data_parallel: int) -> Schedule:
 
 
 def build_model_and_optimizer(cfg: Config):
-    if cfg.parallel.distributed_optimizer and not torch.cuda.is_available():
-        raise ConfigError(
-            "parallel.distributed_optimizer needs CUDA (megatron-core's DistributedOptimizer accepts only CUDA "
-            "tensors): set parallel.distributed_optimizer=false for CPU runs"
-        )
     pre, post = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
     model = model_provider(cfg, pre_process=pre, post_process=post)
     ddp_config = DistributedDataParallelConfig(

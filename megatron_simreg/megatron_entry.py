@@ -73,7 +73,10 @@ def megatron_arguments(cfg: Config, run_dir: str | None = None) -> list[str]:
         args += ["--wandb-project", cfg.logging.wandb_project, "--wandb-exp-name", cfg.name]
     if cfg.data.cache_dir:
         args += ["--data-cache-path", cfg.data.cache_dir]
-    args += ["--transformer-impl", "transformer_engine" if _have_transformer_engine() else "local"]
+    if _have_transformer_engine():
+        args += ["--transformer-impl", "transformer_engine"]
+    else:  # without TE, Megatron's RoPE and gradient-accumulation fusions are unavailable
+        args += ["--transformer-impl", "local", "--no-rope-fusion", "--no-gradient-accumulation-fusion"]
     return [str(a) for a in args]
 
 
