@@ -1,6 +1,8 @@
-"""Megatron checkpoints of our training loop to Hugging Face `LlamaForCausalLM` / `MixtralForCausalLM` folders.
+"""Megatron checkpoints to Hugging Face `LlamaForCausalLM` / `MixtralForCausalLM` folders.
 
-Tensor-parallel shards are merged (column-parallel layers along their rows, row-parallel ones along their
+Two formats are read: our CPU loop's (Megatron's `torch` layout, one file per model-parallel rank) and
+megatron.training's `torch_dist` (its default on GPUs), which megatron-core itself reshards onto a
+single-process model. In the `torch` layout, tensor-parallel shards are merged (column-parallel layers along their rows, row-parallel ones along their
 columns, SwiGLU's [gate; up] halves kept apart), pipeline stages renumbered into one layer list, expert
 shards renumbered into one expert list. Megatron's fused QKV holds, per query group, that group's query
 heads then one key and one value head; it is split into `q_proj`, `k_proj`, `v_proj`. The padded
@@ -10,12 +12,14 @@ folder loads offline with `from_pretrained`.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import re
 import shutil
 
 import torch
+import torch.distributed as dist
 
 from megatron_simreg.checkpoint import FILE, iteration_dir, latest_iteration
 from megatron_simreg.config import Config, load_config
@@ -33,6 +37,8 @@ def load_merged_state(checkpoint_dir: str, cfg: Config, iteration: int | None = 
             "written by `python -m megatron_simreg.train`"
         )
     folder = iteration_dir(checkpoint_dir, iteration)
+    if os.path.isfile(os.path.join(folder, "metadata.json")):
+        return _load_distributed_checkpoint(folder, cfg)
     p = cfg.parallel
     shards: dict[tuple[int, int, int], dict] = {}
     for tp in range(p.tensor):
@@ -59,6 +65,29 @@ def load_merged_state(checkpoint_dir: str, cfg: Config, iteration: int | None = 
             key = _global_key(key, pp * layers_per_stage, ep * experts_per_rank)
             merged.setdefault(key, [None] * p.tensor)[tp] = tensor
     return {key: _merge_tensor_parallel(key, pieces) for key, pieces in merged.items()}
+
+
+def _load_distributed_checkpoint(folder: str, cfg: Config) -> dict[str, torch.Tensor]:
+    """megatron.training's `torch_dist` checkpoint, resharded by megatron-core onto a TP=1/PP=1/EP=1 model
+    (local and Transformer Engine layer names are interchangeable in its sharded keys)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_simreg import parallel
+    from megatron_simreg.model import model_provider
+
+    single = dataclasses.replace(cfg, parallel=dataclasses.replace(
+        cfg.parallel, tensor=1, pipeline=1, context=1, expert=1, sequence_parallel=False, distributed_optimizer=False))
+    if dist.is_initialized():
+        raise RuntimeError("export a torch_dist checkpoint in a process of its own: torch.distributed is in use here")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # a group of one, no port
+    try:
+        parallel.initialize(single)
+        model = model_provider(single)
+        sharded = model.sharded_state_dict(metadata=dist_checkpointing.load_content_metadata(folder))
+        loaded = dist_checkpointing.load(sharded, folder)
+    finally:
+        parallel.destroy()
+    return {key: value.cpu() for key, value in loaded.items() if torch.is_tensor(value) and not key.endswith("_extra_state")}
 
 
 def _global_key(key: str, layer_offset: int, expert_offset: int) -> str:

@@ -1,4 +1,5 @@
-"""Hugging Face export: the exported model's logits equal our Megatron model's, for LLaMA (GQA) and Mixtral."""
+"""Hugging Face export: the exported model's logits equal our Megatron model's, for LLaMA (GQA) and Mixtral,
+from our CPU loop's `torch` layout and megatron.training's `torch_dist` one, saved in parallel layouts."""
 
 import os
 
@@ -6,53 +7,40 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from megatron_simreg.config import load_config, save_config
 from megatron_simreg.data import build_tokenizer
+from tiny_checkpoints import full_logits, save_tiny_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
-
-def megatron_logits_and_checkpoint(rank, world, name, run_dir, tokens):
-    from megatron_simreg import parallel
-    from megatron_simreg.checkpoint import save_checkpoint
-    from megatron_simreg.model import model_provider
-
-    cfg = load_config(f"configs/{name}.yaml", ["model.seq_length=16", "model.num_layers=2"])
-    parallel.initialize(cfg)
-    try:
-        model = model_provider(cfg)
-        with torch.no_grad():  # give the norms non-trivial weights so their mapping is checked too
-            for key, param in model.named_parameters():
-                if "norm" in key:
-                    param.uniform_(0.5, 1.5)
-        model.eval()
-        with torch.no_grad():
-            logits = model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
-        save_config(cfg, run_dir)
-        save_checkpoint(os.path.join(run_dir, "checkpoints"), 1, {"model": model.state_dict()})
-        return logits
-    finally:
-        parallel.destroy()
+TP2 = ["parallel.tensor=2"]
+EP2 = ["parallel.expert=2"]
 
 
-@pytest.mark.parametrize("name, architecture", [("tiny-llama", "LlamaForCausalLM"), ("tiny-mixtral", "MixtralForCausalLM")])
-def test_exported_logits_equal_ours(name, architecture, tmp_path):
+@pytest.mark.parametrize("name, architecture, layout, world, overrides", [
+    ("tiny-llama", "LlamaForCausalLM", "torch", 1, []),
+    ("tiny-mixtral", "MixtralForCausalLM", "torch", 1, []),
+    ("tiny-llama", "LlamaForCausalLM", "torch", 2, TP2),
+    ("tiny-llama", "LlamaForCausalLM", "torch_dist", 2, TP2),
+    ("tiny-mixtral", "MixtralForCausalLM", "torch_dist", 2, EP2),
+], ids=["llama", "mixtral", "llama-tp2", "llama-tp2-torch_dist", "mixtral-ep2-torch_dist"])
+def test_exported_logits_equal_ours(name, architecture, layout, world, overrides, tmp_path):
     from megatron_simreg.export_hf import export
 
     tokens = torch.randint(0, 32000, (2, 16), generator=torch.Generator().manual_seed(0))
     run_dir = str(tmp_path / "run")
-    ours = run_distributed(megatron_logits_and_checkpoint, 1, name, run_dir, tokens)[0]
+    ours = full_logits(run_distributed(save_tiny_checkpoint, world, name, run_dir, tokens, layout, overrides))
     folder = export(os.path.join(run_dir, "checkpoints"), str(tmp_path / "hf"))
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
     assert type(model).__name__ == architecture
     with torch.no_grad():
         theirs = model(tokens).logits
     assert (ours[..., :32000] - theirs).abs().max().item() < 1e-4
-    text = "To be, or not to be, that is the question."
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    ids = hf_tokenizer(text).input_ids
-    ids = ids[1:] if ids and ids[0] == hf_tokenizer.bos_token_id else ids
-    assert ids == list(build_tokenizer().tokenize(text))
+    if layout == "torch" and world == 1:
+        text = "To be, or not to be, that is the question."
+        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        ids = hf_tokenizer(text).input_ids
+        ids = ids[1:] if ids and ids[0] == hf_tokenizer.bos_token_id else ids
+        assert ids == list(build_tokenizer().tokenize(text))
 
 
 def test_missing_checkpoint_is_explained(tmp_path):
