@@ -24,7 +24,7 @@ setup(
     ],
     extras_require={
         "data": ["datasets"],
-        "eval": ["transformers", "safetensors", "lm-eval"],
+        "eval": ["transformers", "safetensors", "lm-eval[hf]"],
         "dev": ["pytest", "pytest-timeout"],
     },
 )

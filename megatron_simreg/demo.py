@@ -5,7 +5,9 @@
 2. trains the tiny LLaMA twice on the same tokens: a baseline (lambda = 0: SimReg is computed and
    logged but not trained on) and SimReg (lambda auto);
 3. compares them: a Markdown table and a PNG of training/validation loss and the SimReg term, and the
-   tokens SimReg needed to reach the baseline's final validation loss.
+   tokens SimReg needed to reach the baseline's final validation loss;
+4. exports both to Hugging Face and scores them zero-shot with lm-evaluation-harness on the shipped
+   offline multiple-choice task, side by side.
 Whatever the numbers say is reported as measured.
 """
 
@@ -16,6 +18,7 @@ import shutil
 from megatron_simreg.compare import markdown_report, plot_runs
 from megatron_simreg.config import load_config
 from megatron_simreg.data import prepare_corpus, write_offline_corpus
+from megatron_simreg.evaluate import main as evaluate
 from megatron_simreg.local_loop import train
 from megatron_simreg.metrics import load_run
 
@@ -52,8 +55,14 @@ def main(argv=None):
         runs.append(load_run(run_dir))
     report = markdown_report(runs)
     png = plot_runs(runs, os.path.join(args.out, "comparison.png"))
+    eval_dir = os.path.join(args.out, "eval")
+    print("\n== zero-shot lm-evaluation-harness on the offline task")
+    evaluate(["--checkpoint", *(os.path.join(args.out, name, "checkpoints") for name in ("baseline", "simreg")),
+              "--tasks", "offline", "--output", eval_dir])
+    with open(os.path.join(eval_dir, "results.md"), encoding="utf-8") as f:
+        evaluation = f.read()
     with open(os.path.join(args.out, "comparison.md"), "w", encoding="utf-8") as f:
-        f.write(report + "\n![curves](comparison.png)\n")
+        f.write(report + "\n![curves](comparison.png)\n\n## Zero-shot evaluation (lm-evaluation-harness)\n\n" + evaluation)
     print("\n" + report)
     print(f"plot: {png}\ntable: {os.path.join(args.out, 'comparison.md')}")
 
