@@ -71,6 +71,8 @@ def _load_distributed_checkpoint(folder: str, cfg: Config) -> dict[str, torch.Te
     """megatron.training's `torch_dist` checkpoint, resharded by megatron-core onto a TP=1/PP=1/EP=1 model
     (local and Transformer Engine layer names are interchangeable in its sharded keys)."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from megatron_simreg import parallel
     from megatron_simreg.model import model_provider
@@ -85,6 +87,10 @@ def _load_distributed_checkpoint(folder: str, cfg: Config) -> dict[str, torch.Te
         model = model_provider(single)
         sharded = model.sharded_state_dict(metadata=dist_checkpointing.load_content_metadata(folder))
         loaded = dist_checkpointing.load(sharded, folder)
+    except (CheckpointingException, CheckpointException) as error:
+        cause = str(error).strip().splitlines()[-1]  # torch's message ends with the failing rank's error
+        raise ValueError(f"checkpoint {folder} is incomplete or not of this config's model ({cause}); "
+                         "export another iteration (--iteration) or pass the run's --config") from error
     finally:
         parallel.destroy()
     return {key: value.cpu() for key, value in loaded.items() if torch.is_tensor(value) and not key.endswith("_extra_state")}
@@ -107,44 +113,55 @@ def _merge_tensor_parallel(key: str, pieces: list) -> torch.Tensor:
 
 
 def hugging_face_state(state: dict[str, torch.Tensor], cfg: Config, vocab_size: int) -> dict[str, torch.Tensor]:
-    """Rename and split our GPTModel weights into Llama / Mixtral names."""
+    """Rename and split our GPTModel weights into Llama / Mixtral names; a weight left over means an
+    architecture these classes cannot hold, which is an error rather than a silently different model."""
     m = cfg.model
     heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
     head_dim = m.hidden_size // heads
+    remaining = dict(state)
+    take = remaining.pop
     out = {
-        "model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:vocab_size],
-        "model.norm.weight": state["decoder.final_layernorm.weight"],
-        "lm_head.weight": state["output_layer.weight"][:vocab_size],
+        "model.embed_tokens.weight": take("embedding.word_embeddings.weight")[:vocab_size],
+        "model.norm.weight": take("decoder.final_layernorm.weight"),
     }
+    if m.untie_embeddings_and_output_weights:
+        out["lm_head.weight"] = take("output_layer.weight")[:vocab_size]
+    else:  # tied: Hugging Face reuses embed_tokens (a pipeline's last stage may hold a copy)
+        remaining.pop("output_layer.weight", None)
     for i in range(m.num_layers):
         ours, theirs = f"decoder.layers.{i}.", f"model.layers.{i}."
-        qkv = state[ours + "self_attention.linear_qkv.weight"].view(groups, (heads // groups + 2) * head_dim, m.hidden_size)
+        qkv = take(ours + "self_attention.linear_qkv.weight").view(groups, (heads // groups + 2) * head_dim, m.hidden_size)
         q, k, v = qkv.split([heads // groups * head_dim, head_dim, head_dim], dim=1)
         out.update({
-            theirs + "input_layernorm.weight": state[ours + "input_layernorm.weight"],
+            theirs + "input_layernorm.weight": take(ours + "input_layernorm.weight"),
             theirs + "self_attn.q_proj.weight": q.reshape(-1, m.hidden_size),
             theirs + "self_attn.k_proj.weight": k.reshape(-1, m.hidden_size),
             theirs + "self_attn.v_proj.weight": v.reshape(-1, m.hidden_size),
-            theirs + "self_attn.o_proj.weight": state[ours + "self_attention.linear_proj.weight"],
-            theirs + "post_attention_layernorm.weight": state[ours + "pre_mlp_layernorm.weight"],
+            theirs + "self_attn.o_proj.weight": take(ours + "self_attention.linear_proj.weight"),
+            theirs + "post_attention_layernorm.weight": take(ours + "pre_mlp_layernorm.weight"),
         })
         if m.num_experts:
-            out[theirs + "mlp.gate.weight"] = state[ours + "mlp.router.weight"]
+            out[theirs + "mlp.gate.weight"] = take(ours + "mlp.router.weight")
             for e in range(m.num_experts):
                 expert = f"{ours}mlp.experts.local_experts.{e}."
-                gate, up = state[expert + "linear_fc1.weight"].chunk(2, dim=0)
+                gate, up = take(expert + "linear_fc1.weight").chunk(2, dim=0)
                 out.update({
                     f"{theirs}mlp.experts.{e}.w1.weight": gate,
                     f"{theirs}mlp.experts.{e}.w3.weight": up,
-                    f"{theirs}mlp.experts.{e}.w2.weight": state[expert + "linear_fc2.weight"],
+                    f"{theirs}mlp.experts.{e}.w2.weight": take(expert + "linear_fc2.weight"),
                 })
         else:
-            gate, up = state[ours + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+            gate, up = take(ours + "mlp.linear_fc1.weight").chunk(2, dim=0)
             out.update({
                 theirs + "mlp.gate_proj.weight": gate,
                 theirs + "mlp.up_proj.weight": up,
-                theirs + "mlp.down_proj.weight": state[ours + "mlp.linear_fc2.weight"],
+                theirs + "mlp.down_proj.weight": take(ours + "mlp.linear_fc2.weight"),
             })
+    if remaining:
+        raise ValueError(
+            f"the checkpoint has weights a Llama/Mixtral export cannot hold: {sorted(remaining)[:6]}. The exporter "
+            "knows RoPE + RMSNorm + SwiGLU models without biases (the shipped configs); check the run's config.yaml"
+        )
     return {name: tensor.contiguous() for name, tensor in out.items()}
 
 

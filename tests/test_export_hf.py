@@ -19,10 +19,11 @@ EP2 = ["parallel.expert=2"]
 @pytest.mark.parametrize("name, architecture, layout, world, overrides", [
     ("tiny-llama", "LlamaForCausalLM", "torch", 1, []),
     ("tiny-mixtral", "MixtralForCausalLM", "torch", 1, []),
+    ("tiny-llama", "LlamaForCausalLM", "torch", 1, ["model.untie_embeddings_and_output_weights=false"]),
     ("tiny-llama", "LlamaForCausalLM", "torch", 2, TP2),
     ("tiny-llama", "LlamaForCausalLM", "torch_dist", 2, TP2),
     ("tiny-mixtral", "MixtralForCausalLM", "torch_dist", 2, EP2),
-], ids=["llama", "mixtral", "llama-tp2", "llama-tp2-torch_dist", "mixtral-ep2-torch_dist"])
+], ids=["llama", "mixtral", "llama-tied", "llama-tp2", "llama-tp2-torch_dist", "mixtral-ep2-torch_dist"])
 def test_exported_logits_equal_ours(name, architecture, layout, world, overrides, tmp_path):
     from megatron_simreg.export_hf import export
 
@@ -43,9 +44,23 @@ def test_exported_logits_equal_ours(name, architecture, layout, world, overrides
         assert ids == list(build_tokenizer().tokenize(text))
 
 
-def test_missing_checkpoint_is_explained(tmp_path):
-    from megatron_simreg.export_hf import export
+def test_missing_partial_and_unknown_checkpoints_are_explained(tmp_path):
+    from megatron_simreg.config import load_config
+    from megatron_simreg.export_hf import export, hugging_face_state, load_merged_state
 
     (tmp_path / "config.yaml").write_text("name: x\nschedule: {train_iters: 10}\n")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         export(str(tmp_path / "checkpoints"), str(tmp_path / "out"))
+
+    run_dir = tmp_path / "run"
+    tokens = torch.zeros(1, 16, dtype=torch.long)
+    run_distributed(save_tiny_checkpoint, 1, "tiny-llama", str(run_dir), tokens, "torch_dist")
+    cfg = load_config(str(run_dir / "config.yaml"))
+    state = load_merged_state(str(run_dir / "checkpoints"), cfg)
+    with pytest.raises(ValueError, match=r"cannot hold: \['decoder.layers.0.self_attention.linear_qkv.bias'\]"):
+        hugging_face_state({**state, "decoder.layers.0.self_attention.linear_qkv.bias": torch.zeros(1)}, cfg, 32000)
+    for shard in (run_dir / "checkpoints" / "iter_0000001").glob("*.distcp"):
+        shard.unlink()
+    with pytest.raises(ValueError, match="incomplete"):
+        export(str(run_dir / "checkpoints"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
