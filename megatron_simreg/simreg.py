@@ -172,13 +172,15 @@ class _Run:
 class _Plan:
     """Fixed, non-differentiable inputs of the pairwise kernel.
 
-    `segments` are `(start, end)` ranges of the local sequence whose tokens pair only among
-    themselves (chunks). With `gather` the local tokens pair with the whole gathered sequence.
+    The local sequence is cut into consecutive segments of `segment` tokens whose tokens pair only among
+    themselves (chunks; the last is padded with invalid tokens), and the kernel works on all segments of
+    all samples at once, as a batch `[b * segments, segment, ...]`. With `gather` the local tokens pair
+    with the whole gathered sequence instead (one segment per sample).
     """
 
-    labels: torch.Tensor  # [b, s_local] int64
-    valid: torch.Tensor  # [b, s_local] bool
-    segments: list[tuple[int, int]]
+    labels: torch.Tensor  # [batch, segment] int64
+    valid: torch.Tensor  # [batch, segment] bool
+    segment: int
     gather: dist.ProcessGroup | None
     inv_temperature: float
     block_size: int
@@ -210,17 +212,20 @@ def _run(hidden, labels, loss_mask, temperature, chunk_size, sequence_first, pro
 
     pieces = [(0, s)] if layout == "contiguous" or process_group is None else _zigzag_pieces(s)
     distributed = process_group is not None and dist.get_world_size(process_group) > 1
+    gather = process_group if (chunk_size is None and distributed) else None
+    segments = _segments(pieces, chunk_size, split_across_ranks=distributed)
+    segment = s if gather is not None else segments[0][1] - segments[0][0]
     plan = _Plan(
-        labels=labels.to(device=hidden.device, dtype=torch.long),
-        valid=valid,
-        segments=_segments(pieces, chunk_size, split_across_ranks=distributed),
-        gather=process_group if (chunk_size is None and distributed) else None,
+        labels=_batched(labels.to(device=hidden.device, dtype=torch.long), segment),
+        valid=_batched(valid, segment),
+        segment=segment,
+        gather=gather,
         inv_temperature=1.0 / temperature,
         block_size=block_size,
         dtype=torch.promote_types(hidden.dtype, torch.float32),
     )
     lsr, positive_count, angles = _SimRegFunction.apply(batch_major, plan)
-    return _Run(lsr, positive_count, valid, angles[0], angles[1])
+    return _Run(_unbatched(lsr, b, s), _unbatched(positive_count, b, s), valid, angles[0], angles[1])
 
 
 def _zigzag_pieces(s: int) -> list[tuple[int, int]]:
@@ -230,7 +235,8 @@ def _zigzag_pieces(s: int) -> list[tuple[int, int]]:
 
 
 def _segments(pieces: list[tuple[int, int]], chunk_size: ChunkSize, split_across_ranks: bool) -> list[tuple[int, int]]:
-    """Split the local contiguous pieces into the ranges whose tokens pair among themselves."""
+    """Split the local contiguous pieces into the ranges whose tokens pair among themselves: consecutive,
+    all of one length but the last (which `_batched` pads)."""
     if chunk_size is None or chunk_size == "local":
         return pieces
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
@@ -246,38 +252,54 @@ def _segments(pieces: list[tuple[int, int]], chunk_size: ChunkSize, split_across
     return segments
 
 
+def _batched(per_token: torch.Tensor, segment: int) -> torch.Tensor:
+    """`[b, s, ...]` as `[b * ceil(s / segment), segment, ...]`, the tail padded with zeros (False)."""
+    b, s = per_token.shape[:2]
+    padding = -s % segment
+    if padding:
+        per_token = torch.cat([per_token, per_token.new_zeros((b, padding, *per_token.shape[2:]))], dim=1)
+    return per_token.reshape(-1, segment, *per_token.shape[2:])
+
+
+def _unbatched(batched: torch.Tensor, b: int, s: int) -> torch.Tensor:
+    return batched.reshape(b, -1, *batched.shape[2:])[:, :s]
+
+
 # ---------------------------------------------------------------------------------------------
 # The pairwise kernel
 
 
 class _SimRegFunction(torch.autograd.Function):
-    """Lsr per token from the embeddings; saves only per-token scalars and recomputes tiles."""
+    """Lsr per token from the embeddings; saves only per-token scalars and recomputes tiles.
+
+    Works on the batched segments of `_Plan`; tiles are `[batch, block, block]`.
+    """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, plan: _Plan):
-        inv_norm = _inverse_norms(hidden, plan.dtype)
-        keys, key_inv_norm, key_labels, key_valid = _pairing_partners(hidden, inv_norm, plan)
-        b, s, _ = hidden.shape
-        lse_pos = torch.full((b, s), -math.inf, dtype=plan.dtype, device=hidden.device)
+        anchors = _batched(hidden, plan.segment)
+        inv_norm = _inverse_norms(anchors, plan.dtype)
+        keys, key_inv_norm, key_labels, key_valid = _pairing_partners(anchors, inv_norm, plan)
+        lse_pos = torch.full(anchors.shape[:2], -math.inf, dtype=plan.dtype, device=hidden.device)
         lse_neg = torch.full_like(lse_pos, -math.inf)
         positive_count = torch.zeros_like(lse_pos)
         angles = torch.zeros(2, dtype=torch.float64, device=hidden.device)
-        for sample, rows, cols in _pairings(plan, b, s, keys.shape[1]):
-            for at in _blocks(rows, plan.block_size):
-                units = _units(hidden[sample, at], inv_norm[sample, at], plan.dtype)
-                for key_at in _blocks(cols, plan.block_size):
-                    # Keys are normalised tile by tile, never all at once.
-                    key_units = _units(keys[sample, key_at], key_inv_norm[sample, key_at], plan.dtype)
-                    z = (units @ key_units.T) * plan.inv_temperature
-                    same = plan.labels[sample, at, None] == key_labels[sample, key_at]
-                    z.masked_fill_(~key_valid[sample, key_at], -math.inf)
-                    lse_pos[sample, at] = torch.logaddexp(lse_pos[sample, at], _masked_logsumexp(z, same))
-                    lse_neg[sample, at] = torch.logaddexp(lse_neg[sample, at], _masked_logsumexp(z, ~same))
-                    positive_count[sample, at] += (same & key_valid[sample, key_at]).sum(1, dtype=plan.dtype)
-                    negative_pairs = ~same & key_valid[sample, key_at] & plan.valid[sample, at, None]
-                    radians = z[negative_pairs].mul_(1.0 / plan.inv_temperature).clamp_(-1.0, 1.0).acos_()
-                    angles[0] += math.degrees(radians.sum(dtype=torch.float64).item())
-                    angles[1] += negative_pairs.sum()
+        for at in _blocks(plan.segment, plan.block_size):
+            units = _units(anchors[:, at], inv_norm[:, at], plan.dtype)
+            for key_at in _blocks(keys.shape[1], plan.block_size):
+                # Keys are normalised tile by tile, never all at once.
+                key_units = _units(keys[:, key_at], key_inv_norm[:, key_at], plan.dtype)
+                z = torch.bmm(units, key_units.transpose(1, 2)).mul_(plan.inv_temperature)
+                same = plan.labels[:, at, None] == key_labels[:, None, key_at]
+                positive = same & key_valid[:, None, key_at]
+                negative = same.logical_not_() & key_valid[:, None, key_at]
+                lse_pos[:, at] = torch.logaddexp(lse_pos[:, at], _masked_logsumexp(z, positive))
+                lse_neg[:, at] = torch.logaddexp(lse_neg[:, at], _masked_logsumexp(z, negative))
+                positive_count[:, at] += positive.sum(-1, dtype=plan.dtype)
+                negative &= plan.valid[:, at, None]  # the angle statistic counts valid anchors only
+                radians = z.mul_(1.0 / plan.inv_temperature).clamp_(-1.0, 1.0).acos_()
+                angles[0] += torch.where(negative, radians, 0.0).sum(dtype=torch.float64) * (180.0 / math.pi)
+                angles[1] += negative.sum()
         lsr = torch.where(plan.valid, lse_neg - lse_pos, 0.0)
         ctx.plan = plan
         ctx.save_for_backward(hidden, lse_pos, lse_neg)
@@ -288,31 +310,33 @@ class _SimRegFunction(torch.autograd.Function):
     def backward(ctx, grad_lsr, _grad_count, _grad_angles):
         hidden, lse_pos, lse_neg = ctx.saved_tensors
         plan: _Plan = ctx.plan
-        inv_norm = _inverse_norms(hidden, plan.dtype)
+        anchors = _batched(hidden, plan.segment)
+        inv_norm = _inverse_norms(anchors, plan.dtype)
         # Masked anchors and anchors without negatives (Lsr = -inf) contribute nothing.
         grad = torch.where(plan.valid & torch.isfinite(lse_neg), grad_lsr.to(plan.dtype), 0.0)
         # +inf where a set is empty, so exp(z - lse) is 0 rather than inf * 0.
         lse_pos, lse_neg = (torch.where(torch.isfinite(lse), lse, math.inf) for lse in (lse_pos, lse_neg))
-        keys, key_inv_norm, key_labels, key_valid = _pairing_partners(hidden, inv_norm, plan)
+        keys, key_inv_norm, key_labels, key_valid = _pairing_partners(anchors, inv_norm, plan)
         key_lse_pos, key_lse_neg, key_grad = _gather_scalars(plan, lse_pos, lse_neg, grad)
-        grad_hidden = torch.empty_like(hidden)
-        b, s, _ = hidden.shape
-        for sample, rows, cols in _pairings(plan, b, s, keys.shape[1]):
-            for at in _blocks(rows, plan.block_size):
-                units = _units(hidden[sample, at], inv_norm[sample, at], plan.dtype)
-                grad_units = torch.zeros_like(units)
-                for key_at in _blocks(cols, plan.block_size):
-                    key_units = _units(keys[sample, key_at], key_inv_norm[sample, key_at], plan.dtype)
-                    z = (units @ key_units.T) * plan.inv_temperature
-                    z.masked_fill_(~(plan.valid[sample, at, None] & key_valid[sample, key_at]), -math.inf)
-                    same = plan.labels[sample, at, None] == key_labels[sample, key_at]
-                    # z_ij is symmetric: token i receives d Lsr_i / d z_ij as the anchor of its row,
-                    # and d Lsr_j / d z_ji as a member of anchor j's pairs.
-                    grad_logits = _lsr_logit_grad(z, same, lse_pos[sample, at, None], lse_neg[sample, at, None], grad[sample, at, None])
-                    grad_logits += _lsr_logit_grad(z, same, key_lse_pos[sample, key_at], key_lse_neg[sample, key_at], key_grad[sample, key_at])
-                    grad_units.addmm_(grad_logits, key_units, alpha=plan.inv_temperature)
-                grad_hidden[sample, at] = _normalize_backward(units, inv_norm[sample, at], grad_units).to(hidden.dtype)
-        return grad_hidden, None
+        symmetric = plan.gather is None  # the keys are these very tokens
+        grad_units = torch.zeros(anchors.shape, dtype=plan.dtype, device=hidden.device)
+        for at in _blocks(plan.segment, plan.block_size):
+            units = _units(anchors[:, at], inv_norm[:, at], plan.dtype)
+            for key_at in _blocks(keys.shape[1], plan.block_size):
+                key_units = _units(keys[:, key_at], key_inv_norm[:, key_at], plan.dtype)
+                z = torch.bmm(units, key_units.transpose(1, 2)).mul_(plan.inv_temperature)
+                z.masked_fill_(~(plan.valid[:, at, None] & key_valid[:, None, key_at]), -math.inf)
+                same = plan.labels[:, at, None] == key_labels[:, None, key_at]
+                # z_ij is symmetric: token i receives d Lsr_i / d z_ij as the anchor of its row,
+                # and d Lsr_j / d z_ji as a member of anchor j's pairs.
+                grad_logits = _lsr_logit_grad(z, same, lse_pos[:, at, None], lse_neg[:, at, None], grad[:, at, None])
+                if symmetric:  # the second share reaches the keys through the transpose: one exp per tile
+                    grad_units[:, key_at].baddbmm_(grad_logits.transpose(1, 2), units, alpha=plan.inv_temperature)
+                else:  # gathered keys: their anchors' share is rebuilt here from their gathered scalars
+                    grad_logits += _lsr_logit_grad(z, same, key_lse_pos[:, None, key_at], key_lse_neg[:, None, key_at], key_grad[:, None, key_at])
+                grad_units[:, at].baddbmm_(grad_logits, key_units, alpha=plan.inv_temperature)
+        grad_anchors = _normalize_backward(_units(anchors, inv_norm, plan.dtype), inv_norm, grad_units)
+        return _unbatched(grad_anchors, *hidden.shape[:2]).to(hidden.dtype), None
 
 
 def _inverse_norms(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -320,14 +344,14 @@ def _inverse_norms(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _units(rows: torch.Tensor, inv_norm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return rows.to(dtype) * inv_norm[:, None]
+    return rows.to(dtype) * inv_norm[..., None]
 
 
 def _normalize_backward(units: torch.Tensor, inv_norm: torch.Tensor, grad_units: torch.Tensor) -> torch.Tensor:
     """Gradient through u = h / max(|h|, eps): the radial part drops out unless |h| < eps."""
     radial = (units * grad_units).sum(-1, keepdim=True) * units
-    clamped = (inv_norm >= 1.0 / NORM_EPS)[:, None]
-    return torch.where(clamped, grad_units, grad_units - radial) * inv_norm[:, None]
+    clamped = (inv_norm >= 1.0 / NORM_EPS)[..., None]
+    return torch.where(clamped, grad_units, grad_units - radial) * inv_norm[..., None]
 
 
 def _pairing_partners(hidden, inv_norm, plan: _Plan):
@@ -361,21 +385,13 @@ def _all_gather_sequence(local: torch.Tensor, group: dist.ProcessGroup) -> torch
     return out.transpose(0, 1)
 
 
-def _pairings(plan: _Plan, batch: int, local_len: int, key_len: int):
-    """(sample, anchor rows, key columns): each chunk with itself, or all local rows with all keys."""
-    ranges = [(slice(0, local_len), slice(0, key_len))] if plan.gather is not None else [
-        (slice(start, end), slice(start, end)) for start, end in plan.segments
-    ]
-    return [(sample, rows, cols) for sample in range(batch) for rows, cols in ranges]
-
-
-def _blocks(span: slice, size: int):
-    """Consecutive sub-ranges of at most `size` tokens: tiles are `[size, size]`, whatever s is."""
-    return [slice(start, min(start + size, span.stop)) for start in range(span.start, span.stop, size)]
+def _blocks(length: int, size: int):
+    """Consecutive ranges of at most `size` tokens: tiles are `[size, size]`, whatever the length is."""
+    return [slice(start, min(start + size, length)) for start in range(0, length, size)]
 
 
 def _masked_logsumexp(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(torch.where(mask, z, -math.inf), dim=1)
+    return torch.logsumexp(torch.where(mask, z, -math.inf), dim=-1)
 
 
 def _lsr_logit_grad(z, same, lse_pos, lse_neg, grad):
