@@ -272,7 +272,8 @@ def _unbatched(batched: torch.Tensor, b: int, s: int) -> torch.Tensor:
 class _SimRegFunction(torch.autograd.Function):
     """Lsr per token from the embeddings; saves only per-token scalars and recomputes tiles.
 
-    Works on the batched segments of `_Plan`; tiles are `[batch, block, block]`.
+    Works on the batched segments of `_Plan`, in tiles of at most `block x block` pairs: `[1, block, block]`
+    for long segments, many short segments side by side (`[n, segment, segment]`).
     """
 
     @staticmethod
@@ -284,19 +285,19 @@ class _SimRegFunction(torch.autograd.Function):
         lse_neg = torch.full_like(lse_pos, -math.inf)
         positive_count = torch.zeros_like(lse_pos)
         angles = torch.zeros(2, dtype=torch.float64, device=hidden.device)
-        for at in _blocks(plan.segment, plan.block_size):
-            units = _units(anchors[:, at], inv_norm[:, at], plan.dtype)
+        for segs, at in _row_tiles(plan, keys.shape[1]):
+            units = _units(anchors[segs, at], inv_norm[segs, at], plan.dtype)
             for key_at in _blocks(keys.shape[1], plan.block_size):
                 # Keys are normalised tile by tile, never all at once.
-                key_units = _units(keys[:, key_at], key_inv_norm[:, key_at], plan.dtype)
+                key_units = _units(keys[segs, key_at], key_inv_norm[segs, key_at], plan.dtype)
                 z = torch.bmm(units, key_units.transpose(1, 2)).mul_(plan.inv_temperature)
-                same = plan.labels[:, at, None] == key_labels[:, None, key_at]
-                positive = same & key_valid[:, None, key_at]
-                negative = same.logical_not_() & key_valid[:, None, key_at]
-                lse_pos[:, at] = torch.logaddexp(lse_pos[:, at], _masked_logsumexp(z, positive))
-                lse_neg[:, at] = torch.logaddexp(lse_neg[:, at], _masked_logsumexp(z, negative))
-                positive_count[:, at] += positive.sum(-1, dtype=plan.dtype)
-                negative &= plan.valid[:, at, None]  # the angle statistic counts valid anchors only
+                same = plan.labels[segs, at, None] == key_labels[segs, None, key_at]
+                positive = same & key_valid[segs, None, key_at]
+                negative = same.logical_not_() & key_valid[segs, None, key_at]
+                lse_pos[segs, at] = torch.logaddexp(lse_pos[segs, at], _masked_logsumexp(z, positive))
+                lse_neg[segs, at] = torch.logaddexp(lse_neg[segs, at], _masked_logsumexp(z, negative))
+                positive_count[segs, at] += positive.sum(-1, dtype=plan.dtype)
+                negative &= plan.valid[segs, at, None]  # the angle statistic counts valid anchors only
                 radians = z.mul_(1.0 / plan.inv_temperature).clamp_(-1.0, 1.0).acos_()
                 angles[0] += torch.where(negative, radians, 0.0).sum(dtype=torch.float64) * (180.0 / math.pi)
                 angles[1] += negative.sum()
@@ -318,24 +319,21 @@ class _SimRegFunction(torch.autograd.Function):
         lse_pos, lse_neg = (torch.where(torch.isfinite(lse), lse, math.inf) for lse in (lse_pos, lse_neg))
         keys, key_inv_norm, key_labels, key_valid = _pairing_partners(anchors, inv_norm, plan)
         key_lse_pos, key_lse_neg, key_grad = _gather_scalars(plan, lse_pos, lse_neg, grad)
-        symmetric = plan.gather is None  # the keys are these very tokens
-        grad_units = torch.zeros(anchors.shape, dtype=plan.dtype, device=hidden.device)
-        for at in _blocks(plan.segment, plan.block_size):
-            units = _units(anchors[:, at], inv_norm[:, at], plan.dtype)
+        grad_anchors = torch.empty(anchors.shape, dtype=plan.dtype, device=hidden.device)
+        for segs, at in _row_tiles(plan, keys.shape[1]):
+            units = _units(anchors[segs, at], inv_norm[segs, at], plan.dtype)
+            grad_units = torch.zeros_like(units)
             for key_at in _blocks(keys.shape[1], plan.block_size):
-                key_units = _units(keys[:, key_at], key_inv_norm[:, key_at], plan.dtype)
+                key_units = _units(keys[segs, key_at], key_inv_norm[segs, key_at], plan.dtype)
                 z = torch.bmm(units, key_units.transpose(1, 2)).mul_(plan.inv_temperature)
-                z.masked_fill_(~(plan.valid[:, at, None] & key_valid[:, None, key_at]), -math.inf)
-                same = plan.labels[:, at, None] == key_labels[:, None, key_at]
+                z.masked_fill_(~(plan.valid[segs, at, None] & key_valid[segs, None, key_at]), -math.inf)
+                same = plan.labels[segs, at, None] == key_labels[segs, None, key_at]
                 # z_ij is symmetric: token i receives d Lsr_i / d z_ij as the anchor of its row,
                 # and d Lsr_j / d z_ji as a member of anchor j's pairs.
-                grad_logits = _lsr_logit_grad(z, same, lse_pos[:, at, None], lse_neg[:, at, None], grad[:, at, None])
-                if symmetric:  # the second share reaches the keys through the transpose: one exp per tile
-                    grad_units[:, key_at].baddbmm_(grad_logits.transpose(1, 2), units, alpha=plan.inv_temperature)
-                else:  # gathered keys: their anchors' share is rebuilt here from their gathered scalars
-                    grad_logits += _lsr_logit_grad(z, same, key_lse_pos[:, None, key_at], key_lse_neg[:, None, key_at], key_grad[:, None, key_at])
-                grad_units[:, at].baddbmm_(grad_logits, key_units, alpha=plan.inv_temperature)
-        grad_anchors = _normalize_backward(_units(anchors, inv_norm, plan.dtype), inv_norm, grad_units)
+                grad_logits = _lsr_logit_grad(z, same, lse_pos[segs, at, None], lse_neg[segs, at, None], grad[segs, at, None])
+                grad_logits += _lsr_logit_grad(z, same, key_lse_pos[segs, None, key_at], key_lse_neg[segs, None, key_at], key_grad[segs, None, key_at])
+                grad_units.baddbmm_(grad_logits, key_units, alpha=plan.inv_temperature)
+            grad_anchors[segs, at] = _normalize_backward(units, inv_norm[segs, at], grad_units)
         return _unbatched(grad_anchors, *hidden.shape[:2]).to(hidden.dtype), None
 
 
@@ -383,6 +381,13 @@ def _all_gather_sequence(local: torch.Tensor, group: dist.ProcessGroup) -> torch
     else:
         dist.all_gather_into_tensor(out, sequence_major, group=group)
     return out.transpose(0, 1)
+
+
+def _row_tiles(plan: _Plan, key_length: int) -> list[tuple[slice, slice]]:
+    """(segments, positions) of each tile's anchors: short segments share a tile, up to `block x block` pairs."""
+    rows, keys = min(plan.segment, plan.block_size), min(key_length, plan.block_size)
+    per_tile = max(1, plan.block_size**2 // (rows * keys))
+    return [(batch, at) for batch in _blocks(plan.labels.shape[0], per_tile) for at in _blocks(plan.segment, plan.block_size)]
 
 
 def _blocks(length: int, size: int):

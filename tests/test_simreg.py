@@ -33,7 +33,7 @@ def both_gradients(fast, slow, hidden):
 
 
 @pytest.mark.parametrize("temperature", [0.01, 0.1, 1.0])
-@pytest.mark.parametrize("chunk_size", [None, 8, 7])
+@pytest.mark.parametrize("chunk_size", [None, 8, 7, 3])  # 3: two chunks share a 5 x 5 tile
 def test_terms_match_reference(temperature, chunk_size):
     hidden, labels = clustered(2, 24, 16, spread=0.3 if temperature == 0.01 else 1.0)
     mask = random_mask(2, 24)
@@ -98,6 +98,14 @@ def test_gradcheck_float64(chunk_size):
     )
     assert torch.autograd.gradcheck(
         lambda x: simreg_terms(x, labels, mask, 0.1, chunk_size, block_size=3), (x,), eps=1e-6, atol=1e-7
+    )
+
+
+def test_gradcheck_float64_short_chunks_sharing_a_tile():
+    hidden, labels = clustered(2, 10, 6, labels=3)
+    x = hidden.requires_grad_()
+    assert torch.autograd.gradcheck(  # chunks of 2 in 3 x 3 tiles: two chunks per tile, the last one alone
+        lambda x: simreg_loss(x, labels, random_mask(2, 10, keep=0.9), 0.1, 2, block_size=3).loss, (x,), eps=1e-6, atol=1e-7
     )
 
 
