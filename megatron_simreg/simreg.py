@@ -334,7 +334,11 @@ class _SimRegFunction(torch.autograd.Function):
                 grad_logits += _lsr_logit_grad(z, same, key_lse_pos[segs, None, key_at], key_lse_neg[segs, None, key_at], key_grad[segs, None, key_at])
                 grad_units.baddbmm_(grad_logits, key_units, alpha=plan.inv_temperature)
             grad_anchors[segs, at] = _normalize_backward(units, inv_norm[segs, at], grad_units)
-        return _unbatched(grad_anchors, *hidden.shape[:2]).to(hidden.dtype), None
+        # In the input's own memory layout, so adding it to the other gradients of `hidden` (and what
+        # reduces them downstream) runs in the same order as without SimReg: lambda = 0 changes no bit.
+        grad_hidden = torch.empty_like(hidden)
+        grad_hidden.copy_(_unbatched(grad_anchors, *hidden.shape[:2]))
+        return grad_hidden, None
 
 
 def _inverse_norms(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
