@@ -175,11 +175,13 @@ def hugging_face_config(cfg: Config, vocab_size: int, tokenizer):
         max_position_embeddings=m.seq_length, rms_norm_eps=m.norm_epsilon, rope_theta=float(m.rotary_base),
         tie_word_embeddings=not m.untie_embeddings_and_output_weights, bos_token_id=tokenizer.bos,
         eos_token_id=tokenizer.eod, torch_dtype="bfloat16" if cfg.training.precision == "bf16" else "float32",
-    )
+    )  # `architectures` names the model class for loaders that read no model_type (vLLM, pipelines)
     if m.num_experts:
         return MixtralConfig(intermediate_size=m.moe_ffn_hidden_size or m.ffn_hidden_size, num_local_experts=m.num_experts,
-                             num_experts_per_tok=m.moe_router_topk, router_aux_loss_coef=m.moe_aux_loss_coeff, **common)
-    return LlamaConfig(intermediate_size=m.ffn_hidden_size, attention_bias=False, mlp_bias=False, **common)
+                             num_experts_per_tok=m.moe_router_topk, router_aux_loss_coef=m.moe_aux_loss_coeff,
+                             architectures=["MixtralForCausalLM"], **common)
+    return LlamaConfig(intermediate_size=m.ffn_hidden_size, attention_bias=False, mlp_bias=False,
+                       architectures=["LlamaForCausalLM"], **common)
 
 
 def export(checkpoint_dir: str, output_dir: str, config_path: str | None = None, iteration: int | None = None) -> str:

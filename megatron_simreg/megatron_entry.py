@@ -50,6 +50,8 @@ def megatron_arguments(cfg: Config, run_dir: str | None = None) -> list[str]:
         "--split", cfg.data.split, "--data-path", *cfg.data.prefix,
         "--log-throughput", "--log-timers-to-tensorboard", "--log-validation-ppl-to-tensorboard",
     ]
+    if t.exit_interval:
+        args += ["--exit-interval", t.exit_interval]
     if m.num_query_groups and m.num_query_groups != m.num_attention_heads:
         args += ["--group-query-attention", "--num-query-groups", m.num_query_groups]
     if m.untie_embeddings_and_output_weights:
@@ -96,6 +98,7 @@ def pretrain(cfg: Config) -> None:
     from megatron.training.arguments import parse_and_validate_args
 
     sys.argv = [sys.argv[0]] + megatron_arguments(cfg)
+    _use_shipped_dataset_helpers()
     args = parse_and_validate_args()
     if int(os.environ.get("RANK", "0")) == 0:
         save_config(cfg, cfg.run_dir)
@@ -118,6 +121,27 @@ def pretrain(cfg: Config) -> None:
     )
 
 
+def _use_shipped_dataset_helpers() -> None:
+    """Skip megatron.training's `make` of the dataset helpers when they are already compiled.
+
+    `initialize_megatron` runs `make -C megatron/core/datasets` on rank 0; the PyPI wheel ships the built
+    `helpers_cpp` extension but no Makefile, so that `make` fails and Megatron exits before training.
+    A Megatron-LM source tree (Makefile, no extension yet) still compiles them as usual.
+    """
+    from megatron.core.datasets import utils as dataset_utils
+
+    from megatron_simreg.data.datasets import check_dataset_helpers
+
+    folder = os.path.dirname(dataset_utils.__file__)
+    try:
+        check_dataset_helpers()
+    except ImportError:
+        if os.path.isfile(os.path.join(folder, "Makefile")):
+            return
+        raise
+    dataset_utils.compile_helpers = lambda: None
+
+
 def _cuda_batch(data_iterator) -> dict:
     batch = next(data_iterator)
     return on_this_rank({k: v.cuda(non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)})
@@ -135,6 +159,7 @@ def _attach_adagc_to_megatron(training, adagc: AdaGC, args) -> None:
     def setup_with_adagc(*a, **kw):
         model, optimizer, scheduler = setup(*a, **kw)
         attach_adagc(optimizer, model, adagc)
+        _log_adagc_each_step(optimizer)
         tracker = checkpointing.get_checkpoint_tracker_filename(args.load) if args.load else None
         if tracker and os.path.isfile(tracker):
             iteration, _ = checkpointing.read_metadata(tracker)
@@ -152,6 +177,39 @@ def _attach_adagc_to_megatron(training, adagc: AdaGC, args) -> None:
 
     training.setup_model_and_optimizer = setup_with_adagc
     training.save_checkpoint = save_with_adagc
+
+
+def _log_adagc_each_step(optimizer) -> None:
+    """AdaGC's figures beside Megatron's own log lines and in its TensorBoard/W&B, every log interval.
+
+    Megatron logs the returned norm (before clipping) as "grad norm"; the rest comes from here.
+    """
+    from megatron.training.global_vars import get_args, get_tensorboard_writer, get_wandb_writer
+    from megatron.training.utils import print_rank_last
+
+    clipped_step = optimizer.step
+
+    def step_and_log():
+        result = clipped_step()
+        stats = getattr(optimizer, "adagc_stats", None)
+        args = get_args()  # megatron.training's live arguments: curr_iteration moves each step
+        iteration = args.curr_iteration + 1
+        if stats is None or iteration % args.log_interval:
+            return result
+        figures = {key: value for key, value in stats.as_dict().items() if key != "grad-norm"}
+        print_rank_last(" adagc at iteration {:8d} | ".format(iteration)
+                        + " | ".join(f"{key}: {value:.6g}" for key, value in figures.items()))
+        for writer in (get_tensorboard_writer(), get_wandb_writer()):
+            if writer is None:
+                continue
+            for key, value in figures.items():
+                if hasattr(writer, "add_scalar"):
+                    writer.add_scalar(key, value, iteration)
+                else:
+                    writer.log({key: value}, iteration)
+        return result
+
+    optimizer.step = step_and_log
 
 
 def _adagc_file(folder: str | None, iteration: int | None) -> str | None:

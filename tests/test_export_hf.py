@@ -33,6 +33,7 @@ def test_exported_logits_equal_ours(name, architecture, layout, world, overrides
     folder = export(os.path.join(run_dir, "checkpoints"), str(tmp_path / "hf"))
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
     assert type(model).__name__ == architecture
+    assert model.config.architectures == [architecture]  # loaders without model_type dispatch (vLLM) need it
     with torch.no_grad():
         theirs = model(tokens).logits
     assert (ours[..., :32000] - theirs).abs().max().item() < 1e-4

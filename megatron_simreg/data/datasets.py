@@ -30,7 +30,7 @@ def build_gpt_datasets(data_prefix, tokenizer, seq_length: int, num_samples: tup
     repeats in shuffled epochs). The sample-order indices are cached in `cache_dir` (default: beside the
     data), built by rank 0 and read by the others, so on several nodes it must be a shared folder.
     """
-    _check_dataset_helpers()
+    check_dataset_helpers()
     prefixes, weights = dataset_prefixes(data_prefix)
     total_tokens = sum(check_indexed_dataset(prefix, tokenizer) for prefix in prefixes)
     if total_tokens < seq_length + 1:
@@ -142,7 +142,7 @@ def check_indexed_dataset(prefix: str, tokenizer) -> int:
     return tokens
 
 
-def _check_dataset_helpers() -> None:
+def check_dataset_helpers() -> None:
     """GPTDataset needs megatron-core's compiled helpers; the x86-64 wheels ship them, other builds may not."""
     try:
         import megatron.core.datasets.helpers_cpp  # noqa: F401

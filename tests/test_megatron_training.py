@@ -1,0 +1,106 @@
+"""The GPU entry point through Megatron-LM's own loop (`megatron.training.pretrain`), run on a CPU.
+
+`megatron_training_on_cpu.py` remaps the CUDA calls megatron.training makes; everything else is the
+real thing: Megatron parses our arguments, builds our model, runs our forward step and loss, reads our
+datasets, steps its optimizer with AdaGC attached, validates, and saves and resumes torch_dist
+checkpoints. The local CPU loop is the independent reference: the same config must train the same way
+in both, and both checkpoints must export to the same Hugging Face weights.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from distributed import _free_port
+from test_training import TINY, corpus, read_metrics  # noqa: F401  (corpus is a fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = TINY + ["schedule.train_iters=8", "training.eval_interval=4", "training.save_interval=100"]
+TRAIN_LINE = re.compile(r"iteration +(\d+)/ +\d+ \|.*?\| lm loss: (\S+) \| simreg: (\S+) \|")
+VALID_LINE = re.compile(r"validation loss at iteration (\d+) \| lm loss value: (\S+) \|")
+
+
+def megatron_training(run_dir, *overrides) -> str:
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), PYTHONPATH=ROOT)
+    command = [sys.executable, os.path.join(ROOT, "tests", "megatron_training_on_cpu.py"), "configs/tiny-llama.yaml",
+               *SETTINGS, f"logging.run_dir={run_dir}", *overrides]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done.stdout
+
+
+def local_training(run_dir, *overrides) -> None:
+    command = [sys.executable, "-m", "megatron_simreg.train", "--config", "configs/tiny-llama.yaml"]
+    for setting in [*SETTINGS, f"logging.run_dir={run_dir}", *overrides]:
+        command += ["--set", setting]
+    env = dict(os.environ, MASTER_PORT=str(_free_port()))
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-5000:]
+
+
+def exported_weights(run_dir, output):
+    subprocess.run([sys.executable, "tools/export_hf.py", "--checkpoint", os.path.join(run_dir, "checkpoints"),
+                    "--output", str(output)], cwd=ROOT, check=True, capture_output=True)
+    return load_file(os.path.join(output, "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, tmp_path_factory):  # noqa: F811
+    """Megatron's loop stopped at iteration 4 (exit interval) and resumed to 8; the local loop straight to 8."""
+    folder = tmp_path_factory.mktemp("megatron_training")
+    data = f"data.prefix={corpus}"
+    first = megatron_training(folder / "megatron", data, "training.exit_interval=4")
+    second = megatron_training(folder / "megatron", data)
+    local_training(folder / "local", data)
+    return folder, first + second
+
+
+def test_megatron_loop_trains_like_the_local_loop(runs):
+    folder, log = runs
+    train = {int(i): (float(lm), float(sr)) for i, lm, sr in TRAIN_LINE.findall(log)}
+    valid = {int(i): float(lm) for i, lm in VALID_LINE.findall(log)}
+    local, local_valid = read_metrics(folder / "local"), read_metrics(folder / "local", "valid")
+    assert sorted(train) == list(range(1, 9)) and sorted(valid) == [4, 8]
+    # Iterations 5-8 come after the resume. Megatron prints the first iteration of each launch without
+    # starting a new log interval, so its lines at iterations 2 and 6 report the mean of two iterations.
+    expected = {i: (local[i]["lm loss"], local[i]["simreg"]) for i in local}
+    for second in (2, 6):
+        expected[second] = tuple((a + b) / 2 for a, b in zip(expected[second - 1], expected[second]))
+    for iteration in range(1, 9):
+        assert train[iteration] == pytest.approx(expected[iteration], rel=2e-6), iteration
+    # The first validation sees the same batches in both loops; later ones differ by design: Megatron
+    # walks on through the validation split, the local loop scores the same first batches every time.
+    assert valid[4] == pytest.approx(local_valid[4]["lm loss"], rel=2e-6)
+    assert train[8][0] < train[1][0]
+
+
+def test_megatron_loop_logs_simreg_and_adagc(runs):
+    _, log = runs
+    line = next(line for line in log.splitlines() if re.search(r"iteration +8/", line))
+    for key in ("simreg live anchors", "simreg negative angle", "grad norm"):
+        assert key in line
+    adagc = re.findall(r"adagc at iteration +(\d+) \| grad-norm clipped: \S+ \| adagc clipped tensors: (\d+) \| "
+                       r"adagc min coeff: (\S+)", log)
+    assert [int(i) for i, _, _ in adagc] == list(range(1, 9))
+    assert all(0.0 < float(coeff) <= 1.0 for _, _, coeff in adagc)
+
+
+def test_megatron_checkpoints_hold_adagc_state_and_export_like_the_local_loop(runs, tmp_path):
+    folder, _ = runs
+    checkpoints = folder / "megatron" / "checkpoints"
+    assert (checkpoints / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
+    for iteration in (4, 8):
+        assert (checkpoints / f"iter_{iteration:07d}" / "metadata.json").is_file()  # torch_dist layout
+        assert (checkpoints / "adagc" / f"iter_{iteration:07d}" / "rank_00000.pt").is_file()
+    megatron = exported_weights(folder / "megatron", tmp_path / "from_megatron")
+    local = exported_weights(folder / "local", tmp_path / "from_local")
+    assert sorted(megatron) == sorted(local)
+    for name in local:
+        assert (megatron[name] - local[name]).abs().max() <= 1e-5 * local[name].abs().max(), name
+    assert json.loads((tmp_path / "from_megatron" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
