@@ -15,6 +15,7 @@ checkpoints and resume. Nothing here is part of the package.
 
 import importlib
 import sys
+import types
 
 import torch
 
@@ -23,6 +24,7 @@ from megatron_simreg.cpu_compat import _CudaStreamsOnCpu, enable_cpu_compat
 # The megatron.training modules (and the core ones only it reaches) that touch CUDA directly.
 _MODULES = (
     "megatron.training.training", "megatron.training.initialize", "megatron.training.checkpointing",
+    "megatron.training.arguments",
     "megatron.training.utils.common_utils", "megatron.training.utils.utils", "megatron.core.timers",
     "megatron.core.rerun_state_machine", "megatron.core.transformer.moe.moe_logging",
 )
@@ -38,6 +40,7 @@ class _OneCpuDevice(_CudaStreamsOnCpu):
     empty_cache = staticmethod(lambda: None)
     memory_allocated = max_memory_allocated = memory_reserved = max_memory_reserved = staticmethod(lambda *a: 0)
     memory_stats = staticmethod(lambda *a: {})
+    get_device_properties = staticmethod(lambda *a: types.SimpleNamespace(major=9, minor=0, name="CPU"))  # Hopper-like
 
 
 class _TorchOnCpu:
@@ -67,16 +70,9 @@ def megatron_training_on_cpu() -> None:
     for name in _MODULES:
         importlib.import_module(name).torch = _TorchOnCpu()
 
-    # Megatron warms its fused kernels up on random inputs; on a GPU those come from the CUDA generator,
-    # so they must not move the CPU generator our CPU-initialised weights are drawn from.
-    initialize = importlib.import_module("megatron.training.initialize")
-    warm_up = initialize._warmup_jit_function
-
-    def warm_up_keeping_cpu_rng(*args, **kwargs):
-        with torch.random.fork_rng():
-            return warm_up(*args, **kwargs)
-
-    initialize._warmup_jit_function = warm_up_keeping_cpu_rng
+    # Megatron warms its fused GPU kernels up on random inputs drawn from the CUDA generator; on a CPU that
+    # means nothing and would draw from the CPU generator our CPU-initialised weights come from.
+    importlib.import_module("megatron.training.initialize")._warmup_jit_function = lambda *args, **kwargs: None
 
     import megatron_simreg.megatron_entry as entry
 
