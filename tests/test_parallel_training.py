@@ -2,7 +2,9 @@
 
 The single-process model's weights are saved with megatron-core's distributed checkpointing and loaded
 into each layout (the library reshards them), then one training step's forward and backward runs
-through the local loop's DDP, optimizer wrapper and megatron's schedules.
+through the local loop's DDP, optimizer wrapper and megatron's schedules. Context parallelism runs with
+an exact stand-in for Transformer Engine's attention (`context_parallel_attention.py`), the only part of
+a CP model that megatron-core cannot run on a CPU.
 """
 
 import os
@@ -21,13 +23,13 @@ BASE = [
 ]
 
 
-def batch_for(seed=0, micro_batches=2, micro_batch=2, seq=32):
-    """Token ids with repeats (so SimReg has positives), the same on every rank."""
+def batch_for(seed=0, micro_batches=2, micro_batch=2, seq=32, masked=True):
+    """Token ids with repeats (so SimReg has positives), the same on every rank; 10% of the loss masked."""
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 50, (micro_batches * micro_batch, seq + 1), generator=gen)
+    mask = (torch.rand(micro_batches * micro_batch, seq, generator=gen) > 0.1) if masked else torch.ones(tokens[:, 1:].shape)
     return {
-        "tokens": tokens[:, :-1], "labels": tokens[:, 1:],
-        "loss_mask": (torch.rand(micro_batches * micro_batch, seq, generator=gen) > 0.1).float(),
+        "tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask.float(),
         "position_ids": torch.arange(seq).expand(micro_batches * micro_batch, seq).clone(),
     }
 
@@ -47,7 +49,7 @@ def model_with_shared_weights(cfg, checkpoint, save):
     return model, optimizer
 
 
-def forward_backward(cfg, model, seed=0):
+def forward_backward(cfg, model, seed=0, masked=True):
     """One global batch through megatron's schedule; this rank's share of it; the reduced report."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -58,7 +60,7 @@ def forward_backward(cfg, model, seed=0):
 
     schedule = schedule_of(cfg, parallel_state.get_data_parallel_world_size())
     dp, dp_rank, mbs = schedule.data_parallel, parallel_state.get_data_parallel_rank(), cfg.training.micro_batch_size
-    full = batch_for(seed=seed, micro_batches=cfg.training.global_batch_size // mbs)
+    full = batch_for(seed=seed, micro_batches=cfg.training.global_batch_size // mbs, masked=masked)
     micro = [{k: v[(m * dp + dp_rank) * mbs:(m * dp + dp_rank + 1) * mbs] for k, v in full.items()}
              for m in range(schedule.micro_batches)]
     model.zero_grad_buffer()
@@ -70,14 +72,18 @@ def forward_backward(cfg, model, seed=0):
     return reduce_reports(reports, parallel_state.get_data_parallel_group(with_context_parallel=True)) if reports else None
 
 
-def step_worker(rank, world, overrides, checkpoint, save):
+def step_worker(rank, world, overrides, checkpoint, save, masked=True):
     from megatron_simreg import parallel
 
     cfg = load_config("configs/tiny-llama.yaml", BASE + overrides)
+    if cfg.parallel.context > 1:  # only Transformer Engine's attention (GPU) does CP; an exact stand-in here
+        import context_parallel_attention
+
+        context_parallel_attention.use_on_cpu()
     parallel.initialize(cfg)
     try:
         model, _ = model_with_shared_weights(cfg, checkpoint, save)
-        metrics = forward_backward(cfg, model)
+        metrics = forward_backward(cfg, model, masked=masked)
         return metrics, gathered_grads(model.module)
     finally:
         parallel.destroy()
@@ -121,8 +127,13 @@ LAYOUTS = {
     "PP=2": (2, ["parallel.pipeline=2"]),
     "DP=2": (2, []),
     "TP=2 + SP, chunk-wise": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "simreg.mode=chunk"]),
+    "CP=2": (2, ["parallel.context=2"]),
+    "CP=2, chunk-wise": (2, ["parallel.context=2", "simreg.mode=chunk"]),
 }
-SINGLE = {"TP=2 + SP, chunk-wise": ["simreg.mode=chunk", "simreg.chunk_size=16"]}  # chunk = s / 2
+SINGLE = {  # the single-process SimReg each layout must equal
+    "TP=2 + SP, chunk-wise": ["simreg.mode=chunk", "simreg.chunk_size=16"],  # chunk = s / 2
+    "CP=2, chunk-wise": ["simreg.mode=chunk", "simreg.chunk_size=8"],  # each zigzag chunk: s / 4
+}
 
 
 def merged(per_rank):
@@ -141,8 +152,12 @@ def test_layout_matches_single_process(layout, tmp_path):
     world, overrides = LAYOUTS[layout]
     single_overrides = SINGLE.get(layout, [])
     checkpoint = str(tmp_path / "weights")
-    expected = merged(run_distributed(step_worker, 1, single_overrides, checkpoint, True))
-    got = merged(run_distributed(step_worker, world, overrides, checkpoint, False))
+    # Megatron divides each rank's loss by its own tokens (without --calculate-per-token-loss), which under
+    # context parallelism equals the single-process mean when the ranks' shares have equal token counts,
+    # as our datasets' all-ones loss masks give; a masked batch would weigh the halves differently.
+    masked = "CP" not in layout
+    expected = merged(run_distributed(step_worker, 1, single_overrides, checkpoint, True, masked))
+    got = merged(run_distributed(step_worker, world, overrides, checkpoint, False, masked))
     for key in ("lm loss", "simreg", "simreg lsr", "simreg negative angle"):
         assert got[0][key] == pytest.approx(expected[0][key], rel=1e-5, abs=1e-7), key
     assert expected[0]["simreg"] > 1e-4, "SimReg should contribute to this step"
