@@ -114,12 +114,19 @@ def test_megatron_checkpoints_hold_adagc_state_and_export_like_the_local_loop(ru
     assert json.loads((tmp_path / "from_megatron" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
 
-def test_megatron_loop_with_tensor_and_sequence_parallelism_matches_the_local_loop(corpus, tmp_path):  # noqa: F811
-    """Two ranks, TP=2 with sequence parallelism: SimReg gathers the sequence shards, AdaGC reduces norms
-    over the tensor group, Megatron saves a sharded torch_dist checkpoint that the exporter merges."""
-    layout = [f"data.prefix={corpus}", "parallel.tensor=2", "parallel.sequence_parallel=true", "schedule.train_iters=4"]
-    log = megatron_training(tmp_path / "megatron", *layout, processes=2)
-    local_training(tmp_path / "local", *layout, processes=2)
+TWO_RANK_LAYOUTS = {  # TP: SimReg gathers the sequence shards, AdaGC reduces norms over the tensor group
+    "TP=2 + SP": ["parallel.tensor=2", "parallel.sequence_parallel=true"],
+    # DP: the paper's precision and optimizer, AdaGC on distributed-optimizer shards
+    "DP=2, bf16, distributed optimizer": ["training.precision=bf16", "parallel.distributed_optimizer=true"],
+}
+
+
+@pytest.mark.parametrize("layout", list(TWO_RANK_LAYOUTS))
+def test_megatron_loop_on_two_ranks_matches_the_local_loop(layout, corpus, tmp_path):  # noqa: F811
+    """Megatron saves a sharded torch_dist checkpoint; the exporter merges it into the local loop's weights."""
+    settings = [f"data.prefix={corpus}", "schedule.train_iters=4", *TWO_RANK_LAYOUTS[layout]]
+    log = megatron_training(tmp_path / "megatron", *settings, processes=2)
+    local_training(tmp_path / "local", *settings, processes=2)
     train, expected = megatron_losses(log), local_losses(tmp_path / "local")
     assert sorted(train) == sorted(expected) == [1, 2, 3, 4]
     for iteration in train:

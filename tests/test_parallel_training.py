@@ -147,16 +147,29 @@ def merged(per_rank):
     return metrics, grads
 
 
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    """The single-process run each layout is compared with (its weights saved for the layout to load),
+    computed once per distinct reference: most layouts share the plain one."""
+    runs = {}
+
+    def run(overrides: tuple, masked: bool):
+        if (overrides, masked) not in runs:
+            checkpoint = str(tmp_path_factory.mktemp("weights") / "weights")
+            runs[overrides, masked] = checkpoint, merged(run_distributed(step_worker, 1, list(overrides), checkpoint, True, masked))
+        return runs[overrides, masked]
+
+    return run
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_single_process(layout, tmp_path):
+def test_layout_matches_single_process(layout, single_process):
     world, overrides = LAYOUTS[layout]
-    single_overrides = SINGLE.get(layout, [])
-    checkpoint = str(tmp_path / "weights")
     # Megatron divides each rank's loss by its own tokens (without --calculate-per-token-loss), which under
     # context parallelism equals the single-process mean when the ranks' shares have equal token counts,
     # as our datasets' all-ones loss masks give; a masked batch would weigh the halves differently.
     masked = "CP" not in layout
-    expected = merged(run_distributed(step_worker, 1, single_overrides, checkpoint, True, masked))
+    checkpoint, expected = single_process(tuple(SINGLE.get(layout, [])), masked)
     got = merged(run_distributed(step_worker, world, overrides, checkpoint, False, masked))
     for key in ("lm loss", "simreg", "simreg lsr", "simreg negative angle"):
         assert got[0][key] == pytest.approx(expected[0][key], rel=1e-5, abs=1e-7), key
