@@ -145,8 +145,13 @@ def test_interrupted_run_leaves_nothing_that_looks_finished(tmp_path, monkeypatc
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCUMENTS))
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        prepare_corpus([str(source)], str(out / "c4"), shard_tokens=1000, workers=workers, progress=False)
+    # Python's own Ctrl-C handler, as in a terminal (a shell's background job inherits SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prepare_corpus([str(source)], str(out / "c4"), shard_tokens=1000, workers=workers, progress=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert os.listdir(out) == []
 
 
