@@ -5,11 +5,11 @@ tensor's threshold gamma_i starts at its first norm and then keeps the smallest 
 tensor whose norm n_i exceeds lambda_rel * gamma_i is scaled down to that, and
 gamma_i <- beta * gamma_i + (1 - beta) * min(n_i, lambda_rel * gamma_i).
 
-Warm-up norms: NOTES.md writes gamma_i = min(gamma_i, ||g_i||) with the gradient as it arrives, so by
-default (`warmup_gamma="raw"`) gamma tracks norms before the warm-up's global clipping.
-`warmup_gamma="clipped"` tracks them after it, as public re-implementations of AdaGC do
-(pytorch_optimizer's `AdaGC`: gamma = min(gamma, ||g_hat||)); that starts the EMA lower whenever the
-global norm exceeds `warmup_max_norm` during warm-up, and so clips harder afterwards.
+Warm-up norms (`warmup_gamma`): by default ("clipped") gamma tracks each tensor's norm AFTER the warm-up's
+global clipping, as the official Megatron patch (lishuai-97/AdaGC) does: it clips in place, then "collect[s
+the] minimum clipped tensor-wise norm". "raw" tracks the norms before that clipping, which starts gamma
+higher (up to the global clipping factor, 100x and more early in training) and so clips far less afterwards;
+it is kept as an option for ablations.
 
 Plain PyTorch + torch.distributed. A gradient may be a piece of its tensor: `GradShard` names the
 process groups whose ranks hold the other pieces, and the core sums squared norms over them. Every rank
@@ -41,7 +41,7 @@ class AdaGCConfig:
     warmup_max_norm: float = 1.0
     eps: float = 1e-6
     variant: str = "tensor"  # "tensor": whole tensors; "shard": each model-parallel piece alone; "global": one threshold
-    warmup_gamma: str = "raw"  # warm-up gamma from norms before ("raw") or after ("clipped") global clipping
+    warmup_gamma: str = "clipped"  # warm-up gamma from norms after ("clipped", official patch) or before ("raw") global clipping
 
     def __post_init__(self):
         if self.variant not in VARIANTS:

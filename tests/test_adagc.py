@@ -67,6 +67,56 @@ def test_matches_reference_through_the_warmup_boundary(warmup_gamma):
     assert clipped_after_warmup > 0  # the per-tensor branch did clip, not only pass through
 
 
+def official_patch_adagc(grad_steps, clip_ratio=1.04, beta=0.99, eps=1e-6, start_clip_steps=100, max_norm=1.0):
+    """The official Megatron patch's `AdaGC.clip_by_norm` (lishuai-97/AdaGC), transcribed in float64.
+
+    Warm-up: global clipping in place first, then the per-tensor state collects the minimum norm of the
+    CLIPPED gradient. After: clip a tensor to clip_ratio * state and take the clipped norm into the EMA.
+    """
+    state, out = {}, []
+    for step, grads in enumerate(grad_steps, 1):
+        grads = {k: v.clone().double() for k, v in grads.items()}
+        total_norm = math.sqrt(sum(g.norm().item() ** 2 for g in grads.values()))
+        if step <= start_clip_steps:
+            clip_coeff = max_norm / (total_norm + eps)
+            if clip_coeff < 1.0:
+                for g in grads.values():
+                    g.mul_(clip_coeff)
+            for k, g in grads.items():
+                norm_value = g.norm().item()
+                if k not in state or norm_value < state[k]:
+                    state[k] = norm_value
+        else:
+            for k, g in grads.items():
+                norm_value, avg_norm_value = g.norm().item(), state[k]
+                if norm_value > clip_ratio * avg_norm_value:
+                    g.mul_(clip_ratio * avg_norm_value / (norm_value + eps))
+                    norm_value = clip_ratio * avg_norm_value
+                state[k] = avg_norm_value * beta + norm_value * (1.0 - beta)
+        out.append(grads)
+    return out, state
+
+
+def test_default_config_clips_as_the_official_patch_over_150_steps_with_spikes():
+    steps = random_steps(150, seed=11)
+    for t, key in ((105, "attention.weight"), (120, "embedding"), (121, "embedding"), (140, "norm.weight")):
+        steps[t - 1][key] *= 30  # loss spikes after the warm-up
+    for grads in steps[:100:7]:
+        for g in grads.values():
+            g *= 4  # global norms above warmup_max_norm during the warm-up: clipped and raw norms differ
+    expected, expected_state = official_patch_adagc(steps)
+    adagc = AdaGC(AdaGCConfig())  # the defaults users train with
+    clipped_spikes = 0
+    for t, (grads, want) in enumerate(zip(steps, expected), 1):
+        grads = {k: v.clone() for k, v in grads.items()}
+        stats = clip_all(adagc, grads)
+        for k in grads:  # fp32 norms against float64: relative rounding ~1e-7 per norm, compounded over the EMA
+            torch.testing.assert_close(grads[k].double(), want[k], rtol=1e-5, atol=1e-7)
+        clipped_spikes += t in (105, 120, 121, 140) and stats.num_clipped > 0
+    assert adagc.gamma == pytest.approx(expected_state, rel=1e-5)
+    assert clipped_spikes == 4
+
+
 def test_bf16_gradients_are_clipped_in_place_with_fp32_norms():
     config = AdaGCConfig(warmup_steps=2)
     steps = random_steps(6, seed=7)

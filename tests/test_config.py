@@ -42,6 +42,22 @@ def test_paper_models_have_table_4_shapes_and_table_5_settings(name):
     assert check_layout(cfg, 64) >= 1  # each paper model runs as shipped on 8 nodes of 8 GPUs
 
 
+def test_dense_models_train_for_the_same_number_of_steps_as_the_paper():
+    """Appendix: every dense model trains the same N steps, ~52B tokens at batch 2048 (1.3B-7B), so the 350M
+    model at batch 512 sees a quarter of that, ~13B tokens (NOTES.md, corrected)."""
+    from megatron_simreg.megatron_entry import megatron_arguments
+
+    def iterations(name):
+        args = megatron_arguments(load_config(f"configs/{name}.yaml"), run_dir="unused")
+        return int(args[args.index("--train-iters") + 1])
+
+    dense = {name: iterations(name) for name in PAPER if not PAPER[name]["experts"]}
+    assert len(set(dense.values())) == 1, dense
+    steps = dense["llama2-1.3b"]
+    assert steps * 2048 * 2048 == pytest.approx(52e9, rel=1e-3)
+    assert steps * 512 * 2048 == pytest.approx(13e9, rel=1e-3)  # the 350M budget
+
+
 def test_tiny_models_are_small_llama_and_mixtral_shapes():
     dense, moe = load_config("configs/tiny-llama.yaml"), load_config("configs/tiny-mixtral.yaml")
     assert dense.model.num_attention_heads == 4 and dense.model.num_query_groups == 2  # GQA
