@@ -42,6 +42,7 @@ class AdaGCConfig:
     eps: float = 1e-6
     variant: str = "tensor"  # "tensor": whole tensors; "shard": each model-parallel piece alone; "global": one threshold
     warmup_gamma: str = "clipped"  # warm-up gamma from norms after ("clipped", official patch) or before ("raw") global clipping
+    load_state: bool = True  # resume AdaGC's state with the checkpoint; false starts it afresh (warm-up again)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:

@@ -124,6 +124,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class MegatronSection:
+    # megatron.training flags passed through as given, after the derived ones (so they win): GPU performance
+    # settings (fusions, overlaps, attention backend) or anything else Megatron's parser takes. The local loop
+    # (CPU) does not read them.
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -136,6 +144,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    megatron: MegatronSection = field(default_factory=MegatronSection)
 
     @property
     def simreg_weight(self) -> float:
@@ -261,7 +270,7 @@ _EXPONENT_ONLY = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
 
 
 def _coerce(value, hint, key: str):
-    """Check a value against its field's type (int for float is fine; a list for a list of str)."""
+    """Check a value against its field's type (int for float is fine; a list of scalars for a list of str)."""
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     for kind in allowed:
         if kind is type(None) and value is None:
@@ -277,8 +286,8 @@ def _coerce(value, hint, key: str):
         if typing.get_origin(kind) is list:
             if isinstance(value, str):
                 return [value]
-            if isinstance(value, list):
-                return value
+            if isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+                return [str(v) for v in value]  # YAML reads `[--moe-router-topk, 2]` with an int in it
     names = " or ".join("null" if k is type(None) else getattr(k, "__name__", str(k)) for k in allowed)
     raise ConfigError(f"config key {key!r} must be {names}, got {value!r}")
 
@@ -342,6 +351,14 @@ def check_layout(config: Config, world_size: int) -> int:
             f"training.global_batch_size={t.global_batch_size} is not divisible by "
             f"micro_batch_size*data_parallel = {t.micro_batch_size}*{data_parallel}"
         )
+    if config.simreg.layer >= 0:  # SimReg runs on the last pipeline stage, beside the output layer
+        first_on_last_stage = m.num_layers - m.num_layers // max(p.pipeline, 1)
+        if not first_on_last_stage <= config.simreg.layer < m.num_layers:
+            problems.append(
+                f"simreg.layer={config.simreg.layer} is not on the last pipeline stage, where SimReg runs (it holds layers "
+                f"{first_on_last_stage}..{m.num_layers - 1} of {m.num_layers} with parallel.pipeline={p.pipeline}): "
+                "choose one of those, or -1 for the final hidden states"
+            )
     if config.simreg.mode == "chunk" and config.simreg.chunk_size:
         local = m.seq_length // (p.tensor if p.sequence_parallel else 1) // (2 * p.context if p.context > 1 else 1)
         if (p.sequence_parallel or p.context > 1) and local % config.simreg.chunk_size:

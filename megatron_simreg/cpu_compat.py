@@ -2,7 +2,7 @@
 
 megatron-core places tensors with `torch.cuda.current_device()`, builds the default causal mask on
 "cuda", and keeps its model-parallel RNG states through `torch.cuda.get_rng_state`/`manual_seed`.
-On a machine without CUDA, `enable_cpu_compat()` points exactly those at the CPU:
+On a machine without CUDA, `cpu_compat()` points exactly those at the CPU:
 
 - `torch.cuda.current_device()` returns the CPU device (RoPE frequencies, attention, linear-layer
   buffers, router and loss tensors take it as `device=`);
@@ -19,8 +19,9 @@ On a machine without CUDA, `enable_cpu_compat()` points exactly those at the CPU
   and refuse anything else: while their constructors run, CPU tensors report those CUDA names, so
   bf16 training and the distributed optimizer (reduce-scatter/all-gather over gloo) work on CPU.
 
-Nothing changes where CUDA is available: the function returns without touching anything. The rest of
-the project never needs to know; only the entry points call this.
+`with cpu_compat():` applies these remaps and undoes every one of them on exit (nested uses stack); nothing
+changes where CUDA is available. Only the CPU training entry (the local loop) and the tests enter it: export,
+evaluation and anything else that runs beside them never see a patched torch or megatron.
 """
 
 import contextlib
@@ -30,27 +31,63 @@ import logging
 
 import torch
 
-_ENABLED = False
 _CPU = torch.device("cpu")
 
 
-def enable_cpu_compat() -> bool:
-    """Apply the CPU remaps once if CUDA is unavailable; returns whether they are active."""
-    global _ENABLED
+@contextlib.contextmanager
+def cpu_compat():
+    """Remap megatron-core's CUDA calls to the CPU while inside; yields whether the remaps are active."""
     if torch.cuda.is_available():
-        return False
-    if _ENABLED:
-        return True
+        yield False
+        return
+    patches = _Patches()
+    try:
+        _apply(patches)
+        yield True
+    finally:
+        patches.undo()
+
+
+class _Patches:
+    """Attributes set on modules and classes, each recorded so it can be put back (last set, first undone)."""
+
+    def __init__(self):
+        self._saved = []
+
+    def set(self, owner, name: str, value) -> None:
+        """`owner.name = value`; a class's own attribute is recorded, not one it inherits."""
+        before = owner.__dict__.get(name, _ABSENT) if isinstance(owner, type) else getattr(owner, name, _ABSENT)
+        self._saved.append(lambda: delattr(owner, name) if before is _ABSENT else setattr(owner, name, before))
+        setattr(owner, name, value)
+
+    def set_level(self, logger: logging.Logger, level: int) -> None:
+        before = logger.level
+        self._saved.append(lambda: logger.setLevel(before))
+        logger.setLevel(level)
+
+    def undo(self) -> None:
+        while self._saved:
+            self._saved.pop()()
+
+
+_ABSENT = object()
+
+
+def _apply(patches: _Patches) -> None:
     import megatron.core.fusions.fused_softmax as fused_softmax
     import megatron.core.tensor_parallel.random as megatron_random
     import megatron.core.transformer.utils as transformer_utils
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
-    torch.cuda.current_device = lambda: _CPU
-    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
-    torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
-    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
-    megatron_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
-    megatron_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    patches.set(torch.cuda, "current_device", lambda: _CPU)
+    patches.set(torch.cuda, "get_rng_state", lambda device="cuda": torch.get_rng_state())
+    patches.set(torch.cuda, "set_rng_state", lambda state, device="cuda": torch.set_rng_state(state))
+    patches.set(torch.cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed)))
+    patches.set(megatron_random, "_get_cuda_rng_state",
+                lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state())
+    patches.set(megatron_random, "_set_cuda_rng_state",
+                lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state))
 
     def causal_mask(sq: int) -> torch.Tensor:
         return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
@@ -60,23 +97,19 @@ def enable_cpu_compat() -> bool:
         upper = torch.triu(ones, diagonal=skv - sq - window_size[0])
         return ~torch.tril(upper, diagonal=skv - sq + window_size[1])
 
+    for module in (transformer_utils, fused_softmax):
+        patches.set(module, "get_default_causal_mask", causal_mask)
+        patches.set(module, "get_sliding_window_causal_mask", sliding_window_mask)
+    for name in _MODULES_WITH_CUDA_LITERALS:
+        patches.set(importlib.import_module(name), "torch", _TorchWithCpuForCuda())
+    # Grad clipping asserts `torch.cuda.FloatTensor` grads before scaling them.
+    patches.set(importlib.import_module("megatron.core.optimizer.optimizer"), "clip_grad_by_total_norm_fp32",
+                _clip_by_total_norm)
+    for optimizer_class in (Float16OptimizerWithFloat16Params, DistributedOptimizer):
+        patches.set(optimizer_class, "__init__", _with_cuda_type_names(optimizer_class.__init__))
     # On CPU the "GPU" RNG states are the CPU generator's, so the tracker's check that forks leave the
     # CPU generator alone would warn on every dropout region.
-    logging.getLogger(megatron_random.__name__).setLevel(logging.ERROR)
-    for module in (transformer_utils, fused_softmax):
-        module.get_default_causal_mask = causal_mask
-        module.get_sliding_window_causal_mask = sliding_window_mask
-    for name in _MODULES_WITH_CUDA_LITERALS:
-        importlib.import_module(name).torch = _TorchWithCpuForCuda()
-    # Grad clipping asserts `torch.cuda.FloatTensor` grads before scaling them.
-    importlib.import_module("megatron.core.optimizer.optimizer").clip_grad_by_total_norm_fp32 = _clip_by_total_norm
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
-
-    for optimizer_class in (Float16OptimizerWithFloat16Params, DistributedOptimizer):
-        optimizer_class.__init__ = _with_cuda_type_names(optimizer_class.__init__)
-    _ENABLED = True
-    return True
+    patches.set_level(logging.getLogger(megatron_random.__name__), logging.ERROR)
 
 
 _MODULES_WITH_CUDA_LITERALS = (
@@ -163,7 +196,9 @@ class _NoOpStream:
         pass
 
 
-class _CudaStreamsOnCpu:
+class CudaStreamsOnCpu:
+    """`torch.cuda` with streams, events and synchronisation as no-ops, the rest as is."""
+
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
 
@@ -182,4 +217,4 @@ class _CudaStreamsOnCpu:
         pass
 
 
-_CUDA_STREAMS_ON_CPU = _CudaStreamsOnCpu()
+_CUDA_STREAMS_ON_CPU = CudaStreamsOnCpu()

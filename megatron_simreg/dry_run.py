@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megatron_simreg.config import Config, check_layout
-from megatron_simreg.model import padded_vocab_size
+from megatron_simreg.config import Config
+from megatron_simreg.run_plan import padded_vocab_size, plan_run
 
 GIB = 2**30
 
@@ -89,11 +89,12 @@ def report(cfg: Config, world_size: int, gpus_per_node: int = 8, gpu_memory_gib:
     """The dry-run report; raises ConfigError when the layout cannot run on `world_size` GPUs."""
     from megatron_simreg.megatron_entry import megatron_arguments
 
-    data_parallel = check_layout(cfg, world_size)
+    plan = plan_run(cfg, world_size)
+    data_parallel = plan.data_parallel
     p, t = cfg.parallel, cfg.training
     counts = parameter_count(cfg)
     memory = memory_per_gpu(cfg, data_parallel)
-    micro = t.global_batch_size // (t.micro_batch_size * data_parallel)
+    micro = plan.micro_batches
     fixed = memory["weights"] + memory["gradients"] + memory["activations"]
     with_optimizer = fixed + memory["optimizer (distributed)" if p.distributed_optimizer else "optimizer"]
     nodes = max(1, math.ceil(world_size / gpus_per_node))
@@ -106,14 +107,16 @@ def report(cfg: Config, world_size: int, gpus_per_node: int = 8, gpu_memory_gib:
         "memory per GPU (GiB): " + ", ".join(f"{name} {value / GIB:.2f}" for name, value in memory.items()),
         f"  total with the {'distributed ' if p.distributed_optimizer else ''}optimizer: {with_optimizer / GIB:.2f} GiB"
         f" of {gpu_memory_gib:.0f}" + ("" if with_optimizer / GIB <= gpu_memory_gib else "  <-- does not fit"),
-        f"tokens per step: {t.global_batch_size * cfg.model.seq_length:,}; FLOPs per step: {flops_per_step(cfg):.3e}",
+        f"tokens per step: {plan.tokens_per_iter:,}; FLOPs per step: {flops_per_step(cfg):.3e}; {plan.train_iters:,} steps,"
+        f" {plan.train_iters * plan.tokens_per_iter / 1e9:.1f}B tokens",
+        f"tokenizer: {plan.tokenizer_path} ({plan.vocab_size:,} tokens; embedding padded to {plan.padded_vocab_size:,})",
         f"SimReg: lambda {cfg.simreg_weight:g}, tau {cfg.simreg.temperature}, {cfg.simreg.mode}"
         + (f" (chunk {cfg.simreg.chunk_size or 'local slice'})" if cfg.simreg.mode == "chunk" else ""),
         "",
         "torchrun command (per node):",
         f"  torchrun --nnodes {nodes} --nproc-per-node {min(world_size, gpus_per_node)} --node-rank $NODE_RANK "
         f"--master-addr $MASTER_ADDR --master-port $MASTER_PORT -m megatron_simreg.train --config CONFIG",
-        "Megatron arguments:",
-        "  " + " ".join(megatron_arguments(cfg)),
+        "Megatron arguments (a GPU node with Transformer Engine):",
+        "  " + " ".join(megatron_arguments(cfg, plan, transformer_engine=True)),
     ]
     return "\n".join(lines)

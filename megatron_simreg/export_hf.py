@@ -68,32 +68,39 @@ def load_merged_state(checkpoint_dir: str, cfg: Config, iteration: int | None = 
 
 
 def _load_distributed_checkpoint(folder: str, cfg: Config) -> dict[str, torch.Tensor]:
-    """megatron.training's `torch_dist` checkpoint, resharded by megatron-core onto a TP=1/PP=1/EP=1 model
-    (local and Transformer Engine layer names are interchangeable in its sharded keys)."""
-    from megatron.core import dist_checkpointing
+    """megatron.training's `torch_dist` checkpoint, resharded by megatron-core onto a TP=1/PP=1/EP=1 model.
+
+    The model is built on the CPU with megatron-core's local layers, whatever the node has (a GPU, Transformer
+    Engine): their sharded keys are the ones Transformer Engine's layers write (the fused norms are
+    `linear_qkv.layer_norm_weight` and `linear_fc1.layer_norm_weight` in both), and our weight names stay local.
+    """
+    from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from megatron_simreg import parallel
-    from megatron_simreg.model import model_provider
+    from megatron_simreg.model import model_provider, transformer_config_from
 
     single = dataclasses.replace(cfg, parallel=dataclasses.replace(
         cfg.parallel, tensor=1, pipeline=1, context=1, expert=1, sequence_parallel=False, distributed_optimizer=False))
+    config = dataclasses.replace(transformer_config_from(single), transformer_impl="local",
+                                 use_cpu_initialization=True, perform_initialization=False)  # the checkpoint fills it
     if dist.is_initialized():
         raise RuntimeError("export a torch_dist checkpoint in a process of its own: torch.distributed is in use here")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # a group of one, no port
     try:
-        parallel.initialize(single)
-        model = model_provider(single)
+        parallel_state.initialize_model_parallel()
+        model = model_provider(single, config=config)
         sharded = model.sharded_state_dict(metadata=dist_checkpointing.load_content_metadata(folder))
-        loaded = dist_checkpointing.load(sharded, folder)
+        # Weights only: the layers' `_extra_state` (FP8 metadata with TE, nothing locally) differ between the two
+        loaded = dist_checkpointing.load({k: v for k, v in sharded.items() if not k.endswith("_extra_state")}, folder)
     except (CheckpointingException, CheckpointException) as error:
         cause = str(error).strip().splitlines()[-1]  # torch's message ends with the failing rank's error
         raise ValueError(f"checkpoint {folder} is incomplete or not of this config's model ({cause}); "
                          "export another iteration (--iteration) or pass the run's --config") from error
     finally:
-        parallel.destroy()
-    return {key: value.cpu() for key, value in loaded.items() if torch.is_tensor(value) and not key.endswith("_extra_state")}
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+    return {key: value.cpu() for key, value in loaded.items() if torch.is_tensor(value)}
 
 
 def _global_key(key: str, layer_offset: int, expert_offset: int) -> str:

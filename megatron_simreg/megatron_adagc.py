@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
@@ -52,6 +53,79 @@ def attach_adagc(optimizer, model_chunks, adagc: AdaGC) -> None:
         return optimizer.step_with_ready_grads(), stats.grad_norm, num_zeros
 
     optimizer.step = step
+    _checkpoint_with_optimizer(optimizer, adagc, {entry.name for entry in layout})
+
+
+class AdaGCStateMissing(ValueError):
+    """A checkpoint to resume from holds no AdaGC state."""
+
+
+ADAGC_KEY = "adagc"
+
+
+def _checkpoint_with_optimizer(optimizer, adagc: AdaGC, names: set[str]) -> None:
+    """AdaGC's state travels inside the optimizer's checkpoint entry, so it is saved with the iteration it belongs
+    to and resumed with it, whatever writes the checkpoint.
+
+    `state_dict()` (the local loop's per-rank files) holds this rank's thresholds; `sharded_state_dict()`
+    (megatron.training's torch_dist checkpoints) holds the whole model's, gathered from every rank into the
+    checkpoint's common state, so a run resumes on another layout with the same threshold per parameter name
+    (the `shard` variant's per-piece thresholds need the saved layout). Loading a checkpoint without the state is
+    refused unless `adagc.load_state` is false, which starts AdaGC afresh (its warm-up again).
+    """
+    state_dict, load_state_dict, sharded_state_dict = (
+        optimizer.state_dict, optimizer.load_state_dict, optimizer.sharded_state_dict
+    )
+
+    def state_dict_with_adagc(*args, **kwargs):
+        return {**state_dict(*args, **kwargs), ADAGC_KEY: adagc.state_dict()}
+
+    def sharded_state_dict_with_adagc(*args, **kwargs):
+        return {**sharded_state_dict(*args, **kwargs), ADAGC_KEY: _whole_model_state(adagc)}
+
+    def load_state_dict_with_adagc(state, *args, **kwargs):
+        state = dict(state)
+        saved = state.pop(ADAGC_KEY, None)
+        if saved is None and adagc.config.load_state:
+            raise AdaGCStateMissing(
+                "the checkpoint holds no AdaGC state (saved without AdaGC, or by an older version): resume with "
+                "adagc.load_state=false to start AdaGC afresh (its warm-up again), or with adagc.enabled=false"
+            )
+        if saved is not None and adagc.config.load_state:
+            adagc.load_state_dict(_this_ranks_state(saved, names))
+        return load_state_dict(state, *args, **kwargs)
+
+    optimizer.state_dict = state_dict_with_adagc
+    optimizer.sharded_state_dict = sharded_state_dict_with_adagc
+    optimizer.load_state_dict = load_state_dict_with_adagc
+
+
+def _whole_model_state(adagc: AdaGC) -> dict:
+    """Every rank's thresholds in one state (the same on every rank), for a checkpoint's common part."""
+    own = adagc.state_dict()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return own
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, own)
+    if adagc.config.variant == "shard":  # per-piece thresholds under one name: keep each rank's own
+        return {**own, "gamma": {}, "by_rank": [state["gamma"] for state in states]}
+    gamma = {}
+    for state in states:
+        gamma.update(state["gamma"])
+    return {**own, "gamma": dict(sorted(gamma.items()))}
+
+
+def _this_ranks_state(saved: dict, names: set[str]) -> dict:
+    if "by_rank" in saved:
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        if len(saved["by_rank"]) != world:
+            raise ValueError(
+                f"the AdaGC state was saved by {len(saved['by_rank'])} ranks with adagc.variant=shard, whose thresholds "
+                f"belong to that layout's pieces; resume on {len(saved['by_rank'])} ranks with the same layout, or with "
+                "adagc.load_state=false"
+            )
+        return {**saved, "gamma": saved["by_rank"][rank]}
+    return {**saved, "gamma": {name: value for name, value in saved["gamma"].items() if name in names}}
 
 
 def parameter_names(model_chunks) -> dict[torch.nn.Parameter, str]:

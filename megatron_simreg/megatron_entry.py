@@ -3,12 +3,14 @@
 Every touch of megatron.training lives here (its `pretrain()` contract changes between releases; this
 targets megatron-core 0.19.x). Our config becomes Megatron's command-line arguments, parsed by its own
 parser; the model provider, forward step (SimReg through the output processor), loss function and
-dataset provider are the ones the local loop uses; AdaGC is attached to the optimizer Megatron builds
-and its state is saved beside each Megatron checkpoint.
+dataset provider are the ones the local loop uses, and the run plan (`run_plan.py`) they share derives the
+sizes, tokenizer and checks; AdaGC is attached to the optimizer Megatron builds, and its state travels
+inside that optimizer's part of Megatron's checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from functools import partial
@@ -18,35 +20,35 @@ import torch
 from megatron_simreg.adagc import AdaGC
 from megatron_simreg.batches import on_this_rank
 from megatron_simreg.config import Config, save_config
-from megatron_simreg.data import build_gpt_datasets, build_tokenizer, default_tokenizer_path
-from megatron_simreg.model import model_provider
+from megatron_simreg.data import build_gpt_datasets, build_tokenizer
+from megatron_simreg.model import have_transformer_engine, model_provider
 from megatron_simreg.objective import SimRegObjective, forward_step
+from megatron_simreg.run_plan import RunPlan, plan_run
 
 
-def megatron_arguments(cfg: Config, run_dir: str | None = None) -> list[str]:
-    """The exact megatron.training command-line arguments for this config."""
+def megatron_arguments(cfg: Config, plan: RunPlan, *, transformer_engine: bool) -> list[str]:
+    """The megatron.training command-line arguments for this config on a node with or without Transformer Engine.
+
+    `cfg.megatron.extra_args` come last, so a flag given there wins over the derived one.
+    """
     m, o, s, t, p = cfg.model, cfg.optimizer, cfg.schedule, cfg.training, cfg.parallel
-    run_dir = run_dir or cfg.run_dir
-    tokens_per_iter = t.global_batch_size * m.seq_length
-    train_iters = s.train_iters or -(-s.train_tokens // tokens_per_iter)
     args = [
         "--num-layers", m.num_layers, "--hidden-size", m.hidden_size, "--ffn-hidden-size", m.ffn_hidden_size,
         "--num-attention-heads", m.num_attention_heads, "--seq-length", m.seq_length,
         "--max-position-embeddings", m.seq_length, "--position-embedding-type", "rope", "--rotary-base", m.rotary_base,
         "--normalization", "RMSNorm", "--norm-epsilon", m.norm_epsilon, "--swiglu", "--disable-bias-linear",
         "--init-method-std", m.init_method_std, "--attention-dropout", 0.0, "--hidden-dropout", 0.0,
-        "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", cfg.data.tokenizer or default_tokenizer_path(),
+        "--tokenizer-type", plan.megatron_tokenizer_type, "--tokenizer-model", plan.tokenizer_path,
         "--make-vocab-size-divisible-by", m.make_vocab_size_divisible_by,
         "--micro-batch-size", t.micro_batch_size, "--global-batch-size", t.global_batch_size,
-        "--train-iters", train_iters, "--lr", o.lr, "--min-lr", o.min_lr if o.min_lr is not None else o.lr / 10,
-        "--lr-decay-style", s.decay_style, "--lr-warmup-iters", s.warmup_steps, "--lr-decay-iters", train_iters,
+        "--train-iters", plan.train_iters, "--lr", o.lr, "--min-lr", plan.min_lr,
+        "--lr-decay-style", s.decay_style, "--lr-warmup-iters", s.warmup_steps, "--lr-decay-iters", plan.train_iters,
         "--weight-decay", o.weight_decay, "--adam-beta1", o.adam_beta1, "--adam-beta2", o.adam_beta2, "--adam-eps", o.adam_eps,
         "--clip-grad", 0.0 if cfg.adagc.enabled else o.clip_grad, "--seed", t.seed,
         "--tensor-model-parallel-size", p.tensor, "--pipeline-model-parallel-size", p.pipeline,
         "--context-parallel-size", p.context,
         "--log-interval", t.log_interval, "--eval-interval", t.eval_interval, "--eval-iters", t.eval_iters,
-        "--save-interval", t.save_interval, "--save", cfg.checkpoint.save or os.path.join(run_dir, "checkpoints"),
-        "--load", cfg.checkpoint.load or cfg.checkpoint.save or os.path.join(run_dir, "checkpoints"),
+        "--save-interval", t.save_interval, "--save", plan.save_dir, "--load", plan.load_dir,
         "--split", cfg.data.split, "--data-path", *cfg.data.prefix,
         "--log-throughput", "--log-timers-to-tensorboard", "--log-validation-ppl-to-tensorboard",
     ]
@@ -70,24 +72,18 @@ def megatron_arguments(cfg: Config, run_dir: str | None = None) -> list[str]:
             "--moe-token-dispatcher-type", p.moe_token_dispatcher, "--expert-model-parallel-size", p.expert,
         ]
     if cfg.logging.tensorboard:
-        args += ["--tensorboard-dir", os.path.join(run_dir, "tensorboard")]
+        args += ["--tensorboard-dir", os.path.join(cfg.run_dir, "tensorboard")]
     if cfg.logging.wandb_project:
         args += ["--wandb-project", cfg.logging.wandb_project, "--wandb-exp-name", cfg.name]
     if cfg.data.cache_dir:
         args += ["--data-cache-path", cfg.data.cache_dir]
-    if _have_transformer_engine():
+    if transformer_engine:
         args += ["--transformer-impl", "transformer_engine"]
-    else:  # without TE, Megatron's RoPE and gradient-accumulation fusions are unavailable
-        args += ["--transformer-impl", "local", "--no-rope-fusion", "--no-gradient-accumulation-fusion"]
-    return [str(a) for a in args]
-
-
-def _have_transformer_engine() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    else:  # without TE, Megatron's RoPE and gradient-accumulation fusions are unavailable, and its fused masked
+        # softmax needs a CUDA extension the megatron-core wheel does not build
+        args += ["--transformer-impl", "local", "--no-rope-fusion", "--no-gradient-accumulation-fusion",
+                 "--no-masked-softmax-fusion"]
+    return [str(a) for a in args + cfg.megatron.extra_args]
 
 
 def pretrain(cfg: Config) -> None:
@@ -97,32 +93,42 @@ def pretrain(cfg: Config) -> None:
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
-    sys.argv = [sys.argv[0]] + megatron_arguments(cfg)
-    _use_shipped_dataset_helpers()
+    plan = plan_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    sys.argv = [sys.argv[0]] + megatron_arguments(cfg, plan, transformer_engine=have_transformer_engine())
     args = parse_and_validate_args()
     if int(os.environ.get("RANK", "0")) == 0:
         save_config(cfg, cfg.run_dir)
-    if cfg.adagc.enabled:
-        _attach_adagc_to_megatron(training, AdaGC(cfg.adagc), args)
 
     def datasets_provider(num_samples, vp_stage=None):  # megatron passes vp_stage with virtual pipelines
-        tokenizer = build_tokenizer(cfg.data.tokenizer)
+        tokenizer = build_tokenizer(plan.tokenizer_path)
         return build_gpt_datasets(cfg.data.prefix, tokenizer, cfg.model.seq_length, tuple(num_samples),
                                   split=cfg.data.split, seed=cfg.training.seed, cache_dir=cfg.data.cache_dir)
 
     datasets_provider.is_distributed = True  # every rank reads its own batches (no broadcast)
     step = partial(forward_step, SimRegObjective.from_config(cfg), _cuda_batch)
-    training.pretrain(
-        pretrain_cfg_container_from_args(args),
-        datasets_provider,
-        ModelType.encoder_or_decoder,
-        lambda data_iterator, model, *rest, **kw: step(data_iterator, model),
-        model_provider=partial(model_provider, cfg),
-    )
+    adagc = AdaGC(cfg.adagc) if cfg.adagc.enabled else None
+    with _shipped_dataset_helpers(), _adagc_on_megatrons_optimizer(training, adagc):
+        training.pretrain(
+            pretrain_cfg_container_from_args(args),
+            datasets_provider,
+            ModelType.encoder_or_decoder,
+            lambda data_iterator, model, *rest, **kw: step(data_iterator, model),
+            model_provider=partial(_model_provider, cfg),
+        )
 
 
-def _use_shipped_dataset_helpers() -> None:
-    """Skip megatron.training's `make` of the dataset helpers when they are already compiled.
+def _model_provider(cfg: Config, pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
+    """Our model from the TransformerConfig Megatron derives from its arguments (fusions and extra flags included)."""
+    from megatron.training import get_args
+    from megatron.training.argument_utils import core_transformer_config_from_args
+
+    config = config or core_transformer_config_from_args(get_args())
+    return model_provider(cfg, pre_process, post_process, vp_stage, config=config, pg_collection=pg_collection)
+
+
+@contextlib.contextmanager
+def _shipped_dataset_helpers():
+    """While megatron.training runs: skip its `make` of the dataset helpers when they are already compiled.
 
     `initialize_megatron` runs `make -C megatron/core/datasets` on rank 0; the PyPI wheel ships the built
     `helpers_cpp` extension but no Makefile, so that `make` fails and Megatron exits before training.
@@ -132,14 +138,19 @@ def _use_shipped_dataset_helpers() -> None:
 
     from megatron_simreg.data.datasets import check_dataset_helpers
 
-    folder = os.path.dirname(dataset_utils.__file__)
     try:
         check_dataset_helpers()
     except ImportError:
-        if os.path.isfile(os.path.join(folder, "Makefile")):
+        if os.path.isfile(os.path.join(os.path.dirname(dataset_utils.__file__), "Makefile")):
+            yield
             return
         raise
+    compile_helpers = dataset_utils.compile_helpers
     dataset_utils.compile_helpers = lambda: None
+    try:
+        yield
+    finally:
+        dataset_utils.compile_helpers = compile_helpers
 
 
 def _cuda_batch(data_iterator) -> dict:
@@ -147,36 +158,31 @@ def _cuda_batch(data_iterator) -> dict:
     return on_this_rank({k: v.cuda(non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)})
 
 
-def _attach_adagc_to_megatron(training, adagc: AdaGC, args) -> None:
-    """Wrap megatron.training's model/optimizer setup and checkpoint saving so AdaGC clips and persists."""
-    from megatron.training import checkpointing
+@contextlib.contextmanager
+def _adagc_on_megatrons_optimizer(training, adagc: AdaGC | None):
+    """While megatron.training runs: AdaGC clips (and checkpoints with) the optimizer it builds.
 
+    megatron.training offers no hook between building the optimizer and loading the checkpoint into it, so the
+    optimizer factory it calls is wrapped for the duration of the run and restored afterwards.
+    """
+    if adagc is None:
+        yield
+        return
     from megatron_simreg.megatron_adagc import attach_adagc
 
-    setup = training.setup_model_and_optimizer
-    save = checkpointing.save_checkpoint
+    build = training.get_megatron_optimizer
 
-    def setup_with_adagc(*a, **kw):
-        model, optimizer, scheduler = setup(*a, **kw)
-        attach_adagc(optimizer, model, adagc)
+    def build_with_adagc(config, model_chunks, *args, **kwargs):
+        optimizer = build(config, model_chunks, *args, **kwargs)
+        attach_adagc(optimizer, model_chunks, adagc)
         _log_adagc_each_step(optimizer)
-        tracker = checkpointing.get_checkpoint_tracker_filename(args.load) if args.load else None
-        if tracker and os.path.isfile(tracker):
-            iteration, _ = checkpointing.read_metadata(tracker)
-            state = _adagc_file(args.load, iteration)
-            if os.path.isfile(state):
-                adagc.load_state_dict(torch.load(state, weights_only=False))
-        return model, optimizer, scheduler
+        return optimizer
 
-    def save_with_adagc(iteration, *a, **kw):
-        result = save(iteration, *a, **kw)
-        path = _adagc_file(args.save, iteration)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(adagc.state_dict(), path)
-        return result
-
-    training.setup_model_and_optimizer = setup_with_adagc
-    training.save_checkpoint = save_with_adagc
+    training.get_megatron_optimizer = build_with_adagc
+    try:
+        yield
+    finally:
+        training.get_megatron_optimizer = build
 
 
 def _log_adagc_each_step(optimizer) -> None:
@@ -210,10 +216,3 @@ def _log_adagc_each_step(optimizer) -> None:
         return result
 
     optimizer.step = step_and_log
-
-
-def _adagc_file(folder: str | None, iteration: int | None) -> str | None:
-    if not folder or iteration is None:
-        return None
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    return os.path.join(folder, "adagc", f"iter_{iteration:07d}", f"rank_{rank:05d}.pt")

@@ -1,8 +1,12 @@
 """LLaMA / Mixtral models from a config, as megatron-core GPTModels.
 
-`model_provider(cfg, pre_process, post_process, vp_stage)` is what Megatron-LM's `pretrain()` and our
-CPU loop both call. Layer specs: Transformer Engine's on a GPU when it is installed (NGC images),
-megatron-core's local modules otherwise, with an RMSNorm that accepts sequence parallelism.
+`model_provider(cfg, pre_process, post_process, vp_stage, config)` builds the model both loops train: the
+local loop passes no TransformerConfig (it is derived from our config by `transformer_config_from`), while
+megatron.training's provider (megatron_entry) passes the one Megatron derives from its arguments, with the
+GPU fusions and any flag given in `megatron.extra_args`. The config's `transformer_impl` picks the layers:
+Transformer Engine's (GPUs with TE, as in NGC images) or megatron-core's local modules, with an RMSNorm
+that accepts sequence parallelism. Local layers read checkpoints written with TE layers and the other way
+round: their sharded keys are the same.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from megatron_simreg.config import Config
+from megatron_simreg.run_plan import padded_vocab_size
 
 
 class SequenceParallelRMSNorm(torch.nn.RMSNorm):
@@ -31,10 +36,15 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def padded_vocab_size(cfg: Config) -> int:
-    """The tokenizer's vocabulary padded so the embedding splits evenly over tensor-parallel ranks."""
-    multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tensor
-    return -(-cfg.model.vocab_size // multiple) * multiple
+def have_transformer_engine() -> bool:
+    """Whether this node can run Transformer Engine's layers: CUDA and the package."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def transformer_config_from(cfg: Config) -> TransformerConfig:
@@ -74,16 +84,17 @@ def transformer_config_from(cfg: Config) -> TransformerConfig:
         expert_model_parallel_size=p.expert,
         sequence_parallel=p.sequence_parallel and p.tensor > 1,
         use_cpu_initialization=not torch.cuda.is_available(),
+        transformer_impl="transformer_engine" if have_transformer_engine() else "local",
         **moe,
     )
 
 
 def block_spec(config: TransformerConfig, vp_stage: int | None = None):
-    """Transformer Engine's fused layers on a GPU when available; local megatron-core modules otherwise.
+    """The layers `config.transformer_impl` names: Transformer Engine's fused ones, or local megatron-core modules.
 
     The local spec's norms (and the final norm) are swapped for one that accepts sequence parallelism.
     """
-    if torch.cuda.is_available() and _have_transformer_engine():
+    if config.transformer_impl == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm)
@@ -92,14 +103,6 @@ def block_spec(config: TransformerConfig, vp_stage: int | None = None):
     layer.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
     layers = [layer] * get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=layers, layer_norm=SequenceParallelRMSNorm)
-
-
-def _have_transformer_engine() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def model_provider(
@@ -112,9 +115,9 @@ def model_provider(
 ) -> GPTModel:
     """A GPTModel for this pipeline stage (Megatron-LM's model-provider contract).
 
-    megatron.training 0.19 calls `model_provider(pre_process=, post_process=, [vp_stage=,] config=,
-    pg_collection=)`, with the TransformerConfig it built from our arguments (the same model, plus its
-    GPU fusions): that one is used when given. The CPU loop passes neither.
+    `config`: the TransformerConfig to build from; None derives it from `cfg` (the local loop). megatron.training
+    0.19 itself passes None (it calls `model_provider(pre_process=, post_process=, [vp_stage=,] config=None,
+    pg_collection=)`), so megatron_entry's provider fills in the config Megatron derives from its arguments.
     """
     if config is None:
         config = transformer_config_from(cfg)

@@ -167,11 +167,13 @@ def forward_step(objective: SimRegObjective, batch_fn, data_iterator, model):
 
 @contextlib.contextmanager
 def _capture_layer_output(model, objective: SimRegObjective, context: dict):
-    """For `simreg.layer >= 0`: hand that decoder layer's output to the output processor."""
-    if not objective.enabled or objective.layer < 0:
+    """For `simreg.layer >= 0`: hand that decoder layer's output to the output processor (last stage only,
+    where SimReg runs; `check_layout` made sure the layer lives there)."""
+    module = _gpt_model(model)
+    if not objective.enabled or objective.layer < 0 or not module.post_process:
         yield
         return
-    layer = _decoder_layer(model, objective.layer)
+    layer = next(layer for layer in module.decoder.layers if layer.layer_number == objective.layer + 1)
     handle = layer.register_forward_hook(lambda _module, _inputs, output: context.__setitem__("layer_output", output[0]))
     try:
         yield
@@ -179,18 +181,10 @@ def _capture_layer_output(model, objective: SimRegObjective, context: dict):
         handle.remove()
 
 
-def _decoder_layer(model, index: int):
-    """The decoder layer with 0-based global index `index`, which must live on this (last) pipeline stage."""
+def _gpt_model(model):
     while not hasattr(model, "decoder"):  # DDP and Float16Module wrap the GPTModel as .module
         model = model.module
-    for layer in model.decoder.layers:
-        if layer.layer_number == index + 1:
-            return layer
-    held = [layer.layer_number - 1 for layer in model.decoder.layers]
-    raise ValueError(
-        f"simreg.layer={index} is not on this pipeline stage (it holds layers {held[0]}..{held[-1]}); "
-        "SimReg runs on the last stage: choose one of its layers or -1 for the final hidden states"
-    )
+    return model
 
 
 def reduce_reports(reports: list[dict[str, torch.Tensor]], group=None) -> dict[str, float]:

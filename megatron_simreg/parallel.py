@@ -14,7 +14,6 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_simreg.config import Config, check_layout
-from megatron_simreg.cpu_compat import enable_cpu_compat
 
 
 def initialize(cfg: Config) -> None:
@@ -24,8 +23,7 @@ def initialize(cfg: Config) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
-    else:
-        enable_cpu_compat()
+    else:  # megatron-core itself needs `cpu_compat()` around this on CPU (the local loop enters it)
         backend = "gloo"
     if not dist.is_initialized():
         if "MASTER_PORT" in os.environ:  # torchrun (or Slurm's launcher) set up the rendezvous

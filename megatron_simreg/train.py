@@ -6,8 +6,11 @@ single- or multi-process over gloo.
 """
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
+import warnings
 
 import torch
 
@@ -41,17 +44,41 @@ def main(argv=None):
         except ValueError as error:
             sys.exit(f"dry run: {error}")
         return
-    if torch.cuda.is_available():
-        from megatron_simreg.megatron_entry import pretrain
-
-        pretrain(cfg)
-        return
-    from megatron_simreg.local_loop import TrainingError, train
+    with _quiet_megatron_imports():
+        if torch.cuda.is_available():
+            from megatron_simreg.megatron_entry import pretrain as run
+        else:
+            from megatron_simreg.local_loop import train as run
+    from megatron_simreg.local_loop import TrainingError
+    from megatron_simreg.megatron_adagc import AdaGCStateMissing
 
     try:
-        train(cfg)
-    except (ConfigError, TrainingError, FileNotFoundError, ValueError) as error:
+        run(cfg)
+    except (ConfigError, TrainingError, AdaGCStateMissing, FileNotFoundError, ValueError) as error:
         sys.exit(f"training stopped: {error}")
+
+
+@contextlib.contextmanager
+def _quiet_megatron_imports():
+    """Import megatron-core without its start-up warnings about missing Transformer Engine and apex; say once,
+    in our words, which implementation runs instead."""
+    from megatron_simreg.model import have_transformer_engine
+
+    cpp_extension = logging.getLogger("torch.utils.cpp_extension")  # "No CUDA runtime is found" on CPU
+    level = cpp_extension.level
+    cpp_extension.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"(Transformer Engine and )?Apex (is|are) not installed")
+            yield
+    finally:
+        cpp_extension.setLevel(level)
+    if not torch.cuda.is_available():
+        print("megatron-simreg: no GPU here, so the local training loop runs on CPU with megatron-core's local layers "
+              "(no Transformer Engine or apex); on GPUs the same command runs megatron.training.", file=sys.stderr)
+    elif not have_transformer_engine():
+        print("megatron-simreg: Transformer Engine is not installed, so megatron.training runs megatron-core's local "
+              "layers without TE's fusions (the NGC PyTorch image has TE).", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Run a function on several gloo processes on this machine and collect what each returns.
 
 `fn(rank, world_size, *args, **kwargs)` must be a module-level function (it is pickled into the
-new processes). A failing rank's traceback is raised in the caller.
+new processes); it runs inside `cpu_compat()`, so megatron-core works on the CPU. A failing rank's
+traceback is raised in the caller.
 
 Processes come from a fork server that has imported torch and megatron-core once: each rank still
 starts from a clean interpreter state (nothing a test did in the parent or an earlier rank carries
@@ -17,6 +18,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from megatron_simreg.cpu_compat import cpu_compat
 
 PRELOADED = ["torch", "torch.distributed", "megatron.core", "megatron_simreg.model", "megatron_simreg.local_loop"]
 mp.get_context("forkserver").set_forkserver_preload(PRELOADED)
@@ -45,7 +48,8 @@ def _worker(rank, world_size, port, environment, results_dir, fn, args, kwargs):
     # A rank that fails mid-collective must not leave the others waiting forever.
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
     try:
-        outcome = (True, fn(rank, world_size, *args, **kwargs))
+        with cpu_compat():
+            outcome = (True, fn(rank, world_size, *args, **kwargs))
     except BaseException:  # report every failure, assertion or not, to the parent
         outcome = (False, traceback.format_exc())
     finally:

@@ -19,7 +19,7 @@ import types
 
 import torch
 
-from megatron_simreg.cpu_compat import _CudaStreamsOnCpu, enable_cpu_compat
+from megatron_simreg.cpu_compat import CudaStreamsOnCpu, cpu_compat
 
 # The megatron.training modules (and the core ones only it reaches) that touch CUDA directly.
 _MODULES = (
@@ -30,7 +30,7 @@ _MODULES = (
 )
 
 
-class _OneCpuDevice(_CudaStreamsOnCpu):
+class _OneCpuDevice(CudaStreamsOnCpu):
     """`torch.cuda` as those modules see it: one device (the CPU), no memory to report."""
 
     is_available = staticmethod(lambda: True)
@@ -63,7 +63,6 @@ class _TorchOnCpu:
 
 
 def megatron_training_on_cpu() -> None:
-    assert enable_cpu_compat(), "this script is for machines without CUDA"
     torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor
     torch.nn.Module.cuda = lambda module, *args, **kwargs: module
     torch.cuda.synchronize = lambda *args: None
@@ -74,15 +73,15 @@ def megatron_training_on_cpu() -> None:
     # means nothing and would draw from the CPU generator our CPU-initialised weights come from.
     importlib.import_module("megatron.training.initialize")._warmup_jit_function = lambda *args, **kwargs: None
 
-    import megatron_simreg.megatron_entry as entry
-
-    arguments = entry.megatron_arguments
-    entry.megatron_arguments = lambda cfg, run_dir=None: arguments(cfg, run_dir) + ["--distributed-backend", "gloo"]
-
 
 if __name__ == "__main__":  # checkpoint saving starts helper processes that import this file again
     from megatron_simreg.config import load_config
     from megatron_simreg.megatron_entry import pretrain
 
-    megatron_training_on_cpu()
-    pretrain(load_config(sys.argv[1], sys.argv[2:]))
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+    # No NCCL without GPUs; weights drawn on the CPU as the local loop draws them, so both loops start alike.
+    cfg.megatron.extra_args += ["--distributed-backend", "gloo", "--use-cpu-initialization"]
+    with cpu_compat() as active:
+        assert active, "this script is for machines without CUDA"
+        megatron_training_on_cpu()
+        pretrain(cfg)

@@ -46,9 +46,11 @@ def test_dense_models_train_for_the_same_number_of_steps_as_the_paper():
     """Appendix: every dense model trains the same N steps, ~52B tokens at batch 2048 (1.3B-7B), so the 350M
     model at batch 512 sees a quarter of that, ~13B tokens (NOTES.md, corrected)."""
     from megatron_simreg.megatron_entry import megatron_arguments
+    from megatron_simreg.run_plan import plan_run
 
     def iterations(name):
-        args = megatron_arguments(load_config(f"configs/{name}.yaml"), run_dir="unused")
+        cfg = load_config(f"configs/{name}.yaml")
+        args = megatron_arguments(cfg, plan_run(cfg, 64), transformer_engine=True)
         return int(args[args.index("--train-iters") + 1])
 
     dense = {name: iterations(name) for name in PAPER if not PAPER[name]["experts"]}
@@ -155,6 +157,8 @@ def test_config_files_that_cannot_be_read(tmp_path):
     (4, ["training.global_batch_size=6"], "global_batch_size=6 is not divisible by micro_batch_size\\*data_parallel = 4\\*4"),
     (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "simreg.mode=chunk", "simreg.chunk_size=48"],
      "chunk_size=48 does not divide the per-rank sequence piece of 64 tokens"),
+    (2, ["parallel.pipeline=2", "simreg.layer=0"], "simreg.layer=0 is not on the last pipeline stage.*layers 1..1"),
+    (1, ["simreg.layer=2"], "simreg.layer=2 is not on the last pipeline stage.*layers 0..1 of 2"),
 ])
 def test_impossible_layouts_are_refused_with_the_reason(world, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -166,6 +170,10 @@ def test_every_layout_problem_is_reported_at_once():
         check_layout(tiny("parallel.tensor=8", "parallel.pipeline=3"), 16)
     text = str(error.value)
     assert "world size 16" in text and "parallel.tensor=8" in text and "parallel.pipeline=3" in text
+
+
+def test_an_intermediate_simreg_layer_on_the_last_stage_is_fine():
+    assert check_layout(tiny("parallel.pipeline=2", "simreg.layer=1"), 2) == 1
 
 
 def test_possible_layouts_give_the_data_parallel_size():

@@ -4,8 +4,9 @@ import subprocess
 import sys
 
 import pytest
-
+import torch
 from distributed import run_distributed
+
 from megatron_simreg.config import ConfigError, load_config
 from megatron_simreg.dry_run import memory_per_gpu, parameter_count, report
 from megatron_simreg.megatron_entry import megatron_arguments
@@ -53,16 +54,33 @@ def test_counts_agree_with_a_built_model(name):
     assert run_distributed(built_parameters, 1, name)[0] == parameter_count(load_config(f"configs/{name}.yaml")).total
 
 
-def test_megatron_parses_the_generated_arguments(monkeypatch):
-    from megatron.training.arguments import parse_args
+@pytest.mark.parametrize("name", list(PAPER) + ["mixtral-8x1b"])
+def test_megatron_accepts_the_generated_arguments_and_performance_flags(name, monkeypatch):
+    """What a GPU node runs (Transformer Engine), the configs' megatron.extra_args included, passes Megatron's
+    own parser and validation, reaches the TransformerConfig, and is what --dry-run prints."""
+    from megatron.training import arguments
 
-    for name in ("llama2-7b", "mixtral-8x1b"):
-        cfg = load_config(f"configs/{name}.yaml")
-        monkeypatch.setattr(sys, "argv", ["pretrain"] + megatron_arguments(cfg))
-        args = parse_args()
-        assert args.num_layers == cfg.model.num_layers and args.hidden_size == cfg.model.hidden_size
-        assert args.tensor_model_parallel_size == cfg.parallel.tensor and args.swiglu
-        assert args.num_experts == cfg.model.num_experts
+    from megatron_simreg.run_plan import plan_run
+
+    cfg = load_config(f"configs/{name}.yaml")
+    generated = megatron_arguments(cfg, plan_run(cfg, 64), transformer_engine=True)
+    monkeypatch.setattr(sys, "argv", ["pretrain"] + generated)
+    monkeypatch.setattr(arguments, "get_device_arch_version", lambda: 9)  # an H100
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *device: (9, 0))
+    monkeypatch.setenv("WORLD_SIZE", "64")
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # as scripts/launch.sh sets it
+    args = arguments.parse_args()
+    args.world_size, args.rank = 64, 0
+    arguments.validate_args(args)
+    assert args.num_layers == cfg.model.num_layers and args.hidden_size == cfg.model.hidden_size
+    assert args.tensor_model_parallel_size == cfg.parallel.tensor and args.swiglu
+    assert args.num_experts == cfg.model.num_experts
+    assert args.overlap_grad_reduce and args.overlap_param_gather and args.use_distributed_optimizer
+    # the fusions the TransformerConfig takes from these (building it here would need Transformer Engine)
+    assert args.cross_entropy_loss_fusion and args.apply_rope_fusion and args.gradient_accumulation_fusion
+    assert args.transformer_impl == "transformer_engine" and args.bias_swiglu_fusion
+    assert args.moe_grouped_gemm == bool(cfg.model.num_experts) and args.attention_backend.name == "fused"
+    assert " ".join(cfg.megatron.extra_args) in report(cfg, 64)
 
 
 def test_impossible_layout_fails_with_the_reason():
@@ -73,3 +91,43 @@ def test_impossible_layout_fails_with_the_reason():
         capture_output=True, text=True,
     )
     assert result.returncode != 0 and "parallel.expert=8 must divide" in result.stderr
+
+
+def test_a_hugging_face_tokenizer_folder_reaches_megatron_as_one(tmp_path, monkeypatch):
+    """A folder in data.tokenizer is Megatron's HuggingFaceTokenizer (not a SentencePiece model), and Megatron's
+    own tokenizer builder reads it with the vocabulary the run plan checked."""
+    import shutil
+
+    from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
+    from megatron.training import arguments
+    from transformers import LlamaTokenizer
+
+    from megatron_simreg.data import default_tokenizer_path
+    from megatron_simreg.run_plan import plan_run
+
+    folder = tmp_path / "hf_tokenizer"
+    folder.mkdir()
+    shutil.copy(default_tokenizer_path(), folder / "tokenizer.model")
+    LlamaTokenizer.from_pretrained(str(folder)).save_pretrained(str(folder))
+    cfg = load_config("configs/tiny-llama.yaml", [f"data.tokenizer={folder}"])
+    plan = plan_run(cfg, 1)
+    monkeypatch.setattr(sys, "argv", ["pretrain"] + megatron_arguments(cfg, plan, transformer_engine=False))
+    args = arguments.parse_args()
+    assert (args.tokenizer_type, args.tokenizer_model) == ("HuggingFaceTokenizer", str(folder))
+    assert build_tokenizer(args).vocab_size == plan.vocab_size == 32000
+
+
+def test_a_vocabulary_smaller_than_the_tokenizer_is_refused_before_launch():
+    """One check for both loops and the dry run (the run plan): ids past the embedding would be zeroed under
+    tensor parallelism, or crash the GPU on one rank."""
+    from megatron_simreg.run_plan import plan_run
+
+    cfg = load_config("configs/tiny-llama.yaml", ["model.vocab_size=1000"])
+    with pytest.raises(ConfigError, match="model.vocab_size=1000 .* smaller than the tokenizer's 32000 tokens"):
+        plan_run(cfg, 1)
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_simreg.train", "--config", "configs/llama2-7b.yaml", "--dry-run",
+         "--set", "model.vocab_size=1000", "--world-size", "8"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode != 0 and "smaller than the tokenizer's 32000 tokens" in result.stderr

@@ -5,8 +5,8 @@ megatron.training 0.19 calls it, builds the model from that config."""
 import sys
 
 import pytest
-
 from distributed import run_distributed
+
 from megatron_simreg.config import load_config
 
 # Every TransformerConfig field that changes the model's parameters or its forward result.
@@ -33,10 +33,11 @@ def megatron_config(cfg, world_size, monkeypatch):
     from megatron.training.argument_utils import core_transformer_config_from_args
 
     from megatron_simreg.megatron_entry import megatron_arguments
+    from megatron_simreg.run_plan import plan_run
 
-    # Without Transformer Engine (here), Megatron needs its two TE fusions off; validate_args asks for an
-    # H100's architecture when tensor parallelism is on.
-    argv = ["pretrain", *megatron_arguments(cfg), "--no-rope-fusion", "--no-gradient-accumulation-fusion"]
+    # Without Transformer Engine (here) the arguments turn Megatron's two TE fusions off; validate_args asks for
+    # an H100's architecture when tensor parallelism is on.
+    argv = ["pretrain", *megatron_arguments(cfg, plan_run(cfg, world_size), transformer_engine=False)]
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.setattr(arguments, "get_device_arch_version", lambda: 9)
     monkeypatch.setenv("WORLD_SIZE", str(world_size))

@@ -6,14 +6,23 @@ Layout equality of the model itself (TP, TP+SP, PP, DP, EP) is in test_parallel_
 
 import pytest
 import torch
-
 from distributed import run_distributed
+
 from megatron_simreg.config import load_config
 
 STEPS, BATCH, SEQ = 3, 4, 32
-# fp32: rounding of the gradient sums. bf16: the weights are roundings of fp32 master weights that differ
-# in their last bits; where one rounds the other way (one bf16 step, 2.4e-4 at the weights' scale of
-# 0.02-0.06) the next steps see it too.
+# The first step starts from the same weights: the same forward and backward on each rank, so the loss is
+# identical and the gradient norms differ only by fp32 summation order (the all-reduced gradient against the
+# reduce-scattered shards' norms summed): a few ulps, 1e-5 relative bounds that with room.
+FIRST_STEP_NORM_REL = 1e-5
+# After a step the master weights differ in their last fp32 bits (that summation order reaches the clipping
+# coefficient). fp32: the next losses and norms move by the same few ulps. bf16: the bf16 weights are roundings
+# of those master weights, and an entry may round to the neighbouring bf16 value (one ulp, 2^-7 = 7.8e-3 relative
+# at most); the next steps' losses and norms are smooth functions of the weights, so they move by at most that
+# relative amount too, whatever the CPU's bf16 kernels (AVX-512 bf16 or fp32 emulation).
+LATER_STEP_REL = {"fp32": 1e-5, "bf16": 2**-7}
+# Parameters after three steps. fp32: the same last-bit differences, Adam-scaled. bf16: a flipped rounding is one
+# bf16 step (2.4e-4 at the weights' scale of 0.02-0.06; 2 bf16 ulps relative, 1.6e-2) and the next steps see it.
 TOLERANCE = {"fp32": dict(rtol=1e-6, atol=1e-6), "bf16": dict(rtol=1.6e-2, atol=2.5e-4)}
 
 
@@ -65,8 +74,11 @@ def test_distributed_optimizer_matches_the_plain_optimizer(precision):
     plain = run_distributed(train_steps, 2, False, precision)
     sharded = run_distributed(train_steps, 2, True, precision)
     for (want_history, want_params), (history, params) in zip(plain, sharded):
-        for (want_loss, want_norm), (loss, norm) in zip(want_history, history):
-            assert loss == pytest.approx(want_loss, rel=1e-5) and norm == pytest.approx(want_norm, rel=1e-5)
+        (want_loss, want_norm), (loss, norm) = want_history[0], history[0]
+        assert loss == want_loss and norm == pytest.approx(want_norm, rel=FIRST_STEP_NORM_REL)
+        for (want_loss, want_norm), (loss, norm) in zip(want_history[1:], history[1:]):
+            rel = LATER_STEP_REL[precision]
+            assert loss == pytest.approx(want_loss, rel=rel) and norm == pytest.approx(want_norm, rel=rel)
         assert want_history[-1][0] < want_history[0][0] - 0.1, "the steps should train"
         for name, want in want_params.items():
             assert params[name].dtype == want.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)

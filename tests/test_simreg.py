@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from simreg_reference import reference_loss, reference_terms
 
 from megatron_simreg.simreg import simreg_loss, simreg_terms
-from simreg_reference import reference_loss, reference_terms
 
 
 def clustered(b, s, h, labels=5, spread=0.3, seed=0, dtype=torch.float64):
@@ -22,6 +22,12 @@ def clustered(b, s, h, labels=5, spread=0.3, seed=0, dtype=torch.float64):
 
 def random_mask(b, s, keep=0.8, seed=1):
     return torch.rand(b, s, generator=torch.Generator().manual_seed(seed)) < keep
+
+
+# Tolerances. float64 against the float64 reference: the two differ only in summation order (tiles, online
+# log-sum-exps), ~1e-16 of logits up to 1/tau = 100: 1e-10 on values, 1e-8 on gradients (sums of many such terms).
+# fp32 math: a cosine of h-dimensional units is within ~h * 2^-24 of exact, and 1/tau = 100 scales that into the
+# logits: ~1e-4 at h = 64, hence the 1e-4-level tolerances wherever fp32 meets float64.
 
 
 def both_gradients(fast, slow, hidden):
@@ -77,14 +83,15 @@ def test_bf16_input_computes_in_fp32():
     mask = random_mask(2, 32)
     ours = simreg_terms(hidden, labels, mask, 0.01)
     assert ours.dtype == torch.float32
-    ref = reference_terms(hidden.double(), labels, mask, 0.01)
-    torch.testing.assert_close(ours[mask].double(), ref[mask], rtol=1e-4, atol=1e-3)
+    ref = reference_terms(hidden.double(), labels, mask, 0.01)  # the same bf16 values, exact in both
+    torch.testing.assert_close(ours[mask].double(), ref[mask], rtol=1e-4, atol=1e-3)  # fp32 logits: ~4e-4 at h = 64
     x = hidden.detach().clone().requires_grad_()
     simreg_loss(x, labels, mask, 0.01).loss.backward()
     assert x.grad.dtype == torch.bfloat16
     reference_input = hidden.double().requires_grad_()
     reference_loss(reference_input, labels, mask, 0.01).backward()
     slow = reference_input.grad
+    # the gradient is rounded to bf16 on the way out (2^-8 relative) on top of the fp32 logits' error
     torch.testing.assert_close(x.grad.double(), slow, rtol=2e-2, atol=1e-4 * slow.abs().max().item())
 
 
@@ -117,7 +124,7 @@ def test_blockwise_equals_single_tile():
         lambda x: simreg_loss(x, labels, mask, 0.01, block_size=10_000).loss,
         hidden,
     )
-    torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-7)  # fp32 log-sum-exps merged in another order
 
 
 def test_sequence_first_input_is_used_in_place():
@@ -158,7 +165,7 @@ def test_edge_cases_are_finite(case):
     for value in (out.lsr_mean, out.live_fraction, out.negative_angle):
         assert torch.isfinite(value)
     ref = reference_loss(hidden.double(), labels, mask, 0.01)
-    torch.testing.assert_close(out.loss.double(), ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.loss.double(), ref, rtol=1e-4, atol=1e-6)  # fp32 logits at tau = 0.01
     if case == "all same label":  # no negatives anywhere: Lsr = -inf, no loss, no gradient
         assert out.loss == 0 and torch.all(x.grad == 0)
         assert torch.isinf(simreg_terms(hidden, labels, mask)).all()

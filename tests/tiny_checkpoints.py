@@ -6,6 +6,8 @@ tensors, and saves it either in our CPU loop's `torch` layout or as megatron.tra
 (`torch_dist` through megatron-core's dist_checkpointing). It returns this rank's logits on `tokens`.
 """
 
+import dataclasses
+import io
 import os
 
 import torch
@@ -37,20 +39,32 @@ def save_tiny_checkpoint(rank, world, name, run_dir, tokens, layout="torch", ove
         if layout == "torch":
             save_checkpoint(save, 1, {"model": model.state_dict()})
         else:
-            _save_like_megatron_training(model, save, iteration=1)
+            _save_like_megatron_training(model, save, iteration=1, transformer_engine=layout == "torch_dist_te")
         return logits, parallel_state.get_tensor_model_parallel_rank()
     finally:
         parallel.destroy()
 
 
-def _save_like_megatron_training(model, save: str, iteration: int) -> None:
-    """What megatron.training's save_checkpoint does for the model part of a `torch_dist` checkpoint."""
+def _save_like_megatron_training(model, save: str, iteration: int, transformer_engine: bool = False) -> None:
+    """What megatron.training's save_checkpoint does for the model part of a `torch_dist` checkpoint.
+
+    `transformer_engine`: the layout Transformer Engine's layers write. Their weights' sharded keys are the
+    local layers' (the norms live inside the fused layers as `linear_qkv.layer_norm_weight` and
+    `linear_fc1.layer_norm_weight` in both), and TE adds per-module `_extra_state` (FP8 metadata), among them
+    the core attention's, which local layers do not have.
+    """
     metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
     folder = iteration_dir(save, iteration)
     if torch.distributed.get_rank() == 0:
         os.makedirs(folder, exist_ok=True)
     torch.distributed.barrier()
-    state = {"model": model.sharded_state_dict(metadata=metadata), "iteration": iteration, "checkpoint_version": 3.0}
+    sharded = model.sharded_state_dict(metadata=metadata)
+    if transformer_engine:
+        for key in [k for k in sharded if k.endswith("self_attention.linear_qkv._extra_state")]:
+            layer = key.removesuffix("linear_qkv._extra_state")
+            sharded[layer + "core_attention._extra_state"] = dataclasses.replace(
+                sharded[key], key=sharded[key].key.replace("linear_qkv", "core_attention"), data=io.BytesIO(b"fp8 meta"))
+    state = {"model": sharded, "iteration": iteration, "checkpoint_version": 3.0}
     dist_checkpointing.save(state, folder, content_metadata=metadata)
     if torch.distributed.get_rank() == 0:
         with open(os.path.join(save, LATEST), "w") as f:

@@ -28,7 +28,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     png = plot_runs(runs, os.path.join(args.out, "comparison.png"))
     with open(os.path.join(args.out, "comparison.md"), "w", encoding="utf-8") as f:
-        f.write(report + f"\n![curves](comparison.png)\n")
+        f.write(report + "\n![curves](comparison.png)\n")
     print(report)
     print(f"plot: {png}")
 

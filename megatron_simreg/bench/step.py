@@ -19,20 +19,21 @@ import sys
 import time
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_simreg import parallel
 from megatron_simreg.bench.memory import MMAP_ENV, peak_bytes, reset_peak
 from megatron_simreg.config import load_config
-from megatron_simreg.local_loop import build_model_and_optimizer, schedule_of
+from megatron_simreg.cpu_compat import cpu_compat
+from megatron_simreg.local_loop import build_model_and_optimizer
 from megatron_simreg.objective import SimRegObjective, forward_step
+from megatron_simreg.run_plan import plan_run
 
 
 def training_step(cfg):
     """One full training step of a freshly built model on a fixed random batch, as a callable."""
     model, optimizer = build_model_and_optimizer(cfg)
-    schedule = schedule_of(cfg, parallel_state.get_data_parallel_world_size())
+    plan = plan_run(cfg, torch.distributed.get_world_size())
     mbs, seq = cfg.training.micro_batch_size, cfg.model.seq_length
     tokens = torch.randint(0, cfg.model.vocab_size, (mbs, seq + 1), generator=torch.Generator().manual_seed(0))
     batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(mbs, seq),
@@ -44,8 +45,8 @@ def training_step(cfg):
         optimizer.zero_grad()
         get_forward_backward_func()(
             forward_step_func=lambda it, m: forward_step(objective, lambda i: next(i), it, m),
-            data_iterator=iter([batch] * schedule.micro_batches), model=[model],
-            num_microbatches=schedule.micro_batches, seq_length=seq, micro_batch_size=mbs, forward_only=False,
+            data_iterator=iter([batch] * plan.micro_batches), model=[model],
+            num_microbatches=plan.micro_batches, seq_length=seq, micro_batch_size=mbs, forward_only=False,
         )
         optimizer.step()
 
@@ -54,6 +55,11 @@ def training_step(cfg):
 
 def measure(config: str, overrides: list[str], variants: dict[str, list[str]], steps: int, memory: bool) -> dict:
     """Median step seconds per variant (interleaved), or with `memory` each step's peak RSS growth in bytes."""
+    with cpu_compat():
+        return _measure(config, overrides, variants, steps, memory)
+
+
+def _measure(config: str, overrides: list[str], variants: dict[str, list[str]], steps: int, memory: bool) -> dict:
     parallel.initialize(load_config(config, overrides))  # the variants differ in SimReg only, not in layout
     try:
         runs = {name: training_step(load_config(config, overrides + extra)) for name, extra in variants.items()}

@@ -35,7 +35,7 @@ def tokenizer_library(path: str) -> str:
         if importlib.util.find_spec("transformers") is None:
             raise ImportError(
                 f"{path} is a Hugging Face tokenizer folder, which needs `transformers`: "
-                "pip install 'megatron-simreg[hf]' (or transformers), or pass a SentencePiece .model file"
+                "pip install 'megatron-simreg[eval]' (or transformers), or pass a SentencePiece .model file"
             )
         return "huggingface"
     raise FileNotFoundError(
