@@ -13,7 +13,6 @@ folder loads offline with `from_pretrained`.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import re
 import shutil
@@ -219,12 +218,6 @@ def export(checkpoint_dir: str, output_dir: str, config_path: str | None = None,
 
 
 def _write_tokenizer(tokenizer_path: str, folder: str) -> None:
-    if os.path.isdir(tokenizer_path):  # a Hugging Face tokenizer folder: copy its files
-        for path in glob.glob(os.path.join(tokenizer_path, "*")):
-            if os.path.isfile(path) and not path.endswith((".safetensors", ".bin")):
-                shutil.copy(path, folder)
-        return
-    from transformers import LlamaTokenizer
+    from megatron_simreg.hf_tokenizer import write_tokenizer
 
-    shutil.copy(tokenizer_path, os.path.join(folder, "tokenizer.model"))
-    LlamaTokenizer.from_pretrained(folder).save_pretrained(folder)  # adds tokenizer.json and its config
+    write_tokenizer(tokenizer_path, folder)  # checked to encode as training did
