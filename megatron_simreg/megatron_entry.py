@@ -38,6 +38,7 @@ def megatron_arguments(cfg: Config, plan: RunPlan, *, transformer_engine: bool) 
         "--max-position-embeddings", m.seq_length, "--position-embedding-type", "rope", "--rotary-base", m.rotary_base,
         "--normalization", "RMSNorm", "--norm-epsilon", m.norm_epsilon, "--swiglu", "--disable-bias-linear",
         "--init-method-std", m.init_method_std, "--attention-dropout", 0.0, "--hidden-dropout", 0.0,
+        "--attention-softmax-in-fp32",
         "--tokenizer-type", plan.megatron_tokenizer_type, "--tokenizer-model", plan.tokenizer_path,
         "--make-vocab-size-divisible-by", m.make_vocab_size_divisible_by,
         "--micro-batch-size", t.micro_batch_size, "--global-batch-size", t.global_batch_size,

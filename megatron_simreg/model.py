@@ -48,6 +48,8 @@ def have_transformer_engine() -> bool:
 
 
 def transformer_config_from(cfg: Config) -> TransformerConfig:
+    """The TransformerConfig of the local loop (and export): field for field the one megatron.training derives
+    from `megatron_arguments(cfg, ..., transformer_engine=False)` (tested), so both loops compute alike."""
     m, p = cfg.model, cfg.parallel
     bf16 = cfg.training.precision == "bf16"
     moe = {}
@@ -85,6 +87,17 @@ def transformer_config_from(cfg: Config) -> TransformerConfig:
         sequence_parallel=p.sequence_parallel and p.tensor > 1,
         use_cpu_initialization=not torch.cuda.is_available(),
         transformer_impl="transformer_engine" if have_transformer_engine() else "local",
+        # Megatron's defaults for what its arguments leave unset (jit-fused SwiGLU and residual add, softmax in
+        # fp32 as megatron_arguments asks for, pipeline outputs freed after sending, p2p context parallelism)
+        attention_softmax_in_fp32=True,
+        bias_activation_fusion=True,
+        bias_dropout_fusion=True,
+        persist_layer_norm=True,
+        deallocate_pipeline_outputs=True,
+        cp_comm_type="p2p",
+        tensor_parallel_num_weight_shards=p.tensor,
+        expert_tensor_parallel_num_weight_shards=p.tensor,
+        inference_sampling_seed=cfg.training.seed,
         **moe,
     )
 

@@ -62,14 +62,14 @@ def main(argv=None):
 def _quiet_megatron_imports():
     """Import megatron-core without its start-up warnings about missing Transformer Engine and apex; say once,
     in our words, which implementation runs instead."""
-    from megatron_simreg.model import have_transformer_engine
-
     cpp_extension = logging.getLogger("torch.utils.cpp_extension")  # "No CUDA runtime is found" on CPU
     level = cpp_extension.level
     cpp_extension.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"(Transformer Engine and )?Apex (is|are) not installed")
+            from megatron_simreg.model import have_transformer_engine
+
             yield
     finally:
         cpp_extension.setLevel(level)

@@ -127,18 +127,28 @@ TWO_RANK_LAYOUTS = {  # TP: SimReg gathers the sequence shards, AdaGC reduces no
 }
 
 
-@pytest.fixture(scope="module", params=list(TWO_RANK_LAYOUTS))
-def two_rank_run(request, corpus, tmp_path_factory):  # noqa: F811
-    layout = request.param
+def train_on_two_ranks(layout, corpus, tmp_path_factory):  # noqa: F811
     folder = tmp_path_factory.mktemp("two_ranks")
     settings = [f"data.prefix={corpus}", "schedule.train_iters=4", *TWO_RANK_LAYOUTS[layout]]
     log = megatron_training(folder / "megatron", *settings, processes=2)
-    return layout, folder, settings, log
+    return folder, settings, log
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel_run(corpus, tmp_path_factory):  # noqa: F811
+    return train_on_two_ranks("TP=2 + SP", corpus, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=list(TWO_RANK_LAYOUTS))
+def two_rank_run(request, corpus, tmp_path_factory):  # noqa: F811
+    if request.param == "TP=2 + SP":
+        return request.getfixturevalue("tensor_parallel_run")
+    return train_on_two_ranks(request.param, corpus, tmp_path_factory)
 
 
 def test_megatron_loop_on_two_ranks_matches_the_local_loop(two_rank_run):
     """Megatron saves a sharded torch_dist checkpoint; the exporter merges it into the local loop's weights."""
-    _, folder, settings, log = two_rank_run
+    folder, settings, log = two_rank_run
     local_training(folder / "local", *settings, processes=2)
     train, expected = megatron_losses(log), local_losses(folder / "local")
     assert sorted(train) == sorted(expected) == [1, 2, 3, 4]
@@ -159,12 +169,10 @@ def adagc_state(checkpoints, iteration: int) -> dict:
 
 
 @pytest.mark.parametrize("processes", [1, 2], ids=["TP=1", "DP=2"])
-def test_adagc_state_lives_in_the_checkpoint_and_resumes_on_another_layout(two_rank_run, processes, tmp_path):
+def test_adagc_state_lives_in_the_checkpoint_and_resumes_on_another_layout(tensor_parallel_run, processes, tmp_path):
     """Saved at TP=2 + SP inside Megatron's checkpoint, keyed by parameter name, and resumed on one rank or on two
     data-parallel ranks with the same threshold for every tensor (the resumed run's first save holds them)."""
-    layout, folder, settings, _ = two_rank_run
-    if layout != "TP=2 + SP":
-        pytest.skip("saved at TP=2 + SP")
+    folder, settings, _ = tensor_parallel_run
     saved = adagc_state(folder / "megatron" / "checkpoints", 4)
     assert saved["step"] == 4 and any(".linear_qkv." in name for name in saved["gamma"])
     settings = [s for s in settings if not s.startswith("parallel.")]  # one tensor rank: TP=1, or DP=2 on two

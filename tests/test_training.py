@@ -80,7 +80,7 @@ def test_single_process_runs_need_no_port(corpus, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert sorted(read_metrics(tmp_path)) == [1, 2, 3]
     # megatron-core's start-up warnings about Transformer Engine and apex become one line of ours
-    assert "UserWarning" not in run.stderr and "No CUDA runtime" not in run.stderr
+    assert "not installed. Falling back" not in run.stderr and "No CUDA runtime" not in run.stderr
     assert run.stderr.count("the local training loop runs on CPU with megatron-core's local layers") == 1
 
 
