@@ -28,14 +28,13 @@ from megatron_simreg.batches import micro_batches, on_this_rank
 from megatron_simreg.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
 from megatron_simreg.config import Config, ConfigError, save_config
 from megatron_simreg.data import build_gpt_datasets, build_tokenizer
+from megatron_simreg.failures import (
+    TrainingError, check_finite_weights, is_non_finite_gradient, last_good_checkpoint, non_finite_gradient_stop,
+)
 from megatron_simreg.megatron_adagc import attach_adagc
 from megatron_simreg.metrics import MetricsWriter
 from megatron_simreg.model import model_provider, padded_vocab_size
 from megatron_simreg.objective import SimRegObjective, forward_step, reduce_reports
-
-
-class TrainingError(RuntimeError):
-    """Training stopped for a reason the user must act on (a NaN loss, say)."""
 
 
 @dataclass
@@ -64,7 +63,8 @@ def build_model_and_optimizer(cfg: Config):
     pre, post = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
     model = model_provider(cfg, pre_process=pre, post_process=post)
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.distributed_optimizer
+        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        check_for_nan_in_grad=True,  # as megatron.training's --check-for-nan-in-loss-and-grad (see failures.py)
     )
     ddp = DistributedDataParallel(model.config, ddp_config, model)
     o = cfg.optimizer
@@ -147,19 +147,24 @@ def _train(cfg: Config) -> dict:
     while iteration < schedule.train_iters:
         model.zero_grad_buffer()
         optimizer.zero_grad()
-        reports = run_schedule(
-            forward_step_func=step, data_iterator=train_batches, model=[model], num_microbatches=schedule.micro_batches,
-            seq_length=cfg.model.seq_length, micro_batch_size=cfg.training.micro_batch_size, forward_only=False,
-        )
+        try:
+            reports = run_schedule(
+                forward_step_func=step, data_iterator=train_batches, model=[model], num_microbatches=schedule.micro_batches,
+                seq_length=cfg.model.seq_length, micro_batch_size=cfg.training.micro_batch_size, forward_only=False,
+            )
+        except RuntimeError as error:
+            if is_non_finite_gradient(error):
+                raise non_finite_gradient_stop(iteration + 1, save_dir) from None
+            raise
         metrics = _last_stage_metrics(reports, dp_group)
         if metrics is not None and not math.isfinite(metrics["lm loss"] + metrics.get("simreg", 0.0)):
-            previous = latest_iteration(save_dir)
             raise TrainingError(
                 f"loss is not finite at iteration {iteration + 1} ({metrics}); stopped before the optimizer step. "
-                + (f"The last good checkpoint is iteration {previous} in {save_dir}." if previous else "No checkpoint was saved yet.")
+                + last_good_checkpoint(save_dir)
             )
         updated, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=gbs)
+        if updated:  # a skipped step (AdaGC on a non-finite norm) leaves the schedule where it is, as in Megatron
+            scheduler.step(increment=gbs)
         iteration += 1
         consumed += gbs
         if logger is not None:
@@ -175,6 +180,7 @@ def _train(cfg: Config) -> dict:
                 logger.validation(iteration, consumed, valid)
         stop = cfg.training.exit_interval is not None and iteration % cfg.training.exit_interval == 0
         if stop or iteration % cfg.training.save_interval == 0 or iteration == schedule.train_iters:
+            check_finite_weights([model], iteration, save_dir)
             save_checkpoint(save_dir, iteration, {
                 "model": parallel_model(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "adagc": adagc.state_dict() if adagc else None,

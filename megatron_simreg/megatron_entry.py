@@ -9,6 +9,7 @@ and its state is saved beside each Megatron checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from functools import partial
@@ -19,6 +20,7 @@ from megatron_simreg.adagc import AdaGC
 from megatron_simreg.batches import on_this_rank
 from megatron_simreg.config import Config, save_config
 from megatron_simreg.data import build_gpt_datasets, build_tokenizer, default_tokenizer_path
+from megatron_simreg.failures import TrainingError, check_finite_weights, is_non_finite_gradient, non_finite_gradient_stop
 from megatron_simreg.model import model_provider
 from megatron_simreg.objective import SimRegObjective, forward_step
 
@@ -79,7 +81,19 @@ def megatron_arguments(cfg: Config, run_dir: str | None = None) -> list[str]:
         args += ["--transformer-impl", "transformer_engine"]
     else:  # without TE, Megatron's RoPE and gradient-accumulation fusions are unavailable
         args += ["--transformer-impl", "local", "--no-rope-fusion", "--no-gradient-accumulation-fusion"]
+    args += _failure_handling_arguments()
     return [str(a) for a in args]
+
+
+def _failure_handling_arguments() -> list[str]:
+    """How the run stops without losing work, as the local loop does (failures.py).
+
+    `--check-for-nan-in-loss-and-grad` is Megatron's default; with `--rerun-mode disabled` a non-finite
+    gradient stops the run before the optimizer step. (Megatron's default, `validate_results`, reruns the
+    step and saves a checkpoint that resumes only on another GPU: on one node the run could never go on,
+    not even with a lower learning rate.)
+    """
+    return ["--rerun-mode", "disabled"]
 
 
 def _have_transformer_engine() -> bool:
@@ -112,13 +126,42 @@ def pretrain(cfg: Config) -> None:
 
     datasets_provider.is_distributed = True  # every rank reads its own batches (no broadcast)
     step = partial(forward_step, SimRegObjective.from_config(cfg), _cuda_batch)
-    training.pretrain(
-        pretrain_cfg_container_from_args(args),
-        datasets_provider,
-        ModelType.encoder_or_decoder,
-        lambda data_iterator, model, *rest, **kw: step(data_iterator, model),
-        model_provider=partial(model_provider, cfg),
-    )
+    _save_only_finite_weights(training, args)
+    with _stop_in_one_line(args):
+        training.pretrain(
+            pretrain_cfg_container_from_args(args),
+            datasets_provider,
+            ModelType.encoder_or_decoder,
+            lambda data_iterator, model, *rest, **kw: step(data_iterator, model),
+            model_provider=partial(model_provider, cfg),
+        )
+
+
+@contextlib.contextmanager
+def _stop_in_one_line(args):
+    """A stop the user must act on (non-finite gradients or weights) ends in one line naming the checkpoint to
+    resume from, not a traceback."""
+    from megatron.training.global_vars import get_args
+
+    try:
+        yield
+    except TrainingError as error:
+        sys.exit(f"training stopped: {error}")
+    except RuntimeError as error:
+        if not is_non_finite_gradient(error):
+            raise
+        sys.exit(f"training stopped: {non_finite_gradient_stop(get_args().curr_iteration + 1, args.save)}")
+
+
+def _save_only_finite_weights(training, args) -> None:
+    """Refuse a checkpoint of non-finite weights (as the local loop does)."""
+    save = training.save_checkpoint
+
+    def save_if_finite(iteration, model, *a, **kw):
+        check_finite_weights(model, iteration, args.save)
+        return save(iteration, model, *a, **kw)
+
+    training.save_checkpoint = save_if_finite
 
 
 def _use_shipped_dataset_helpers() -> None:

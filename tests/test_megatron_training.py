@@ -25,19 +25,22 @@ TRAIN_LINE = re.compile(r"iteration +(\d+)/ +\d+ \|.*?\| lm loss: (\S+) \| simre
 VALID_LINE = re.compile(r"validation loss at iteration (\d+) \| lm loss value: (\S+) \|")
 
 
-def torchrun(processes: int, *command: str) -> str:
-    """Run `command` (a script or `-m module`) under torchrun on this machine; its standard output."""
+def torchrun(processes: int, *command: str, succeed=True):
+    """Run `command` (a script or `-m module`) under torchrun on this machine; its standard output (or, with
+    succeed=False, the finished process)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
                 "--master-addr=127.0.0.1", f"--master-port={_free_port()}"]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1")
     done = subprocess.run(launcher + list(command), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if not succeed:
+        return done
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done.stdout
 
 
-def megatron_training(run_dir, *overrides, processes=1) -> str:
+def megatron_training(run_dir, *overrides, processes=1, succeed=True):
     return torchrun(processes, os.path.join(ROOT, "tests", "megatron_training_on_cpu.py"), "configs/tiny-llama.yaml",
-                    *SETTINGS, f"logging.run_dir={run_dir}", *overrides)
+                    *SETTINGS, f"logging.run_dir={run_dir}", *overrides, succeed=succeed)
 
 
 def local_training(run_dir, *overrides, processes=1) -> None:
@@ -135,3 +138,29 @@ def test_megatron_loop_on_two_ranks_matches_the_local_loop(layout, corpus, tmp_p
     local = exported_weights(tmp_path / "local", tmp_path / "from_local")
     for name in local:
         assert (megatron[name] - local[name]).abs().max() <= 1e-5 * local[name].abs().max(), name
+
+
+def test_megatron_loop_stops_before_non_finite_gradients_reach_the_weights(corpus, tmp_path):  # noqa: F811
+    """lr = 1e6, as in the local loop's test: Megatron's own gradient check stops the run before the optimizer
+    step, in one line naming the last checkpoint, and every checkpoint holds finite weights."""
+    import torch
+
+    from megatron_simreg.config import load_config
+    from megatron_simreg.export_hf import load_merged_state
+
+    run_dir = tmp_path / "nan"
+    done = megatron_training(run_dir, f"data.prefix={corpus}", "optimizer.lr=1.0e+6", "schedule.warmup_steps=0",
+                             "training.save_interval=1", "schedule.train_iters=30", "training.eval_interval=100",
+                             succeed=False)
+    assert done.returncode != 0
+    line = next((line for line in done.stderr.splitlines() if line.startswith("training stopped:")), None)
+    assert line is not None, done.stderr[-3000:]
+    failed = int(re.search(r"gradient is not finite at iteration (\d+)", line)[1])
+    assert f"The last good checkpoint is iteration {failed - 1} in {run_dir / 'checkpoints'}" in line
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest_checkpointed_iteration.txt").read_text().strip() == str(failed - 1)
+    cfg = load_config(str(run_dir / "config.yaml"))
+    for iteration in range(1, failed):
+        state = load_merged_state(str(checkpoints), cfg, iteration)
+        assert all(torch.isfinite(tensor).all() for tensor in state.values()), iteration
+    assert not (checkpoints / f"iter_{failed:07d}").exists()

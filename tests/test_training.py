@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -113,15 +114,25 @@ def nan_worker(rank, world, cfg):
     return None
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
-    cfg = config(corpus, tmp_path / "nan", "optimizer.lr=1.0e+6", "adagc.enabled=false", "optimizer.clip_grad=0",
-                 "schedule.warmup_steps=0", "training.save_interval=1", "schedule.train_iters=30", "training.eval_interval=100")
+@pytest.mark.parametrize("clipping", [[], ["adagc.enabled=false", "optimizer.clip_grad=0"]], ids=["adagc", "no-clipping"])
+def test_non_finite_gradients_stop_before_the_step_and_keep_the_last_good_checkpoint(clipping, corpus, tmp_path):
+    """lr = 1e6: the gradient turns NaN one iteration before the loss does. The run stops there, before the
+    optimizer touches the weights; the checkpoint it names (and `latest`) holds only finite tensors."""
+    import torch
+
+    cfg = config(corpus, tmp_path / "nan", "optimizer.lr=1.0e+6", *clipping, "schedule.warmup_steps=0",
+                 "training.save_interval=1", "schedule.train_iters=30", "training.eval_interval=100")
     message = run_distributed(nan_worker, 1, cfg)[0]
-    assert message is not None and "loss is not finite at iteration" in message
-    failed = int(message.split("iteration ")[1].split(" ")[0])
-    assert failed > 1 and f"last good checkpoint is iteration {failed - 1}" in message
-    checkpoints = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir() if p.name.startswith("iter_"))
-    assert checkpoints[-1] == f"iter_{failed - 1:07d}"  # nothing saved after the NaN
+    assert message is not None and "is not finite at iteration" in message and "\n" not in message
+    failed = int(re.search(r"at iteration (\d+)", message)[1])
+    good = failed - 1
+    assert failed > 1 and f"last good checkpoint is iteration {good} " in message
+    checkpoints = tmp_path / "nan" / "checkpoints"
+    saved = sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("iter_"))
+    assert saved[-1] == f"iter_{good:07d}" and (checkpoints / "latest_checkpointed_iteration.txt").read_text() == str(good)
+    for name in saved:
+        state = torch.load(checkpoints / name / "mp_rank_00_000" / "model_optim_rng.pt", weights_only=False)
+        assert all(torch.isfinite(t).all() for t in state["model"].values() if torch.is_tensor(t) and t.is_floating_point())
 
 
 def layer_worker(rank, world, cfg):

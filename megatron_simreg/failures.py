@@ -1,0 +1,51 @@
+"""Stopping without losing work, the same way in both loops (the local loop and megatron.training).
+
+Non-finite gradients: megatron-core's DDP checks every gradient bucket for NaN/Inf before the data-parallel
+reduction (Megatron-LM's `--check-for-nan-in-loss-and-grad`, on in both loops), so the run stops before the
+optimizer touches the weights, and names the last checkpoint, which holds finite weights: a save is refused
+when any weight is not finite.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_simreg.checkpoint import latest_iteration
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must act on (a NaN loss, say)."""
+
+
+def is_non_finite_gradient(error: BaseException) -> bool:
+    """megatron-core's gradient check failed (its rerun state machine raises this when result validation
+    is off: "Unexpected result nan (message='found NaN in local grad norm for bucket #0 ...')")."""
+    text = str(error)
+    return isinstance(error, RuntimeError) and "Unexpected result" in text and "grad norm" in text
+
+
+def last_good_checkpoint(save_dir: str) -> str:
+    """Where to resume after a stop for non-finite numbers, and how."""
+    iteration = latest_iteration(save_dir)
+    if iteration is None:
+        return "No checkpoint was saved yet; lower optimizer.lr and start again."
+    return (f"The last good checkpoint is iteration {iteration} in {save_dir}: resume from it with a lower "
+            "learning rate (--set optimizer.lr=...).")
+
+
+def non_finite_gradient_stop(iteration: int, save_dir: str) -> TrainingError:
+    return TrainingError(f"the gradient is not finite at iteration {iteration}; stopped before the optimizer step. "
+                         + last_good_checkpoint(save_dir))
+
+
+def check_finite_weights(model_chunks, iteration: int, save_dir: str) -> None:
+    """Refuse to checkpoint non-finite weights (every rank decides alike: the save's barriers need all of them)."""
+    params = [p for chunk in model_chunks for p in chunk.parameters()]
+    flags = [~torch.isfinite(p).all() for p in params]  # on the weights' device: NCCL reduces GPU tensors only
+    bad = torch.stack(flags).sum().reshape(1).long() if flags else torch.zeros(1, dtype=torch.long)
+    if dist.is_initialized():
+        dist.all_reduce(bad)
+    if int(bad):
+        raise TrainingError(f"{int(bad)} weight tensors are not finite after iteration {iteration}; not saved. "
+                            + last_good_checkpoint(save_dir))
