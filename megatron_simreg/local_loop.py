@@ -35,6 +35,7 @@ from megatron_simreg.megatron_adagc import attach_adagc
 from megatron_simreg.metrics import MetricsWriter
 from megatron_simreg.model import model_provider, padded_vocab_size
 from megatron_simreg.objective import SimRegObjective, forward_step, reduce_reports
+from megatron_simreg.resume import accept_changed_settings
 
 
 @dataclass
@@ -92,6 +93,7 @@ def build_scheduler(cfg: Config, optimizer, schedule: Schedule) -> OptimizerPara
         lr_warmup_steps=cfg.schedule.warmup_steps * gbs, lr_decay_steps=schedule.train_iters * gbs,
         lr_decay_style=cfg.schedule.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
         wd_incr_steps=schedule.train_iters * gbs, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,  # the config wins (resume.py)
     )
 
 
@@ -124,6 +126,7 @@ def _train(cfg: Config) -> dict:
     if adagc is not None:
         attach_adagc(optimizer, [model], adagc)
     scheduler = build_scheduler(cfg, optimizer, schedule)
+    accept_changed_settings(optimizer, scheduler, gbs)
 
     save_dir = cfg.checkpoint.save or os.path.join(cfg.run_dir, "checkpoints")
     load_dir = cfg.checkpoint.load or save_dir

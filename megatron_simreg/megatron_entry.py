@@ -23,6 +23,7 @@ from megatron_simreg.data import build_gpt_datasets, build_tokenizer, default_to
 from megatron_simreg.failures import TrainingError, check_finite_weights, is_non_finite_gradient, non_finite_gradient_stop
 from megatron_simreg.model import model_provider
 from megatron_simreg.objective import SimRegObjective, forward_step
+from megatron_simreg.resume import accept_changed_settings
 
 
 def megatron_arguments(cfg: Config, run_dir: str | None = None) -> list[str]:
@@ -91,9 +92,10 @@ def _failure_handling_arguments() -> list[str]:
     `--check-for-nan-in-loss-and-grad` is Megatron's default; with `--rerun-mode disabled` a non-finite
     gradient stops the run before the optimizer step. (Megatron's default, `validate_results`, reruns the
     step and saves a checkpoint that resumes only on another GPU: on one node the run could never go on,
-    not even with a lower learning rate.)
+    not even with a lower learning rate.) A resumed run takes the config's optimizer settings
+    (`--override-opt_param-scheduler`; resume.py lets the optimizer's parameter groups follow).
     """
-    return ["--rerun-mode", "disabled"]
+    return ["--rerun-mode", "disabled", "--override-opt_param-scheduler"]
 
 
 def _have_transformer_engine() -> bool:
@@ -127,6 +129,7 @@ def pretrain(cfg: Config) -> None:
     datasets_provider.is_distributed = True  # every rank reads its own batches (no broadcast)
     step = partial(forward_step, SimRegObjective.from_config(cfg), _cuda_batch)
     _save_only_finite_weights(training, args)
+    _accept_changed_optimizer_settings(training, args)
     with _stop_in_one_line(args):
         training.pretrain(
             pretrain_cfg_container_from_args(args),
@@ -151,6 +154,18 @@ def _stop_in_one_line(args):
         if not is_non_finite_gradient(error):
             raise
         sys.exit(f"training stopped: {non_finite_gradient_stop(get_args().curr_iteration + 1, args.save)}")
+
+
+def _accept_changed_optimizer_settings(training, args) -> None:
+    """A resume with another lr, warm-up, ... works and says what changed, as in the local loop (resume.py)."""
+    build = training.get_optimizer_param_scheduler
+
+    def build_accepting_changes(optimizer):
+        scheduler = build(optimizer)
+        accept_changed_settings(optimizer, scheduler, args.global_batch_size)
+        return scheduler
+
+    training.get_optimizer_param_scheduler = build_accepting_changes
 
 
 def _save_only_finite_weights(training, args) -> None:

@@ -8,6 +8,7 @@ in both, and both checkpoints must export to the same Hugging Face weights.
 """
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -164,3 +165,25 @@ def test_megatron_loop_stops_before_non_finite_gradients_reach_the_weights(corpu
         state = load_merged_state(str(checkpoints), cfg, iteration)
         assert all(torch.isfinite(tensor).all() for tensor in state.values()), iteration
     assert not (checkpoints / f"iter_{failed:07d}").exists()
+
+
+LR_LINE = re.compile(r"iteration +(\d+)/ +\d+ \|.*?\| learning rate: (\S+) \|")
+
+
+def test_megatron_loop_resumes_with_changed_optimizer_settings(corpus, tmp_path):  # noqa: F811
+    """As the local loop's test: stopped at iteration 2, resumed with another lr, min_lr, warm-up, length and
+    weight decay; Megatron's parameter groups and scheduler take them, and one line says what changed."""
+    data = f"data.prefix={corpus}"
+    megatron_training(tmp_path, data, "schedule.train_iters=4", "training.exit_interval=2")
+    new = ["optimizer.lr=1.0e-3", "optimizer.min_lr=1.0e-4", "schedule.warmup_steps=1", "optimizer.weight_decay=0.01",
+           "schedule.train_iters=6"]
+    log = megatron_training(tmp_path, data, *new)
+    line = next(line for line in log.splitlines() if "changed optimizer settings" in line)
+    assert "resuming from iteration 2" in line
+    for change in ("optimizer.lr 0.002 -> 0.001", "optimizer.min_lr 0.0002 -> 0.0001", "schedule.warmup_steps 2 -> 1",
+                   "schedule.train_iters 4 -> 6", "optimizer.weight_decay 0.1 -> 0.01"):
+        assert change in line, line
+    rates = {int(i): float(lr) for i, lr in LR_LINE.findall(log)}
+    assert sorted(rates) == [3, 4, 5, 6]
+    for iteration, rate in rates.items():  # the rate set after step k: cosine from 1e-3 to 1e-4 over steps 1..6
+        assert rate == pytest.approx(1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi * (iteration - 1) / 5)), rel=1e-6)

@@ -1,6 +1,7 @@
 """The local training loop: exact resume, lambda = 0, NaN handling, bad layouts and data."""
 
 import json
+import math
 import os
 import re
 
@@ -133,6 +134,38 @@ def test_non_finite_gradients_stop_before_the_step_and_keep_the_last_good_checkp
     for name in saved:
         state = torch.load(checkpoints / name / "mp_rank_00_000" / "model_optim_rng.pt", weights_only=False)
         assert all(torch.isfinite(t).all() for t in state["model"].values() if torch.is_tensor(t) and t.is_floating_point())
+
+
+def train_printing_worker(rank, world, cfg):
+    """train(), returning what it printed."""
+    import contextlib
+    import io
+
+    from megatron_simreg.local_loop import train
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        train(cfg)
+    return out.getvalue()
+
+
+def test_resume_with_changed_optimizer_settings(corpus, tmp_path):
+    """Stopped at iteration 3, resumed with another lr, min_lr, warm-up, length and weight decay (as after a NaN
+    stop): the new settings apply from the next step on, and one line says what changed."""
+    run_distributed(train_worker, 1, config(corpus, tmp_path, "training.exit_interval=3"))
+    new = ["optimizer.lr=1.0e-3", "optimizer.min_lr=1.0e-4", "schedule.warmup_steps=1", "optimizer.weight_decay=0.01",
+           "schedule.train_iters=8"]
+    printed = run_distributed(train_printing_worker, 1, config(corpus, tmp_path, *new))[0]
+    line = next(line for line in printed.splitlines() if "changed optimizer settings" in line)
+    assert "resuming from iteration 3" in line
+    for change in ("optimizer.lr 0.002 -> 0.001", "optimizer.min_lr 0.0002 -> 0.0001", "schedule.warmup_steps 2 -> 1",
+                   "schedule.train_iters 6 -> 8", "optimizer.weight_decay 0.1 -> 0.01"):
+        assert change in line, line
+    logged = read_metrics(tmp_path)
+    assert sorted(logged) == list(range(1, 9))
+    for iteration in range(4, 9):  # the rate set after step k: cosine from 1e-3 to 1e-4 over steps 1..8
+        expected = 1e-4 + (1e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * (iteration - 1) / (8 - 1)))
+        assert logged[iteration]["learning-rate"] == pytest.approx(expected, rel=1e-12), iteration
 
 
 def layer_worker(rank, world, cfg):
