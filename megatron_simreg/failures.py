@@ -4,9 +4,17 @@ Non-finite gradients: megatron-core's DDP checks every gradient bucket for NaN/I
 reduction (Megatron-LM's `--check-for-nan-in-loss-and-grad`, on in both loops), so the run stops before the
 optimizer touches the weights, and names the last checkpoint, which holds finite weights: a save is refused
 when any weight is not finite.
+
+Signals: SIGTERM (a Slurm time limit or preemption) and SIGINT (Ctrl-C) let the current step finish; the run
+saves a checkpoint, says so in one line and exits with 128 + the signal's number, so a requeued job resumes
+from it. The local loop's handler only records the signal (nothing is interrupted mid-step, so no traceback
+from inside a backward pass); megatron.training does the same with its own `--exit-signal-handler`.
 """
 
 from __future__ import annotations
+
+import signal
+import threading
 
 import torch
 import torch.distributed as dist
@@ -49,3 +57,50 @@ def check_finite_weights(model_chunks, iteration: int, save_dir: str) -> None:
     if int(bad):
         raise TrainingError(f"{int(bad)} weight tensors are not finite after iteration {iteration}; not saved. "
                             + last_good_checkpoint(save_dir))
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(TrainingError):
+    """Stopped by a signal after saving; the process should exit with `exit_code` (128 + the signal)."""
+
+    def __init__(self, signum: int, iteration: int, save_dir: str):
+        super().__init__(interrupted_message(signum, iteration, save_dir))
+        self.exit_code = 128 + signum
+
+
+def interrupted_message(signum: int, iteration: int | None, save_dir: str) -> str:
+    name = signal.Signals(signum).name
+    if iteration is None:
+        return f"received {name} before the first checkpoint; nothing was saved (exit code {128 + signum})"
+    return (f"received {name}: finished iteration {iteration} and saved it in {save_dir}; exit code {128 + signum}, "
+            "run the same command to resume")
+
+
+class StopSignals:
+    """Records SIGTERM/SIGINT while training (main thread only; the previous handlers come back on exit).
+
+    Written here because megatron.training's DistributedSignalHandler takes one signal and sits in its loop.
+    """
+
+    def __enter__(self):
+        self.received = 0
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
+        return self
+
+    def _record(self, signum, frame) -> None:
+        self.received = self.received or signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self) -> int:
+        """The signal some rank received (0: none), the same on every rank so all of them stop together."""
+        flag = torch.tensor([self.received])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)

@@ -29,7 +29,8 @@ from megatron_simreg.checkpoint import latest_iteration, load_checkpoint, save_c
 from megatron_simreg.config import Config, ConfigError, save_config
 from megatron_simreg.data import build_gpt_datasets, build_tokenizer
 from megatron_simreg.failures import (
-    TrainingError, check_finite_weights, is_non_finite_gradient, last_good_checkpoint, non_finite_gradient_stop,
+    Interrupted, StopSignals, TrainingError, check_finite_weights, is_non_finite_gradient, last_good_checkpoint,
+    non_finite_gradient_stop,
 )
 from megatron_simreg.megatron_adagc import attach_adagc
 from megatron_simreg.metrics import MetricsWriter
@@ -101,12 +102,13 @@ def train(cfg: Config) -> dict:
     """Run (or resume) training; returns the last logged metrics."""
     parallel.initialize(cfg)
     try:
-        return _train(cfg)
+        with StopSignals() as signals:
+            return _train(cfg, signals)
     finally:
         parallel.destroy()
 
 
-def _train(cfg: Config) -> dict:
+def _train(cfg: Config, signals: StopSignals) -> dict:
     schedule = schedule_of(cfg, parallel_state.get_data_parallel_world_size())
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     if padded_vocab_size(cfg) < tokenizer.vocab_size:
@@ -181,7 +183,8 @@ def _train(cfg: Config) -> dict:
             valid = evaluate(cfg, model, step, valid_set, schedule, dp_group)
             if logger is not None and valid is not None:
                 logger.validation(iteration, consumed, valid)
-        stop = cfg.training.exit_interval is not None and iteration % cfg.training.exit_interval == 0
+        signalled = signals.agreed()
+        stop = cfg.training.exit_interval is not None and iteration % cfg.training.exit_interval == 0 or bool(signalled)
         if stop or iteration % cfg.training.save_interval == 0 or iteration == schedule.train_iters:
             check_finite_weights([model], iteration, save_dir)
             save_checkpoint(save_dir, iteration, {
@@ -189,6 +192,10 @@ def _train(cfg: Config) -> dict:
                 "scheduler": scheduler.state_dict(), "adagc": adagc.state_dict() if adagc else None,
                 "consumed_samples": consumed,
             })
+        if signalled:
+            if logger is not None:
+                logger.close()
+            raise Interrupted(signalled, iteration, save_dir)
         if stop:
             break
     if logger is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from functools import partial
 
@@ -20,7 +21,10 @@ from megatron_simreg.adagc import AdaGC
 from megatron_simreg.batches import on_this_rank
 from megatron_simreg.config import Config, save_config
 from megatron_simreg.data import build_gpt_datasets, build_tokenizer, default_tokenizer_path
-from megatron_simreg.failures import TrainingError, check_finite_weights, is_non_finite_gradient, non_finite_gradient_stop
+from megatron_simreg.checkpoint import latest_iteration
+from megatron_simreg.failures import (
+    TrainingError, check_finite_weights, interrupted_message, is_non_finite_gradient, non_finite_gradient_stop,
+)
 from megatron_simreg.model import model_provider
 from megatron_simreg.objective import SimRegObjective, forward_step
 from megatron_simreg.resume import accept_changed_settings
@@ -93,9 +97,10 @@ def _failure_handling_arguments() -> list[str]:
     gradient stops the run before the optimizer step. (Megatron's default, `validate_results`, reruns the
     step and saves a checkpoint that resumes only on another GPU: on one node the run could never go on,
     not even with a lower learning rate.) A resumed run takes the config's optimizer settings
-    (`--override-opt_param-scheduler`; resume.py lets the optimizer's parameter groups follow).
+    (`--override-opt_param-scheduler`; resume.py lets the optimizer's parameter groups follow). SIGTERM
+    finishes the step and saves (`--exit-signal-handler`; SIGINT is forwarded to it by `_sigint_as_sigterm`).
     """
-    return ["--rerun-mode", "disabled", "--override-opt_param-scheduler"]
+    return ["--rerun-mode", "disabled", "--override-opt_param-scheduler", "--exit-signal-handler"]
 
 
 def _have_transformer_engine() -> bool:
@@ -143,9 +148,12 @@ def pretrain(cfg: Config) -> None:
 @contextlib.contextmanager
 def _stop_in_one_line(args):
     """A stop the user must act on (non-finite gradients or weights) ends in one line naming the checkpoint to
-    resume from, not a traceback."""
+    resume from, not a traceback; a stop by SIGTERM/SIGINT says what was saved and exits with 128 + the signal
+    (megatron.training exits with 0 after its signal handler's save: a requeueing scheduler would take it as done)."""
     from megatron.training.global_vars import get_args
 
+    received = []
+    previous = signal.signal(signal.SIGINT, partial(_sigint_as_sigterm, received))
     try:
         yield
     except TrainingError as error:
@@ -154,6 +162,42 @@ def _stop_in_one_line(args):
         if not is_non_finite_gradient(error):
             raise
         sys.exit(f"training stopped: {non_finite_gradient_stop(get_args().curr_iteration + 1, args.save)}")
+    except _InterruptedEarly as stop:
+        print(f"training stopped: received {signal.Signals(stop.code - 128).name} before training started; "
+              "nothing was saved", file=sys.stderr, flush=True)
+        sys.exit(stop.code)
+    except SystemExit as stop:
+        signum = received[0] if received else signal.SIGTERM if _megatron_received_a_signal() else None
+        if signum is None or stop.code not in (0, None):
+            raise
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(f"training stopped: {interrupted_message(signum, latest_iteration(args.save), args.save)}",
+                  file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _sigint_as_sigterm(received: list, signum, frame) -> None:
+    """Ctrl-C does what SIGTERM does: megatron.training's handler takes one signal (SIGTERM)."""
+    received.append(signum)
+    handler = signal.getsignal(signal.SIGTERM)
+    if not callable(handler):  # before Megatron's handler is installed: nothing to save yet
+        raise _InterruptedEarly(128 + signum)
+    handler(signal.SIGTERM, frame)
+
+
+class _InterruptedEarly(SystemExit):
+    """Ctrl-C before megatron.training's loop began."""
+
+
+def _megatron_received_a_signal() -> bool:
+    from megatron.training.global_vars import get_signal_handler
+
+    try:
+        return bool(get_signal_handler()._signal_received)  # its flag: asking all ranks would need a collective
+    except (AssertionError, AttributeError):  # no handler installed
+        return False
 
 
 def _accept_changed_optimizer_settings(training, args) -> None:

@@ -46,10 +46,15 @@ def main(argv=None):
 
         pretrain(cfg)
         return
+    from megatron_simreg.failures import Interrupted
     from megatron_simreg.local_loop import TrainingError, train
 
     try:
         train(cfg)
+    except Interrupted as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"training stopped: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
     except (ConfigError, TrainingError, FileNotFoundError, ValueError) as error:
         sys.exit(f"training stopped: {error}")
 

@@ -187,3 +187,36 @@ def test_megatron_loop_resumes_with_changed_optimizer_settings(corpus, tmp_path)
     assert sorted(rates) == [3, 4, 5, 6]
     for iteration, rate in rates.items():  # the rate set after step k: cosine from 1e-3 to 1e-4 over steps 1..6
         assert rate == pytest.approx(1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi * (iteration - 1) / 5)), rel=1e-6)
+
+
+def test_megatron_loop_saves_on_sigterm_and_resumes_like_the_uninterrupted_run(runs, corpus, tmp_path):  # noqa: F811
+    """SIGTERM (a Slurm time limit) mid-run: Megatron's own signal handler finishes the step and saves, one line
+    says so, the exit code is 143 (requeue); run again, every loss equals the local loop's uninterrupted run."""
+    import signal
+    import time
+
+    folder, _ = runs
+    run_dir, data = tmp_path / "megatron", f"data.prefix={corpus}"
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1",
+               RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    command = [sys.executable, os.path.join(ROOT, "tests", "megatron_training_on_cpu.py"), "configs/tiny-llama.yaml",
+               *SETTINGS, f"logging.run_dir={run_dir}", data]  # one process without torchrun: the signal goes to it
+    out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=stdout, stderr=stderr)
+        deadline = time.time() + 600
+        while process.poll() is None and time.time() < deadline and 2 not in megatron_losses(out.read_text()):
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=600)
+    first = out.read_text()
+    lines = [line for line in err.read_text().splitlines() if line.startswith("training stopped:")]
+    assert process.returncode == 143 and len(lines) == 1, err.read_text()[-3000:]
+    saved = int(re.search(r"received SIGTERM: finished iteration (\d+) and saved it", lines[0])[1])
+    assert (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == str(saved)
+    assert sorted(megatron_losses(first)) == list(range(1, saved + 1))
+    train = {**megatron_losses(first), **megatron_losses(megatron_training(run_dir, data))}
+    expected = local_losses(folder / "local", relaunched_at=(saved + 1,))
+    assert sorted(train) == list(range(1, 9))
+    for iteration in range(1, 9):
+        assert train[iteration] == pytest.approx(expected[iteration], rel=2e-6), iteration

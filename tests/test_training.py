@@ -44,18 +44,75 @@ def read_metrics(run_dir, split="train"):
         return {r["iteration"]: r for r in map(json.loads, f) if r["split"] == split}
 
 
-def test_resume_continues_exactly(corpus, tmp_path):
-    run_distributed(train_worker, 1, config(corpus, tmp_path / "straight"))
-    run_distributed(train_worker, 1, config(corpus, tmp_path / "resumed", "training.exit_interval=3"))
-    assert sorted(read_metrics(tmp_path / "resumed")) == [1, 2, 3]  # stopped, as a Slurm time limit would
-    run_distributed(train_worker, 1, config(corpus, tmp_path / "resumed"))  # picks up at iteration 4
-    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+@pytest.fixture(scope="module")
+def straight(corpus, tmp_path_factory):
+    """The tiny run, six iterations without a stop."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    run_distributed(train_worker, 1, config(corpus, run_dir))
+    return run_dir
+
+
+def assert_same_training(a_dir, b_dir):
+    a, b = read_metrics(a_dir), read_metrics(b_dir)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for iteration in range(1, 7):
         for key in ("lm loss", "simreg", "grad-norm", "learning-rate", "adagc min coeff"):
             assert a[iteration][key] == b[iteration][key], (iteration, key)
-    assert read_metrics(tmp_path / "straight", "valid")[6]["lm loss"] == read_metrics(tmp_path / "resumed", "valid")[6]["lm loss"]
+    assert read_metrics(a_dir, "valid")[6]["lm loss"] == read_metrics(b_dir, "valid")[6]["lm loss"]
+
+
+def test_resume_continues_exactly(corpus, straight, tmp_path):
+    run_distributed(train_worker, 1, config(corpus, tmp_path / "resumed", "training.exit_interval=3"))
+    assert sorted(read_metrics(tmp_path / "resumed")) == [1, 2, 3]  # stopped, as a Slurm time limit would
+    run_distributed(train_worker, 1, config(corpus, tmp_path / "resumed"))  # picks up at iteration 4
+    assert_same_training(straight, tmp_path / "resumed")
+    a = read_metrics(straight)
     assert a[6]["lm loss"] < a[1]["lm loss"]
+
+
+def single_process_environment():
+    """This environment without torchrun's variables: a plain `python -m megatron_simreg.train`."""
+    return {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+
+
+def interrupted_training(corpus, run_dir, sig, after):
+    """The local loop in a process of its own, sent `sig` once `after` iterations are logged: (exit code, stderr)."""
+    import subprocess
+    import sys
+    import time
+
+    settings = TINY + [f"data.prefix={corpus}", f"logging.run_dir={run_dir}"]
+    command = [sys.executable, "-m", "megatron_simreg.train", "--config", "configs/tiny-llama.yaml", *(f"--set={s}" for s in settings)]
+    log = run_dir.parent / f"{run_dir.name}-{sig.name}.log"
+    with open(log, "w") as stderr:
+        env = dict(single_process_environment(), OMP_NUM_THREADS="1")  # one thread, as the in-process runs
+        process = subprocess.Popen(command, stderr=stderr, env=env)
+        deadline = time.time() + 600
+        while process.poll() is None and time.time() < deadline:
+            if (run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= after:
+                process.send_signal(sig)
+                break
+            time.sleep(0.05)
+        process.wait(timeout=600)
+    return process.returncode, log.read_text()
+
+
+def test_sigterm_and_ctrl_c_save_and_the_resumed_run_equals_an_uninterrupted_one(corpus, straight, tmp_path):
+    """A Slurm time limit (SIGTERM), then Ctrl-C (SIGINT): each finishes its step, saves, says so in one line and
+    exits with 128 + the signal; run again, the run ends exactly as one never interrupted."""
+    import signal
+
+    run_dir = tmp_path / "run"
+    for sig, after in ((signal.SIGTERM, 2), (signal.SIGINT, 4)):
+        code, stderr = interrupted_training(corpus, run_dir, sig, after)
+        assert code == 128 + sig and "Traceback" not in stderr, stderr[-3000:]
+        lines = [line for line in stderr.splitlines() if line.startswith("training stopped:")]
+        assert len(lines) == 1 and f"received {sig.name}: finished iteration" in lines[0], stderr[-3000:]
+        saved = int(re.search(r"finished iteration (\d+)", lines[0])[1])
+        assert saved >= after and (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == str(saved)
+        assert max(read_metrics(run_dir)) == saved
+    run_distributed(train_worker, 1, config(corpus, run_dir))
+    assert_same_training(straight, run_dir)
 
 
 def test_single_process_runs_need_no_port(corpus, tmp_path):
@@ -65,7 +122,7 @@ def test_single_process_runs_need_no_port(corpus, tmp_path):
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env = single_process_environment()
     with socket.socket() as held:
         held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
