@@ -10,6 +10,7 @@ folder and renamed when every rank has finished; the `latest` file is updated la
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -43,17 +44,21 @@ def _writes_checkpoint() -> bool:
     )
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the file and what to do."""
+
+
 def save_checkpoint(save: str, iteration: int, state: dict) -> str:
     final = iteration_dir(save, iteration)
     partial = final + ".partial"
     if dist.get_rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
     dist.barrier()
+    problem = None
     if _writes_checkpoint():
-        os.makedirs(os.path.join(partial, _rank_dir()), exist_ok=True)
         state = {**state, "rng": _rng_state(), "iteration": iteration}
-        torch.save(state, os.path.join(partial, _rank_dir(), FILE))
-    dist.barrier()
+        problem = _write(state, os.path.join(partial, _rank_dir(), FILE))
+    _all_written_or_raise(problem, save, iteration, partial)
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
@@ -62,6 +67,69 @@ def save_checkpoint(save: str, iteration: int, state: dict) -> str:
         os.replace(os.path.join(save, LATEST + ".partial"), os.path.join(save, LATEST))
     dist.barrier()
     return final
+
+
+def _write(state: dict, path: str) -> str | None:
+    """Write one rank's file; what went wrong, or None."""
+    recording = None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as file:
+            recording = _ErrorRecordingFile(file)
+            torch.save(state, recording)
+    except (OSError, RuntimeError) as error:
+        cause = recording.error if recording is not None and recording.error is not None else error
+        if getattr(cause, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            return f"no space left on {_filesystem(path)} while writing {path}"
+        if getattr(cause, "errno", None) == errno.EFBIG:
+            return f"the file size limit (ulimit -f) stopped writing {path}"
+        return f"could not write {path} ({getattr(cause, 'strerror', None) or cause})"
+    return None
+
+
+class _ErrorRecordingFile:
+    """torch.save reports a failed write as "unexpected pos"; this keeps the OSError (ENOSPC, ...) it hides."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self):
+        return self.file.flush()
+
+
+def _all_written_or_raise(problem: str | None, save: str, iteration: int, partial: str) -> None:
+    """Every rank learns whether all files were written (none waits at a barrier for one that failed);
+    on a failure the partial folder goes and the previous checkpoint stays the latest."""
+    failed = torch.tensor([problem is not None], dtype=torch.int32)
+    dist.all_reduce(failed)
+    if not int(failed):
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    previous = latest_iteration(save)
+    kept = f"the last checkpoint, iteration {previous}, is intact" if previous is not None else "no checkpoint was saved before"
+    raise CheckpointError(f"{problem or 'another rank could not write its checkpoint file'}; iteration {iteration} "
+                          f"was not saved and {kept}: free space (or set checkpoint.save elsewhere) and resume")
+
+
+def _filesystem(path: str) -> str:
+    """The device holding `path` (and its mount point), from /proc/mounts where there is one."""
+    mount = os.path.realpath(path)
+    while not os.path.ismount(mount) and os.path.dirname(mount) != mount:
+        mount = os.path.dirname(mount)
+    try:
+        with open("/proc/mounts", encoding="utf-8") as mounts:
+            devices = [line.split()[0] for line in mounts if line.split()[1:2] == [mount]]
+    except OSError:
+        devices = []
+    return f"{devices[-1]} (mounted at {mount})" if devices else mount
 
 
 def latest_iteration(load: str | None) -> int | None:

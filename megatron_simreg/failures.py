@@ -5,6 +5,9 @@ reduction (Megatron-LM's `--check-for-nan-in-loss-and-grad`, on in both loops), 
 optimizer touches the weights, and names the last checkpoint, which holds finite weights: a save is refused
 when any weight is not finite.
 
+Output folders are checked before any work (`check_writable`), and a checkpoint that cannot be written (a full
+disk) says why and leaves the previous one the latest (checkpoint.py).
+
 Signals: SIGTERM (a Slurm time limit or preemption) and SIGINT (Ctrl-C) let the current step finish; the run
 saves a checkpoint, says so in one line and exits with 128 + the signal's number, so a requeued job resumes
 from it. The local loop's handler only records the signal (nothing is interrupted mid-step, so no traceback
@@ -13,7 +16,9 @@ from inside a backward pass); megatron.training does the same with its own `--ex
 
 from __future__ import annotations
 
+import os
 import signal
+import tempfile
 import threading
 
 import torch
@@ -24,6 +29,30 @@ from megatron_simreg.checkpoint import latest_iteration
 
 class TrainingError(RuntimeError):
     """Training stopped for a reason the user must act on (a NaN loss, say)."""
+
+
+class UnwritablePath(ValueError):
+    """An output folder that cannot be written, found before any work."""
+
+
+def check_writable(folder: str, name: str, fix: str) -> None:
+    """Refuse an output folder that cannot be created or written (tried, so read-only filesystems count too)."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UnwritablePath(f"{name}={folder} cannot be written ({existing} is a file, not a folder): {fix}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UnwritablePath(f"{name}={folder} cannot be written ({existing}: {error.strerror}): {fix}") from None
+
+
+def check_run_folders(run_dir: str, save_dir: str) -> None:
+    """Both loops, at start-up: the run folder (config, logs) and the checkpoint folder."""
+    check_writable(run_dir, "logging.run_dir", "set it to a folder you can write to (--set logging.run_dir=DIR)")
+    check_writable(save_dir, "checkpoint.save", "set it to a folder you can write to (--set checkpoint.save=DIR)")
 
 
 def is_non_finite_gradient(error: BaseException) -> bool:

@@ -29,8 +29,8 @@ from megatron_simreg.checkpoint import latest_iteration, load_checkpoint, save_c
 from megatron_simreg.config import Config, ConfigError, save_config
 from megatron_simreg.data import build_gpt_datasets, build_tokenizer
 from megatron_simreg.failures import (
-    Interrupted, StopSignals, TrainingError, check_finite_weights, is_non_finite_gradient, last_good_checkpoint,
-    non_finite_gradient_stop,
+    Interrupted, StopSignals, TrainingError, check_finite_weights, check_run_folders, is_non_finite_gradient,
+    last_good_checkpoint, non_finite_gradient_stop,
 )
 from megatron_simreg.megatron_adagc import attach_adagc
 from megatron_simreg.metrics import MetricsWriter
@@ -131,6 +131,7 @@ def _train(cfg: Config, signals: StopSignals) -> dict:
     accept_changed_settings(optimizer, scheduler, gbs)
 
     save_dir = cfg.checkpoint.save or os.path.join(cfg.run_dir, "checkpoints")
+    check_run_folders(cfg.run_dir, save_dir)
     load_dir = cfg.checkpoint.load or save_dir
     iteration, consumed = 0, 0
     resume_from = latest_iteration(load_dir)

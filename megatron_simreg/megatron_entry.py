@@ -23,7 +23,8 @@ from megatron_simreg.config import Config, save_config
 from megatron_simreg.data import build_gpt_datasets, build_tokenizer, default_tokenizer_path
 from megatron_simreg.checkpoint import latest_iteration
 from megatron_simreg.failures import (
-    TrainingError, check_finite_weights, interrupted_message, is_non_finite_gradient, non_finite_gradient_stop,
+    TrainingError, UnwritablePath, check_finite_weights, check_run_folders, interrupted_message, is_non_finite_gradient,
+    non_finite_gradient_stop,
 )
 from megatron_simreg.model import model_provider
 from megatron_simreg.objective import SimRegObjective, forward_step
@@ -119,6 +120,10 @@ def pretrain(cfg: Config) -> None:
     from megatron.training.arguments import parse_and_validate_args
 
     sys.argv = [sys.argv[0]] + megatron_arguments(cfg)
+    try:
+        check_run_folders(cfg.run_dir, sys.argv[sys.argv.index("--save") + 1])
+    except UnwritablePath as error:
+        sys.exit(f"training stopped: {error}")
     _use_shipped_dataset_helpers()
     args = parse_and_validate_args()
     if int(os.environ.get("RANK", "0")) == 0:

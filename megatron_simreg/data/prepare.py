@@ -19,6 +19,7 @@ from megatron_simreg.data.encoding import DocumentEncoder
 from megatron_simreg.data.indexed import PARTIAL, IndexedShardWriter, existing_outputs, stats_path, token_dtype
 from megatron_simreg.data.sources import SkipCounter, iter_documents, resolve_sources
 from megatron_simreg.data.tokenizer import build_tokenizer, default_tokenizer_path
+from megatron_simreg.failures import check_writable
 
 
 @dataclass
@@ -61,6 +62,8 @@ def prepare_corpus(
     for name, value in (("max_documents", max_documents), ("max_tokens", max_tokens)):
         if value is not None and value < 1:
             raise ValueError(f"{name}={value}: give a positive limit, or none")
+    check_writable(os.path.dirname(os.path.abspath(output_prefix)), "--output-prefix",
+                   "give a prefix in a folder you can write to")
     previous = existing_outputs(output_prefix)
     if previous and not overwrite:
         raise FileExistsError(
