@@ -14,6 +14,7 @@ import errno
 import os
 import random
 import shutil
+import zipfile
 
 import numpy
 import torch
@@ -136,8 +137,30 @@ def latest_iteration(load: str | None) -> int | None:
     path = os.path.join(load or "", LATEST)
     if not load or not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return int(f.read().strip())
+    with open(path, errors="replace") as f:
+        text = f.read().strip()
+    if not text.isdigit():
+        saved = ", ".join(str(i) for i in saved_iterations(load)) or "none"
+        raise CheckpointError(f"{path} is corrupt (it holds {text[:20]!r}, not an iteration number): write an iteration "
+                              "into it, or choose one (checkpoint.load_iteration to resume, --iteration to export; "
+                              f"saved here: {saved})")
+    return int(text)
+
+
+def chosen_iteration(load: str, wanted: int | None) -> int | None:
+    """The iteration to resume from: `wanted` (checkpoint.load_iteration), which must be saved, else the latest."""
+    if wanted is None:
+        return latest_iteration(load)
+    if wanted not in saved_iterations(load):
+        saved = ", ".join(str(i) for i in saved_iterations(load)) or "none"
+        raise CheckpointError(f"checkpoint.load_iteration={wanted} is not saved in {load} (saved: {saved})")
+    return wanted
+
+
+def saved_iterations(folder: str) -> list[int]:
+    """Iterations with a finished folder in `folder` (partial ones excluded), oldest first."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(int(name[5:]) for name in names if name.startswith("iter_") and name[5:].isdigit())
 
 
 def load_checkpoint(load: str, iteration: int) -> dict:
@@ -147,9 +170,34 @@ def load_checkpoint(load: str, iteration: int) -> dict:
             f"checkpoint {path} is missing: it was saved with another parallel layout or is incomplete; "
             "resume with the layout it was saved with, or point checkpoint.load elsewhere"
         )
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint_file(path, load, iteration, "resume from it with --set checkpoint.load_iteration={}")
     _set_rng_state(state["rng"])
     return state
+
+
+def read_checkpoint_file(path: str, folder: str, iteration: int, fix: str) -> dict:
+    """torch.load, or one line naming a corrupt file and the latest earlier iteration whose files are whole
+    (`fix` says how to use it, with {} for the iteration)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated or overwritten files fail in zipfile, pickle or torch alike
+        cause = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        earlier = [i for i in saved_iterations(folder) if i < iteration and _files_are_whole(iteration_dir(folder, i))]
+        offer = f"the latest earlier intact iteration is {earlier[-1]}: " + fix.format(earlier[-1]) if earlier else \
+            "no earlier intact iteration is saved"
+        raise CheckpointError(f"checkpoint file {path} is corrupt ({cause}); {offer}") from None
+
+
+def _files_are_whole(folder: str) -> bool:
+    """Every checkpoint file of an iteration opens as a zip archive (a truncated or overwritten one does not)."""
+    paths = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names if name.endswith(".pt")]
+    try:
+        for path in paths:
+            with zipfile.ZipFile(path):
+                pass
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return bool(paths)
 
 
 def _rng_state() -> dict:

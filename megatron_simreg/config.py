@@ -121,6 +121,7 @@ class LoggingConfig:
 class CheckpointConfig:
     save: str | None = None  # None = <run_dir>/checkpoints
     load: str | None = None  # None = resume from `save` when it holds a checkpoint
+    load_iteration: int | None = None  # resume from this saved iteration instead of the latest
 
 
 @dataclass
@@ -180,7 +181,7 @@ RANGES = {  # every numeric key's allowed values (None, where a key allows it, i
     "training.log_interval": _AT_LEAST_1, "training.eval_interval": _AT_LEAST_1, "training.eval_iters": _AT_LEAST_1,
     "training.save_interval": _AT_LEAST_1, "training.exit_interval": _AT_LEAST_1,
     "parallel.tensor": _AT_LEAST_1, "parallel.pipeline": _AT_LEAST_1, "parallel.context": _AT_LEAST_1,
-    "parallel.expert": _AT_LEAST_1,
+    "parallel.expert": _AT_LEAST_1, "checkpoint.load_iteration": _AT_LEAST_1,
 }
 _SPLIT = re.compile(r"\s*\d+(\.\d*)?(\s*[,/]\s*\d+(\.\d*)?){0,2}\s*")  # Megatron's "train,valid,test" shares
 

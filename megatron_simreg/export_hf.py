@@ -24,7 +24,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 
-from megatron_simreg.checkpoint import FILE, iteration_dir, latest_iteration
+from megatron_simreg.checkpoint import FILE, iteration_dir, latest_iteration, read_checkpoint_file
 from megatron_simreg.config import Config, load_config
 
 COLUMN_PARALLEL = ("linear_qkv.weight", "linear_fc1.weight", "word_embeddings.weight", "output_layer.weight")
@@ -54,7 +54,7 @@ def load_merged_state(checkpoint_dir: str, cfg: Config, iteration: int | None = 
                         f"checkpoint shard {path} is missing: the checkpoint is partial, or was saved with another "
                         f"layout than the config's (tensor {p.tensor}, pipeline {p.pipeline}, expert {p.expert})"
                     )
-                shards[(tp, pp, ep)] = torch.load(path, map_location="cpu", weights_only=False)["model"]
+                shards[(tp, pp, ep)] = read_checkpoint_file(path, checkpoint_dir, iteration, "export it with --iteration {}")["model"]
     layers_per_stage = cfg.model.num_layers // p.pipeline
     experts_per_rank = (cfg.model.num_experts or 1) // p.expert
     merged: dict[str, list] = {}

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from megatron_simreg import parallel
 from megatron_simreg.adagc import AdaGC
 from megatron_simreg.batches import micro_batches, on_this_rank
-from megatron_simreg.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
+from megatron_simreg.checkpoint import chosen_iteration, load_checkpoint, save_checkpoint
 from megatron_simreg.config import Config, ConfigError, save_config
 from megatron_simreg.data import build_gpt_datasets, build_tokenizer
 from megatron_simreg.failures import (
@@ -134,7 +134,7 @@ def _train(cfg: Config, signals: StopSignals) -> dict:
     check_run_folders(cfg.run_dir, save_dir)
     load_dir = cfg.checkpoint.load or save_dir
     iteration, consumed = 0, 0
-    resume_from = latest_iteration(load_dir)
+    resume_from = chosen_iteration(load_dir, cfg.checkpoint.load_iteration)
     if resume_from is not None:
         state = load_checkpoint(load_dir, resume_from)
         parallel_model(model).load_state_dict(state["model"])

@@ -21,7 +21,7 @@ from megatron_simreg.adagc import AdaGC
 from megatron_simreg.batches import on_this_rank
 from megatron_simreg.config import Config, save_config
 from megatron_simreg.data import build_gpt_datasets, build_tokenizer, default_tokenizer_path
-from megatron_simreg.checkpoint import latest_iteration
+from megatron_simreg.checkpoint import CheckpointError, chosen_iteration, latest_iteration
 from megatron_simreg.failures import (
     TrainingError, UnwritablePath, check_finite_weights, check_run_folders, interrupted_message, is_non_finite_gradient,
     non_finite_gradient_stop,
@@ -87,11 +87,11 @@ def megatron_arguments(cfg: Config, run_dir: str | None = None) -> list[str]:
         args += ["--transformer-impl", "transformer_engine"]
     else:  # without TE, Megatron's RoPE and gradient-accumulation fusions are unavailable
         args += ["--transformer-impl", "local", "--no-rope-fusion", "--no-gradient-accumulation-fusion"]
-    args += _failure_handling_arguments()
+    args += _failure_handling_arguments(cfg)
     return [str(a) for a in args]
 
 
-def _failure_handling_arguments() -> list[str]:
+def _failure_handling_arguments(cfg: Config) -> list[str]:
     """How the run stops without losing work, as the local loop does (failures.py).
 
     `--check-for-nan-in-loss-and-grad` is Megatron's default; with `--rerun-mode disabled` a non-finite
@@ -100,8 +100,12 @@ def _failure_handling_arguments() -> list[str]:
     not even with a lower learning rate.) A resumed run takes the config's optimizer settings
     (`--override-opt_param-scheduler`; resume.py lets the optimizer's parameter groups follow). SIGTERM
     finishes the step and saves (`--exit-signal-handler`; SIGINT is forwarded to it by `_sigint_as_sigterm`).
+    `checkpoint.load_iteration` resumes from an earlier iteration (`--ckpt-step`).
     """
-    return ["--rerun-mode", "disabled", "--override-opt_param-scheduler", "--exit-signal-handler"]
+    args = ["--rerun-mode", "disabled", "--override-opt_param-scheduler", "--exit-signal-handler"]
+    if cfg.checkpoint.load_iteration is not None:
+        args += ["--ckpt-step", cfg.checkpoint.load_iteration]
+    return args
 
 
 def _have_transformer_engine() -> bool:
@@ -122,7 +126,9 @@ def pretrain(cfg: Config) -> None:
     sys.argv = [sys.argv[0]] + megatron_arguments(cfg)
     try:
         check_run_folders(cfg.run_dir, sys.argv[sys.argv.index("--save") + 1])
-    except UnwritablePath as error:
+        load = sys.argv[sys.argv.index("--load") + 1]
+        latest_iteration(load), chosen_iteration(load, cfg.checkpoint.load_iteration)  # Megatron would exit with 0
+    except (UnwritablePath, CheckpointError) as error:
         sys.exit(f"training stopped: {error}")
     _use_shipped_dataset_helpers()
     args = parse_and_validate_args()
@@ -270,6 +276,7 @@ def _attach_adagc_to_megatron(training, adagc: AdaGC, args) -> None:
         tracker = checkpointing.get_checkpoint_tracker_filename(args.load) if args.load else None
         if tracker and os.path.isfile(tracker):
             iteration, _ = checkpointing.read_metadata(tracker)
+            iteration = args.ckpt_step or iteration  # checkpoint.load_iteration
             state = _adagc_file(args.load, iteration)
             if os.path.isfile(state):
                 adagc.load_state_dict(torch.load(state, weights_only=False))

@@ -46,6 +46,7 @@ def main(argv=None):
 
         pretrain(cfg)
         return
+    from megatron_simreg.checkpoint import CheckpointError
     from megatron_simreg.failures import Interrupted
     from megatron_simreg.local_loop import TrainingError, train
 
@@ -55,7 +56,7 @@ def main(argv=None):
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"training stopped: {stop}", file=sys.stderr)
         sys.exit(stop.exit_code)
-    except (ConfigError, TrainingError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, TrainingError, CheckpointError, FileNotFoundError, ValueError) as error:
         sys.exit(f"training stopped: {error}")
 
 

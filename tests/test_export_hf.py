@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from distributed import run_distributed
+from export_hf_cli import export_cli
 from megatron_simreg.data import build_tokenizer
 from tiny_checkpoints import full_logits, save_tiny_checkpoint
 
@@ -67,20 +68,6 @@ def test_missing_partial_and_unknown_checkpoints_are_explained(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
-def _export_cli(*argv):
-    """tools/export_hf.py's main in this process: its exit message (None when it succeeded)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("export_hf_tool", os.path.join(os.path.dirname(__file__), "..", "tools", "export_hf.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    try:
-        tool.main(list(argv))
-    except SystemExit as stop:
-        return str(stop.code)
-    return None
-
-
 def test_export_never_deletes_what_it_did_not_write(tmp_path, monkeypatch):
     """The run folder, the working directory, a user's folder: refused, every file kept; an earlier export is
     replaced only with --overwrite, and only when it holds nothing but what the export wrote."""
@@ -95,29 +82,29 @@ def test_export_never_deletes_what_it_did_not_write(tmp_path, monkeypatch):
     before = files(tmp_path)
     for output in (str(run_dir), str(tmp_path)):
         for extra in ((), ("--overwrite",)):
-            message = _export_cli("--checkpoint", checkpoints, "--output", output, *extra)
+            message = export_cli("--checkpoint", checkpoints, "--output", output, *extra)
             assert message is not None and "not empty" in message and "nothing was deleted" in message, message
             assert "\n" not in message
     monkeypatch.chdir(run_dir)
-    message = _export_cli("--checkpoint", checkpoints, "--output", ".", "--overwrite")
+    message = export_cli("--checkpoint", checkpoints, "--output", ".", "--overwrite")
     assert message is not None and "not empty" in message
     assert files(tmp_path) == before  # nothing deleted, no temporary folder left anywhere
 
     hf = tmp_path / "hf"
-    assert _export_cli("--checkpoint", checkpoints, "--output", str(hf)) is None
+    assert export_cli("--checkpoint", checkpoints, "--output", str(hf)) is None
     assert (hf / "model.safetensors").is_file() and (hf / "config.json").is_file()
-    message = _export_cli("--checkpoint", checkpoints, "--output", str(hf))
+    message = export_cli("--checkpoint", checkpoints, "--output", str(hf))
     assert message is not None and "--overwrite" in message
     first = (hf / "model.safetensors").stat().st_mtime_ns
-    assert _export_cli("--checkpoint", checkpoints, "--output", str(hf), "--overwrite") is None
+    assert export_cli("--checkpoint", checkpoints, "--output", str(hf), "--overwrite") is None
     assert (hf / "model.safetensors").stat().st_mtime_ns != first
     (hf / "my_eval.json").write_text("{}")  # a file the export did not write: the folder is no longer only ours
-    message = _export_cli("--checkpoint", checkpoints, "--output", str(hf), "--overwrite")
+    message = export_cli("--checkpoint", checkpoints, "--output", str(hf), "--overwrite")
     assert message is not None and "my_eval.json" in message
     assert (hf / "my_eval.json").is_file() and (hf / "model.safetensors").is_file()
     (hf / "my_eval.json").unlink()
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert _export_cli("--checkpoint", checkpoints, "--output", str(empty)) is None  # an empty folder is fine
+    assert export_cli("--checkpoint", checkpoints, "--output", str(empty)) is None  # an empty folder is fine
     leftovers = [p.name for p in tmp_path.iterdir() if "partial" in p.name or p.name.startswith(".")]
     assert leftovers == []

@@ -96,3 +96,42 @@ def test_a_full_disk_during_a_save_says_so_and_keeps_the_last_checkpoint(tmp_pat
         assert "\n" not in message
     assert (run_dir / "latest_checkpointed_iteration.txt").read_text() == "1"
     assert sorted(p.name for p in run_dir.iterdir()) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
+
+
+def test_corrupt_checkpoints_name_the_file_and_the_earlier_intact_iteration(corpus, tmp_path):  # noqa: F811
+    """Iteration 6 truncated, then overwritten with random bytes, then a garbage `latest`: resume and export each
+    say which file is corrupt and offer iteration 3; resuming from 3 (checkpoint.load_iteration) retrains 4-6
+    exactly, and exporting iteration 3 (--iteration) works."""
+    import json
+    import random
+    import shutil
+
+    from export_hf_cli import export_cli
+
+    run_dir = tmp_path / "run"
+    assert run_distributed(stopped_worker, 1, config(corpus, run_dir)) == [None]  # saves 3 and 6
+    first = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    checkpoints = run_dir / "checkpoints"
+    latest_file = checkpoints / "iter_0000006" / "mp_rank_00_000" / "model_optim_rng.pt"
+    whole = latest_file.read_bytes()
+    for corrupt in (whole[: len(whole) // 2], random.Random(0).randbytes(len(whole))):  # truncated, overwritten
+        latest_file.write_bytes(corrupt)
+        message = run_distributed(stopped_worker, 1, config(corpus, run_dir, "schedule.train_iters=8"))[0]
+        assert f"checkpoint file {latest_file} is corrupt" in message and "\n" not in message, message
+        assert "latest earlier intact iteration is 3: resume from it with --set checkpoint.load_iteration=3" in message
+        failed = export_cli("--checkpoint", str(checkpoints), "--output", str(tmp_path / "hf"))
+        assert f"checkpoint file {latest_file} is corrupt" in failed and "export it with --iteration 3" in failed, failed
+    (checkpoints / "latest_checkpointed_iteration.txt").write_text("\x00garbage")
+    message = run_distributed(stopped_worker, 1, config(corpus, run_dir))[0]
+    assert f"{checkpoints / 'latest_checkpointed_iteration.txt'} is corrupt" in message and "saved here: 3, 6" in message
+    shutil.copy(run_dir / "metrics.jsonl", tmp_path / "first.jsonl")
+    assert run_distributed(stopped_worker, 1, config(corpus, run_dir, "checkpoint.load_iteration=3")) == [None]
+    again = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    before = {r["iteration"]: r for r in first if r["split"] == "train"}
+    after = {r["iteration"]: r for r in again if r["split"] == "train"}
+    for iteration in (4, 5, 6):
+        assert after[iteration]["lm loss"] == before[iteration]["lm loss"], iteration
+    assert (checkpoints / "latest_checkpointed_iteration.txt").read_text() == "6"
+    message = run_distributed(stopped_worker, 1, config(corpus, run_dir, "checkpoint.load_iteration=5"))[0]
+    assert "checkpoint.load_iteration=5 is not saved" in message and "(saved: 3, 6)" in message
+    assert export_cli("--checkpoint", str(checkpoints), "--output", str(tmp_path / "hf3"), "--iteration", "3") is None

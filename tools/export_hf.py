@@ -7,6 +7,7 @@
 import argparse
 import sys
 
+from megatron_simreg.checkpoint import CheckpointError
 from megatron_simreg.export_hf import export
 
 
@@ -20,7 +21,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         print(export(args.checkpoint, args.output, args.config, args.iteration, overwrite=args.overwrite))
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, CheckpointError) as error:
         sys.exit(f"export_hf: {error}")
 
 
