@@ -171,12 +171,13 @@ LR_LINE = re.compile(r"iteration +(\d+)/ +\d+ \|.*?\| learning rate: (\S+) \|")
 
 
 def test_megatron_loop_resumes_with_changed_optimizer_settings(corpus, tmp_path):  # noqa: F811
-    """As the local loop's test: stopped at iteration 2, resumed with another lr, min_lr, warm-up, length and
-    weight decay; Megatron's parameter groups and scheduler take them, and one line says what changed."""
+    """As the local loop's test: resumed from iteration 2 of 4 (checkpoint.load_iteration) with another lr,
+    min_lr, warm-up, length and weight decay; Megatron's parameter groups and scheduler take them, and one line
+    says what changed."""
     data = f"data.prefix={corpus}"
-    megatron_training(tmp_path, data, "schedule.train_iters=4", "training.exit_interval=2")
+    megatron_training(tmp_path, data, "schedule.train_iters=4", "training.save_interval=2")
     new = ["optimizer.lr=1.0e-3", "optimizer.min_lr=1.0e-4", "schedule.warmup_steps=1", "optimizer.weight_decay=0.01",
-           "schedule.train_iters=6"]
+           "schedule.train_iters=6", "checkpoint.load_iteration=2"]
     log = megatron_training(tmp_path, data, *new)
     line = next(line for line in log.splitlines() if "changed optimizer settings" in line)
     assert "resuming from iteration 2" in line
