@@ -164,6 +164,7 @@ def saved_iterations(folder: str) -> list[int]:
 
 
 def load_checkpoint(load: str, iteration: int) -> dict:
+    _check_saved_layout(iteration_dir(load, iteration))
     path = os.path.join(iteration_dir(load, iteration), _rank_dir(), FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -173,6 +174,25 @@ def load_checkpoint(load: str, iteration: int) -> dict:
     state = read_checkpoint_file(path, load, iteration, "resume from it with --set checkpoint.load_iteration={}")
     _set_rng_state(state["rng"])
     return state
+
+
+def _check_saved_layout(folder: str) -> None:
+    """Refuse a checkpoint of another tensor/pipeline/expert layout, alike on every rank (each sees the folder)."""
+    layout = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size(),
+              parallel_state.get_expert_model_parallel_world_size())
+    expert = "_{:03d}" if layout[2] > 1 else ""
+    wanted = {f"mp_rank_{tp:02d}_{pp:03d}" + expert.format(ep)
+              for tp in range(layout[0]) for pp in range(layout[1]) for ep in range(layout[2])}
+    saved = {name for name in (os.listdir(folder) if os.path.isdir(folder) else []) if name.startswith("mp_rank_")}
+    if not saved or saved == wanted:
+        return  # a missing shard is reported by name when this rank looks for its own
+    parts = [name.split("_")[2:] for name in saved]
+    saved_layout = tuple(1 + max(int(p[i]) if len(p) > i else 0 for p in parts) for i in range(3))
+    raise CheckpointError(
+        f"checkpoint {folder} was saved with another parallel layout (tensor {saved_layout[0]}, pipeline "
+        f"{saved_layout[1]}, expert {saved_layout[2]}); this run has tensor {layout[0]}, pipeline {layout[1]}, expert "
+        f"{layout[2]}: resume with the layout it was saved with (--set parallel.tensor=... pipeline=... expert=...)"
+    )
 
 
 def read_checkpoint_file(path: str, folder: str, iteration: int, fix: str) -> dict:

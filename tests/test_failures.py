@@ -135,3 +135,12 @@ def test_corrupt_checkpoints_name_the_file_and_the_earlier_intact_iteration(corp
     message = run_distributed(stopped_worker, 1, config(corpus, run_dir, "checkpoint.load_iteration=5"))[0]
     assert "checkpoint.load_iteration=5 is not saved" in message and "(saved: 3, 6)" in message
     assert export_cli("--checkpoint", str(checkpoints), "--output", str(tmp_path / "hf3"), "--iteration", "3") is None
+
+
+def test_resuming_on_another_tensor_parallel_layout_is_explained_on_every_rank(corpus, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "run"
+    assert run_distributed(stopped_worker, 1, config(corpus, run_dir, "schedule.train_iters=3")) == [None]
+    messages = run_distributed(stopped_worker, 2, config(corpus, run_dir, "parallel.tensor=2"))
+    for message in messages:
+        assert message is not None and "saved with another parallel layout (tensor 1, pipeline 1, expert 1)" in message
+        assert "this run has tensor 2, pipeline 1, expert 1" in message and "\n" not in message, message
