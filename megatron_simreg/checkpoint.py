@@ -70,6 +70,19 @@ def save_checkpoint(save: str, iteration: int, state: dict) -> str:
     return final
 
 
+def remove_partial_checkpoints(save: str) -> None:
+    """Remove what a save cut short by kill -9 left under `.partial` names (rank 0, at the start of a run)."""
+    if dist.get_rank() != 0 or not os.path.isdir(save):
+        return
+    for name in os.listdir(save):
+        if name.endswith(".partial") and (name.startswith("iter_") or name == LATEST + ".partial"):
+            path = os.path.join(save, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+
+
 def _write(state: dict, path: str) -> str | None:
     """Write one rank's file; what went wrong, or None."""
     recording = None

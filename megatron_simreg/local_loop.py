@@ -25,7 +25,7 @@ from tqdm import tqdm
 from megatron_simreg import parallel
 from megatron_simreg.adagc import AdaGC
 from megatron_simreg.batches import micro_batches, on_this_rank
-from megatron_simreg.checkpoint import chosen_iteration, load_checkpoint, save_checkpoint
+from megatron_simreg.checkpoint import chosen_iteration, load_checkpoint, remove_partial_checkpoints, save_checkpoint
 from megatron_simreg.config import Config, ConfigError, save_config
 from megatron_simreg.data import build_gpt_datasets, build_tokenizer
 from megatron_simreg.failures import (
@@ -132,6 +132,7 @@ def _train(cfg: Config, signals: StopSignals) -> dict:
 
     save_dir = cfg.checkpoint.save or os.path.join(cfg.run_dir, "checkpoints")
     check_run_folders(cfg.run_dir, save_dir)
+    remove_partial_checkpoints(save_dir)
     load_dir = cfg.checkpoint.load or save_dir
     iteration, consumed = 0, 0
     resume_from = chosen_iteration(load_dir, cfg.checkpoint.load_iteration)
@@ -238,7 +239,7 @@ class _RunLogger:
     def __init__(self, cfg: Config, schedule: Schedule, start: int):
         self.cfg, self.schedule = cfg, schedule
         save_config(cfg, cfg.run_dir)
-        self.jsonl = MetricsWriter(cfg.run_dir) if cfg.logging.jsonl else None
+        self.jsonl = MetricsWriter(cfg.run_dir, resumed_at=start or None) if cfg.logging.jsonl else None
         self.tensorboard = None
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -256,3 +256,18 @@ def test_simreg_on_an_intermediate_layer(corpus, tmp_path):
     values = run_distributed(layer_worker, 1, config(corpus, tmp_path / "layer", "simreg.temperature=0.1"))[0]
     assert values[0] != values[-1] and values[1] != values[0]
     assert all(v > 0 for v in values.values())
+
+
+def test_a_resumed_run_keeps_one_metrics_record_per_iteration_and_no_partial_leftovers(corpus, tmp_path):
+    """A run killed after logging iteration 4 with its last checkpoint at 2 (and a save cut short) resumes from 2:
+    iterations 3 and 4 are logged once, as trained the second time, and the half-written save is gone."""
+    settings = ["schedule.train_iters=4", "training.save_interval=2", "training.eval_interval=2"]
+    run_distributed(train_worker, 1, config(corpus, tmp_path, *settings))
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "iter_0000005.partial" / "mp_rank_00_000").mkdir(parents=True)  # what kill -9 mid-save leaves
+    (checkpoints / "latest_checkpointed_iteration.txt.partial").write_text("5")
+    run_distributed(train_worker, 1, config(corpus, tmp_path, *settings, "checkpoint.load_iteration=2"))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["iteration"]) for r in records] == [
+        ("train", 1), ("train", 2), ("valid", 2), ("train", 3), ("train", 4), ("valid", 4)]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]

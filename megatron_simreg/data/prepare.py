@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass, field
 from tqdm import tqdm
 
 from megatron_simreg.data.encoding import DocumentEncoder
-from megatron_simreg.data.indexed import PARTIAL, IndexedShardWriter, existing_outputs, stats_path, token_dtype
+from megatron_simreg.data.indexed import (
+    PARTIAL, IndexedShardWriter, existing_outputs, remove_partial_leftovers, stats_path, token_dtype,
+)
 from megatron_simreg.data.sources import SkipCounter, iter_documents, resolve_sources
 from megatron_simreg.data.tokenizer import build_tokenizer, default_tokenizer_path
 from megatron_simreg.failures import check_writable
@@ -70,6 +72,7 @@ def prepare_corpus(
             f"{output_prefix} already holds a dataset ({', '.join(previous[:3])}): "
             "pass --overwrite to replace it, or choose another --output-prefix"
         )
+    remove_partial_leftovers(output_prefix)
     resolved = resolve_sources(sources, hf_config, hf_split)
     tokenizer_path = tokenizer or default_tokenizer_path()
     vocab = build_tokenizer(tokenizer_path)
