@@ -128,7 +128,8 @@ def _all_written_or_raise(problem: str | None, save: str, iteration: int, partia
     if dist.get_rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
     previous = latest_iteration(save)
-    kept = f"the last checkpoint, iteration {previous}, is intact" if previous is not None else "no checkpoint was saved before"
+    kept = f"the last checkpoint, iteration {previous}, is intact" if previous is not None else \
+        "no checkpoint was saved before"
     raise CheckpointError(f"{problem or 'another rank could not write its checkpoint file'}; iteration {iteration} "
                           f"was not saved and {kept}: free space (or set checkpoint.save elsewhere) and resume")
 
@@ -152,11 +153,12 @@ def latest_iteration(load: str | None) -> int | None:
         return None
     with open(path, errors="replace") as f:
         text = f.read().strip()
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         saved = ", ".join(str(i) for i in saved_iterations(load)) or "none"
-        raise CheckpointError(f"{path} is corrupt (it holds {text[:20]!r}, not an iteration number): write an iteration "
-                              "into it, or choose one (checkpoint.load_iteration to resume, --iteration to export; "
-                              f"saved here: {saved})")
+        raise CheckpointError(
+            f"{path} is corrupt (it holds {text[:20]!r}, not an iteration number): write an iteration into it, or "
+            f"choose one (checkpoint.load_iteration to resume, --iteration to export; saved here: {saved})"
+        )
     return int(text)
 
 
@@ -191,7 +193,8 @@ def load_checkpoint(load: str, iteration: int) -> dict:
 
 def _check_saved_layout(folder: str) -> None:
     """Refuse a checkpoint of another tensor/pipeline/expert layout, alike on every rank (each sees the folder)."""
-    layout = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size(),
+    layout = (parallel_state.get_tensor_model_parallel_world_size(),
+              parallel_state.get_pipeline_model_parallel_world_size(),
               parallel_state.get_expert_model_parallel_world_size())
     expert = "_{:03d}" if layout[2] > 1 else ""
     wanted = {f"mp_rank_{tp:02d}_{pp:03d}" + expert.format(ep)

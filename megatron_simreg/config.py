@@ -165,12 +165,13 @@ _AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
 _AT_LEAST_0 = (lambda v: v >= 0, "at least 0")
 _POSITIVE = (lambda v: v > 0, "positive")
 _FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
-RANGES = {  # every numeric key's allowed values (None, where a key allows it, is not checked); AdaGCConfig checks its own
+RANGES = {  # every numeric key's allowed values (None, where a key allows it, is not checked); AdaGC checks its own
     "model.num_layers": _AT_LEAST_1, "model.hidden_size": _AT_LEAST_1, "model.ffn_hidden_size": _AT_LEAST_1,
     "model.num_attention_heads": _AT_LEAST_1, "model.num_query_groups": _AT_LEAST_1, "model.vocab_size": _AT_LEAST_1,
-    "model.make_vocab_size_divisible_by": _AT_LEAST_1, "model.seq_length": _AT_LEAST_1, "model.rotary_base": _AT_LEAST_1,
-    "model.norm_epsilon": _POSITIVE, "model.init_method_std": _POSITIVE, "model.num_experts": _AT_LEAST_1,
-    "model.moe_router_topk": _AT_LEAST_1, "model.moe_ffn_hidden_size": _AT_LEAST_1, "model.moe_aux_loss_coeff": _AT_LEAST_0,
+    "model.make_vocab_size_divisible_by": _AT_LEAST_1, "model.seq_length": _AT_LEAST_1,
+    "model.rotary_base": _AT_LEAST_1, "model.norm_epsilon": _POSITIVE, "model.init_method_std": _POSITIVE,
+    "model.num_experts": _AT_LEAST_1, "model.moe_router_topk": _AT_LEAST_1, "model.moe_ffn_hidden_size": _AT_LEAST_1,
+    "model.moe_aux_loss_coeff": _AT_LEAST_0,
     "simreg.weight": _AT_LEAST_0, "simreg.temperature": _POSITIVE, "simreg.chunk_size": _AT_LEAST_1,
     "simreg.layer": (lambda v: v >= -1, "at least -1"), "simreg.block_size": _AT_LEAST_1,
     "optimizer.lr": _POSITIVE, "optimizer.min_lr": _AT_LEAST_0, "optimizer.weight_decay": _AT_LEAST_0,
@@ -327,7 +328,7 @@ def _check_ranges(config: Config) -> None:
             raise ConfigError(f"{key} must be {description}, got {value!r}")
     o, m, split = config.optimizer, config.model, config.data.split
     if o.min_lr is not None and o.min_lr > o.lr:
-        raise ConfigError(f"optimizer.min_lr={o.min_lr} exceeds optimizer.lr={o.lr}: the cosine decays from lr down to min_lr")
+        raise ConfigError(f"optimizer.min_lr={o.min_lr} exceeds optimizer.lr={o.lr}: the schedule decays to min_lr")
     if config.simreg.layer >= m.num_layers:
         raise ConfigError(f"simreg.layer={config.simreg.layer} must be -1 (final hidden states) or a decoder layer "
                           f"0..{m.num_layers - 1}")

@@ -54,7 +54,8 @@ def load_merged_state(checkpoint_dir: str, cfg: Config, iteration: int | None = 
                         f"checkpoint shard {path} is missing: the checkpoint is partial, or was saved with another "
                         f"layout than the config's (tensor {p.tensor}, pipeline {p.pipeline}, expert {p.expert})"
                     )
-                shards[(tp, pp, ep)] = read_checkpoint_file(path, checkpoint_dir, iteration, "export it with --iteration {}")["model"]
+                fix = "export it with --iteration {}"
+                shards[(tp, pp, ep)] = read_checkpoint_file(path, checkpoint_dir, iteration, fix)["model"]
     layers_per_stage = cfg.model.num_layers // p.pipeline
     experts_per_rank = (cfg.model.num_experts or 1) // p.expert
     merged: dict[str, list] = {}
@@ -236,11 +237,12 @@ def check_output(output_dir: str, overwrite: bool) -> None:
     foreign = sorted(set(os.listdir(output_dir)) - written)
     if foreign:
         raise FileExistsError(
-            f"--output {output_dir} is an earlier export but also holds files it did not write ({', '.join(foreign[:5])}): "
-            "move them out or give another folder; nothing was deleted"
+            f"--output {output_dir} is an earlier export but also holds files it did not write "
+            f"({', '.join(foreign[:5])}): move them out or give another folder; nothing was deleted"
         )
     if not overwrite:
-        raise FileExistsError(f"--output {output_dir} holds an earlier export: pass --overwrite to replace it, or give another folder")
+        raise FileExistsError(f"--output {output_dir} holds an earlier export: pass --overwrite to replace it, or give "
+                              "another folder")
 
 
 def _exported_files(folder: str) -> set[str] | None:
@@ -252,7 +254,8 @@ def _exported_files(folder: str) -> set[str] | None:
 
 
 def _write_marker(folder: str, checkpoint_dir: str, iteration: int | None) -> None:
-    record = {"checkpoint": os.path.abspath(checkpoint_dir), "iteration": iteration, "files": sorted(os.listdir(folder))}
+    record = {"checkpoint": os.path.abspath(checkpoint_dir), "iteration": iteration,
+              "files": sorted(os.listdir(folder))}
     with open(os.path.join(folder, EXPORT_MARKER), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1)
 

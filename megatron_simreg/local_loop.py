@@ -109,6 +109,9 @@ def train(cfg: Config) -> dict:
 
 
 def _train(cfg: Config, signals: StopSignals) -> dict:
+    save_dir = cfg.checkpoint.save or os.path.join(cfg.run_dir, "checkpoints")
+    check_run_folders(cfg.run_dir, save_dir)  # before any work
+    remove_partial_checkpoints(save_dir)
     schedule = schedule_of(cfg, parallel_state.get_data_parallel_world_size())
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     if padded_vocab_size(cfg) < tokenizer.vocab_size:
@@ -130,9 +133,6 @@ def _train(cfg: Config, signals: StopSignals) -> dict:
     scheduler = build_scheduler(cfg, optimizer, schedule)
     accept_changed_settings(optimizer, scheduler, gbs)
 
-    save_dir = cfg.checkpoint.save or os.path.join(cfg.run_dir, "checkpoints")
-    check_run_folders(cfg.run_dir, save_dir)
-    remove_partial_checkpoints(save_dir)
     load_dir = cfg.checkpoint.load or save_dir
     iteration, consumed = 0, 0
     resume_from = chosen_iteration(load_dir, cfg.checkpoint.load_iteration)
@@ -156,8 +156,9 @@ def _train(cfg: Config, signals: StopSignals) -> dict:
         optimizer.zero_grad()
         try:
             reports = run_schedule(
-                forward_step_func=step, data_iterator=train_batches, model=[model], num_microbatches=schedule.micro_batches,
-                seq_length=cfg.model.seq_length, micro_batch_size=cfg.training.micro_batch_size, forward_only=False,
+                forward_step_func=step, data_iterator=train_batches, model=[model],
+                num_microbatches=schedule.micro_batches, seq_length=cfg.model.seq_length,
+                micro_batch_size=cfg.training.micro_batch_size, forward_only=False,
             )
         except RuntimeError as error:
             if is_non_finite_gradient(error):

@@ -127,7 +127,8 @@ def pretrain(cfg: Config) -> None:
     try:
         check_run_folders(cfg.run_dir, sys.argv[sys.argv.index("--save") + 1])
         load = sys.argv[sys.argv.index("--load") + 1]
-        latest_iteration(load), chosen_iteration(load, cfg.checkpoint.load_iteration)  # Megatron would exit with 0
+        latest_iteration(load)  # a garbage tracker file: Megatron would print it and exit with 0
+        chosen_iteration(load, cfg.checkpoint.load_iteration)
     except (UnwritablePath, CheckpointError) as error:
         sys.exit(f"training stopped: {error}")
     _use_shipped_dataset_helpers()

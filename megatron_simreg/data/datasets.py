@@ -133,7 +133,8 @@ def _check_not_truncated(prefix: str) -> None:
         code, sequences, documents = header[17], *struct.unpack("<QQ", header[18:34])
         needed = 34 + sequences * (4 + 8) + documents * 8
         if os.path.getsize(idx) < needed:
-            raise ValueError(f"data file {idx} is truncated: {os.path.getsize(idx):,} bytes, its header needs {needed:,}: {fix}")
+            raise ValueError(f"data file {idx} is truncated: {os.path.getsize(idx):,} bytes, its header needs "
+                             f"{needed:,}: {fix}")
         if not sequences:
             return
         f.seek(34 + 4 * (sequences - 1))
@@ -142,7 +143,8 @@ def _check_not_truncated(prefix: str) -> None:
         (pointer,) = struct.unpack("<q", f.read(8))
     needed = pointer + length * DType.size(DType.dtype_from_code(code))
     if os.path.getsize(binary) < needed:
-        raise ValueError(f"data file {binary} is truncated: {os.path.getsize(binary):,} bytes, its index needs {needed:,}: {fix}")
+        raise ValueError(f"data file {binary} is truncated: {os.path.getsize(binary):,} bytes, its index needs "
+                         f"{needed:,}: {fix}")
 
 
 def check_indexed_dataset(prefix: str, tokenizer) -> int:

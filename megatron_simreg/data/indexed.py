@@ -39,8 +39,8 @@ def existing_outputs(prefix: str) -> list[str]:
 
 def remove_partial_leftovers(prefix: str) -> None:
     """Remove what a killed run (kill -9, a node failure) left under the `.partial` names of `prefix`'s files."""
-    base = glob.escape(prefix)
-    for pattern in (base + PARTIAL + ".*", base + "-" + "[0-9]" * 5 + PARTIAL + ".*", glob.escape(stats_path(prefix) + PARTIAL)):
+    base, shard = glob.escape(prefix), "-" + "[0-9]" * 5
+    for pattern in (base + PARTIAL + ".*", base + shard + PARTIAL + ".*", glob.escape(stats_path(prefix) + PARTIAL)):
         for path in glob.glob(pattern):
             os.remove(path)
 
