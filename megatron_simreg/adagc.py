@@ -114,6 +114,9 @@ class AdaGC:
         squares = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double() ** 2 if shards else torch.zeros(0, dtype=torch.float64)
         counted = torch.tensor([s.counted for s in shards], dtype=torch.float64, device=device)
         global_before = math.sqrt(_global_square(shards, squares * counted))
+        if not math.isfinite(global_before):  # every rank sees it alike: nothing clipped, no threshold moved
+            self.step -= 1
+            return AdaGCStats(self.step, global_before, global_before, 0, 1.0)
         if cfg.variant == "global":
             keys, norms = [GLOBAL_KEY] * len(shards), {GLOBAL_KEY: global_before}
         else:

@@ -10,9 +10,11 @@ folder and renamed when every rank has finished; the `latest` file is updated la
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
+import zipfile
 
 import numpy
 import torch
@@ -43,17 +45,21 @@ def _writes_checkpoint() -> bool:
     )
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the file and what to do."""
+
+
 def save_checkpoint(save: str, iteration: int, state: dict) -> str:
     final = iteration_dir(save, iteration)
     partial = final + ".partial"
     if dist.get_rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
     dist.barrier()
+    problem = None
     if _writes_checkpoint():
-        os.makedirs(os.path.join(partial, _rank_dir()), exist_ok=True)
         state = {**state, "rng": _rng_state(), "iteration": iteration}
-        torch.save(state, os.path.join(partial, _rank_dir(), FILE))
-    dist.barrier()
+        problem = _write(state, os.path.join(partial, _rank_dir(), FILE))
+    _all_written_or_raise(problem, save, iteration, partial)
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
@@ -64,24 +70,170 @@ def save_checkpoint(save: str, iteration: int, state: dict) -> str:
     return final
 
 
+def remove_partial_checkpoints(save: str) -> None:
+    """Remove what a save cut short by kill -9 left under `.partial` names (rank 0, at the start of a run)."""
+    if dist.get_rank() != 0 or not os.path.isdir(save):
+        return
+    for name in os.listdir(save):
+        if name.endswith(".partial") and (name.startswith("iter_") or name == LATEST + ".partial"):
+            path = os.path.join(save, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+
+
+def _write(state: dict, path: str) -> str | None:
+    """Write one rank's file; what went wrong, or None."""
+    recording = None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as file:
+            recording = _ErrorRecordingFile(file)
+            torch.save(state, recording)
+    except (OSError, RuntimeError) as error:
+        cause = recording.error if recording is not None and recording.error is not None else error
+        if getattr(cause, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            return f"no space left on {_filesystem(path)} while writing {path}"
+        if getattr(cause, "errno", None) == errno.EFBIG:
+            return f"the file size limit (ulimit -f) stopped writing {path}"
+        return f"could not write {path} ({getattr(cause, 'strerror', None) or cause})"
+    return None
+
+
+class _ErrorRecordingFile:
+    """torch.save reports a failed write as "unexpected pos"; this keeps the OSError (ENOSPC, ...) it hides."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self):
+        return self.file.flush()
+
+
+def _all_written_or_raise(problem: str | None, save: str, iteration: int, partial: str) -> None:
+    """Every rank learns whether all files were written (none waits at a barrier for one that failed);
+    on a failure the partial folder goes and the previous checkpoint stays the latest."""
+    failed = torch.tensor([problem is not None], dtype=torch.int32)
+    dist.all_reduce(failed)
+    if not int(failed):
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    previous = latest_iteration(save)
+    kept = f"the last checkpoint, iteration {previous}, is intact" if previous is not None else \
+        "no checkpoint was saved before"
+    raise CheckpointError(f"{problem or 'another rank could not write its checkpoint file'}; iteration {iteration} "
+                          f"was not saved and {kept}: free space (or set checkpoint.save elsewhere) and resume")
+
+
+def _filesystem(path: str) -> str:
+    """The device holding `path` (and its mount point), from /proc/mounts where there is one."""
+    mount = os.path.realpath(path)
+    while not os.path.ismount(mount) and os.path.dirname(mount) != mount:
+        mount = os.path.dirname(mount)
+    try:
+        with open("/proc/mounts", encoding="utf-8") as mounts:
+            devices = [line.split()[0] for line in mounts if line.split()[1:2] == [mount]]
+    except OSError:
+        devices = []
+    return f"{devices[-1]} (mounted at {mount})" if devices else mount
+
+
 def latest_iteration(load: str | None) -> int | None:
     path = os.path.join(load or "", LATEST)
     if not load or not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return int(f.read().strip())
+    with open(path, errors="replace") as f:
+        text = f.read().strip()
+    if not (text.isascii() and text.isdigit()):
+        saved = ", ".join(str(i) for i in saved_iterations(load)) or "none"
+        raise CheckpointError(
+            f"{path} is corrupt (it holds {text[:20]!r}, not an iteration number): write an iteration into it, or "
+            f"choose one (checkpoint.load_iteration to resume, --iteration to export; saved here: {saved})"
+        )
+    return int(text)
+
+
+def chosen_iteration(load: str, wanted: int | None) -> int | None:
+    """The iteration to resume from: `wanted` (checkpoint.load_iteration), which must be saved, else the latest."""
+    if wanted is None:
+        return latest_iteration(load)
+    if wanted not in saved_iterations(load):
+        saved = ", ".join(str(i) for i in saved_iterations(load)) or "none"
+        raise CheckpointError(f"checkpoint.load_iteration={wanted} is not saved in {load} (saved: {saved})")
+    return wanted
+
+
+def saved_iterations(folder: str) -> list[int]:
+    """Iterations with a finished folder in `folder` (partial ones excluded), oldest first."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(int(name[5:]) for name in names if name.startswith("iter_") and name[5:].isdigit())
 
 
 def load_checkpoint(load: str, iteration: int) -> dict:
+    _check_saved_layout(iteration_dir(load, iteration))
     path = os.path.join(iteration_dir(load, iteration), _rank_dir(), FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"checkpoint {path} is missing: it was saved with another parallel layout or is incomplete; "
             "resume with the layout it was saved with, or point checkpoint.load elsewhere"
         )
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint_file(path, load, iteration, "resume from it with --set checkpoint.load_iteration={}")
     _set_rng_state(state["rng"])
     return state
+
+
+def _check_saved_layout(folder: str) -> None:
+    """Refuse a checkpoint of another tensor/pipeline/expert layout, alike on every rank (each sees the folder)."""
+    layout = (parallel_state.get_tensor_model_parallel_world_size(),
+              parallel_state.get_pipeline_model_parallel_world_size(),
+              parallel_state.get_expert_model_parallel_world_size())
+    expert = "_{:03d}" if layout[2] > 1 else ""
+    wanted = {f"mp_rank_{tp:02d}_{pp:03d}" + expert.format(ep)
+              for tp in range(layout[0]) for pp in range(layout[1]) for ep in range(layout[2])}
+    saved = {name for name in (os.listdir(folder) if os.path.isdir(folder) else []) if name.startswith("mp_rank_")}
+    if not saved or saved == wanted:
+        return  # a missing shard is reported by name when this rank looks for its own
+    parts = [name.split("_")[2:] for name in saved]
+    saved_layout = tuple(1 + max(int(p[i]) if len(p) > i else 0 for p in parts) for i in range(3))
+    raise CheckpointError(
+        f"checkpoint {folder} was saved with another parallel layout (tensor {saved_layout[0]}, pipeline "
+        f"{saved_layout[1]}, expert {saved_layout[2]}); this run has tensor {layout[0]}, pipeline {layout[1]}, expert "
+        f"{layout[2]}: resume with the layout it was saved with (--set parallel.tensor=... pipeline=... expert=...)"
+    )
+
+
+def read_checkpoint_file(path: str, folder: str, iteration: int, fix: str) -> dict:
+    """torch.load, or one line naming a corrupt file and the latest earlier iteration whose files are whole
+    (`fix` says how to use it, with {} for the iteration)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated or overwritten files fail in zipfile, pickle or torch alike
+        cause = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        earlier = [i for i in saved_iterations(folder) if i < iteration and _files_are_whole(iteration_dir(folder, i))]
+        offer = f"the latest earlier intact iteration is {earlier[-1]}: " + fix.format(earlier[-1]) if earlier else \
+            "no earlier intact iteration is saved"
+        raise CheckpointError(f"checkpoint file {path} is corrupt ({cause}); {offer}") from None
+
+
+def _files_are_whole(folder: str) -> bool:
+    """Every checkpoint file of an iteration opens as a zip archive (a truncated or overwritten one does not)."""
+    paths = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names if name.endswith(".pt")]
+    try:
+        for path in paths:
+            with zipfile.ZipFile(path):
+                pass
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return bool(paths)
 
 
 def _rng_state() -> dict:

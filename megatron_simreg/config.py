@@ -121,6 +121,7 @@ class LoggingConfig:
 class CheckpointConfig:
     save: str | None = None  # None = <run_dir>/checkpoints
     load: str | None = None  # None = resume from `save` when it holds a checkpoint
+    load_iteration: int | None = None  # resume from this saved iteration instead of the latest
 
 
 @dataclass
@@ -169,6 +170,31 @@ CHOICES = {
     "parallel.moe_token_dispatcher": ("alltoall", "allgather"),
 }
 
+_AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+_AT_LEAST_0 = (lambda v: v >= 0, "at least 0")
+_POSITIVE = (lambda v: v > 0, "positive")
+_FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+RANGES = {  # every numeric key's allowed values (None, where a key allows it, is not checked); AdaGC checks its own
+    "model.num_layers": _AT_LEAST_1, "model.hidden_size": _AT_LEAST_1, "model.ffn_hidden_size": _AT_LEAST_1,
+    "model.num_attention_heads": _AT_LEAST_1, "model.num_query_groups": _AT_LEAST_1, "model.vocab_size": _AT_LEAST_1,
+    "model.make_vocab_size_divisible_by": _AT_LEAST_1, "model.seq_length": _AT_LEAST_1,
+    "model.rotary_base": _AT_LEAST_1, "model.norm_epsilon": _POSITIVE, "model.init_method_std": _POSITIVE,
+    "model.num_experts": _AT_LEAST_1, "model.moe_router_topk": _AT_LEAST_1, "model.moe_ffn_hidden_size": _AT_LEAST_1,
+    "model.moe_aux_loss_coeff": _AT_LEAST_0,
+    "simreg.weight": _AT_LEAST_0, "simreg.temperature": _POSITIVE, "simreg.chunk_size": _AT_LEAST_1,
+    "simreg.layer": (lambda v: v >= -1, "at least -1"), "simreg.block_size": _AT_LEAST_1,
+    "optimizer.lr": _POSITIVE, "optimizer.min_lr": _AT_LEAST_0, "optimizer.weight_decay": _AT_LEAST_0,
+    "optimizer.adam_beta1": _FRACTION, "optimizer.adam_beta2": _FRACTION, "optimizer.adam_eps": _POSITIVE,
+    "optimizer.clip_grad": _AT_LEAST_0,
+    "schedule.warmup_steps": _AT_LEAST_0, "schedule.train_iters": _AT_LEAST_1, "schedule.train_tokens": _AT_LEAST_1,
+    "training.micro_batch_size": _AT_LEAST_1, "training.global_batch_size": _AT_LEAST_1, "training.seed": _AT_LEAST_0,
+    "training.log_interval": _AT_LEAST_1, "training.eval_interval": _AT_LEAST_1, "training.eval_iters": _AT_LEAST_1,
+    "training.save_interval": _AT_LEAST_1, "training.exit_interval": _AT_LEAST_1,
+    "parallel.tensor": _AT_LEAST_1, "parallel.pipeline": _AT_LEAST_1, "parallel.context": _AT_LEAST_1,
+    "parallel.expert": _AT_LEAST_1, "checkpoint.load_iteration": _AT_LEAST_1,
+}
+_SPLIT = re.compile(r"\s*\d+(\.\d*)?(\s*[,/]\s*\d+(\.\d*)?){0,2}\s*")  # Megatron's "train,valid,test" shares
+
 
 def load_config(path: str, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (following `extends`), apply `section.key=value` overrides, check it."""
@@ -179,7 +205,7 @@ def load_config(path: str, overrides: list[str] | None = None) -> Config:
         if not sep:
             raise ConfigError(f"override {override!r} is not key=value (e.g. simreg.weight=0)")
         _check_key(key.strip(), source=f"override {override!r}")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+        _set_dotted(raw, key.strip(), _parse_yaml(value, f"override {override!r}"))
     config = _build(Config, raw, prefix="", source=path)
     _check_values(config)
     return config
@@ -203,7 +229,7 @@ def _read_with_bases(path: str, seen: tuple[str, ...]) -> dict:
     if real in seen:
         raise ConfigError(f"config {path!r} extends itself through {' -> '.join(seen)}")
     with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+        data = _parse_yaml(f, f"config file {path!r}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config {path!r} must be a mapping of sections")
     base = data.pop("extends", None)
@@ -211,6 +237,17 @@ def _read_with_bases(path: str, seen: tuple[str, ...]) -> dict:
         return data
     merged = _read_with_bases(os.path.join(os.path.dirname(path), base), seen + (real,))
     return _deep_merge(merged, data)
+
+
+def _parse_yaml(text, source: str):
+    """YAML, or one line naming the place of a syntax error."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{source} is not valid YAML{where}: {problem}") from None
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
@@ -292,7 +329,27 @@ def _coerce(value, hint, key: str):
     raise ConfigError(f"config key {key!r} must be {names}, got {value!r}")
 
 
+def _check_ranges(config: Config) -> None:
+    for key, (allowed, description) in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not allowed(value):
+            raise ConfigError(f"{key} must be {description}, got {value!r}")
+    o, m, split = config.optimizer, config.model, config.data.split
+    if o.min_lr is not None and o.min_lr > o.lr:
+        raise ConfigError(f"optimizer.min_lr={o.min_lr} exceeds optimizer.lr={o.lr}: the schedule decays to min_lr")
+    if config.simreg.layer >= m.num_layers:
+        raise ConfigError(f"simreg.layer={config.simreg.layer} must be -1 (final hidden states) or a decoder layer "
+                          f"0..{m.num_layers - 1}")
+    if not _SPLIT.fullmatch(split):
+        raise ConfigError(f"data.split={split!r} must be up to three non-negative shares for train, valid, test, "
+                          "e.g. 98,1,1")
+    if float(re.split(r"[,/]", split)[0]) <= 0:
+        raise ConfigError(f"data.split={split!r} gives the training split no share: e.g. 98,1,1")
+
+
 def _check_values(config: Config) -> None:
+    _check_ranges(config)
     for key, choices in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)

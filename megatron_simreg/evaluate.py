@@ -110,7 +110,7 @@ def hugging_face_folder(checkpoint: str, folder: str, config: str | None) -> str
         return checkpoint
     from megatron_simreg.export_hf import export
 
-    return export(checkpoint, folder, config)
+    return export(checkpoint, folder, config, overwrite=True)  # our own folder from an earlier evaluation
 
 
 def run_name(checkpoint: str) -> str:

@@ -12,15 +12,18 @@ folder loads offline with `from_pretrained`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
 import re
 import shutil
+import tempfile
 
 import torch
 import torch.distributed as dist
 
-from megatron_simreg.checkpoint import FILE, iteration_dir, latest_iteration
+from megatron_simreg.checkpoint import FILE, iteration_dir, latest_iteration, read_checkpoint_file
 from megatron_simreg.config import Config, load_config
 
 COLUMN_PARALLEL = ("linear_qkv.weight", "linear_fc1.weight", "word_embeddings.weight", "output_layer.weight")
@@ -50,7 +53,8 @@ def load_merged_state(checkpoint_dir: str, cfg: Config, iteration: int | None = 
                         f"checkpoint shard {path} is missing: the checkpoint is partial, or was saved with another "
                         f"layout than the config's (tensor {p.tensor}, pipeline {p.pipeline}, expert {p.expert})"
                     )
-                shards[(tp, pp, ep)] = torch.load(path, map_location="cpu", weights_only=False)["model"]
+                fix = "export it with --iteration {}"
+                shards[(tp, pp, ep)] = read_checkpoint_file(path, checkpoint_dir, iteration, fix)["model"]
     layers_per_stage = cfg.model.num_layers // p.pipeline
     experts_per_rank = (cfg.model.num_experts or 1) // p.expert
     merged: dict[str, list] = {}
@@ -190,12 +194,18 @@ def hugging_face_config(cfg: Config, vocab_size: int, tokenizer):
                        architectures=["LlamaForCausalLM"], **common)
 
 
-def export(checkpoint_dir: str, output_dir: str, config_path: str | None = None, iteration: int | None = None) -> str:
-    """Write a Hugging Face model folder (config, safetensors, tokenizer) from one of our checkpoints."""
+def export(checkpoint_dir: str, output_dir: str, config_path: str | None = None, iteration: int | None = None,
+           overwrite: bool = False) -> str:
+    """Write a Hugging Face model folder (config, safetensors, tokenizer) from one of our checkpoints.
+
+    The folder is written beside `output_dir` under a temporary name and renamed into place when complete.
+    `output_dir` may be new or empty; an earlier export is replaced only with `overwrite` (see `check_output`).
+    """
     from safetensors.torch import save_file
 
     from megatron_simreg.data import build_tokenizer, default_tokenizer_path
 
+    check_output(output_dir, overwrite)
     config_path = config_path or os.path.join(os.path.dirname(os.path.abspath(checkpoint_dir)), "config.yaml")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(
@@ -205,16 +215,82 @@ def export(checkpoint_dir: str, output_dir: str, config_path: str | None = None,
     tokenizer_path = cfg.data.tokenizer or default_tokenizer_path()
     tokenizer = build_tokenizer(tokenizer_path)
     state = hugging_face_state(load_merged_state(checkpoint_dir, cfg, iteration), cfg, tokenizer.vocab_size)
-    partial = output_dir.rstrip("/") + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    hugging_face_config(cfg, tokenizer.vocab_size, tokenizer).save_pretrained(partial)
-    save_file(state, os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
-    _write_tokenizer(tokenizer_path, partial)
-    if os.path.isdir(output_dir):
-        shutil.rmtree(output_dir)
-    os.replace(partial, output_dir)
+    with _folder_beside(output_dir) as partial:
+        hugging_face_config(cfg, tokenizer.vocab_size, tokenizer).save_pretrained(partial)
+        save_file(state, os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
+        _write_tokenizer(tokenizer_path, partial)
+        _write_marker(partial, checkpoint_dir, iteration)
+        _replace(output_dir, partial)
     return output_dir
+
+
+EXPORT_MARKER = "megatron_simreg_export.json"  # lists the files an export wrote: what --overwrite may remove
+
+
+def check_output(output_dir: str, overwrite: bool) -> None:
+    """Refuse, before any work, an output that would lose files: a non-empty folder that is not one of our
+    exports, an export holding files it did not write, or an earlier export without `overwrite`."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise FileExistsError(f"--output {output_dir} is a file: give a new or empty folder")
+    if not os.path.isdir(output_dir) or not os.listdir(output_dir):
+        return
+    written = _exported_files(output_dir)
+    if written is None:
+        raise FileExistsError(
+            f"--output {output_dir} is not empty and is not an export (no {EXPORT_MARKER}): give a new or empty "
+            "folder; nothing was deleted"
+        )
+    foreign = sorted(set(os.listdir(output_dir)) - written)
+    if foreign:
+        raise FileExistsError(
+            f"--output {output_dir} is an earlier export but also holds files it did not write "
+            f"({', '.join(foreign[:5])}): move them out or give another folder; nothing was deleted"
+        )
+    if not overwrite:
+        raise FileExistsError(f"--output {output_dir} holds an earlier export: pass --overwrite to replace it, or give "
+                              "another folder")
+
+
+def _exported_files(folder: str) -> set[str] | None:
+    try:
+        with open(os.path.join(folder, EXPORT_MARKER), encoding="utf-8") as f:
+            return set(json.load(f)["files"]) | {EXPORT_MARKER}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_marker(folder: str, checkpoint_dir: str, iteration: int | None) -> None:
+    record = {"checkpoint": os.path.abspath(checkpoint_dir), "iteration": iteration,
+              "files": sorted(os.listdir(folder))}
+    with open(os.path.join(folder, EXPORT_MARKER), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+
+
+@contextlib.contextmanager
+def _folder_beside(output_dir: str):
+    """A new temporary folder next to `output_dir` (same filesystem, so the final rename is atomic); removed
+    unless it was renamed into place."""
+    target = os.path.abspath(output_dir)
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".partial", dir=parent)
+    try:
+        yield folder
+    finally:
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+
+
+def _replace(output_dir: str, partial: str) -> None:
+    """Move the finished export into place; an earlier export (checked by `check_output`) is set aside first
+    and removed only once the new one is there."""
+    if not os.path.isdir(output_dir) or not os.listdir(output_dir):
+        os.replace(partial, output_dir)  # a missing or empty folder
+        return
+    old = partial + ".old"
+    os.replace(output_dir, old)
+    os.replace(partial, output_dir)
+    shutil.rmtree(old)
 
 
 def _write_tokenizer(tokenizer_path: str, folder: str) -> None:

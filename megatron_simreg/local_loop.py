@@ -24,26 +24,34 @@ from tqdm import tqdm
 from megatron_simreg import parallel
 from megatron_simreg.adagc import AdaGC
 from megatron_simreg.batches import micro_batches, on_this_rank
-from megatron_simreg.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
+from megatron_simreg.checkpoint import chosen_iteration, load_checkpoint, remove_partial_checkpoints, save_checkpoint
 from megatron_simreg.config import Config, save_config
 from megatron_simreg.cpu_compat import cpu_compat
 from megatron_simreg.data import build_gpt_datasets, build_tokenizer
+from megatron_simreg.failures import (
+    Interrupted,
+    StopSignals,
+    TrainingError,
+    check_finite_weights,
+    check_run_folders,
+    is_non_finite_gradient,
+    last_good_checkpoint,
+    non_finite_gradient_stop,
+)
 from megatron_simreg.megatron_adagc import attach_adagc
 from megatron_simreg.metrics import MetricsWriter
 from megatron_simreg.model import model_provider
 from megatron_simreg.objective import SimRegObjective, forward_step, reduce_reports
+from megatron_simreg.resume import accept_changed_settings
 from megatron_simreg.run_plan import RunPlan, min_lr, plan_run
-
-
-class TrainingError(RuntimeError):
-    """Training stopped for a reason the user must act on (a NaN loss, say)."""
 
 
 def build_model_and_optimizer(cfg: Config):
     pre, post = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
     model = model_provider(cfg, pre_process=pre, post_process=post)
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.distributed_optimizer
+        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        check_for_nan_in_grad=True,  # as megatron.training's --check-for-nan-in-loss-and-grad (see failures.py)
     )
     ddp = DistributedDataParallel(model.config, ddp_config, model)
     o = cfg.optimizer
@@ -70,6 +78,7 @@ def build_scheduler(cfg: Config, optimizer, plan: RunPlan) -> OptimizerParamSche
         lr_warmup_steps=cfg.schedule.warmup_steps * gbs, lr_decay_steps=plan.train_iters * gbs,
         lr_decay_style=cfg.schedule.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
         wd_incr_steps=plan.train_iters * gbs, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,  # the config wins (resume.py)
     )
 
 
@@ -79,12 +88,15 @@ def train(cfg: Config) -> dict:
     with cpu_compat():
         parallel.initialize(cfg)
         try:
-            return _train(cfg, plan)
+            with StopSignals() as signals:
+                return _train(cfg, plan, signals)
         finally:
             parallel.destroy()
 
 
-def _train(cfg: Config, plan: RunPlan) -> dict:
+def _train(cfg: Config, plan: RunPlan, signals: StopSignals) -> dict:
+    check_run_folders(cfg.run_dir, plan.save_dir)  # before any work
+    remove_partial_checkpoints(plan.save_dir)
     gbs = cfg.training.global_batch_size
     evals = plan.train_iters // cfg.training.eval_interval + 1
     train_set, valid_set, _ = build_gpt_datasets(
@@ -96,9 +108,10 @@ def _train(cfg: Config, plan: RunPlan) -> dict:
     if cfg.adagc.enabled:
         attach_adagc(optimizer, [model], AdaGC(cfg.adagc))  # its state rides in the optimizer's checkpoint entry
     scheduler = build_scheduler(cfg, optimizer, plan)
+    accept_changed_settings(optimizer, scheduler, gbs)
 
     iteration, consumed = 0, 0
-    resume_from = latest_iteration(plan.load_dir)
+    resume_from = chosen_iteration(plan.load_dir, cfg.checkpoint.load_iteration)
     if resume_from is not None:
         state = load_checkpoint(plan.load_dir, resume_from)
         parallel_model(model).load_state_dict(state["model"])
@@ -115,19 +128,25 @@ def _train(cfg: Config, plan: RunPlan) -> dict:
     while iteration < plan.train_iters:
         model.zero_grad_buffer()
         optimizer.zero_grad()
-        reports = run_schedule(
-            forward_step_func=step, data_iterator=train_batches, model=[model], num_microbatches=plan.micro_batches,
-            seq_length=cfg.model.seq_length, micro_batch_size=cfg.training.micro_batch_size, forward_only=False,
-        )
+        try:
+            reports = run_schedule(
+                forward_step_func=step, data_iterator=train_batches, model=[model],
+                num_microbatches=plan.micro_batches, seq_length=cfg.model.seq_length,
+                micro_batch_size=cfg.training.micro_batch_size, forward_only=False,
+            )
+        except RuntimeError as error:
+            if is_non_finite_gradient(error):
+                raise non_finite_gradient_stop(iteration + 1, plan.save_dir) from None
+            raise
         metrics = _last_stage_metrics(reports, dp_group)
         if metrics is not None and not math.isfinite(metrics["lm loss"] + metrics.get("simreg", 0.0)):
-            previous = latest_iteration(plan.save_dir)
             raise TrainingError(
                 f"loss is not finite at iteration {iteration + 1} ({metrics}); stopped before the optimizer step. "
-                + (f"The last good checkpoint is iteration {previous} in {plan.save_dir}." if previous else "No checkpoint was saved yet.")
+                + last_good_checkpoint(plan.save_dir)
             )
         updated, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=gbs)
+        if updated:  # a skipped step (AdaGC on a non-finite norm) leaves the schedule where it is, as in Megatron
+            scheduler.step(increment=gbs)
         iteration += 1
         consumed += gbs
         if logger is not None:
@@ -141,12 +160,18 @@ def _train(cfg: Config, plan: RunPlan) -> dict:
             valid = evaluate(cfg, model, step, valid_set, plan, dp_group)
             if logger is not None and valid is not None:
                 logger.validation(iteration, consumed, valid)
-        stop = cfg.training.exit_interval is not None and iteration % cfg.training.exit_interval == 0
+        signalled = signals.agreed()
+        stop = cfg.training.exit_interval is not None and iteration % cfg.training.exit_interval == 0 or bool(signalled)
         if stop or iteration % cfg.training.save_interval == 0 or iteration == plan.train_iters:
+            check_finite_weights([model], iteration, plan.save_dir)
             save_checkpoint(plan.save_dir, iteration, {
                 "model": parallel_model(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "consumed_samples": consumed,
             })
+        if signalled:
+            if logger is not None:
+                logger.close()
+            raise Interrupted(signalled, iteration, plan.save_dir)
         if stop:
             break
     if logger is not None:
@@ -188,7 +213,7 @@ class _RunLogger:
     def __init__(self, cfg: Config, plan: RunPlan, start: int):
         self.cfg, self.plan = cfg, plan
         save_config(cfg, cfg.run_dir)
-        self.jsonl = MetricsWriter(cfg.run_dir) if cfg.logging.jsonl else None
+        self.jsonl = MetricsWriter(cfg.run_dir, resumed_at=start or None) if cfg.logging.jsonl else None
         self.tensorboard = None
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter

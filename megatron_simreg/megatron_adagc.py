@@ -18,6 +18,7 @@ whatever the layout.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -37,7 +38,8 @@ def attach_adagc(optimizer, model_chunks, adagc: AdaGC) -> None:
 
     The step returns what Megatron's does: (success, grad norm before clipping, zeros in grads or None);
     AdaGC's figures for the log are left in `optimizer.adagc_stats`. With a loss scaler that finds
-    inf/nan the step is skipped before AdaGC, as Megatron skips it, so AdaGC's state does not move.
+    inf/nan the step is skipped before AdaGC, as Megatron skips it, so AdaGC's state does not move; a non-finite
+    gradient norm skips it too (success False: megatron.training counts a skipped iteration), AdaGC's state unmoved.
     """
     names = parameter_names(model_chunks)
     parts = [p for p in getattr(optimizer, "chained_optimizers", [optimizer]) if not getattr(p, "is_stub_optimizer", False)]
@@ -49,6 +51,8 @@ def attach_adagc(optimizer, model_chunks, adagc: AdaGC) -> None:
             return False, None, None
         stats = adagc.clip([entry.shard() for entry in layout])
         optimizer.adagc_stats = stats
+        if not math.isfinite(stats.grad_norm):  # as a loss scaler's inf/nan: the step is skipped, weights untouched
+            return False, stats.grad_norm, None
         num_zeros = optimizer.count_zeros() if optimizer.config.log_num_zeros_in_grad else None
         return optimizer.step_with_ready_grads(), stats.grad_norm, num_zeros
 

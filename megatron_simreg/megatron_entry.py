@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from functools import partial
 
@@ -19,10 +20,22 @@ import torch
 
 from megatron_simreg.adagc import AdaGC
 from megatron_simreg.batches import on_this_rank
+from megatron_simreg.checkpoint import CheckpointError, chosen_iteration, latest_iteration
 from megatron_simreg.config import Config, save_config
 from megatron_simreg.data import build_gpt_datasets, build_tokenizer
+from megatron_simreg.failures import (
+    TrainingError,
+    UnwritablePath,
+    check_finite_weights,
+    check_run_folders,
+    interrupted_message,
+    is_non_finite_gradient,
+    non_finite_gradient_stop,
+)
+from megatron_simreg.megatron_adagc import AdaGCStateMissing
 from megatron_simreg.model import have_transformer_engine, model_provider
 from megatron_simreg.objective import SimRegObjective, forward_step
+from megatron_simreg.resume import accept_changed_settings
 from megatron_simreg.run_plan import RunPlan, plan_run
 
 
@@ -84,7 +97,25 @@ def megatron_arguments(cfg: Config, plan: RunPlan, *, transformer_engine: bool) 
         # softmax needs a CUDA extension the megatron-core wheel does not build
         args += ["--transformer-impl", "local", "--no-rope-fusion", "--no-gradient-accumulation-fusion",
                  "--no-masked-softmax-fusion"]
+    args += _failure_handling_arguments(cfg)
     return [str(a) for a in args + cfg.megatron.extra_args]
+
+
+def _failure_handling_arguments(cfg: Config) -> list[str]:
+    """How the run stops without losing work, as the local loop does (failures.py).
+
+    `--check-for-nan-in-loss-and-grad` is Megatron's default; with `--rerun-mode disabled` a non-finite
+    gradient stops the run before the optimizer step. (Megatron's default, `validate_results`, reruns the
+    step and saves a checkpoint that resumes only on another GPU: on one node the run could never go on,
+    not even with a lower learning rate.) A resumed run takes the config's optimizer settings
+    (`--override-opt_param-scheduler`; resume.py lets the optimizer's parameter groups follow). SIGTERM
+    finishes the step and saves (`--exit-signal-handler`; SIGINT is forwarded to it by `_sigint_as_sigterm`).
+    `checkpoint.load_iteration` resumes from an earlier iteration (`--ckpt-step`).
+    """
+    args = ["--rerun-mode", "disabled", "--override-opt_param-scheduler", "--exit-signal-handler"]
+    if cfg.checkpoint.load_iteration is not None:
+        args += ["--ckpt-step", cfg.checkpoint.load_iteration]
+    return args
 
 
 def pretrain(cfg: Config) -> None:
@@ -95,6 +126,12 @@ def pretrain(cfg: Config) -> None:
     from megatron.training.arguments import parse_and_validate_args
 
     plan = plan_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    try:
+        check_run_folders(cfg.run_dir, plan.save_dir)
+        latest_iteration(plan.load_dir)  # a garbage tracker file: Megatron would print it and exit with 0
+        chosen_iteration(plan.load_dir, cfg.checkpoint.load_iteration)
+    except (UnwritablePath, CheckpointError) as error:
+        sys.exit(f"training stopped: {error}")
     sys.argv = [sys.argv[0]] + megatron_arguments(cfg, plan, transformer_engine=have_transformer_engine())
     args = parse_and_validate_args()
     if int(os.environ.get("RANK", "0")) == 0:
@@ -108,7 +145,14 @@ def pretrain(cfg: Config) -> None:
     datasets_provider.is_distributed = True  # every rank reads its own batches (no broadcast)
     step = partial(forward_step, SimRegObjective.from_config(cfg), _cuda_batch)
     adagc = AdaGC(cfg.adagc) if cfg.adagc.enabled else None
-    with _shipped_dataset_helpers(), _adagc_on_megatrons_optimizer(training, adagc):
+    with contextlib.ExitStack() as during_the_run:  # megatron.training's hooks, restored when it returns
+        during_the_run.enter_context(_shipped_dataset_helpers())
+        if adagc is not None:
+            during_the_run.enter_context(_replaced(training, "get_megatron_optimizer", partial(_with_adagc, adagc)))
+        during_the_run.enter_context(_replaced(training, "save_checkpoint", partial(_saving_only_finite_weights, args)))
+        during_the_run.enter_context(_replaced(training, "get_optimizer_param_scheduler",
+                                               partial(_accepting_changed_settings, args)))
+        during_the_run.enter_context(_stop_in_one_line(args))
         training.pretrain(
             pretrain_cfg_container_from_args(args),
             datasets_provider,
@@ -125,6 +169,107 @@ def _model_provider(cfg: Config, pre_process=True, post_process=True, vp_stage=N
 
     config = config or core_transformer_config_from_args(get_args())
     return model_provider(cfg, pre_process, post_process, vp_stage, config=config, pg_collection=pg_collection)
+
+
+@contextlib.contextmanager
+def _stop_in_one_line(args):
+    """A stop the user must act on (non-finite gradients or weights) ends in one line naming the checkpoint to
+    resume from, not a traceback; a stop by SIGTERM/SIGINT says what was saved and exits with 128 + the signal
+    (megatron.training exits with 0 after its signal handler's save: a requeueing scheduler would take it as done)."""
+    from megatron.training.global_vars import get_args
+
+    received = []
+    previous = signal.signal(signal.SIGINT, partial(_sigint_as_sigterm, received))
+    try:
+        yield
+    except (TrainingError, AdaGCStateMissing) as error:
+        sys.exit(f"training stopped: {error}")
+    except RuntimeError as error:
+        if not is_non_finite_gradient(error):
+            raise
+        sys.exit(f"training stopped: {non_finite_gradient_stop(get_args().curr_iteration + 1, args.save)}")
+    except _InterruptedEarly as stop:
+        print(f"training stopped: received {signal.Signals(stop.code - 128).name} before training started; "
+              "nothing was saved", file=sys.stderr, flush=True)
+        sys.exit(stop.code)
+    except SystemExit as stop:
+        signum = received[0] if received else signal.SIGTERM if _megatron_received_a_signal() else None
+        if signum is None or stop.code not in (0, None):
+            raise
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(f"training stopped: {interrupted_message(signum, latest_iteration(args.save), args.save)}",
+                  file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _sigint_as_sigterm(received: list, signum, frame) -> None:
+    """Ctrl-C does what SIGTERM does: megatron.training's handler takes one signal (SIGTERM)."""
+    received.append(signum)
+    handler = signal.getsignal(signal.SIGTERM)
+    if not callable(handler):  # before Megatron's handler is installed: nothing to save yet
+        raise _InterruptedEarly(128 + signum)
+    handler(signal.SIGTERM, frame)
+
+
+class _InterruptedEarly(SystemExit):
+    """Ctrl-C before megatron.training's loop began."""
+
+
+def _megatron_received_a_signal() -> bool:
+    from megatron.training.global_vars import get_signal_handler
+
+    try:
+        return bool(get_signal_handler()._signal_received)  # its flag: asking all ranks would need a collective
+    except (AssertionError, AttributeError):  # no handler installed
+        return False
+
+
+@contextlib.contextmanager
+def _replaced(owner, name: str, wrap):
+    """`owner.name` replaced by `wrap(original)` while inside, restored on leaving."""
+    original = getattr(owner, name)
+    setattr(owner, name, wrap(original))
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def _accepting_changed_settings(args, build):
+    """A resume with another lr, warm-up, ... works and says what changed, as in the local loop (resume.py)."""
+
+    def build_accepting_changes(optimizer):
+        scheduler = build(optimizer)
+        accept_changed_settings(optimizer, scheduler, args.global_batch_size)
+        return scheduler
+
+    return build_accepting_changes
+
+
+def _saving_only_finite_weights(args, save):
+    """Refuse a checkpoint of non-finite weights (as the local loop does)."""
+
+    def save_if_finite(iteration, model, *a, **kw):
+        check_finite_weights(model, iteration, args.save)
+        return save(iteration, model, *a, **kw)
+
+    return save_if_finite
+
+
+def _with_adagc(adagc: AdaGC, build):
+    """AdaGC clips (and checkpoints with) the optimizer megatron.training builds. megatron.training offers no
+    hook between building the optimizer and loading the checkpoint into it, hence its factory is wrapped."""
+    from megatron_simreg.megatron_adagc import attach_adagc
+
+    def build_with_adagc(config, model_chunks, *args, **kwargs):
+        optimizer = build(config, model_chunks, *args, **kwargs)
+        attach_adagc(optimizer, model_chunks, adagc)
+        _log_adagc_each_step(optimizer)
+        return optimizer
+
+    return build_with_adagc
 
 
 @contextlib.contextmanager
@@ -157,33 +302,6 @@ def _shipped_dataset_helpers():
 def _cuda_batch(data_iterator) -> dict:
     batch = next(data_iterator)
     return on_this_rank({k: v.cuda(non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)})
-
-
-@contextlib.contextmanager
-def _adagc_on_megatrons_optimizer(training, adagc: AdaGC | None):
-    """While megatron.training runs: AdaGC clips (and checkpoints with) the optimizer it builds.
-
-    megatron.training offers no hook between building the optimizer and loading the checkpoint into it, so the
-    optimizer factory it calls is wrapped for the duration of the run and restored afterwards.
-    """
-    if adagc is None:
-        yield
-        return
-    from megatron_simreg.megatron_adagc import attach_adagc
-
-    build = training.get_megatron_optimizer
-
-    def build_with_adagc(config, model_chunks, *args, **kwargs):
-        optimizer = build(config, model_chunks, *args, **kwargs)
-        attach_adagc(optimizer, model_chunks, adagc)
-        _log_adagc_each_step(optimizer)
-        return optimizer
-
-    training.get_megatron_optimizer = build_with_adagc
-    try:
-        yield
-    finally:
-        training.get_megatron_optimizer = build
 
 
 def _log_adagc_each_step(optimizer) -> None:

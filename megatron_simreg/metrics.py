@@ -19,11 +19,17 @@ CONFIG_FILE = "config.yaml"
 
 
 class MetricsWriter:
-    """Appends one JSON line per logged step; flushed at once so a crash loses nothing logged."""
+    """Appends one JSON line per logged step; flushed at once so a crash loses nothing logged.
 
-    def __init__(self, run_dir: str):
+    A run resumed at iteration `resumed_at` trains the iterations after it again: their earlier records (logged
+    by a run stopped after its last checkpoint) are dropped first, so each iteration keeps one record.
+    """
+
+    def __init__(self, run_dir: str, resumed_at: int | None = None):
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, METRICS_FILE)
+        if resumed_at is not None and os.path.isfile(self.path):
+            _drop_records_after(self.path, resumed_at)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, split: str, iteration: int, tokens: int, values: dict[str, float]) -> None:
@@ -34,6 +40,25 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _drop_records_after(path: str, iteration: int) -> None:
+    """Rewrite the file (atomically) without the records of later iterations; lines that are not records stay."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = [line for line in lines if _iteration_of(line) is None or _iteration_of(line) <= iteration]
+    if len(kept) == len(lines):
+        return
+    with open(path + ".partial", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(path + ".partial", path)
+
+
+def _iteration_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["iteration"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 @dataclass

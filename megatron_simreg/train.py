@@ -49,12 +49,17 @@ def main(argv=None):
             from megatron_simreg.megatron_entry import pretrain as run
         else:
             from megatron_simreg.local_loop import train as run
-    from megatron_simreg.local_loop import TrainingError
+    from megatron_simreg.checkpoint import CheckpointError
+    from megatron_simreg.failures import Interrupted, TrainingError
     from megatron_simreg.megatron_adagc import AdaGCStateMissing
 
     try:
         run(cfg)
-    except (ConfigError, TrainingError, AdaGCStateMissing, FileNotFoundError, ValueError) as error:
+    except Interrupted as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"training stopped: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except (ConfigError, TrainingError, CheckpointError, AdaGCStateMissing, FileNotFoundError, ValueError) as error:
         sys.exit(f"training stopped: {error}")
 
 

@@ -173,3 +173,39 @@ def test_megatron_optimizers_clip_like_adagc_on_whole_tensors(layout, runs):
         for name, value in gamma.items():
             assert value == pytest.approx(reference.gamma[name], rel=FP32_SUM_REL), name
     assert set().union(*(gamma for *_, gamma in per_rank)) == set(reference.gamma)
+
+
+def non_finite_step_worker(rank, world):
+    from megatron_simreg import parallel
+    from megatron_simreg.local_loop import build_model_and_optimizer
+    from megatron_simreg.megatron_adagc import attach_adagc
+
+    cfg = load_config("configs/tiny-llama.yaml", BASE + ["adagc.warmup_steps=1"])
+    parallel.initialize(cfg)
+    try:
+        model, optimizer = build_model_and_optimizer(cfg)
+        adagc = AdaGC(cfg.adagc)
+        attach_adagc(optimizer, [model], adagc)
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        outcomes = []
+        for poison in (float("nan"), float("inf"), None):
+            for p in model.parameters():
+                p.main_grad.fill_(1e-3)
+            if poison is not None:
+                next(iter(model.parameters())).main_grad[0] = poison
+            updated, norm, _ = optimizer.step()
+            unchanged = all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+            outcomes.append((updated, norm, unchanged, adagc.step, dict(adagc.gamma)))
+        return outcomes
+    finally:
+        parallel.destroy()
+
+
+def test_adagc_skips_the_step_on_a_non_finite_gradient_norm():
+    """A NaN or Inf gradient: no optimizer step (success False, as Megatron's loss scaler reports an overflow),
+    weights and AdaGC's step count and thresholds untouched; the next finite step proceeds as the first."""
+    nan, inf, finite = run_distributed(non_finite_step_worker, 1)[0]
+    for updated, norm, unchanged, step, gamma in (nan, inf):
+        assert updated is False and not torch.isfinite(torch.tensor(norm)) and unchanged and step == 0 and gamma == {}
+    updated, norm, unchanged, step, gamma = finite
+    assert updated is True and norm > 0 and not unchanged and step == 1 and len(gamma) > 0

@@ -198,3 +198,83 @@ def test_saved_config_reads_back_with_lambda_resolved(tmp_path):
     assert again.simreg.weight == pytest.approx(10 * math.sqrt(2))
     again.simreg.weight = cfg.simreg.weight
     assert again == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.micro_batch_size=0", "training.micro_batch_size must be at least 1, got 0"),
+    ("training.global_batch_size=-4", "training.global_batch_size must be at least 1, got -4"),
+    ("schedule.train_iters=0", "schedule.train_iters must be at least 1, got 0"),
+    ("schedule.train_tokens=0", "schedule.train_tokens must be at least 1, got 0"),
+    ("schedule.warmup_steps=-1", "schedule.warmup_steps must be at least 0, got -1"),
+    ("training.save_interval=0", "training.save_interval must be at least 1, got 0"),
+    ("training.log_interval=0", "training.log_interval must be at least 1"),
+    ("training.eval_interval=-5", "training.eval_interval must be at least 1"),
+    ("training.eval_iters=0", "training.eval_iters must be at least 1"),
+    ("training.exit_interval=0", "training.exit_interval must be at least 1"),
+    ("model.seq_length=-32", "model.seq_length must be at least 1, got -32"),
+    ("model.num_layers=0", "model.num_layers must be at least 1"),
+    ("model.vocab_size=0", "model.vocab_size must be at least 1"),
+    ("model.norm_epsilon=0", "model.norm_epsilon must be positive"),
+    ("parallel.tensor=0", "parallel.tensor must be at least 1"),
+    ("optimizer.lr=0", "optimizer.lr must be positive"),
+    ("optimizer.lr=-1.0e-3", "optimizer.lr must be positive"),
+    ("optimizer.min_lr=-1", "optimizer.min_lr must be at least 0"),
+    ("optimizer.min_lr=1", "optimizer.min_lr=1.0 exceeds optimizer.lr=0.002"),
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay must be at least 0"),
+    ("optimizer.adam_beta2=1", "optimizer.adam_beta2 must be in \\[0, 1\\)"),
+    ("optimizer.adam_eps=0", "optimizer.adam_eps must be positive"),
+    ("optimizer.clip_grad=-1", "optimizer.clip_grad must be at least 0"),
+    ("simreg.weight=-1", "simreg.weight must be at least 0"),
+    ("simreg.block_size=0", "simreg.block_size must be at least 1"),
+    ("simreg.layer=2", "simreg.layer=2 must be -1 \\(final hidden states\\) or a decoder layer 0..1"),
+    ("simreg.layer=-2", "simreg.layer must be at least -1, got -2"),
+    ("data.split=abc", "data.split='abc' must be up to three non-negative shares"),
+    ("data.split=0,1,1", "data.split='0,1,1' gives the training split no share"),
+])
+def test_values_out_of_range_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny(override)
+
+
+def test_every_numeric_key_has_a_range():
+    """A new numeric setting cannot slip in without one (the schema and its ranges stay side by side)."""
+    import dataclasses
+    import typing
+
+    from megatron_simreg.config import RANGES, Config
+
+    numeric = []
+    for section in dataclasses.fields(Config):
+        kind = typing.get_type_hints(Config)[section.name]
+        if not dataclasses.is_dataclass(kind) or section.name == "adagc":  # AdaGCConfig checks its own values
+            continue
+        for f in dataclasses.fields(kind):
+            allowed = set(typing.get_args(typing.get_type_hints(kind)[f.name])) or {typing.get_type_hints(kind)[f.name]}
+            if allowed & {int, float}:
+                numeric.append(f"{section.name}.{f.name}")
+    assert sorted(set(numeric) - set(RANGES)) == []
+
+
+def test_yaml_syntax_errors_are_one_line_naming_the_place(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  num_layers: 2\n  hidden_size: 64: 3\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(str(bad))
+    assert f"{bad}" in str(error.value) and "line 3" in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        tiny("simreg.weight=[1,")
+    assert "override 'simreg.weight=[1,'" in str(error.value) and "not valid YAML" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_the_entry_point_refuses_bad_values_in_one_line_before_writing_anything(tmp_path, monkeypatch, capsys):
+    from megatron_simreg.train import main
+
+    config = os.path.abspath("configs/tiny-llama.yaml")
+    monkeypatch.chdir(tmp_path)
+    for override in ("training.save_interval=0", "data.split=abc", "model.seq_length=-1", "simreg.weight=[1,"):
+        with pytest.raises(SystemExit) as stop:
+            main(["--config", config, "--set", override])
+        message = str(stop.value.code)
+        assert message.startswith("config error:") and "\n" not in message, message
+    assert list(tmp_path.iterdir()) == []

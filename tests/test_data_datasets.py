@@ -149,3 +149,23 @@ def test_bad_input_is_explained(corpus, tokenizer, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "megatron.core.datasets.helpers_cpp", None)  # a build without the helpers
     with pytest.raises(ImportError, match="pip install pybind11 .* helpers.cpp"):
         build_gpt_datasets(corpus, tokenizer, SEQ, (1, 1, 0))
+
+
+def test_truncated_data_files_are_named(tmp_path, tokenizer):
+    """A .bin or .idx cut short (a full disk, an interrupted copy): the file is named and called truncated,
+    checked against the sizes its index promises, before anything reads it."""
+    import shutil
+
+    prefix = write_corpus(tmp_path, DOCUMENTS)
+    for path in (get_bin_path(prefix), get_idx_path(prefix)):
+        whole = tmp_path / "whole"
+        shutil.copy(path, whole)
+        with open(path, "r+b") as f:
+            f.truncate(len(whole.read_bytes()) - 3)
+        with pytest.raises(ValueError, match=f"data file {path} is truncated: .* bytes, its (index|header) needs .*prepare_data"):
+            build_gpt_datasets(prefix, tokenizer, SEQ, (10, 2, 0), split="80,20,0")
+        shutil.copy(whole, path)
+    with open(get_idx_path(prefix), "r+b") as f:
+        f.truncate(20)  # not even the header
+    with pytest.raises(ValueError, match=f"data file {get_idx_path(prefix)} is truncated"):
+        build_gpt_datasets(prefix, tokenizer, SEQ, (10, 2, 0), split="80,20,0")

@@ -223,3 +223,33 @@ def test_command_line(tmp_path, capsys):
     assert json.loads((tmp_path / "cli.stats.json").read_text())["documents"] == 20
     with pytest.raises(SystemExit, match="prepare_data: .*already holds a dataset"):
         prepare_data.main(["--input", str(source), "--output-prefix", str(tmp_path / "cli"), "--quiet"])
+
+
+def test_ctrl_c_ends_in_one_line_and_a_killed_runs_leftovers_go_at_the_next_start(tmp_path, monkeypatch, capsys):
+    real_iter = prepare_module.iter_documents
+
+    def interrupted(*args, **kwargs):
+        for index, document in enumerate(real_iter(*args, **kwargs)):
+            if index == 20:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield document
+
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCUMENTS))
+    out = tmp_path / "out"
+    out.mkdir()
+    leftovers = ["c4.partial.bin", "c4-00003.partial.idx", "c4.stats.json.partial"]  # what kill -9 leaves
+    for name in leftovers + ["c4-notes.txt"]:
+        (out / name).write_text("")
+    monkeypatch.setattr(prepare_module, "iter_documents", interrupted)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's Ctrl-C, as in a terminal
+    try:
+        with pytest.raises(SystemExit) as stop:
+            prepare_data.main(["--input", str(source), "--output-prefix", str(out / "c4"), "--quiet"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert stop.value.code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines() == [
+        f"prepare_data: interrupted; nothing was written under {out / 'c4'} (partial files removed)"]
+    assert sorted(os.listdir(out)) == ["c4-notes.txt"]  # the interrupted run's files and the old leftovers are gone

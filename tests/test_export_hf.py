@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 from distributed import run_distributed
+from export_hf_cli import export_cli
 from tiny_checkpoints import full_logits, save_tiny_checkpoint
 
 from megatron_simreg.data import build_tokenizer
@@ -87,3 +88,45 @@ def test_export_reads_transformer_engine_checkpoints_on_a_gpu_node_without_needi
     with torch.no_grad():
         theirs = model(tokens).logits
     assert (ours[..., :32000] - theirs).abs().max().item() < 1e-4  # as test_exported_logits_equal_ours
+
+
+def test_export_never_deletes_what_it_did_not_write(tmp_path, monkeypatch):
+    """The run folder, the working directory, a user's folder: refused, every file kept; an earlier export is
+    replaced only with --overwrite, and only when it holds nothing but what the export wrote."""
+    run_dir = tmp_path / "run"
+    run_distributed(save_tiny_checkpoint, 1, "tiny-llama", str(run_dir), torch.zeros(1, 16, dtype=torch.long))
+    (run_dir / "notes.txt").write_text("mine")
+    checkpoints = str(run_dir / "checkpoints")
+
+    def files(folder):
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+    before = files(tmp_path)
+    for output in (str(run_dir), str(tmp_path)):
+        for extra in ((), ("--overwrite",)):
+            message = export_cli("--checkpoint", checkpoints, "--output", output, *extra)
+            assert message is not None and "not empty" in message and "nothing was deleted" in message, message
+            assert "\n" not in message
+    monkeypatch.chdir(run_dir)
+    message = export_cli("--checkpoint", checkpoints, "--output", ".", "--overwrite")
+    assert message is not None and "not empty" in message
+    assert files(tmp_path) == before  # nothing deleted, no temporary folder left anywhere
+
+    hf = tmp_path / "hf"
+    assert export_cli("--checkpoint", checkpoints, "--output", str(hf)) is None
+    assert (hf / "model.safetensors").is_file() and (hf / "config.json").is_file()
+    message = export_cli("--checkpoint", checkpoints, "--output", str(hf))
+    assert message is not None and "--overwrite" in message
+    first = (hf / "model.safetensors").stat().st_mtime_ns
+    assert export_cli("--checkpoint", checkpoints, "--output", str(hf), "--overwrite") is None
+    assert (hf / "model.safetensors").stat().st_mtime_ns != first
+    (hf / "my_eval.json").write_text("{}")  # a file the export did not write: the folder is no longer only ours
+    message = export_cli("--checkpoint", checkpoints, "--output", str(hf), "--overwrite")
+    assert message is not None and "my_eval.json" in message
+    assert (hf / "my_eval.json").is_file() and (hf / "model.safetensors").is_file()
+    (hf / "my_eval.json").unlink()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert export_cli("--checkpoint", checkpoints, "--output", str(empty)) is None  # an empty folder is fine
+    leftovers = [p.name for p in tmp_path.iterdir() if "partial" in p.name or p.name.startswith(".")]
+    assert leftovers == []

@@ -8,6 +8,7 @@ in both, and both checkpoints must export to the same Hugging Face weights.
 """
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -31,19 +32,22 @@ TRAIN_LINE = re.compile(r"iteration +(\d+)/ +\d+ \|.*?\| lm loss: (\S+) \| simre
 VALID_LINE = re.compile(r"validation loss at iteration (\d+) \| lm loss value: (\S+) \|")
 
 
-def torchrun(processes: int, *command: str) -> str:
-    """Run `command` (a script or `-m module`) under torchrun on this machine; its standard output."""
+def torchrun(processes: int, *command: str, succeed=True):
+    """Run `command` (a script or `-m module`) under torchrun on this machine; its standard output (or, with
+    succeed=False, the finished process)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
                 "--master-addr=127.0.0.1", f"--master-port={_free_port()}"]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1")
     done = subprocess.run(launcher + list(command), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if not succeed:
+        return done
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done.stdout
 
 
-def megatron_training(run_dir, *overrides, processes=1) -> str:
+def megatron_training(run_dir, *overrides, processes=1, succeed=True):
     return torchrun(processes, os.path.join(ROOT, "tests", "megatron_training_on_cpu.py"), "configs/tiny-llama.yaml",
-                    *SETTINGS, f"logging.run_dir={run_dir}", *overrides)
+                    *SETTINGS, f"logging.run_dir={run_dir}", *overrides, succeed=succeed)
 
 
 def local_training(run_dir, *overrides, processes=1) -> None:
@@ -187,7 +191,91 @@ def test_a_checkpoint_without_adagc_state_is_refused(corpus, tmp_path):  # noqa:
     starts AdaGC afresh instead."""
     settings = [f"data.prefix={corpus}", "schedule.train_iters=4", "training.exit_interval=2"]
     megatron_training(tmp_path / "run", *settings, "adagc.enabled=false")
-    with pytest.raises(AssertionError, match="adagc.load_state=false to start AdaGC afresh"):
-        megatron_training(tmp_path / "run", *settings)
+    refused = megatron_training(tmp_path / "run", *settings, succeed=False)
+    assert refused.returncode != 0
+    assert "training stopped: the checkpoint holds no AdaGC state" in refused.stderr, refused.stderr[-3000:]
+    assert "adagc.load_state=false to start AdaGC afresh" in refused.stderr
     megatron_training(tmp_path / "run", *settings, "adagc.load_state=false")
     assert adagc_state(tmp_path / "run" / "checkpoints", 4)["step"] == 2  # afresh at the resume: two steps
+
+
+def test_megatron_loop_stops_before_non_finite_gradients_reach_the_weights(corpus, tmp_path):  # noqa: F811
+    """lr = 1e6, as in the local loop's test: Megatron's own gradient check stops the run before the optimizer
+    step, in one line naming the last checkpoint, and every checkpoint holds finite weights."""
+    import torch
+
+    from megatron_simreg.config import load_config
+    from megatron_simreg.export_hf import load_merged_state
+
+    run_dir = tmp_path / "nan"
+    done = megatron_training(run_dir, f"data.prefix={corpus}", "optimizer.lr=1.0e+6", "schedule.warmup_steps=0",
+                             "training.save_interval=1", "schedule.train_iters=30", "training.eval_interval=100",
+                             succeed=False)
+    assert done.returncode != 0
+    line = next((line for line in done.stderr.splitlines() if line.startswith("training stopped:")), None)
+    assert line is not None, done.stderr[-3000:]
+    failed = int(re.search(r"gradient is not finite at iteration (\d+)", line)[1])
+    assert f"The last good checkpoint is iteration {failed - 1} in {run_dir / 'checkpoints'}" in line
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest_checkpointed_iteration.txt").read_text().strip() == str(failed - 1)
+    cfg = load_config(str(run_dir / "config.yaml"))
+    for iteration in range(1, failed):
+        state = load_merged_state(str(checkpoints), cfg, iteration)
+        assert all(torch.isfinite(tensor).all() for tensor in state.values()), iteration
+    assert not (checkpoints / f"iter_{failed:07d}").exists()
+
+
+LR_LINE = re.compile(r"iteration +(\d+)/ +\d+ \|.*?\| learning rate: (\S+) \|")
+
+
+def test_megatron_loop_resumes_with_changed_optimizer_settings(corpus, tmp_path):  # noqa: F811
+    """As the local loop's test: resumed from iteration 2 of 4 (checkpoint.load_iteration) with another lr,
+    min_lr, warm-up, length and weight decay; Megatron's parameter groups and scheduler take them, and one line
+    says what changed."""
+    data = f"data.prefix={corpus}"
+    megatron_training(tmp_path, data, "schedule.train_iters=4", "training.save_interval=2")
+    new = ["optimizer.lr=1.0e-3", "optimizer.min_lr=1.0e-4", "schedule.warmup_steps=1", "optimizer.weight_decay=0.01",
+           "schedule.train_iters=6", "checkpoint.load_iteration=2"]
+    log = megatron_training(tmp_path, data, *new)
+    line = next(line for line in log.splitlines() if "changed optimizer settings" in line)
+    assert "resuming from iteration 2" in line
+    for change in ("optimizer.lr 0.002 -> 0.001", "optimizer.min_lr 0.0002 -> 0.0001", "schedule.warmup_steps 2 -> 1",
+                   "schedule.train_iters 4 -> 6", "optimizer.weight_decay 0.1 -> 0.01"):
+        assert change in line, line
+    rates = {int(i): float(lr) for i, lr in LR_LINE.findall(log)}
+    assert sorted(rates) == [3, 4, 5, 6]
+    for iteration, rate in rates.items():  # the rate set after step k: cosine from 1e-3 to 1e-4 over steps 1..6
+        assert rate == pytest.approx(1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi * (iteration - 1) / 5)), rel=1e-6)
+
+
+def test_megatron_loop_saves_on_sigterm_and_resumes_like_the_uninterrupted_run(runs, corpus, tmp_path):  # noqa: F811
+    """SIGTERM (a Slurm time limit) mid-run: Megatron's own signal handler finishes the step and saves, one line
+    says so, the exit code is 143 (requeue); run again, every loss equals the local loop's uninterrupted run."""
+    import signal
+    import time
+
+    folder, _ = runs
+    run_dir, data = tmp_path / "megatron", f"data.prefix={corpus}"
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1",
+               RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    command = [sys.executable, os.path.join(ROOT, "tests", "megatron_training_on_cpu.py"), "configs/tiny-llama.yaml",
+               *SETTINGS, f"logging.run_dir={run_dir}", data]  # one process without torchrun: the signal goes to it
+    out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=stdout, stderr=stderr)
+        deadline = time.time() + 600
+        while process.poll() is None and time.time() < deadline and 2 not in megatron_losses(out.read_text()):
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=600)
+    first = out.read_text()
+    lines = [line for line in err.read_text().splitlines() if line.startswith("training stopped:")]
+    assert process.returncode == 143 and len(lines) == 1, err.read_text()[-3000:]
+    saved = int(re.search(r"received SIGTERM: finished iteration (\d+) and saved it", lines[0])[1])
+    assert (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == str(saved)
+    assert sorted(megatron_losses(first)) == list(range(1, saved + 1))
+    train = {**megatron_losses(first), **megatron_losses(megatron_training(run_dir, data))}
+    expected = local_losses(folder / "local", relaunched_at=(saved + 1,))
+    assert sorted(train) == list(range(1, 9))
+    for iteration in range(1, 9):
+        assert train[iteration] == pytest.approx(expected[iteration], rel=SAME_ARITHMETIC_REL), iteration

@@ -7,6 +7,7 @@
 import argparse
 import sys
 
+from megatron_simreg.checkpoint import CheckpointError
 from megatron_simreg.export_hf import export
 
 
@@ -16,10 +17,11 @@ def main(argv=None):
     parser.add_argument("--output", required=True, help="the Hugging Face folder to write")
     parser.add_argument("--config", help="the run's config.yaml (default: beside the checkpoint folder)")
     parser.add_argument("--iteration", type=int, help="default: the latest")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output")
     args = parser.parse_args(argv)
     try:
-        print(export(args.checkpoint, args.output, args.config, args.iteration))
-    except (FileNotFoundError, ValueError, KeyError) as error:
+        print(export(args.checkpoint, args.output, args.config, args.iteration, overwrite=args.overwrite))
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, CheckpointError) as error:
         sys.exit(f"export_hf: {error}")
 
 

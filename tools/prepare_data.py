@@ -47,6 +47,12 @@ def _stop_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)  # unwinds like Ctrl-C, so the partial files are removed
 
 
+def _interrupted(args, code: int) -> None:
+    print(f"prepare_data: interrupted; nothing was written under {args.output_prefix} (partial files removed)",
+          file=sys.stderr)
+    sys.exit(code)
+
+
 def main(argv=None):
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
@@ -60,6 +66,12 @@ def main(argv=None):
         )
     except (FileNotFoundError, FileExistsError, ImportError, ValueError, RuntimeError) as error:
         sys.exit(f"prepare_data: {error}")
+    except KeyboardInterrupt:
+        _interrupted(args, 128 + signal.SIGINT)
+    except SystemExit as stop:
+        if stop.code == 128 + signal.SIGTERM:
+            _interrupted(args, stop.code)
+        raise
     folder = os.path.dirname(args.output_prefix)
     print(
         f"{stats.documents:,} documents, {stats.tokens:,} tokens, {stats.bytes:,} bytes "

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 
 import numpy
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
+from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType, IndexedDataset, get_bin_path, get_idx_path
 from megatron.core.datasets.utils import get_blend_from_list, normalize
 
 from megatron_simreg.data.indexed import stats_path
@@ -115,6 +116,35 @@ def _check_files(prefix: str) -> None:
             f"`python tools/prepare_data.py --input YOUR_TEXT --output-prefix {prefix}` "
             "(or set data.prefix to where it is)"
         )
+    _check_not_truncated(prefix)
+
+
+def _check_not_truncated(prefix: str) -> None:
+    """The .idx holds what its header counts, and the .bin every token the index points to (a copy or a write
+    cut short otherwise fails deep in numpy, without the file's name). Megatron's index layout: a 34-byte
+    header (magic, version, dtype code, sequence and document counts), then int32 lengths, int64 pointers,
+    int64 document indices."""
+    idx, binary = get_idx_path(prefix), get_bin_path(prefix)
+    fix = f"prepare the data again (tools/prepare_data.py --output-prefix {prefix} --overwrite)"
+    with open(idx, "rb") as f:
+        header = f.read(34)
+        if len(header) < 34 or not header.startswith(_INDEX_HEADER):
+            raise ValueError(f"data file {idx} is truncated or not a Megatron index ({len(header)}-byte header): {fix}")
+        code, sequences, documents = header[17], *struct.unpack("<QQ", header[18:34])
+        needed = 34 + sequences * (4 + 8) + documents * 8
+        if os.path.getsize(idx) < needed:
+            raise ValueError(f"data file {idx} is truncated: {os.path.getsize(idx):,} bytes, its header needs "
+                             f"{needed:,}: {fix}")
+        if not sequences:
+            return
+        f.seek(34 + 4 * (sequences - 1))
+        (length,) = struct.unpack("<i", f.read(4))
+        f.seek(34 + 4 * sequences + 8 * (sequences - 1))
+        (pointer,) = struct.unpack("<q", f.read(8))
+    needed = pointer + length * DType.size(DType.dtype_from_code(code))
+    if os.path.getsize(binary) < needed:
+        raise ValueError(f"data file {binary} is truncated: {os.path.getsize(binary):,} bytes, its index needs "
+                         f"{needed:,}: {fix}")
 
 
 def check_indexed_dataset(prefix: str, tokenizer) -> int:

@@ -37,6 +37,14 @@ def existing_outputs(prefix: str) -> list[str]:
     return sorted(p for p in [get_bin_path(prefix), get_idx_path(prefix), stats_path(prefix), *shards] if os.path.isfile(p))
 
 
+def remove_partial_leftovers(prefix: str) -> None:
+    """Remove what a killed run (kill -9, a node failure) left under the `.partial` names of `prefix`'s files."""
+    base, shard = glob.escape(prefix), "-" + "[0-9]" * 5
+    for pattern in (base + PARTIAL + ".*", base + shard + PARTIAL + ".*", glob.escape(stats_path(prefix) + PARTIAL)):
+        for path in glob.glob(pattern):
+            os.remove(path)
+
+
 class IndexedShardWriter:
     """Documents into PREFIX.bin/.idx, or into PREFIX-00000, PREFIX-00001, ... every `shard_tokens` tokens."""
 

@@ -16,9 +16,17 @@ from dataclasses import asdict, dataclass, field
 from tqdm import tqdm
 
 from megatron_simreg.data.encoding import DocumentEncoder
-from megatron_simreg.data.indexed import PARTIAL, IndexedShardWriter, existing_outputs, stats_path, token_dtype
+from megatron_simreg.data.indexed import (
+    PARTIAL,
+    IndexedShardWriter,
+    existing_outputs,
+    remove_partial_leftovers,
+    stats_path,
+    token_dtype,
+)
 from megatron_simreg.data.sources import SkipCounter, iter_documents, resolve_sources
 from megatron_simreg.data.tokenizer import build_tokenizer, default_tokenizer_path
+from megatron_simreg.failures import check_writable
 
 
 @dataclass
@@ -61,12 +69,15 @@ def prepare_corpus(
     for name, value in (("max_documents", max_documents), ("max_tokens", max_tokens)):
         if value is not None and value < 1:
             raise ValueError(f"{name}={value}: give a positive limit, or none")
+    check_writable(os.path.dirname(os.path.abspath(output_prefix)), "--output-prefix",
+                   "give a prefix in a folder you can write to")
     previous = existing_outputs(output_prefix)
     if previous and not overwrite:
         raise FileExistsError(
             f"{output_prefix} already holds a dataset ({', '.join(previous[:3])}): "
             "pass --overwrite to replace it, or choose another --output-prefix"
         )
+    remove_partial_leftovers(output_prefix)
     resolved = resolve_sources(sources, hf_config, hf_split)
     tokenizer_path = tokenizer or default_tokenizer_path()
     vocab = build_tokenizer(tokenizer_path)
