@@ -31,7 +31,7 @@ from megatron_simreg.data import build_gpt_datasets, build_tokenizer
 from megatron_simreg.megatron_adagc import attach_adagc
 from megatron_simreg.metrics import MetricsWriter
 from megatron_simreg.model import model_provider, padded_vocab_size
-from megatron_simreg.objective import SimRegObjective, forward_step, reduce_reports
+from megatron_simreg.objective import SimRegObjective, forward_step, reduce_reports, update_regularizer_state
 
 
 class TrainingError(RuntimeError):
@@ -159,6 +159,8 @@ def _train(cfg: Config) -> dict:
                 + (f"The last good checkpoint is iteration {previous} in {save_dir}." if previous else "No checkpoint was saved yet.")
             )
         updated, grad_norm, _ = optimizer.step()
+        if updated:
+            update_regularizer_state([model])
         scheduler.step(increment=gbs)
         iteration += 1
         consumed += gbs

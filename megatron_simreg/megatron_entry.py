@@ -20,7 +20,7 @@ from megatron_simreg.batches import on_this_rank
 from megatron_simreg.config import Config, save_config
 from megatron_simreg.data import build_gpt_datasets, build_tokenizer, default_tokenizer_path
 from megatron_simreg.model import model_provider
-from megatron_simreg.objective import SimRegObjective, forward_step
+from megatron_simreg.objective import SimRegObjective, forward_step, update_regularizer_state
 
 
 def megatron_arguments(cfg: Config, run_dir: str | None = None) -> list[str]:
@@ -104,6 +104,7 @@ def pretrain(cfg: Config) -> None:
         save_config(cfg, cfg.run_dir)
     if cfg.adagc.enabled:
         _attach_adagc_to_megatron(training, AdaGC(cfg.adagc), args)
+    _update_regularizer_state_after_each_step(training)
 
     def datasets_provider(num_samples, vp_stage=None):  # megatron passes vp_stage with virtual pipelines
         tokenizer = build_tokenizer(cfg.data.tokenizer)
@@ -177,6 +178,27 @@ def _attach_adagc_to_megatron(training, adagc: AdaGC, args) -> None:
 
     training.setup_model_and_optimizer = setup_with_adagc
     training.save_checkpoint = save_with_adagc
+
+
+def _update_regularizer_state_after_each_step(training) -> None:
+    """Wrap megatron.training's model/optimizer setup so each successful optimizer step updates the trained
+    regularizer's state as the local loop does (SCE's EMA target; nothing for the others)."""
+    setup = training.setup_model_and_optimizer
+
+    def setup_with_state_update(*a, **kw):
+        model, optimizer, scheduler = setup(*a, **kw)
+        step = optimizer.step
+
+        def step_then_update():
+            result = step()
+            if result[0]:
+                update_regularizer_state(model)
+            return result
+
+        optimizer.step = step_then_update
+        return model, optimizer, scheduler
+
+    training.setup_model_and_optimizer = setup_with_state_update
 
 
 def _log_adagc_each_step(optimizer) -> None:

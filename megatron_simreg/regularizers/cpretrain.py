@@ -70,7 +70,7 @@ def cpretrain_loss(inputs: RegularizerInputs, settings: CPretrainSettings, state
     targets = batch_major(inputs.label_embeddings())
     targets = units(targets.detach() if settings.detach_targets else targets)
     if settings.learnable:
-        scale = state.log_scale.to(hidden.dtype).exp().clamp(max=settings.max_scale)
+        scale = state.log_scale.to(hidden.dtype).exp().clamp(max=settings.max_scale).reshape(())
     else:
         scale = torch.tensor(1.0 / settings.init_temperature, dtype=hidden.dtype, device=hidden.device)
     rows_h, rows_e = pairs.rows(hidden), pairs.rows(targets)
