@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.nn.functional import all_reduce
 
 from megatron_simreg.regularizers.base import (
     PairingSettings, RegularizerInputs, RegularizerOutput, batch_major, check_choice, check_fraction, check_positive,
@@ -89,12 +90,13 @@ def _log_softmax(logits: torch.Tensor, group: dist.ProcessGroup | None) -> torch
     peak = logits.detach().amax(-1, keepdim=True)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
     shifted = logits - peak
-    return shifted - _sum_over(shifted.exp().sum(-1, keepdim=True), group).log()
+    # every rank's shard uses the normaliser, so its gradient is summed over the ranks (all-reduce both ways)
+    return shifted - all_reduce(shifted.exp().sum(-1, keepdim=True), group=group).log()
 
 
 def _sum_over(partial: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Sum of per-rank partial sums, the same on every rank; each rank's gradient reaches its own part in full
-    (every rank computes the same downstream value, so the gradient needs no reduction: Megatron's
+    """Sum of per-rank partial sums, the same on every rank, for a value every rank then uses alike (the loss):
+    each rank's gradient reaches its own part in full, with no reduction (Megatron's
     reduce_from_tensor_model_parallel_region)."""
     if group is None or dist.get_world_size(group) == 1:
         return partial
