@@ -67,33 +67,36 @@ def test_jensen_shannon_over_a_split_vocabulary_equals_one_process():
     assert whole.min() > 0
 
 
-def own_term_worker(rank, world, steps):
-    """Each baseline on one fixed batch: its value at each of `steps` optimizer steps."""
+def own_term_worker(rank, world, runs, steps):
+    """Each run's baseline on one fixed batch: its value at each of `steps` optimizer steps."""
     from megatron_simreg import parallel
     from megatron_simreg.local_loop import build_model_and_optimizer
     from megatron_simreg.objective import update_regularizer_state
 
     values = {}
-    for name, overrides in BASELINES.items():
-        with_dropout = [o for o in overrides if "dropout" not in o]  # the defaults: views with dropout 0.1
-        cfg = load_config("configs/tiny-llama.yaml", BASE + with_dropout)
+    for label, overrides in runs.items():
+        cfg = load_config("configs/tiny-llama.yaml", BASE + overrides)
         parallel.initialize(cfg)
         try:
             torch.manual_seed(0)
             model, optimizer = build_model_and_optimizer(cfg)
-            values[name] = []
+            values[label] = []
             for _ in range(steps):
                 optimizer.zero_grad()
-                values[name].append(forward_backward(cfg, model, seed=0)[name])
+                values[label].append(forward_backward(cfg, model, seed=0)[cfg.regularizer.name])
                 if optimizer.step()[0]:
                     update_regularizer_state([model])
+            assert all(layer.hidden_dropout == 0.0 for layer in model.module.decoder.layers)  # restored after views
         finally:
             parallel.destroy()
     return values
 
 
 def test_training_lowers_each_baselines_own_term():
-    values, = run_distributed(own_term_worker, 1, 8)
+    """With the default views (dropout 0.1 on the final states), and SimCSE with a second forward's views."""
+    runs = {name: [o for o in overrides if "dropout" not in o] for name, overrides in BASELINES.items()}
+    runs["simcse, views forward"] = ["regularizer.name=simcse", "regularizer.views=forward"]
+    values, = run_distributed(own_term_worker, 1, runs, 8)
     for name, curve in values.items():
         assert all(math.isfinite(v) for v in curve), name
         assert curve[-1] < 0.9 * curve[0], (name, curve)
