@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.nn.functional import all_reduce
+from torch.utils.checkpoint import checkpoint
 
 from megatron_simreg.regularizers.base import (
     PairingSettings, RegularizerInputs, RegularizerOutput, batch_major, check_choice, check_fraction, check_positive,
@@ -75,7 +76,12 @@ def creg_loss(inputs: RegularizerInputs, settings: CRegSettings, state=None) -> 
 
 def jensen_shannon(logits_p: torch.Tensor, logits_q: torch.Tensor, vocab_group: dist.ProcessGroup | None) -> torch.Tensor:
     """JS(p || q) per token (summed over the last dim, the vocabulary), fp32, with the vocabulary split over
-    `vocab_group` (each rank holds a slice of the logits' last dim)."""
+    `vocab_group` (each rank holds a slice of the logits' last dim). Only the logits are kept for backward (the
+    fp32 vocabulary-sized intermediates are recomputed), as the cross-entropy keeps little beyond its logits."""
+    return checkpoint(_jensen_shannon, logits_p, logits_q, vocab_group, use_reentrant=False)
+
+
+def _jensen_shannon(logits_p, logits_q, vocab_group):
     log_p = _log_softmax(logits_p, vocab_group)
     log_q = _log_softmax(logits_q, vocab_group)
     log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
