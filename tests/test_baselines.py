@@ -1,5 +1,5 @@
-"""The Table 1 baselines in training: the same step in every batch and parallel layout (DP=2, TP=2 + SP over
-gloo), vocabulary-parallel Jensen-Shannon, a few steps that lower each one's own term, exact resume with
+"""The Table 1 baselines in training: the same step in every batch and parallel layout (DP=2, TP=2 + SP, CP=2
+over gloo), vocabulary-parallel Jensen-Shannon, a few steps that lower each one's own term, exact resume with
 their state (CPretrain's temperature, SCE's EMA) in the local loop, megatron.training's loop on CPU, the
 Hugging Face export leaving their state out, and the config's errors."""
 
@@ -42,6 +42,21 @@ def test_one_step_is_the_same_whatever_the_layout(steps, layout, name):
     assert_same_step(steps[layout][name], want, ("lm loss", "simreg", name))
     if name == "cpretrain":
         assert want[1]["regularizer_state.log_scale"].abs().item() > 0  # the temperature is trained
+
+
+def test_context_parallel_equals_one_process(tmp_path):
+    """CP=2 hands each rank two zigzag chunks: full pairing gathers them (CPretrain, with its label embeddings
+    and temperature); all-ones masks, as Megatron weighs CP ranks by their own tokens (test_parallel_training)."""
+    from layout_steps import merged
+    from test_parallel_training import step_worker
+
+    checkpoint, cpretrain = str(tmp_path / "weights"), ["regularizer.name=cpretrain"]
+    expected = merged(run_distributed(step_worker, 1, cpretrain, checkpoint, True, False))
+    got = merged(run_distributed(step_worker, 2, cpretrain + ["parallel.context=2"], checkpoint, False, False))
+    for key in ("lm loss", "simreg", "cpretrain"):
+        assert got[0][key] == pytest.approx(expected[0][key], rel=1e-5), key
+    for name in expected[1]:
+        torch.testing.assert_close(got[1][name], expected[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def jensen_shannon_worker(rank, world, logits_p, logits_q):
