@@ -152,7 +152,8 @@ def _train(cfg: Config) -> dict:
             seq_length=cfg.model.seq_length, micro_batch_size=cfg.training.micro_batch_size, forward_only=False,
         )
         metrics = _last_stage_metrics(reports, dp_group)
-        if metrics is not None and not math.isfinite(metrics["lm loss"] + metrics.get("simreg", 0.0)):
+        trained = ("lm loss", "simreg", cfg.regularizer.name)  # the terms of the loss (a baseline's by its name)
+        if metrics is not None and not math.isfinite(sum(metrics.get(key, 0.0) for key in trained)):
             previous = latest_iteration(save_dir)
             raise TrainingError(
                 f"loss is not finite at iteration {iteration + 1} ({metrics}); stopped before the optimizer step. "

@@ -272,9 +272,9 @@ def _baseline_context(model, objective: SimRegObjective, batch: dict, context: d
     needs = objective.baseline.needs
     if "second_view" in needs and gpt.training:
         context["second_view"] = _second_view(model, gpt, batch, objective.baseline.settings.dropout)
-    handle = None
-    if "pre_norm" in needs:
-        handle = gpt.decoder.final_layernorm.register_forward_pre_hook(
+    handle, norm = None, getattr(gpt.decoder, "final_layernorm", None)  # the final norm is on the last stage
+    if "pre_norm" in needs and norm is not None:
+        handle = norm.register_forward_pre_hook(
             lambda _module, args: context.__setitem__("pre_norm", args[0]))
     try:
         yield
