@@ -153,6 +153,27 @@ def test_export_leaves_the_regularizers_state_out(resumed_runs, tmp_path):
     assert "lm_head.weight" in weights and not any("regularizer" in key for key in weights)
 
 
+def test_megatron_training_moves_the_ema_after_each_successful_step():
+    """megatron.training's optimizer step, wrapped as the entry wraps it: a skipped step leaves SCE's EMA alone."""
+    from types import SimpleNamespace
+
+    from megatron_simreg.megatron_entry import _update_regularizer_state_after_each_step
+    from megatron_simreg.regularizers.sce import SCESettings, SCEState
+
+    gpt = torch.nn.Module()
+    gpt.decoder = torch.nn.Module()
+    gpt.decoder.final_layernorm = torch.nn.RMSNorm(3)
+    gpt.regularizer_state = SCEState(SCESettings(target="ema", momentum=0.5), 3)
+    with torch.no_grad():
+        gpt.decoder.final_layernorm.weight.fill_(3.0)
+    outcomes = iter([(False, None, None), (True, 1.0, None)])
+    training = SimpleNamespace(setup_model_and_optimizer=lambda: ([gpt], SimpleNamespace(step=lambda: next(outcomes)), None))
+    _update_regularizer_state_after_each_step(training)
+    _, optimizer, _ = training.setup_model_and_optimizer()
+    assert optimizer.step()[0] is False and torch.equal(gpt.regularizer_state.ema_norm_weight, torch.ones(3))
+    assert optimizer.step()[0] is True and torch.equal(gpt.regularizer_state.ema_norm_weight, torch.full((3,), 2.0))
+
+
 CPRETRAIN_VALUE = re.compile(r"iteration +(\d+)/ +\d+ \|.*?\| lm loss: (\S+) \| simreg: (\S+) \|.*?\| cpretrain: (\S+) \|")
 
 
