@@ -66,7 +66,8 @@ def markdown_report(runs: list[Run], metric: str = "lm loss") -> str:
         _, curve = comparison_curve(run, metric)
         lines.append(
             f"| {run.name} | {_final(run, 'train', metric)} | {_final(run, 'valid', metric)} "
-            f"| {_final(run, 'train', 'simreg', '.3g')} | {_baseline_term(run)} | {curve.tokens[-1]:,.0f} | {reached} | {saved} |"
+            f"| {_final(run, 'train', 'simreg', '.3g')} | {_baseline_term(run)} | {curve.tokens[-1]:,.0f} "
+            f"| {reached} | {saved} |"
         )
     return "\n".join(lines) + "\n"
 

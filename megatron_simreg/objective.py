@@ -98,8 +98,8 @@ class SimRegObjective:
             simreg_hidden = hidden_states if self.layer < 0 else context.pop("layer_output")
             context["simreg"] = self.simreg(simreg_hidden, labels, loss_mask, config.sequence_parallel)
         if self.baseline is not None:
-            inputs = self.baseline_inputs(hidden_states, labels, loss_mask, context, config, output_layer, output_weight,
-                                          runtime_gather_output, scale_logits)
+            inputs = self.baseline_inputs(hidden_states, labels, loss_mask, context, config, output_layer,
+                                          output_weight, runtime_gather_output, scale_logits)
             context["regularizer"] = self.baseline.regularizer.compute(inputs, self.baseline.settings,
                                                                        context.get("regularizer_state"))
         return cross_entropy
@@ -137,16 +137,20 @@ class SimRegObjective:
         positions = slice(position * local, (position + 1) * local)
         needs, weight = self.baseline.needs, output_layer.weight if output_weight is None else output_weight
         tensor_group = parallel_state.get_tensor_model_parallel_group()
-        split_vocabulary = dist.get_world_size(tensor_group) > 1 and not (runtime_gather_output or output_layer.gather_output)
+        gathered = runtime_gather_output or output_layer.gather_output
+        split_vocabulary = dist.get_world_size(tensor_group) > 1 and not gathered
 
         def logits(view):
-            return scale_logits(output_layer(view, weight=output_weight, runtime_gather_output=runtime_gather_output)[0])
+            out, _ = output_layer(view, weight=output_weight, runtime_gather_output=runtime_gather_output)
+            return scale_logits(out)
 
         cp = parallel_state.get_context_parallel_world_size()
         return RegularizerInputs(
-            hidden=hidden_states, labels=labels[:, positions], loss_mask=None if loss_mask is None else loss_mask[:, positions],
+            hidden=hidden_states, labels=labels[:, positions],
+            loss_mask=None if loss_mask is None else loss_mask[:, positions],
             sequence_group=group, sequence_layout=layout,
-            label_embeddings=partial(_label_embeddings, weight, labels, config.sequence_parallel) if "label_embeddings" in needs else None,
+            label_embeddings=(partial(_label_embeddings, weight, labels, config.sequence_parallel)
+                              if "label_embeddings" in needs else None),
             logits=logits if "logits" in needs else None, logit_mask=loss_mask,
             logit_group=parallel_state.get_context_parallel_group() if cp > 1 else None,
             vocab_group=tensor_group if split_vocabulary else None,

@@ -33,8 +33,8 @@ def simcse(a, b, mask, temperature, chunk_size=None):
         for i in range(s):
             if not mask[x, i]:
                 continue
-            logits = torch.stack([_cos(a[x, i], b[x, j]) / temperature for j in _segment(i, s, chunk_size) if mask[x, j]])
             keys = [j for j in _segment(i, s, chunk_size) if mask[x, j]]
+            logits = torch.stack([_cos(a[x, i], b[x, j]) / temperature for j in keys])
             losses.append(torch.logsumexp(logits, 0) - logits[keys.index(i)])
     return _mean(losses, mask)
 
@@ -107,7 +107,8 @@ def sce(online, target, mask, temperature, target_temperature, mix, chunk_size=N
             others = [k for k in keys if k != i]
             weights = torch.zeros(len(keys), dtype=torch.float64)
             if others:
-                similar = torch.softmax(torch.stack([_cos(target[x, i], target[x, k]) / target_temperature for k in others]), 0)
+                logits = torch.stack([_cos(target[x, i], target[x, k]) / target_temperature for k in others])
+                similar = torch.softmax(logits, 0)
                 for k, w in zip(others, similar):
                     weights[keys.index(k)] = (1 - mix) * w
                 weights[keys.index(i)] = mix

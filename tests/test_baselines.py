@@ -8,13 +8,13 @@ import re
 
 import pytest
 import torch
-
 from distributed import run_distributed
 from layout_steps import BASE, forward_backward
-from megatron_simreg.config import ConfigError, load_config
 from test_batch_layouts import LAYOUTS, assert_same_step, layout_steps
 from test_megatron_training import exported_weights, local_training, megatron_training
 from test_training import TINY, config, corpus, read_metrics, train_worker  # noqa: F401  (corpus is a fixture)
+
+from megatron_simreg.config import ConfigError, load_config
 
 # Views without dropout (p = 0) so every layout sees the same views: dropout masks come from each rank's RNG.
 BASELINES = {
@@ -128,7 +128,8 @@ def resumed_runs(corpus, tmp_path_factory):  # noqa: F811
     for name in ("cpretrain", "sce"):
         overrides = BASELINES[name][:1] + (["regularizer.target=ema"] if name == "sce" else []) + RESUMED
         run_distributed(train_worker, 1, config(corpus, folder / f"{name}-straight", *overrides))
-        run_distributed(train_worker, 1, config(corpus, folder / f"{name}-resumed", *overrides, "training.exit_interval=2"))
+        stopped = config(corpus, folder / f"{name}-resumed", *overrides, "training.exit_interval=2")
+        run_distributed(train_worker, 1, stopped)
         run_distributed(train_worker, 1, config(corpus, folder / f"{name}-resumed", *overrides))
         runs[name] = folder / f"{name}-straight", folder / f"{name}-resumed"
     return runs
@@ -167,14 +168,16 @@ def test_megatron_training_moves_the_ema_after_each_successful_step():
     with torch.no_grad():
         gpt.decoder.final_layernorm.weight.fill_(3.0)
     outcomes = iter([(False, None, None), (True, 1.0, None)])
-    training = SimpleNamespace(setup_model_and_optimizer=lambda: ([gpt], SimpleNamespace(step=lambda: next(outcomes)), None))
+    optimizer = SimpleNamespace(step=lambda: next(outcomes))
+    training = SimpleNamespace(setup_model_and_optimizer=lambda: ([gpt], optimizer, None))
     _update_regularizer_state_after_each_step(training)
     _, optimizer, _ = training.setup_model_and_optimizer()
     assert optimizer.step()[0] is False and torch.equal(gpt.regularizer_state.ema_norm_weight, torch.ones(3))
     assert optimizer.step()[0] is True and torch.equal(gpt.regularizer_state.ema_norm_weight, torch.full((3,), 2.0))
 
 
-CPRETRAIN_VALUE = re.compile(r"iteration +(\d+)/ +\d+ \|.*?\| lm loss: (\S+) \| simreg: (\S+) \|.*?\| cpretrain: (\S+) \|")
+CPRETRAIN_VALUE = re.compile(r"iteration +(\d+)/ +\d+ \|.*?\| lm loss: (\S+) \| simreg: (\S+) \|"
+                             r".*?\| cpretrain: (\S+) \|")
 
 
 def test_cpretrain_through_megatron_training_matches_the_local_loop(corpus, tmp_path):  # noqa: F811

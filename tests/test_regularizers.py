@@ -4,16 +4,16 @@ small tiles, empty pair sets, gradcheck of the tiled reductions, dropout views, 
 import dataclasses
 
 import pytest
-import torch
-
 import regularizer_reference as ref
+import torch
+from test_simreg import clustered, random_mask
+
 from megatron_simreg import regularizers
 from megatron_simreg.regularizers import RegularizerInputs
 from megatron_simreg.regularizers.cpretrain import CPretrainState
 from megatron_simreg.regularizers.pairing import pairs_for
 from megatron_simreg.regularizers.pairwise import pair_logsumexp, pair_softmax_average, pair_softplus_sums
 from megatron_simreg.regularizers.sce import SCEState
-from test_simreg import clustered, random_mask
 
 B, S, H, V = 2, 12, 8, 11
 
@@ -90,7 +90,8 @@ def test_cpretrain_matches_reference_with_its_temperature(data, mode, chunk):
 
 @pytest.mark.parametrize("mode, chunk", CHUNKS)
 def test_creg_matches_reference(data, mode, chunk):
-    settings = regularizers.CRegSettings(mode=mode, chunk_size=chunk, views="forward", consistency_weight=0.7, block_size=4)
+    settings = regularizers.CRegSettings(mode=mode, chunk_size=chunk, views="forward", consistency_weight=0.7,
+                                         block_size=4)
     assert_same_value_and_gradients(
         lambda h, h2, w: regularizers.creg_loss(inputs_for(data, h, h2, table=w), settings).loss,
         lambda h, h2, w: ref.creg_contrastive(h, data["labels"], data["mask"], 0.1, chunk)
@@ -199,7 +200,8 @@ def test_regularizer_gradcheck(data, name):
     gets no gradient by design)."""
     entry = regularizers.get(name)
     views = {"views": "forward"} if name != "cpretrain" else {}
-    settings = entry.settings(mode="chunk", chunk_size=5, block_size=3, **views, **({"target_dropout": 0.0} if name == "sce" else {}))
+    target = {"target_dropout": 0.0} if name == "sce" else {}
+    settings = entry.settings(mode="chunk", chunk_size=5, block_size=3, **views, **target)
     state = entry.state(settings, H, torch.float64, False)
     h, h2, table = leaves(data["hidden"][:1, :8], data["second"][:1, :8], data["table"])
     labels, mask = data["labels"][:1, :8], data["mask"][:1, :8]

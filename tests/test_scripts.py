@@ -98,8 +98,10 @@ def test_tiny_table1_lists_six_cpu_runs_with_valid_configs_and_their_comparison(
     names = set()
     for line in runs:
         words = line.split()
-        cfg = load_config(words[words.index("--config") + 1], [w for i, w in enumerate(words) if words[i - 1] == "--set"])
+        settings = [word for i, word in enumerate(words) if words[i - 1] == "--set"]
+        cfg = load_config(words[words.index("--config") + 1], settings)
         assert cfg.schedule.train_iters == 30 and cfg.training.precision == "fp32"  # the tiny CPU model
         names.add((cfg.regularizer.name, cfg.simreg_weight if cfg.regularizer.name == "simreg" else None))
-    assert names == {("simreg", 0.0), ("simcse", None), ("cpretrain", None), ("creg", None), ("sce", None), ("simreg", 2.5)}
+    assert names == {("simreg", 0.0), ("simcse", None), ("cpretrain", None), ("creg", None), ("sce", None),
+                     ("simreg", 2.5)}
     assert compare.startswith("python tools/compare_runs.py ") and compare.count("runs/table1_tiny/tiny-") == 6

@@ -49,7 +49,9 @@ def _views(settings) -> frozenset:
 
 
 REGISTRY: dict[str, Regularizer] = {
-    "simreg": Regularizer("simreg", SimRegSettings, simreg_output, default_weight=lambda hidden: 10.0 * math.sqrt(hidden / 1024)),
+    "simreg": Regularizer(
+        "simreg", SimRegSettings, simreg_output, default_weight=lambda hidden: 10.0 * math.sqrt(hidden / 1024),
+    ),
     "simcse": Regularizer("simcse", SimCSESettings, simcse_loss, default_weight=lambda hidden: 1.0, needs=_views),
     "cpretrain": Regularizer(
         "cpretrain", CPretrainSettings, cpretrain_loss, default_weight=lambda hidden: 1.0,

@@ -86,7 +86,8 @@ class PairingSettings:
     def __post_init__(self):
         check_choice("mode", self.mode, ("full", "chunk"))
         if self.mode == "full" and self.chunk_size is not None:
-            raise ValueError("regularizer.chunk_size is set but regularizer.mode is full: set mode=chunk, or chunk_size=null")
+            raise ValueError("regularizer.chunk_size is set but regularizer.mode is full: "
+                             "set mode=chunk, or chunk_size=null")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"regularizer.chunk_size must be a positive number of tokens, got {self.chunk_size}")
         if self.block_size < 1:

@@ -28,7 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from megatron_simreg.regularizers.base import (
-    PairingSettings, RegularizerInputs, RegularizerOutput, batch_major, check_positive, mean_output, units,
+    PairingSettings,
+    RegularizerInputs,
+    RegularizerOutput,
+    batch_major,
+    check_positive,
+    mean_output,
+    units,
 )
 from megatron_simreg.regularizers.pairing import pairs_for
 from megatron_simreg.regularizers.pairwise import pair_logsumexp
@@ -54,13 +60,15 @@ class CPretrainState(torch.nn.Module):
     Megatron sum it over the tensor-parallel group, as for the norms.
     """
 
-    def __init__(self, settings: CPretrainSettings, dtype: torch.dtype = torch.float32, sequence_parallel: bool = False):
+    def __init__(self, settings: CPretrainSettings, dtype: torch.dtype = torch.float32,
+                 sequence_parallel: bool = False):
         super().__init__()
         self.log_scale = torch.nn.Parameter(torch.full((1,), math.log(1.0 / settings.init_temperature), dtype=dtype))
         self.log_scale.sequence_parallel = sequence_parallel
 
 
-def cpretrain_loss(inputs: RegularizerInputs, settings: CPretrainSettings, state: CPretrainState | None) -> RegularizerOutput:
+def cpretrain_loss(inputs: RegularizerInputs, settings: CPretrainSettings,
+                   state: CPretrainState | None) -> RegularizerOutput:
     if inputs.label_embeddings is None:
         raise ValueError("cpretrain needs the label embeddings (inputs.label_embeddings)")
     if settings.learnable and state is None:

@@ -31,8 +31,16 @@ from torch.distributed.nn.functional import all_reduce
 from torch.utils.checkpoint import checkpoint
 
 from megatron_simreg.regularizers.base import (
-    PairingSettings, RegularizerInputs, RegularizerOutput, batch_major, check_choice, check_fraction, check_positive,
-    mean_output, two_views, units,
+    PairingSettings,
+    RegularizerInputs,
+    RegularizerOutput,
+    batch_major,
+    check_choice,
+    check_fraction,
+    check_positive,
+    mean_output,
+    two_views,
+    units,
 )
 from megatron_simreg.regularizers.pairing import pairs_for
 from megatron_simreg.regularizers.pairwise import pair_softplus_sums
@@ -74,7 +82,8 @@ def creg_loss(inputs: RegularizerInputs, settings: CRegSettings, state=None) -> 
     return mean_output("creg", parts, pairs.row_valid.sum(), pairs.group, weights)
 
 
-def jensen_shannon(logits_p: torch.Tensor, logits_q: torch.Tensor, vocab_group: dist.ProcessGroup | None) -> torch.Tensor:
+def jensen_shannon(logits_p: torch.Tensor, logits_q: torch.Tensor,
+                   vocab_group: dist.ProcessGroup | None) -> torch.Tensor:
     """JS(p || q) per token (summed over the last dim, the vocabulary), fp32, with the vocabulary split over
     `vocab_group` (each rank holds a slice of the logits' last dim). Only the logits are kept for backward (the
     fp32 vocabulary-sized intermediates are recomputed), as the cross-entropy keeps little beyond its logits."""

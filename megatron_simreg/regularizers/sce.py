@@ -27,8 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from megatron_simreg.regularizers.base import (
-    PairingSettings, RegularizerInputs, RegularizerOutput, batch_major, check_choice, check_fraction, check_positive,
-    mean_output, units,
+    PairingSettings,
+    RegularizerInputs,
+    RegularizerOutput,
+    batch_major,
+    check_choice,
+    check_fraction,
+    check_positive,
+    mean_output,
+    units,
 )
 from megatron_simreg.regularizers.pairing import pairs_for
 from megatron_simreg.regularizers.pairwise import pair_logsumexp, pair_softmax_average
@@ -99,8 +106,9 @@ def sce_loss(inputs: RegularizerInputs, settings: SCESettings, state: SCEState |
     with torch.no_grad():
         target = units(batch_major(F.dropout(target, settings.target_dropout, training=True)))
         target_rows, target_keys = pairs.rows(target), pairs.keys(target)
-        average, target_lse = pair_softmax_average(target_rows, target_keys, target_keys, 1.0 / settings.target_temperature,
-                                                   pairs, "not_self", settings.block_size)
+        average, target_lse = pair_softmax_average(target_rows, target_keys, target_keys,
+                                                   1.0 / settings.target_temperature, pairs, "not_self",
+                                                   settings.block_size)
     rows = pairs.rows(units(batch_major(online)))
     lse = pair_logsumexp(rows, target_keys, 1.0 / settings.temperature, pairs, "all", settings.block_size)
     mix = torch.where(torch.isfinite(target_lse), settings.mix, 1.0)  # no other token: the positive alone

@@ -20,8 +20,16 @@ from dataclasses import dataclass
 import torch
 
 from megatron_simreg.regularizers.base import (
-    PairingSettings, RegularizerInputs, RegularizerOutput, batch_major, check_choice, check_fraction, check_positive,
-    mean_output, two_views, units,
+    PairingSettings,
+    RegularizerInputs,
+    RegularizerOutput,
+    batch_major,
+    check_choice,
+    check_fraction,
+    check_positive,
+    mean_output,
+    two_views,
+    units,
 )
 from megatron_simreg.regularizers.pairing import pairs_for
 from megatron_simreg.regularizers.pairwise import pair_logsumexp
