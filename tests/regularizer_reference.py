@@ -16,6 +16,11 @@ def _segment(i, s, chunk_size):
     return range(start, s if chunk_size is None else min(start + chunk_size, s))
 
 
+def _anchors(mask):
+    """(sequence, position) of every valid token."""
+    return [(x, i) for x in range(mask.shape[0]) for i in range(mask.shape[1]) if mask[x, i]]
+
+
 def _mean(per_token, mask):
     total = sum(per_token) if per_token else torch.zeros((), dtype=torch.float64)
     return total / max(int(mask.sum()), 1)
@@ -27,60 +32,50 @@ def _cos(x, y):
 
 def simcse(a, b, mask, temperature, chunk_size=None):
     """L_i = -log softmax over the segment's valid j of cos(a_i, b_j) / tau, at j = i."""
-    n, s, _ = a.shape
+    s = a.shape[1]
     losses = []
-    for x in range(n):
-        for i in range(s):
-            if not mask[x, i]:
-                continue
-            keys = [j for j in _segment(i, s, chunk_size) if mask[x, j]]
-            logits = torch.stack([_cos(a[x, i], b[x, j]) / temperature for j in keys])
-            losses.append(torch.logsumexp(logits, 0) - logits[keys.index(i)])
+    for x, i in _anchors(mask):
+        keys = [j for j in _segment(i, s, chunk_size) if mask[x, j]]
+        logits = torch.stack([_cos(a[x, i], b[x, j]) / temperature for j in keys])
+        losses.append(torch.logsumexp(logits, 0) - logits[keys.index(i)])
     return _mean(losses, mask)
 
 
 def cpretrain(h, e, labels, mask, scale, chunk_size=None):
     """Symmetric InfoNCE between tokens and their label embeddings; same-label partners are not negatives."""
-    n, s, _ = h.shape
+    s = h.shape[1]
     losses = []
-    for x in range(n):
-        for i in range(s):
-            if not mask[x, i]:
-                continue
-            positive = scale * _cos(h[x, i], e[x, i])
-            directions = []
-            for anchor, partner in ((h, e), (e, h)):
-                negatives = [scale * _cos(anchor[x, i], partner[x, j]) for j in _segment(i, s, chunk_size)
-                             if mask[x, j] and labels[x, j] != labels[x, i]]
-                logits = torch.stack([positive] + negatives)
-                directions.append(torch.logsumexp(logits, 0) - positive)
-            losses.append((directions[0] + directions[1]) / 2)
+    for x, i in _anchors(mask):
+        positive = scale * _cos(h[x, i], e[x, i])
+        directions = []
+        for anchor, partner in ((h, e), (e, h)):
+            negatives = [scale * _cos(anchor[x, i], partner[x, j]) for j in _segment(i, s, chunk_size)
+                         if mask[x, j] and labels[x, j] != labels[x, i]]
+            directions.append(torch.logsumexp(torch.stack([positive] + negatives), 0) - positive)
+        losses.append((directions[0] + directions[1]) / 2)
     return _mean(losses, mask)
 
 
 def creg_contrastive(h, labels, mask, temperature, chunk_size=None):
     """Per anchor: mean over same-label partners (not itself) of -log sigmoid(z) plus mean over other-label
     partners of -log(1 - sigmoid(z)), z = cos / tau."""
-    n, s, _ = h.shape
+    s = h.shape[1]
     losses = []
-    for x in range(n):
-        for i in range(s):
-            if not mask[x, i]:
+    for x, i in _anchors(mask):
+        positives, negatives = [], []
+        for j in _segment(i, s, chunk_size):
+            if not mask[x, j] or j == i:
                 continue
-            positives, negatives = [], []
-            for j in _segment(i, s, chunk_size):
-                if not mask[x, j] or j == i:
-                    continue
-                z = _cos(h[x, i], h[x, j]) / temperature
-                if labels[x, j] == labels[x, i]:
-                    positives.append(-torch.log(torch.sigmoid(z)))
-                else:
-                    negatives.append(-torch.log(1 - torch.sigmoid(z)))
-            term = torch.zeros((), dtype=torch.float64)
-            for group in (positives, negatives):
-                if group:
-                    term = term + sum(group) / len(group)
-            losses.append(term)
+            z = _cos(h[x, i], h[x, j]) / temperature
+            if labels[x, j] == labels[x, i]:
+                positives.append(-torch.log(torch.sigmoid(z)))
+            else:
+                negatives.append(-torch.log(1 - torch.sigmoid(z)))
+        term = torch.zeros((), dtype=torch.float64)
+        for group in (positives, negatives):
+            if group:
+                term = term + sum(group) / len(group)
+        losses.append(term)
     return _mean(losses, mask)
 
 
@@ -89,32 +84,28 @@ def jensen_shannon(logits_p, logits_q, mask):
     p, q = torch.softmax(logits_p.double(), -1), torch.softmax(logits_q.double(), -1)
     m = (p + q) / 2
     per_token = ((p * (p / m).log()).sum(-1) + (q * (q / m).log()).sum(-1)) / 2
-    return _mean([per_token[x, i] for x in range(p.shape[0]) for i in range(p.shape[1]) if mask[x, i]], mask)
+    return _mean([per_token[x, i] for x, i in _anchors(mask)], mask)
 
 
 def sce(online, target, mask, temperature, target_temperature, mix, chunk_size=None):
     """-sum_k w_ik log p_ik with w = mix * one-hot + (1 - mix) * softmax_{k != i}(target similarities / tau_m)
     (one-hot alone when i has no other valid partner); p = softmax_k(cos(online_i, target_k) / tau)."""
-    n, s, _ = online.shape
+    s = online.shape[1]
     target = target.detach()
     losses = []
-    for x in range(n):
-        for i in range(s):
-            if not mask[x, i]:
-                continue
-            keys = [j for j in _segment(i, s, chunk_size) if mask[x, j]]
-            log_p = torch.log_softmax(torch.stack([_cos(online[x, i], target[x, k]) / temperature for k in keys]), 0)
-            others = [k for k in keys if k != i]
-            weights = torch.zeros(len(keys), dtype=torch.float64)
-            if others:
-                logits = torch.stack([_cos(target[x, i], target[x, k]) / target_temperature for k in others])
-                similar = torch.softmax(logits, 0)
-                for k, w in zip(others, similar):
-                    weights[keys.index(k)] = (1 - mix) * w
-                weights[keys.index(i)] = mix
-            else:
-                weights[keys.index(i)] = 1.0
-            losses.append(-(weights * log_p).sum())
+    for x, i in _anchors(mask):
+        keys = [j for j in _segment(i, s, chunk_size) if mask[x, j]]
+        log_p = torch.log_softmax(torch.stack([_cos(online[x, i], target[x, k]) / temperature for k in keys]), 0)
+        others = [k for k in keys if k != i]
+        weights = torch.zeros(len(keys), dtype=torch.float64)
+        if others:
+            logits = torch.stack([_cos(target[x, i], target[x, k]) / target_temperature for k in others])
+            for k, w in zip(others, torch.softmax(logits, 0)):
+                weights[keys.index(k)] = (1 - mix) * w
+            weights[keys.index(i)] = mix
+        else:
+            weights[keys.index(i)] = 1.0
+        losses.append(-(weights * log_p).sum())
     return _mean(losses, mask)
 
 

@@ -27,15 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from megatron_simreg.regularizers.base import (
-    PairingSettings,
-    RegularizerInputs,
-    RegularizerOutput,
-    batch_major,
-    check_positive,
-    mean_output,
-    units,
-)
+from megatron_simreg.regularizers import base
+from megatron_simreg.regularizers.base import PairingSettings, RegularizerInputs, RegularizerOutput
 from megatron_simreg.regularizers.pairing import pairs_for
 from megatron_simreg.regularizers.pairwise import pair_logsumexp
 
@@ -49,8 +42,8 @@ class CPretrainSettings(PairingSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        check_positive("init_temperature", self.init_temperature)
-        check_positive("max_scale", self.max_scale)
+        base.check_positive("init_temperature", self.init_temperature)
+        base.check_positive("max_scale", self.max_scale)
 
 
 class CPretrainState(torch.nn.Module):
@@ -74,9 +67,9 @@ def cpretrain_loss(inputs: RegularizerInputs, settings: CPretrainSettings,
     if settings.learnable and state is None:
         raise ValueError("cpretrain with a learnable temperature needs its state (CPretrainState) in the model")
     pairs = pairs_for(inputs.labels, inputs.valid, settings.chunk(), inputs.sequence_group, inputs.sequence_layout)
-    hidden = units(batch_major(inputs.hidden))
-    targets = batch_major(inputs.label_embeddings())
-    targets = units(targets.detach() if settings.detach_targets else targets)
+    hidden = base.units(base.batch_major(inputs.hidden))
+    targets = base.batch_major(inputs.label_embeddings())
+    targets = base.units(targets.detach() if settings.detach_targets else targets)
     if settings.learnable:
         scale = state.log_scale.to(hidden.dtype).exp().clamp(max=settings.max_scale).reshape(())
     else:
@@ -87,6 +80,6 @@ def cpretrain_loss(inputs: RegularizerInputs, settings: CPretrainSettings,
     label_to_tokens = pair_logsumexp(rows_e, pairs.keys(hidden), scale, pairs, "other_label", settings.block_size)
     per_token = (F.softplus(token_to_labels - positive) + F.softplus(label_to_tokens - positive)) / 2
     per_token = torch.where(pairs.row_valid, per_token, 0.0)
-    out = mean_output("cpretrain", {"infonce": (per_token.sum(), pairs.group)}, pairs.row_valid.sum(), pairs.group)
+    out = base.mean_output("cpretrain", {"infonce": (per_token.sum(), pairs.group)}, pairs.row_valid.sum(), pairs.group)
     out.stats["cpretrain temperature"] = 1.0 / scale.detach().to(out.loss.dtype)
     return out

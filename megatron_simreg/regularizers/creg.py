@@ -30,18 +30,8 @@ import torch.distributed as dist
 from torch.distributed.nn.functional import all_reduce
 from torch.utils.checkpoint import checkpoint
 
-from megatron_simreg.regularizers.base import (
-    PairingSettings,
-    RegularizerInputs,
-    RegularizerOutput,
-    batch_major,
-    check_choice,
-    check_fraction,
-    check_positive,
-    mean_output,
-    two_views,
-    units,
-)
+from megatron_simreg.regularizers import base
+from megatron_simreg.regularizers.base import PairingSettings, RegularizerInputs, RegularizerOutput
 from megatron_simreg.regularizers.pairing import pairs_for
 from megatron_simreg.regularizers.pairwise import pair_softplus_sums
 
@@ -56,16 +46,16 @@ class CRegSettings(PairingSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        check_positive("temperature", self.temperature)
-        check_fraction("dropout", self.dropout)
-        check_choice("views", self.views, ("dropout", "forward"))
+        base.check_positive("temperature", self.temperature)
+        base.check_fraction("dropout", self.dropout)
+        base.check_choice("views", self.views, ("dropout", "forward"))
         if self.contrastive_weight < 0 or self.consistency_weight < 0:
             raise ValueError("regularizer.contrastive_weight and consistency_weight must not be negative")
 
 
 def creg_loss(inputs: RegularizerInputs, settings: CRegSettings, state=None) -> RegularizerOutput:
     pairs = pairs_for(inputs.labels, inputs.valid, settings.chunk(), inputs.sequence_group, inputs.sequence_layout)
-    hidden = units(batch_major(inputs.hidden))
+    hidden = base.units(base.batch_major(inputs.hidden))
     positive, negative, n_positive, n_negative = pair_softplus_sums(
         pairs.rows(hidden), pairs.keys(hidden), 1.0 / settings.temperature, 0.0, pairs, settings.block_size)
     contrastive = positive / n_positive.clamp_min(1) + negative / n_negative.clamp_min(1)
@@ -74,12 +64,12 @@ def creg_loss(inputs: RegularizerInputs, settings: CRegSettings, state=None) -> 
     if settings.consistency_weight > 0:
         if inputs.logits is None:
             raise ValueError("creg's consistency term needs the output layer (inputs.logits)")
-        a, b = two_views(inputs, settings.views, settings.dropout)
+        a, b = base.two_views(inputs, settings.views, settings.dropout)
         divergence = jensen_shannon(inputs.logits(a), inputs.logits(b), inputs.vocab_group)  # [s_logits, b]
         mask = inputs.valid if inputs.logit_mask is None else inputs.logit_mask.to(divergence.device) > 0
         parts["consistency"] = (torch.where(mask, divergence.T, 0.0).sum(), inputs.logit_group)
     weights = {"contrastive": settings.contrastive_weight, "consistency": settings.consistency_weight}
-    return mean_output("creg", parts, pairs.row_valid.sum(), pairs.group, weights)
+    return base.mean_output("creg", parts, pairs.row_valid.sum(), pairs.group, weights)
 
 
 def jensen_shannon(logits_p: torch.Tensor, logits_q: torch.Tensor,

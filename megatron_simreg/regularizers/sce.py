@@ -26,17 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from megatron_simreg.regularizers.base import (
-    PairingSettings,
-    RegularizerInputs,
-    RegularizerOutput,
-    batch_major,
-    check_choice,
-    check_fraction,
-    check_positive,
-    mean_output,
-    units,
-)
+from megatron_simreg.regularizers import base
+from megatron_simreg.regularizers.base import PairingSettings, RegularizerInputs, RegularizerOutput
 from megatron_simreg.regularizers.pairing import pairs_for
 from megatron_simreg.regularizers.pairwise import pair_logsumexp, pair_softmax_average
 
@@ -54,14 +45,14 @@ class SCESettings(PairingSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        check_positive("temperature", self.temperature)
-        check_positive("target_temperature", self.target_temperature)
-        check_fraction("mix", self.mix, closed=True)
-        check_fraction("dropout", self.dropout)
-        check_fraction("target_dropout", self.target_dropout)
-        check_fraction("momentum", self.momentum)
-        check_choice("target", self.target, ("view", "ema"))
-        check_choice("views", self.views, ("dropout", "forward"))
+        base.check_positive("temperature", self.temperature)
+        base.check_positive("target_temperature", self.target_temperature)
+        base.check_fraction("mix", self.mix, closed=True)
+        base.check_fraction("dropout", self.dropout)
+        base.check_fraction("target_dropout", self.target_dropout)
+        base.check_fraction("momentum", self.momentum)
+        base.check_choice("target", self.target, ("view", "ema"))
+        base.check_choice("views", self.views, ("dropout", "forward"))
 
 
 class SCEState(torch.nn.Module):
@@ -104,15 +95,15 @@ def sce_loss(inputs: RegularizerInputs, settings: SCESettings, state: SCEState |
             raise ValueError("sce with target=ema needs its EMA state in the model and the final norm's input")
         target = state.target(inputs.pre_norm, inputs.norm_epsilon)
     with torch.no_grad():
-        target = units(batch_major(F.dropout(target, settings.target_dropout, training=True)))
+        target = base.units(base.batch_major(F.dropout(target, settings.target_dropout, training=True)))
         target_rows, target_keys = pairs.rows(target), pairs.keys(target)
         average, target_lse = pair_softmax_average(target_rows, target_keys, target_keys,
                                                    1.0 / settings.target_temperature, pairs, "not_self",
                                                    settings.block_size)
-    rows = pairs.rows(units(batch_major(online)))
+    rows = pairs.rows(base.units(base.batch_major(online)))
     lse = pair_logsumexp(rows, target_keys, 1.0 / settings.temperature, pairs, "all", settings.block_size)
     mix = torch.where(torch.isfinite(target_lse), settings.mix, 1.0)  # no other token: the positive alone
     positive = (rows * target_rows).sum(-1) / settings.temperature
     relational = (rows * average).sum(-1) / settings.temperature
     per_token = torch.where(pairs.row_valid, lse - mix * positive - (1 - mix) * relational, 0.0)
-    return mean_output("sce", {"soft infonce": (per_token.sum(), pairs.group)}, pairs.row_valid.sum(), pairs.group)
+    return base.mean_output("sce", {"soft infonce": (per_token.sum(), pairs.group)}, pairs.row_valid.sum(), pairs.group)

@@ -19,18 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_simreg.regularizers.base import (
-    PairingSettings,
-    RegularizerInputs,
-    RegularizerOutput,
-    batch_major,
-    check_choice,
-    check_fraction,
-    check_positive,
-    mean_output,
-    two_views,
-    units,
-)
+from megatron_simreg.regularizers import base
+from megatron_simreg.regularizers.base import PairingSettings, RegularizerInputs, RegularizerOutput
 from megatron_simreg.regularizers.pairing import pairs_for
 from megatron_simreg.regularizers.pairwise import pair_logsumexp
 
@@ -43,16 +33,16 @@ class SimCSESettings(PairingSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        check_positive("temperature", self.temperature)
-        check_fraction("dropout", self.dropout)
-        check_choice("views", self.views, ("dropout", "forward"))
+        base.check_positive("temperature", self.temperature)
+        base.check_fraction("dropout", self.dropout)
+        base.check_choice("views", self.views, ("dropout", "forward"))
 
 
 def simcse_loss(inputs: RegularizerInputs, settings: SimCSESettings, state=None) -> RegularizerOutput:
     pairs = pairs_for(inputs.labels, inputs.valid, settings.chunk(), inputs.sequence_group, inputs.sequence_layout)
-    a, b = (units(batch_major(view)) for view in two_views(inputs, settings.views, settings.dropout))
+    a, b = (base.units(base.batch_major(view)) for view in base.two_views(inputs, settings.views, settings.dropout))
     rows, keys = pairs.rows(a), pairs.keys(b)
     lse = pair_logsumexp(rows, keys, 1.0 / settings.temperature, pairs, "all", settings.block_size)
     positive = (rows * pairs.rows(b)).sum(-1) / settings.temperature
     per_token = torch.where(pairs.row_valid, lse - positive, 0.0)
-    return mean_output("simcse", {"infonce": (per_token.sum(), pairs.group)}, pairs.row_valid.sum(), pairs.group)
+    return base.mean_output("simcse", {"infonce": (per_token.sum(), pairs.group)}, pairs.row_valid.sum(), pairs.group)
