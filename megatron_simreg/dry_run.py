@@ -107,8 +107,11 @@ def report(cfg: Config, world_size: int, gpus_per_node: int = 8, gpu_memory_gib:
         f"  total with the {'distributed ' if p.distributed_optimizer else ''}optimizer: {with_optimizer / GIB:.2f} GiB"
         f" of {gpu_memory_gib:.0f}" + ("" if with_optimizer / GIB <= gpu_memory_gib else "  <-- does not fit"),
         f"tokens per step: {t.global_batch_size * cfg.model.seq_length:,}; FLOPs per step: {flops_per_step(cfg):.3e}",
-        f"SimReg: lambda {cfg.simreg_weight:g}, tau {cfg.simreg.temperature}, {cfg.simreg.mode}"
+        f"SimReg: lambda {cfg.regularizer_weight if cfg.regularizer.name == 'simreg' else 0:g}, "
+        f"tau {cfg.simreg.temperature}, {cfg.simreg.mode}"
         + (f" (chunk {cfg.simreg.chunk_size or 'local slice'})" if cfg.simreg.mode == "chunk" else ""),
+        *([f"regularizer: {cfg.regularizer.name}, weight {cfg.regularizer_weight:g}, {cfg.regularizer.settings}"]
+          if cfg.regularizer.name != "simreg" else []),
         "",
         "torchrun command (per node):",
         f"  torchrun --nnodes {nodes} --nproc-per-node {min(world_size, gpus_per_node)} --node-rank $NODE_RANK "
