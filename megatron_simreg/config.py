@@ -315,9 +315,7 @@ def _build_regularizer(raw, prefix: str, source: str) -> RegularizerSection:
             raise _unknown_key(prefix, str(key), ["name", "weight", *names], f"{source} (regularizer {name})")
     try:
         return RegularizerSection(name, weight, _build(settings, own, prefix, source))
-    except ConfigError:
-        raise
-    except ValueError as error:  # the settings' own checks, already naming the key
+    except ValueError as error:  # the settings' own checks name the key too
         raise ConfigError(str(error)) from None
 
 

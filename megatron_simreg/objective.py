@@ -126,7 +126,6 @@ class SimRegObjective:
             block_size=self.block_size,
         )
 
-
     def baseline_inputs(self, hidden_states, labels, loss_mask, context, config, output_layer, output_weight,
                         runtime_gather_output, scale_logits) -> RegularizerInputs:
         """What the baseline reads: this rank's slice of the final states and labels, and on demand the labels'
