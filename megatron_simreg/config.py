@@ -214,7 +214,8 @@ def save_config(config: Config, run_dir: str) -> str:
     os.makedirs(run_dir, exist_ok=True)
     resolved = config.to_dict()
     resolved["simreg"]["weight"] = config.simreg_weight
-    resolved["regularizer"]["weight"] = config.regularizer_weight
+    if config.regularizer.name != "simreg" or config.regularizer.weight is not None:  # else simreg.weight is SimReg's
+        resolved["regularizer"]["weight"] = config.regularizer_weight
     path = os.path.join(run_dir, "config.yaml")
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(resolved, f, sort_keys=False)
