@@ -100,8 +100,12 @@ class SimRegObjective:
         if self.baseline is not None:
             inputs = self.baseline_inputs(hidden_states, labels, loss_mask, context, config, output_layer,
                                           output_weight, runtime_gather_output, scale_logits)
-            context["regularizer"] = self.baseline.regularizer.compute(inputs, self.baseline.settings,
-                                                                       context.get("regularizer_state"))
+            # Dropout views of a sequence-parallel slice draw from the tensor-parallel rank's own RNG, as
+            # Megatron's dropout in sequence-parallel regions does; replicated states share one (equal masks).
+            sliced = config.sequence_parallel and parallel_state.get_tensor_model_parallel_world_size() > 1
+            with tensor_parallel.get_cuda_rng_tracker().fork() if sliced else contextlib.nullcontext():
+                context["regularizer"] = self.baseline.regularizer.compute(inputs, self.baseline.settings,
+                                                                           context.get("regularizer_state"))
         return cross_entropy
 
     def simreg(self, hidden_states, labels, loss_mask, sequence_parallel: bool) -> SimRegOutput:
