@@ -12,7 +12,7 @@ from distributed import run_distributed
 from layout_steps import BASE, forward_backward
 from test_batch_layouts import LAYOUTS, assert_same_step, layout_steps
 from test_megatron_training import exported_weights, local_training, megatron_training
-from test_training import TINY, config, corpus, read_metrics, train_worker  # noqa: F401  (corpus is a fixture)
+from test_training import config, corpus, read_metrics, train_worker  # noqa: F401  (corpus is a fixture)
 
 from megatron_simreg.config import ConfigError, load_config
 
