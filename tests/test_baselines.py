@@ -11,7 +11,7 @@ import torch
 from distributed import run_distributed
 from layout_steps import BASE, forward_backward
 from test_batch_layouts import LAYOUTS, assert_same_step, layout_steps
-from test_megatron_training import exported_weights, local_training, megatron_training
+from test_megatron_training import local_training, megatron_training
 from test_training import config, corpus, read_metrics, train_worker  # noqa: F401  (corpus is a fixture)
 
 from megatron_simreg.config import ConfigError, load_config
@@ -149,8 +149,14 @@ def test_resume_is_exact_with_the_regularizers_state(resumed_runs, name, state):
     assert saved.dtype == torch.float32 and not torch.equal(saved, initial)  # trained / moved, and saved
 
 
-def test_export_leaves_the_regularizers_state_out(resumed_runs, tmp_path):
-    weights = exported_weights(resumed_runs["cpretrain"][1], tmp_path / "hf")
+def test_export_leaves_the_regularizers_state_out(resumed_runs):
+    from megatron_simreg.export_hf import hugging_face_state, load_merged_state
+
+    run = resumed_runs["cpretrain"][1]
+    cfg = load_config(str(run / "config.yaml"))
+    state = load_merged_state(str(run / "checkpoints"), cfg)
+    assert "regularizer_state.log_scale" in state
+    weights = hugging_face_state(state, cfg, vocab_size=32000)
     assert "lm_head.weight" in weights and not any("regularizer" in key for key in weights)
 
 
