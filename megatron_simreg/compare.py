@@ -10,8 +10,10 @@ import os
 from dataclasses import dataclass
 
 from megatron_simreg.metrics import Curve, Run, smoothed, tokens_to_reach
+from megatron_simreg.regularizers import REGISTRY
 
 PLOTTED = (("train", "lm loss"), ("valid", "lm loss"), ("train", "simreg"))
+BASELINE_TERMS = tuple(name for name in REGISTRY if name != "simreg")  # each baseline logs its value by name
 
 
 @dataclass
@@ -53,8 +55,9 @@ def markdown_report(runs: list[Run], metric: str = "lm loss") -> str:
     lines = [
         f"Baseline: `{baseline.name}`; compared on {kind} `{metric}`.",
         "",
-        "| run | final train loss | final valid loss | final SimReg | tokens | tokens to baseline's final loss | saved |",
-        "|---|---|---|---|---|---|---|",
+        "| run | final train loss | final valid loss | final SimReg | final baseline term | tokens "
+        "| tokens to baseline's final loss | saved |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         speedup = convergence_speedup(baseline, run, metric)
@@ -63,9 +66,18 @@ def markdown_report(runs: list[Run], metric: str = "lm loss") -> str:
         _, curve = comparison_curve(run, metric)
         lines.append(
             f"| {run.name} | {_final(run, 'train', metric)} | {_final(run, 'valid', metric)} "
-            f"| {_final(run, 'train', 'simreg', '.3g')} | {curve.tokens[-1]:,.0f} | {reached} | {saved} |"
+            f"| {_final(run, 'train', 'simreg', '.3g')} | {_baseline_term(run)} | {curve.tokens[-1]:,.0f} "
+            f"| {reached} | {saved} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _baseline_term(run: Run) -> str:
+    """The final value of the Table 1 baseline the run trained with (SimCSE, CPretrain, CReg, SCE), if any."""
+    for name in BASELINE_TERMS:
+        if run.curve("train", name) is not None:
+            return f"{name} {_final(run, 'train', name, '.3g')}"
+    return "-"
 
 
 def _final(run: Run, split: str, metric: str, spec: str = ".4f") -> str:

@@ -4,6 +4,8 @@
 
 A file may say `extends: base.yaml` (relative to itself); later files and then overrides win. An unknown
 key is an error naming it and the nearest valid keys. `simreg.weight: auto` becomes 10 * sqrt(hidden / 1024).
+The `regularizer:` section names the regularizer trained (SimReg by default, or a Table 1 baseline) and holds
+that regularizer's own keys beside `name` and `weight`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from megatron_simreg import regularizers
 from megatron_simreg.adagc import AdaGCConfig
 
 
@@ -56,6 +59,21 @@ class SimRegSection:
     reduction: str = "group"  # "group" | "token"
     layer: int = -1  # -1: final hidden states; k: output of decoder layer k (Sec. 5.3 ablation)
     block_size: int = 512  # tile size of the pairwise kernel
+
+
+@dataclass
+class RegularizerSection:
+    """The regularizer trained beside the cross-entropy (megatron_simreg.regularizers, docs/baselines.md).
+
+    name: simreg (the default), simcse, cpretrain, creg or sce. weight: a number, `auto` (its registered default),
+    or null (SimReg: `simreg.weight`; a baseline: its default). The named regularizer's own keys sit flat in the
+    same section (`regularizer: {name: sce, target: ema}`) and become `settings`; SimReg's are the `simreg:`
+    section. Under a baseline SimReg is still computed and logged at weight 0 (unless simreg.enabled is false).
+    """
+
+    name: str = "simreg"
+    weight: float | str | None = None
+    settings: object = None  # the named baseline's settings dataclass; None for SimReg
 
 
 @dataclass
@@ -137,6 +155,7 @@ class Config:
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
     simreg: SimRegSection = field(default_factory=SimRegSection)
+    regularizer: RegularizerSection = field(default_factory=RegularizerSection)
     adagc: AdaGCConfig = field(default_factory=AdaGCConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -155,11 +174,25 @@ class Config:
         return float(self.simreg.weight)
 
     @property
+    def regularizer_weight(self) -> float:
+        """The trained regularizer's weight: SimReg's lambda (simreg.weight unless regularizer.weight is set), or
+        the baseline's (its registered default for null or auto)."""
+        r = self.regularizer
+        if r.weight is None and r.name == "simreg":
+            return self.simreg_weight
+        if r.weight is None or r.weight == "auto":
+            return regularizers.get(r.name).default_weight(self.model.hidden_size)
+        return float(r.weight)
+
+    @property
     def run_dir(self) -> str:
         return self.logging.run_dir or os.path.join("runs", self.name)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        settings = out["regularizer"].pop("settings")  # the section is flat in YAML
+        out["regularizer"].update(settings or {})
+        return out
 
 
 CHOICES = {
@@ -216,6 +249,8 @@ def save_config(config: Config, run_dir: str) -> str:
     os.makedirs(run_dir, exist_ok=True)
     resolved = config.to_dict()
     resolved["simreg"]["weight"] = config.simreg_weight
+    if config.regularizer.name != "simreg" or config.regularizer.weight is not None:  # else simreg.weight is SimReg's
+        resolved["regularizer"]["weight"] = config.regularizer_weight
     path = os.path.join(run_dir, "config.yaml")
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(resolved, f, sort_keys=False)
@@ -261,6 +296,8 @@ def _check_key(key: str, source: str) -> None:
     """Refuse a dotted key that names no config field, before it is merged with the files' keys."""
     cls, prefix = Config, ""
     for part in key.split("."):
+        if cls is RegularizerSection:  # its keys depend on regularizer.name: checked when the section is built
+            return
         if not dataclasses.is_dataclass(cls):
             raise ConfigError(f"{source}: {prefix.rstrip('.')!r} is a value, not a section")
         names = [f.name for f in dataclasses.fields(cls)]
@@ -286,6 +323,8 @@ def _set_dotted(raw: dict, key: str, value) -> None:
 
 
 def _build(cls, raw, prefix: str, source: str):
+    if cls is RegularizerSection:
+        return _build_regularizer(raw, prefix, source)
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} in {source} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -300,6 +339,31 @@ def _build(cls, raw, prefix: str, source: str):
         else:
             values[key] = _coerce(value, hint, prefix + key)
     return cls(**values)
+
+
+def _build_regularizer(raw, prefix: str, source: str) -> RegularizerSection:
+    """`name`, `weight`, and the named regularizer's own keys (validated against its settings dataclass)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.')} in {source} must be a mapping, got {raw!r}")
+    name = raw.get("name", "simreg")
+    if name not in regularizers.REGISTRY:
+        raise ConfigError(f"{prefix}name must be one of {', '.join(regularizers.REGISTRY)}, got {name!r}")
+    weight = _coerce(raw.get("weight"), float | str | None, prefix + "weight")
+    own = {key: value for key, value in raw.items() if key not in ("name", "weight")}
+    if name == "simreg":
+        if own:
+            raise ConfigError(f"config key {prefix + str(next(iter(own)))!r} in {source}: SimReg's settings are the "
+                              "simreg: section (simreg.temperature, simreg.mode, simreg.chunk_size, ...)")
+        return RegularizerSection(name, weight, None)
+    settings = regularizers.get(name).settings
+    names = [f.name for f in dataclasses.fields(settings)]
+    for key in own:
+        if key not in names:
+            raise _unknown_key(prefix, str(key), ["name", "weight", *names], f"{source} (regularizer {name})")
+    try:
+        return RegularizerSection(name, weight, _build(settings, own, prefix, source))
+    except ValueError as error:  # the settings' own checks name the key too
+        raise ConfigError(str(error)) from None
 
 
 # YAML 1.1 (PyYAML) reads "1e-3" as a string: it wants a dot in the mantissa ("1.0e-3").
@@ -357,6 +421,8 @@ def _check_values(config: Config) -> None:
             raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
     if isinstance(config.simreg.weight, str) and config.simreg.weight != "auto":
         raise ConfigError(f"simreg.weight must be a number or 'auto', got {config.simreg.weight!r}")
+    if isinstance(config.regularizer.weight, str) and config.regularizer.weight != "auto":
+        raise ConfigError(f"regularizer.weight must be a number, 'auto' or null, got {config.regularizer.weight!r}")
     if config.simreg.temperature <= 0:
         raise ConfigError(f"simreg.temperature must be positive, got {config.simreg.temperature}")
     if config.simreg.mode == "full" and config.simreg.chunk_size is not None:
@@ -420,6 +486,24 @@ def check_layout(config: Config, world_size: int) -> int:
         local = m.seq_length // (p.tensor if p.sequence_parallel else 1) // (2 * p.context if p.context > 1 else 1)
         if (p.sequence_parallel or p.context > 1) and local % config.simreg.chunk_size:
             problems.append(f"simreg.chunk_size={config.simreg.chunk_size} does not divide the per-rank sequence piece of {local} tokens")
+    problems += _regularizer_layout_problems(config)
     if problems:
         raise ConfigError(f"parallel layout cannot run on {world_size} processes:\n  - " + "\n  - ".join(problems))
     return data_parallel
+
+
+def _regularizer_layout_problems(config: Config) -> list[str]:
+    """A baseline's chunks must not straddle ranks; a second forward (views: forward) needs one pipeline stage."""
+    settings, p, m = config.regularizer.settings, config.parallel, config.model
+    if settings is None:
+        return []
+    problems = []
+    if getattr(settings, "views", None) == "forward" and p.pipeline > 1:
+        problems.append("regularizer.views=forward runs a second forward inside the last stage's step: "
+                        "it needs parallel.pipeline=1 (or views=dropout)")
+    if settings.mode == "chunk" and settings.chunk_size and (p.sequence_parallel or p.context > 1):
+        local = m.seq_length // (p.tensor if p.sequence_parallel else 1) // (2 * p.context if p.context > 1 else 1)
+        if local % settings.chunk_size:
+            problems.append(f"regularizer.chunk_size={settings.chunk_size} does not divide the per-rank sequence "
+                            f"piece of {local} tokens")
+    return problems

@@ -110,8 +110,11 @@ def report(cfg: Config, world_size: int, gpus_per_node: int = 8, gpu_memory_gib:
         f"tokens per step: {plan.tokens_per_iter:,}; FLOPs per step: {flops_per_step(cfg):.3e}; {plan.train_iters:,} steps,"
         f" {plan.train_iters * plan.tokens_per_iter / 1e9:.1f}B tokens",
         f"tokenizer: {plan.tokenizer_path} ({plan.vocab_size:,} tokens; embedding padded to {plan.padded_vocab_size:,})",
-        f"SimReg: lambda {cfg.simreg_weight:g}, tau {cfg.simreg.temperature}, {cfg.simreg.mode}"
+        f"SimReg: lambda {cfg.regularizer_weight if cfg.regularizer.name == 'simreg' else 0:g}, "
+        f"tau {cfg.simreg.temperature}, {cfg.simreg.mode}"
         + (f" (chunk {cfg.simreg.chunk_size or 'local slice'})" if cfg.simreg.mode == "chunk" else ""),
+        *([f"regularizer: {cfg.regularizer.name}, weight {cfg.regularizer_weight:g}, {cfg.regularizer.settings}"]
+          if cfg.regularizer.name != "simreg" else []),
         "",
         "torchrun command (per node):",
         f"  torchrun --nnodes {nodes} --nproc-per-node {min(world_size, gpus_per_node)} --node-rank $NODE_RANK "

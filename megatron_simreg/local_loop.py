@@ -41,7 +41,7 @@ from megatron_simreg.failures import (
 from megatron_simreg.megatron_adagc import attach_adagc
 from megatron_simreg.metrics import MetricsWriter
 from megatron_simreg.model import model_provider
-from megatron_simreg.objective import SimRegObjective, forward_step, reduce_reports
+from megatron_simreg.objective import SimRegObjective, forward_step, reduce_reports, update_regularizer_state
 from megatron_simreg.resume import accept_changed_settings
 from megatron_simreg.run_plan import RunPlan, min_lr, plan_run
 
@@ -139,13 +139,15 @@ def _train(cfg: Config, plan: RunPlan, signals: StopSignals) -> dict:
                 raise non_finite_gradient_stop(iteration + 1, plan.save_dir) from None
             raise
         metrics = _last_stage_metrics(reports, dp_group)
-        if metrics is not None and not math.isfinite(metrics["lm loss"] + metrics.get("simreg", 0.0)):
+        trained = ("lm loss", "simreg", cfg.regularizer.name)  # the terms of the loss (a baseline's by its name)
+        if metrics is not None and not math.isfinite(sum(metrics.get(key, 0.0) for key in trained)):
             raise TrainingError(
                 f"loss is not finite at iteration {iteration + 1} ({metrics}); stopped before the optimizer step. "
                 + last_good_checkpoint(plan.save_dir)
             )
         updated, grad_norm, _ = optimizer.step()
         if updated:  # a skipped step (AdaGC on a non-finite norm) leaves the schedule where it is, as in Megatron
+            update_regularizer_state([model])
             scheduler.step(increment=gbs)
         iteration += 1
         consumed += gbs

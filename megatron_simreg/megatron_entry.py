@@ -34,7 +34,7 @@ from megatron_simreg.failures import (
 )
 from megatron_simreg.megatron_adagc import AdaGCStateMissing
 from megatron_simreg.model import have_transformer_engine, model_provider
-from megatron_simreg.objective import SimRegObjective, forward_step
+from megatron_simreg.objective import SimRegObjective, forward_step, update_regularizer_state
 from megatron_simreg.resume import accept_changed_settings
 from megatron_simreg.run_plan import RunPlan, plan_run
 
@@ -147,8 +147,7 @@ def pretrain(cfg: Config) -> None:
     adagc = AdaGC(cfg.adagc) if cfg.adagc.enabled else None
     with contextlib.ExitStack() as during_the_run:  # megatron.training's hooks, restored when it returns
         during_the_run.enter_context(_shipped_dataset_helpers())
-        if adagc is not None:
-            during_the_run.enter_context(_replaced(training, "get_megatron_optimizer", partial(_with_adagc, adagc)))
+        during_the_run.enter_context(_replaced(training, "get_megatron_optimizer", partial(_with_our_step, adagc)))
         during_the_run.enter_context(_replaced(training, "save_checkpoint", partial(_saving_only_finite_weights, args)))
         during_the_run.enter_context(_replaced(training, "get_optimizer_param_scheduler",
                                                partial(_accepting_changed_settings, args)))
@@ -258,18 +257,30 @@ def _saving_only_finite_weights(args, save):
     return save_if_finite
 
 
-def _with_adagc(adagc: AdaGC, build):
-    """AdaGC clips (and checkpoints with) the optimizer megatron.training builds. megatron.training offers no
-    hook between building the optimizer and loading the checkpoint into it, hence its factory is wrapped."""
+def _with_our_step(adagc: AdaGC | None, build):
+    """The optimizer megatron.training builds, with AdaGC clipping (and checkpointing with) it, and the trained
+    regularizer's state (SCE's EMA target) updated after each successful step, as in the local loop.
+    megatron.training offers no hook between building the optimizer and loading the checkpoint into it, hence
+    its factory is wrapped."""
     from megatron_simreg.megatron_adagc import attach_adagc
 
-    def build_with_adagc(config, model_chunks, *args, **kwargs):
+    def build_ours(config, model_chunks, *args, **kwargs):
         optimizer = build(config, model_chunks, *args, **kwargs)
-        attach_adagc(optimizer, model_chunks, adagc)
-        _log_adagc_each_step(optimizer)
+        if adagc is not None:
+            attach_adagc(optimizer, model_chunks, adagc)
+            _log_adagc_each_step(optimizer)
+        step = optimizer.step
+
+        def step_then_update_state():
+            result = step()
+            if result[0]:
+                update_regularizer_state(model_chunks)
+            return result
+
+        optimizer.step = step_then_update_state
         return optimizer
 
-    return build_with_adagc
+    return build_ours
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
+from megatron_simreg import regularizers
 from megatron_simreg.config import Config
 from megatron_simreg.run_plan import padded_vocab_size
 
@@ -134,7 +135,7 @@ def model_provider(
     """
     if config is None:
         config = transformer_config_from(cfg)
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=block_spec(config, vp_stage),
         vocab_size=padded_vocab_size(cfg),
@@ -147,3 +148,15 @@ def model_provider(
         pg_collection=pg_collection,
         vp_stage=vp_stage,
     )
+    state = regularizer_state(cfg, config) if post_process else None
+    if state is not None:  # in the model, so the optimizer steps it and both checkpoint formats keep it
+        model.regularizer_state = state
+    return model
+
+
+def regularizer_state(cfg: Config, config: TransformerConfig) -> torch.nn.Module | None:
+    """The trained baseline's state (CPretrain's learnable temperature, SCE's EMA target), or None."""
+    r = cfg.regularizer
+    if r.settings is None:
+        return None
+    return regularizers.get(r.name).state(r.settings, config.hidden_size, config.params_dtype, config.sequence_parallel)

@@ -1,4 +1,4 @@
-"""The training objective inside Megatron's GPT: cross-entropy, untouched, plus lambda * SimReg.
+"""The training objective inside Megatron's GPT: cross-entropy, untouched, plus lambda * SimReg (or a baseline).
 
 SimReg reads the final hidden states through `GPTModel.forward(..., output_processor=...)`: the processor
 runs Megatron's own output layer and `compute_language_model_loss` (so cross-entropy is exactly
@@ -6,6 +6,8 @@ Megatron's) and computes SimReg beside it on the hidden states it was handed (`[
 sequence under sequence or context parallelism). `loss_func` follows Megatron-LM's contract
 (`loss_sum, num_tokens, report`) and adds SimReg as a sum over sequences weighted by their tokens, so
 micro-batches, gradient accumulation and data parallelism scale it exactly as they scale the cross-entropy.
+A Table 1 baseline (`regularizer.name`, megatron_simreg.regularizers) enters the same way instead of SimReg,
+which then runs at weight 0 so its statistics stay logged.
 """
 
 from __future__ import annotations
@@ -17,11 +19,31 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
 
+from megatron_simreg import regularizers
+from megatron_simreg.regularizers import RegularizerInputs, RegularizerOutput
 from megatron_simreg.simreg import SimRegOutput, simreg_loss
 
 REPORTED_STATS = ("simreg", "simreg lsr", "simreg live anchors", "simreg negative angle")
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A Table 1 regularizer trained instead of SimReg: its registered name, weight and settings."""
+
+    name: str
+    weight: float
+    settings: object
+
+    @property
+    def regularizer(self) -> regularizers.Regularizer:
+        return regularizers.get(self.name)
+
+    @property
+    def needs(self) -> frozenset:
+        return self.regularizer.needs(self.settings)
 
 
 @dataclass(frozen=True)
@@ -34,6 +56,7 @@ class SimRegObjective:
         the whole sequence otherwise.
     layer: -1 for the final hidden states after the final norm, else a decoder layer's output (0-based),
         the paper's Sec. 5.3 ablation.
+    baseline: a Table 1 regularizer trained instead (on the final hidden states); SimReg's weight is then 0.
     """
 
     enabled: bool = True
@@ -44,14 +67,17 @@ class SimRegObjective:
     reduction: str = "group"
     layer: int = -1
     block_size: int = 512
+    baseline: Baseline | None = None
 
     @classmethod
     def from_config(cls, cfg) -> "SimRegObjective":
         """From a `megatron_simreg.config.Config`, lambda resolved."""
-        s = cfg.simreg
+        s, r = cfg.simreg, cfg.regularizer
+        baseline = None if r.name == "simreg" else Baseline(r.name, cfg.regularizer_weight, r.settings)
         return cls(
-            enabled=s.enabled, weight=cfg.simreg_weight, temperature=s.temperature, mode=s.mode,
-            chunk_size=s.chunk_size, reduction=s.reduction, layer=s.layer, block_size=s.block_size,
+            enabled=s.enabled, weight=cfg.regularizer_weight if baseline is None else 0.0, temperature=s.temperature,
+            mode=s.mode, chunk_size=s.chunk_size, reduction=s.reduction, layer=s.layer, block_size=s.block_size,
+            baseline=baseline,
         )
 
     def __post_init__(self):
@@ -71,6 +97,15 @@ class SimRegObjective:
         if self.enabled:
             simreg_hidden = hidden_states if self.layer < 0 else context.pop("layer_output")
             context["simreg"] = self.simreg(simreg_hidden, labels, loss_mask, config.sequence_parallel)
+        if self.baseline is not None:
+            inputs = self.baseline_inputs(hidden_states, labels, loss_mask, context, config, output_layer,
+                                          output_weight, runtime_gather_output, scale_logits)
+            # Dropout views of a sequence-parallel slice draw from the tensor-parallel rank's own RNG, as
+            # Megatron's dropout in sequence-parallel regions does; replicated states share one (equal masks).
+            sliced = config.sequence_parallel and parallel_state.get_tensor_model_parallel_world_size() > 1
+            with tensor_parallel.get_cuda_rng_tracker().fork() if sliced else contextlib.nullcontext():
+                context["regularizer"] = self.baseline.regularizer.compute(inputs, self.baseline.settings,
+                                                                           context.get("regularizer_state"))
         return cross_entropy
 
     def simreg(self, hidden_states, labels, loss_mask, sequence_parallel: bool) -> SimRegOutput:
@@ -94,6 +129,53 @@ class SimRegObjective:
             sequence_layout=layout,
             block_size=self.block_size,
         )
+
+    def baseline_inputs(self, hidden_states, labels, loss_mask, context, config, output_layer, output_weight,
+                        runtime_gather_output, scale_logits) -> RegularizerInputs:
+        """What the baseline reads: this rank's slice of the final states and labels, and on demand the labels'
+        output-layer rows, the output layer's (vocabulary-parallel) logits, the second forward's states and the
+        final norm's input (both captured by `forward_step`)."""
+        group, layout, position = _sequence_sharding(config.sequence_parallel)
+        local = hidden_states.shape[0]
+        positions = slice(position * local, (position + 1) * local)
+        needs, weight = self.baseline.needs, output_layer.weight if output_weight is None else output_weight
+        tensor_group = parallel_state.get_tensor_model_parallel_group()
+        gathered = runtime_gather_output or output_layer.gather_output
+        split_vocabulary = dist.get_world_size(tensor_group) > 1 and not gathered
+
+        def logits(view):
+            out, _ = output_layer(view, weight=output_weight, runtime_gather_output=runtime_gather_output)
+            return scale_logits(out)
+
+        cp = parallel_state.get_context_parallel_world_size()
+        return RegularizerInputs(
+            hidden=hidden_states, labels=labels[:, positions],
+            loss_mask=None if loss_mask is None else loss_mask[:, positions],
+            sequence_group=group, sequence_layout=layout,
+            label_embeddings=(partial(_label_embeddings, weight, labels, config.sequence_parallel)
+                              if "label_embeddings" in needs else None),
+            logits=logits if "logits" in needs else None, logit_mask=loss_mask,
+            logit_group=parallel_state.get_context_parallel_group() if cp > 1 else None,
+            vocab_group=tensor_group if split_vocabulary else None,
+            # in evaluation (no dropout in the layers) a second forward would repeat the first
+            second_view=context.get("second_view", hidden_states) if "second_view" in needs else None,
+            pre_norm=context.get("pre_norm"), norm_epsilon=config.layernorm_epsilon,
+        )
+
+
+def _label_embeddings(weight: torch.Tensor, labels: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """`[s_local, b, h]`: the output layer's row of each next-token label. The vocabulary is split over the
+    tensor-parallel ranks: each looks up the labels in its range, and the ranks' rows are summed (and cut along
+    the sequence under sequence parallelism), differentiably, as megatron-core's vocabulary-parallel embedding."""
+    rows = weight.shape[0]
+    local = labels - parallel_state.get_tensor_model_parallel_rank() * rows
+    inside = ((local >= 0) & (local < rows)).to(weight.dtype)
+    found = (F.embedding(local.clamp(0, rows - 1), weight) * inside[..., None]).transpose(0, 1).contiguous()
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return found
+    if sequence_parallel:
+        return tensor_parallel.reduce_scatter_to_sequence_parallel_region(found)
+    return tensor_parallel.reduce_from_tensor_model_parallel_region(found)
 
 
 def _sequence_sharding(sequence_parallel: bool):
@@ -132,13 +214,19 @@ def loss_func(objective: SimRegObjective, loss_mask: torch.Tensor, context: dict
     num_tokens = mask.sum().to(torch.int)
     loss = cross_entropy
     report = {"lm loss": torch.stack([cross_entropy.detach(), num_tokens.float()])}
+    terms: list[tuple[float, RegularizerOutput]] = []
     out: SimRegOutput | None = context.get("simreg")
     if out is not None:
-        tokens = num_tokens.float()
-        weighted = out.token_weighted_sum
-        share = tokens / out.tokens.clamp_min(1.0)  # 1 unless context parallelism spreads the tokens
-        loss = loss + objective.weight * (weighted + (weighted.detach() * share - weighted.detach()))
-        for name, value in zip(REPORTED_STATS, (out.loss, out.lsr_mean, out.live_fraction, out.negative_angle)):
+        stats = dict(zip(REPORTED_STATS, (out.loss, out.lsr_mean, out.live_fraction, out.negative_angle)))
+        terms.append((objective.weight, RegularizerOutput(out.loss, out.token_weighted_sum, out.tokens, stats)))
+    if context.get("regularizer") is not None:
+        terms.append((objective.baseline.weight, context["regularizer"]))
+    tokens = num_tokens.float()
+    for weight, term in terms:
+        weighted = term.token_weighted_sum
+        share = tokens / term.tokens.clamp_min(1.0)  # 1 unless context parallelism spreads the tokens
+        loss = loss + weight * (weighted + (weighted.detach() * share - weighted.detach()))
+        for name, value in term.stats.items():
             report[name] = torch.stack([value.detach().float() * tokens, tokens])
     return loss, num_tokens, report
 
@@ -151,9 +239,9 @@ def forward_step(objective: SimRegObjective, batch_fn, data_iterator, model):
     batch = batch_fn(data_iterator)
     context: dict = {}
     kwargs = {}
-    if objective.enabled:
+    if objective.enabled or objective.baseline is not None:
         kwargs = dict(output_processor=objective.output_processor, output_processor_context=context)
-    with _capture_layer_output(model, objective, context):
+    with _capture_layer_output(model, objective, context), _baseline_context(model, objective, batch, context):
         output = model(
             batch["tokens"],
             batch["position_ids"],
@@ -185,6 +273,53 @@ def _gpt_model(model):
     while not hasattr(model, "decoder"):  # DDP and Float16Module wrap the GPTModel as .module
         model = model.module
     return model
+@contextlib.contextmanager
+def _baseline_context(model, objective: SimRegObjective, batch: dict, context: dict):
+    """What a baseline reads besides the final states: its state module in the model, the hidden states of a
+    second forward with hidden dropout (views: forward, training only), the final norm's input (a hook)."""
+    if objective.baseline is None:
+        yield
+        return
+    gpt = _gpt_model(model)
+    context["regularizer_state"] = getattr(gpt, "regularizer_state", None)
+    needs = objective.baseline.needs
+    if "second_view" in needs and gpt.training:
+        context["second_view"] = _second_view(model, gpt, batch, objective.baseline.settings.dropout)
+    handle, norm = None, getattr(gpt.decoder, "final_layernorm", None)  # the final norm is on the last stage
+    if "pre_norm" in needs and norm is not None:
+        handle = norm.register_forward_pre_hook(
+            lambda _module, args: context.__setitem__("pre_norm", args[0]))
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _second_view(model, gpt, batch: dict, dropout: float) -> torch.Tensor:
+    """Final hidden states `[s, b, h]` of a second forward of the batch with hidden dropout p in every decoder
+    layer (megatron-core's layers read `hidden_dropout` at each forward; it is restored right after)."""
+    layers = list(gpt.decoder.layers)
+    saved = [layer.hidden_dropout for layer in layers]
+    for layer in layers:
+        layer.hidden_dropout = dropout
+    try:
+        return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
+                     loss_mask=batch["loss_mask"], output_processor=lambda hidden_states, **_: hidden_states)
+    finally:
+        for layer, p in zip(layers, saved):
+            layer.hidden_dropout = p
+
+
+def update_regularizer_state(model_chunks) -> None:
+    """After each optimizer step that updated the weights: SCE's EMA target follows the final norm's weight."""
+    for chunk in model_chunks:
+        gpt = _gpt_model(chunk)
+        state = getattr(gpt, "regularizer_state", None)
+        if hasattr(state, "update"):
+            state.update(gpt.decoder.final_layernorm.weight)
+
+
 
 
 def reduce_reports(reports: list[dict[str, torch.Tensor]], group=None) -> dict[str, float]:

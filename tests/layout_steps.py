@@ -38,9 +38,14 @@ def model_with_shared_weights(cfg, checkpoint, save):
     if save:
         os.makedirs(checkpoint, exist_ok=True)
         dist_checkpointing.save(model.module.sharded_state_dict(), checkpoint)
-    else:
-        model.module.load_state_dict(dist_checkpointing.load(model.module.sharded_state_dict(), checkpoint))
+    else:  # a regularizer's state (CPretrain's temperature, SCE's EMA) is not among the shared weights: as built
+        sharded = {k: v for k, v in model.module.sharded_state_dict().items() if not k.startswith(STATE)}
+        loaded = model.module.load_state_dict(dist_checkpointing.load(sharded, checkpoint), strict=False)
+        assert not loaded.unexpected_keys and all(k.startswith(STATE) for k in loaded.missing_keys), loaded
     return model, optimizer
+
+
+STATE = "regularizer_state."
 
 
 def forward_backward(cfg, model, seed=0, masked=True):

@@ -31,7 +31,7 @@ OBJECTIVES = {
 LR = 2e-3  # tiny-llama.yaml's optimizer.lr; the step below runs without a scheduler, so at this rate
 
 
-def one_step_worker(rank, world, layout, checkpoint, save):
+def one_step_worker(rank, world, layout, checkpoint, save, objectives=None):
     """For each objective: the shared weights, one forward/backward of the global batch, one optimizer step."""
     from megatron_simreg import parallel
 
@@ -41,7 +41,7 @@ def one_step_worker(rank, world, layout, checkpoint, save):
     try:
         if save:
             model_with_shared_weights(first, checkpoint, save=True)
-        for name, objective in OBJECTIVES.items():
+        for name, objective in (objectives or OBJECTIVES).items():
             cfg = load_config("configs/tiny-llama.yaml", GLOBAL_BATCH + layout + objective)
             model, optimizer = model_with_shared_weights(cfg, checkpoint, save=False)
             optimizer.zero_grad()
@@ -56,22 +56,30 @@ def one_step_worker(rank, world, layout, checkpoint, save):
 
 @pytest.fixture(scope="module")
 def steps(tmp_path_factory):
-    checkpoint = str(tmp_path_factory.mktemp("weights") / "weights")
+    return layout_steps(str(tmp_path_factory.mktemp("weights") / "weights"))
+
+
+def layout_steps(checkpoint, objectives=None):
+    """Each layout's one step for each objective: {layout: {objective: (metrics, grads, params)}}."""
     runs = {}
     for layout, (world, overrides) in LAYOUTS.items():
-        per_rank = run_distributed(one_step_worker, world, overrides, checkpoint, not runs)
+        per_rank = run_distributed(one_step_worker, world, overrides, checkpoint, not runs, objectives)
         runs[layout] = {name: merged([(r[name][0], r[name][1]) for r in per_rank]) + (per_rank[0][name][2],)
-                        for name in OBJECTIVES}
+                        for name in objectives or OBJECTIVES}
     return runs
 
 
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 @pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "micro-batch 8"])
 def test_one_step_is_the_same_whatever_the_batch_layout(steps, layout, objective):
-    metrics, grads, params = steps[layout][objective]
-    want_metrics, want_grads, want_params = steps["micro-batch 8"][objective]
-    assert want_metrics["simreg"] > 1e-3, "SimReg must weigh in this step"
-    for key in ("lm loss", "simreg"):
+    assert steps["micro-batch 8"][objective][0]["simreg"] > 1e-3, "SimReg must weigh in this step"
+    assert_same_step(steps[layout][objective], steps["micro-batch 8"][objective], ("lm loss", "simreg"))
+
+
+def assert_same_step(got, want, keys):
+    metrics, grads, params = got
+    want_metrics, want_grads, want_params = want
+    for key in keys:
         assert metrics[key] == pytest.approx(want_metrics[key], rel=LOSS_REL), key
     for name, want in want_grads.items():
         # fp32 gradients summed in another order (per micro-batch, then across them and ranks) differ by a few

@@ -67,6 +67,21 @@ def test_cli_writes_plot_and_table(tmp_path):
     assert "30.0%" in (out / "comparison.md").read_text()
 
 
+def test_any_number_of_runs_with_their_baseline_terms(tmp_path):
+    """Table 1's comparison: the reference and several runs, each baseline's own logged term in the table."""
+    from megatron_simreg.compare import markdown_report
+
+    runs = [load_run(str(write_run(tmp_path / name, speed))) for name, speed in
+            (("baseline", 1.0), ("simcse", 1.05), ("cpretrain", 0.9), ("simreg", 1 / 0.7))]
+    with open(tmp_path / "cpretrain" / "metrics.jsonl", "a") as f:
+        f.write('{"split": "train", "iteration": 100, "tokens": 1000, "cpretrain": 0.25}\n')
+    runs[2] = load_run(str(tmp_path / "cpretrain"))
+    rows = [line for line in markdown_report(runs).splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[0] for row in rows] == ["| baseline", "| simcse", "| cpretrain", "| simreg"]
+    assert "| cpretrain 0.25 |" in rows[2] and rows[0].count(" - ") == 1
+    assert "not reached" in rows[2] and "30.0%" in rows[3]
+
+
 def test_missing_metrics_are_explained(tmp_path):
     result = subprocess.run([sys.executable, "tools/compare_runs.py", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode != 0 and "metrics.jsonl" in result.stderr

@@ -78,6 +78,7 @@ def test_submit_maps_models_to_configs(tmp_path):
     ("full_vs_chunk.sh", 2, "--set simreg.chunk_size=1024"),
     ("lambda_tau_grid.sh", 12, "--set simreg.weight=50 --set simreg.temperature=0.05"),
     ("layer_ablation.sh", 4, "--set simreg.layer=11"),
+    ("table1_baselines.sh", 12, "--set regularizer.name=cpretrain"),
 ])
 def test_reproduce_scripts_list_the_jobs(script, jobs, needle):
     out = subprocess.run(["bash", f"scripts/reproduce/{script}"], capture_output=True, text=True, check=True).stdout
@@ -107,3 +108,22 @@ def test_gpu_check_dry_run_finds_every_piece_on_a_cpu(tmp_path):
                               str(tmp_path / "other.md")], env={**env, "PYTHON": sys.executable}, capture_output=True,
                              text=True)
     assert missing.returncode != 0 and "no dataset at" in missing.stdout
+
+
+def test_tiny_table1_lists_six_cpu_runs_with_valid_configs_and_their_comparison():
+    from megatron_simreg.config import load_config
+
+    out = subprocess.run(["bash", "scripts/reproduce/table1_baselines_tiny.sh"], capture_output=True, text=True,
+                         check=True, env={**os.environ, "ITERS": "30"}).stdout
+    *runs, compare = out.strip().splitlines()
+    assert len(runs) == 6 and all(line.startswith("python -m megatron_simreg.train ") for line in runs)
+    names = set()
+    for line in runs:
+        words = line.split()
+        settings = [word for i, word in enumerate(words) if words[i - 1] == "--set"]
+        cfg = load_config(words[words.index("--config") + 1], settings)
+        assert cfg.schedule.train_iters == 30 and cfg.training.precision == "fp32"  # the tiny CPU model
+        names.add((cfg.regularizer.name, cfg.simreg_weight if cfg.regularizer.name == "simreg" else None))
+    assert names == {("simreg", 0.0), ("simcse", None), ("cpretrain", None), ("creg", None), ("sce", None),
+                     ("simreg", 2.5)}
+    assert compare.startswith("python tools/compare_runs.py ") and compare.count("runs/table1_tiny/tiny-") == 6

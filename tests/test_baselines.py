@@ -1,0 +1,233 @@
+"""The Table 1 baselines in training: the same step in every batch and parallel layout (DP=2, TP=2 + SP, CP=2
+over gloo), vocabulary-parallel Jensen-Shannon, a few steps that lower each one's own term, exact resume with
+their state (CPretrain's temperature, SCE's EMA) in the local loop, megatron.training's loop on CPU, the
+Hugging Face export leaving their state out, and the config's errors."""
+
+import math
+import re
+
+import pytest
+import torch
+from distributed import run_distributed
+from layout_steps import BASE, forward_backward
+from test_batch_layouts import LAYOUTS, assert_same_step, layout_steps
+from test_megatron_training import local_training, megatron_training
+from test_training import config, corpus, read_metrics, train_worker  # noqa: F401  (corpus is a fixture)
+
+from megatron_simreg.config import ConfigError, load_config
+
+# Views without dropout (p = 0) so every layout sees the same views: dropout masks come from each rank's RNG.
+BASELINES = {
+    "simcse": ["regularizer.name=simcse", "regularizer.dropout=0"],
+    "cpretrain": ["regularizer.name=cpretrain"],
+    "creg": ["regularizer.name=creg", "regularizer.mode=chunk", "regularizer.chunk_size=16", "regularizer.dropout=0"],
+    "sce": ["regularizer.name=sce", "regularizer.target=ema", "regularizer.mode=chunk", "regularizer.chunk_size=16",
+            "regularizer.dropout=0", "regularizer.target_dropout=0"],
+}
+
+
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory):
+    return layout_steps(str(tmp_path_factory.mktemp("weights") / "weights"), BASELINES)
+
+
+@pytest.mark.parametrize("name", list(BASELINES))
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "micro-batch 8"])
+def test_one_step_is_the_same_whatever_the_layout(steps, layout, name):
+    """Full pairing gathers the keys under TP + SP (simcse, cpretrain), chunks stay on their rank (creg, sce);
+    CPretrain's label embeddings are looked up vocabulary-parallel and its temperature is summed over the
+    sequence-parallel ranks."""
+    want = steps["micro-batch 8"][name]
+    assert want[0][name] > 1e-3, f"{name} must weigh in this step"
+    assert_same_step(steps[layout][name], want, ("lm loss", "simreg", name))
+    if name == "cpretrain":
+        assert want[1]["regularizer_state.log_scale"].abs().item() > 0  # the temperature is trained
+
+
+def test_context_parallel_equals_one_process(tmp_path):
+    """CP=2 hands each rank two zigzag chunks: full pairing gathers them (CPretrain, with its label embeddings
+    and temperature); all-ones masks, as Megatron weighs CP ranks by their own tokens (test_parallel_training)."""
+    from layout_steps import merged
+    from test_parallel_training import step_worker
+
+    checkpoint, cpretrain = str(tmp_path / "weights"), ["regularizer.name=cpretrain"]
+    expected = merged(run_distributed(step_worker, 1, cpretrain, checkpoint, True, False))
+    got = merged(run_distributed(step_worker, 2, cpretrain + ["parallel.context=2"], checkpoint, False, False))
+    for key in ("lm loss", "simreg", "cpretrain"):
+        assert got[0][key] == pytest.approx(expected[0][key], rel=1e-5), key
+    for name in expected[1]:
+        torch.testing.assert_close(got[1][name], expected[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def jensen_shannon_worker(rank, world, logits_p, logits_q):
+    from megatron_simreg.regularizers.creg import jensen_shannon
+
+    group = torch.distributed.group.WORLD if world > 1 else None
+    shard = logits_p.shape[-1] // world
+    p, q = (x[..., rank * shard:(rank + 1) * shard].clone().requires_grad_() for x in (logits_p, logits_q))
+    value = jensen_shannon(p, q, group)
+    (value * torch.arange(1, value.numel() + 1).view_as(value)).sum().backward()
+    return value.detach(), p.grad, q.grad
+
+
+def test_jensen_shannon_over_a_split_vocabulary_equals_one_process():
+    gen = torch.Generator().manual_seed(0)
+    logits_p, logits_q = torch.randn(2, 5, 3, 12, generator=gen)
+    (whole, grad_p, grad_q), = run_distributed(jensen_shannon_worker, 1, logits_p, logits_q)
+    halves = run_distributed(jensen_shannon_worker, 2, logits_p, logits_q)
+    for value, _, _ in halves:
+        torch.testing.assert_close(value, whole)
+    torch.testing.assert_close(torch.cat([h[1] for h in halves], -1), grad_p)
+    torch.testing.assert_close(torch.cat([h[2] for h in halves], -1), grad_q)
+    assert whole.min() > 0
+
+
+def own_term_worker(rank, world, runs, steps):
+    """Each run's baseline on one fixed batch: its value at each of `steps` optimizer steps."""
+    from megatron_simreg import parallel
+    from megatron_simreg.local_loop import build_model_and_optimizer
+    from megatron_simreg.objective import update_regularizer_state
+
+    values = {}
+    for label, overrides in runs.items():
+        cfg = load_config("configs/tiny-llama.yaml", BASE + overrides)
+        parallel.initialize(cfg)
+        try:
+            torch.manual_seed(0)
+            model, optimizer = build_model_and_optimizer(cfg)
+            values[label] = []
+            for _ in range(steps):
+                optimizer.zero_grad()
+                values[label].append(forward_backward(cfg, model, seed=0)[cfg.regularizer.name])
+                if optimizer.step()[0]:
+                    update_regularizer_state([model])
+            assert all(layer.hidden_dropout == 0.0 for layer in model.module.decoder.layers)  # restored after views
+        finally:
+            parallel.destroy()
+    return values
+
+
+def test_training_lowers_each_baselines_own_term():
+    """With the default views (dropout 0.1 on the final states), and SimCSE with a second forward's views."""
+    runs = {name: [o for o in overrides if "dropout" not in o] for name, overrides in BASELINES.items()}
+    runs["simcse, views forward"] = ["regularizer.name=simcse", "regularizer.views=forward"]
+    values, = run_distributed(own_term_worker, 1, runs, 8)
+    for name, curve in values.items():
+        assert all(math.isfinite(v) for v in curve), name
+        assert curve[-1] < 0.9 * curve[0], (name, curve)
+
+
+RESUMED = ["schedule.train_iters=4", "training.eval_interval=100", "training.save_interval=100"]
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(corpus, tmp_path_factory):  # noqa: F811
+    """CPretrain and SCE (EMA target) in the local loop: straight to 4, and stopped at 2 then resumed."""
+    folder = tmp_path_factory.mktemp("resume")
+    runs = {}
+    for name in ("cpretrain", "sce"):
+        overrides = BASELINES[name][:1] + (["regularizer.target=ema"] if name == "sce" else []) + RESUMED
+        run_distributed(train_worker, 1, config(corpus, folder / f"{name}-straight", *overrides))
+        stopped = config(corpus, folder / f"{name}-resumed", *overrides, "training.exit_interval=2")
+        run_distributed(train_worker, 1, stopped)
+        run_distributed(train_worker, 1, config(corpus, folder / f"{name}-resumed", *overrides))
+        runs[name] = folder / f"{name}-straight", folder / f"{name}-resumed"
+    return runs
+
+
+@pytest.mark.parametrize("name, state", [("cpretrain", "regularizer_state.log_scale"),
+                                         ("sce", "regularizer_state.ema_norm_weight")])
+def test_resume_is_exact_with_the_regularizers_state(resumed_runs, name, state):
+    straight, resumed = resumed_runs[name]
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for iteration in a:
+        assert a[iteration] == b[iteration], iteration  # every logged figure, the regularizer's included
+    saved = torch.load(straight / "checkpoints" / "iter_0000004" / "mp_rank_00_000" / "model_optim_rng.pt",
+                       weights_only=False)["model"][state]
+    initial = torch.full_like(saved, math.log(1 / 0.07)) if name == "cpretrain" else torch.ones_like(saved)
+    assert saved.dtype == torch.float32 and not torch.equal(saved, initial)  # trained / moved, and saved
+
+
+def test_export_leaves_the_regularizers_state_out(resumed_runs):
+    from megatron_simreg.export_hf import hugging_face_state, load_merged_state
+
+    run = resumed_runs["cpretrain"][1]
+    cfg = load_config(str(run / "config.yaml"))
+    state = load_merged_state(str(run / "checkpoints"), cfg)
+    assert "regularizer_state.log_scale" in state
+    weights = hugging_face_state(state, cfg, vocab_size=32000)
+    assert "lm_head.weight" in weights and not any("regularizer" in key for key in weights)
+
+
+def test_megatron_training_moves_the_ema_after_each_successful_step():
+    """megatron.training's optimizer step, wrapped as the entry wraps it: a skipped step leaves SCE's EMA alone."""
+    from types import SimpleNamespace
+
+    from megatron_simreg.megatron_entry import _with_our_step
+    from megatron_simreg.regularizers.sce import SCESettings, SCEState
+
+    gpt = torch.nn.Module()
+    gpt.decoder = torch.nn.Module()
+    gpt.decoder.final_layernorm = torch.nn.RMSNorm(3)
+    gpt.regularizer_state = SCEState(SCESettings(target="ema", momentum=0.5), 3)
+    with torch.no_grad():
+        gpt.decoder.final_layernorm.weight.fill_(3.0)
+    outcomes = iter([(False, None, None), (True, 1.0, None)])
+    built = SimpleNamespace(step=lambda: next(outcomes))
+    optimizer = _with_our_step(None, lambda config, model_chunks: built)(None, [gpt])  # as get_megatron_optimizer
+    assert optimizer.step()[0] is False and torch.equal(gpt.regularizer_state.ema_norm_weight, torch.ones(3))
+    assert optimizer.step()[0] is True and torch.equal(gpt.regularizer_state.ema_norm_weight, torch.full((3,), 2.0))
+
+
+CPRETRAIN_VALUE = re.compile(r"iteration +(\d+)/ +\d+ \|.*?\| lm loss: (\S+) \| simreg: (\S+) \|"
+                             r".*?\| cpretrain: (\S+) \|")
+
+
+def test_cpretrain_through_megatron_training_matches_the_local_loop(corpus, tmp_path):  # noqa: F811
+    """Megatron's optimizer steps the temperature, its torch_dist checkpoint keeps it across a resume."""
+    settings = [f"data.prefix={corpus}", "regularizer.name=cpretrain", "schedule.train_iters=4"]
+    log = megatron_training(tmp_path / "megatron", *settings, "training.exit_interval=2")
+    log += megatron_training(tmp_path / "megatron", *settings)
+    local_training(tmp_path / "local", *settings)
+    train = {int(i): tuple(map(float, values)) for i, *values in CPRETRAIN_VALUE.findall(log)}
+    local = {i: (m["lm loss"], m["simreg"], m["cpretrain"]) for i, m in read_metrics(tmp_path / "local").items()}
+    for first in (1, 3):  # Megatron's line after each (re)start averages its first two iterations
+        local[first + 1] = tuple((x + y) / 2 for x, y in zip(local[first], local[first + 1]))
+    assert sorted(train) == [1, 2, 3, 4]
+    for iteration in train:
+        assert train[iteration] == pytest.approx(local[iteration], rel=2e-6), iteration
+    from megatron_simreg.export_hf import load_merged_state
+
+    cfg = load_config(str(tmp_path / "local" / "config.yaml"))
+    temperatures = [load_merged_state(str(tmp_path / run / "checkpoints"), cfg)["regularizer_state.log_scale"]
+                    for run in ("megatron", "local")]
+    torch.testing.assert_close(temperatures[0], temperatures[1], rtol=1e-6, atol=0)
+    assert temperatures[0].item() != pytest.approx(math.log(1 / 0.07), abs=1e-6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["regularizer.name=simclr"], "regularizer.name must be one of simreg, simcse, cpretrain, creg, sce, got 'simclr'"),
+    (["regularizer.name=sce", "regularizer.tau_m=0.1"], "unknown config key 'regularizer.tau_m'"),
+    (["regularizer.temperature=0.1"], "SimReg's settings are the simreg: section"),
+    (["regularizer.name=simcse", "regularizer.views=twice"], "regularizer.views must be one of dropout, forward"),
+    (["regularizer.name=creg", "regularizer.temperature=0"], "regularizer.temperature must be positive"),
+    (["regularizer.name=simcse", "regularizer.views=forward", "parallel.pipeline=2"], "needs parallel.pipeline=1"),
+])
+def test_config_errors_name_the_key(overrides, message):
+    from megatron_simreg.config import check_layout
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_layout(load_config("configs/tiny-llama.yaml", overrides), world_size=2)
+
+
+def test_config_resolves_weights_and_reads_back(tmp_path):
+    from megatron_simreg.config import save_config
+
+    cfg = load_config("configs/tiny-llama.yaml", ["regularizer.name=sce", "regularizer.target=ema"])
+    assert cfg.regularizer_weight == 1.0 and cfg.regularizer.settings.target == "ema"
+    again = load_config(save_config(cfg, str(tmp_path)))
+    assert again.regularizer.settings == cfg.regularizer.settings and again.regularizer_weight == 1.0
+    simreg = load_config("configs/tiny-llama.yaml", ["simreg.weight=3"])
+    assert simreg.regularizer.name == "simreg" and simreg.regularizer_weight == 3.0
+    assert load_config("configs/tiny-llama.yaml", ["regularizer.weight=auto"]).regularizer_weight == pytest.approx(2.5)
