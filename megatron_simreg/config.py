@@ -224,7 +224,7 @@ RANGES = {  # every numeric key's allowed values (None, where a key allows it, i
     "training.log_interval": _AT_LEAST_1, "training.eval_interval": _AT_LEAST_1, "training.eval_iters": _AT_LEAST_1,
     "training.save_interval": _AT_LEAST_1, "training.exit_interval": _AT_LEAST_1,
     "parallel.tensor": _AT_LEAST_1, "parallel.pipeline": _AT_LEAST_1, "parallel.context": _AT_LEAST_1,
-    "parallel.expert": _AT_LEAST_1, "checkpoint.load_iteration": _AT_LEAST_1,
+    "parallel.expert": _AT_LEAST_1, "checkpoint.load_iteration": _AT_LEAST_1, "regularizer.weight": _AT_LEAST_0,
 }
 _SPLIT = re.compile(r"\s*\d+(\.\d*)?(\s*[,/]\s*\d+(\.\d*)?){0,2}\s*")  # Megatron's "train,valid,test" shares
 
@@ -476,7 +476,7 @@ def check_layout(config: Config, world_size: int) -> int:
         )
     if config.simreg.layer >= 0:  # SimReg runs on the last pipeline stage, beside the output layer
         first_on_last_stage = m.num_layers - m.num_layers // max(p.pipeline, 1)
-        if not first_on_last_stage <= config.simreg.layer < m.num_layers:
+        if config.simreg.layer < first_on_last_stage:  # (layers past the model are refused with the ranges)
             problems.append(
                 f"simreg.layer={config.simreg.layer} is not on the last pipeline stage, where SimReg runs (it holds layers "
                 f"{first_on_last_stage}..{m.num_layers - 1} of {m.num_layers} with parallel.pipeline={p.pipeline}): "
