@@ -40,8 +40,10 @@ class AdaGCConfig:
     warmup_steps: int = 100
     warmup_max_norm: float = 1.0
     eps: float = 1e-6
-    variant: str = "tensor"  # "tensor": whole tensors; "shard": each model-parallel piece alone; "global": one threshold
-    warmup_gamma: str = "clipped"  # warm-up gamma from norms after ("clipped", official patch) or before ("raw") global clipping
+    # "tensor": whole tensors; "shard": each model-parallel piece alone; "global": one threshold
+    variant: str = "tensor"
+    # warm-up gamma from norms after ("clipped", official patch) or before ("raw") global clipping
+    warmup_gamma: str = "clipped"
     load_state: bool = True  # resume AdaGC's state with the checkpoint; false starts it afresh (warm-up again)
 
     def __post_init__(self):
@@ -52,9 +54,14 @@ class AdaGCConfig:
         if not 0.0 <= self.beta < 1.0:
             raise ValueError(f"adagc.beta must lie in [0, 1), got {self.beta}")
         if self.lambda_rel <= 0 or self.warmup_max_norm <= 0:
-            raise ValueError(f"adagc.lambda_rel ({self.lambda_rel}) and adagc.warmup_max_norm ({self.warmup_max_norm}) must be positive")
+            raise ValueError(
+                f"adagc.lambda_rel ({self.lambda_rel}) and adagc.warmup_max_norm ({self.warmup_max_norm}) "
+                "must be positive"
+            )
         if self.warmup_steps < 1:
-            raise ValueError(f"adagc.warmup_steps must be at least 1 (the warm-up sets the thresholds), got {self.warmup_steps}")
+            raise ValueError(
+                f"adagc.warmup_steps must be at least 1 (the warm-up sets the thresholds), got {self.warmup_steps}"
+            )
         if self.eps < 0:
             raise ValueError(f"adagc.eps must not be negative, got {self.eps}")
 
@@ -111,7 +118,10 @@ class AdaGC:
         self.step += 1
         device = shards[0].grad.device if shards else torch.device("cpu")
         grads = [s.grad for s in shards]
-        squares = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double() ** 2 if shards else torch.zeros(0, dtype=torch.float64)
+        squares = (
+            torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double() ** 2
+            if shards else torch.zeros(0, dtype=torch.float64)
+        )
         counted = torch.tensor([s.counted for s in shards], dtype=torch.float64, device=device)
         global_before = math.sqrt(_global_square(shards, squares * counted))
         if not math.isfinite(global_before):  # every rank sees it alike: nothing clipped, no threshold moved
@@ -143,7 +153,8 @@ class AdaGC:
         if scaled:
             torch._foreach_mul_([grad for grad, _ in scaled], [c for _, c in scaled])
         pieces_are_units = cfg.variant == "shard"
-        return AdaGCStats(self.step, global_before, *_after_clipping(shards, squares * counted, coefficients, pieces_are_units))
+        after = _after_clipping(shards, squares * counted, coefficients, pieces_are_units)
+        return AdaGCStats(self.step, global_before, *after)
 
     def _gamma(self, key: str) -> float:
         if key not in self.gamma:
@@ -230,7 +241,8 @@ def _after_clipping(shards: list[GradShard], counted_squares: torch.Tensor, coef
         if group is not None:
             dist.all_reduce(sums, group=group)
             dist.all_reduce(least, op=dist.ReduceOp.MIN, group=group)
-        square, clipped, smallest = square + float(sums[0]), clipped + round(float(sums[1])), min(smallest, float(least))
+        square, clipped = square + float(sums[0]), clipped + round(float(sums[1]))
+        smallest = min(smallest, float(least))
     return math.sqrt(square), clipped, smallest
 
 

@@ -41,7 +41,8 @@ def _rank_dir() -> str:
 def _writes_checkpoint() -> bool:
     """One writer per model-parallel shard: data-parallel rank 0 (and context rank 0)."""
     return parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0 or (
-        parallel_state.get_expert_model_parallel_world_size() > 1 and parallel_state.get_expert_data_parallel_rank() == 0
+        parallel_state.get_expert_model_parallel_world_size() > 1
+        and parallel_state.get_expert_data_parallel_rank() == 0
     )
 
 

@@ -105,7 +105,8 @@ class TrainingConfig:
     eval_interval: int = 1000
     eval_iters: int = 10
     save_interval: int = 1000
-    exit_interval: int | None = None  # stop (with a checkpoint) every this many iterations, e.g. before a Slurm time limit
+    # stop (with a checkpoint) every this many iterations, e.g. before a Slurm time limit
+    exit_interval: int | None = None
 
 
 @dataclass
@@ -387,7 +388,9 @@ def _coerce(value, hint, key: str):
         if typing.get_origin(kind) is list:
             if isinstance(value, str):
                 return [value]
-            if isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+            if isinstance(value, list) and all(
+                isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value
+            ):
                 return [str(v) for v in value]  # YAML reads `[--moe-router-topk, 2]` with an int in it
     names = " or ".join("null" if k is type(None) else getattr(k, "__name__", str(k)) for k in allowed)
     raise ConfigError(f"config key {key!r} must be {names}, got {value!r}")
@@ -429,11 +432,13 @@ def _check_values(config: Config) -> None:
         raise ConfigError("simreg.chunk_size is set but simreg.mode is full: set simreg.mode=chunk, or chunk_size=null")
     m = config.model
     if m.hidden_size % m.num_attention_heads:
-        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}"
+        )
     if m.num_query_groups is not None and m.num_attention_heads % m.num_query_groups:
         raise ConfigError(
-            f"model.num_attention_heads={m.num_attention_heads} is not divisible by model.num_query_groups={m.num_query_groups} "
-            "(each query group shares one key/value head)"
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"model.num_query_groups={m.num_query_groups} (each query group shares one key/value head)"
         )
     if config.schedule.train_iters is None and config.schedule.train_tokens is None:
         raise ConfigError("set schedule.train_iters or schedule.train_tokens")
@@ -450,14 +455,19 @@ def check_layout(config: Config, world_size: int) -> int:
         )
     data_parallel = max(world_size // model_parallel, 1)
     if m.num_attention_heads % p.tensor:
-        problems.append(f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tensor={p.tensor}")
+        problems.append(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tensor={p.tensor}"
+        )
     groups = m.num_query_groups or m.num_attention_heads
     if groups % p.tensor:
         problems.append(f"model.num_query_groups={groups} is not divisible by parallel.tensor={p.tensor}")
     if m.num_layers % p.pipeline:
         problems.append(f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={p.pipeline}")
     if p.sequence_parallel and m.seq_length % (p.tensor * p.context):
-        problems.append(f"model.seq_length={m.seq_length} is not divisible by tensor*context={p.tensor * p.context} (sequence parallel)")
+        problems.append(
+            f"model.seq_length={m.seq_length} is not divisible by tensor*context={p.tensor * p.context} "
+            "(sequence parallel)"
+        )
     if p.context > 1 and m.seq_length % (2 * p.context):
         problems.append(f"model.seq_length={m.seq_length} is not divisible by 2*context={2 * p.context}")
     if m.num_experts is None and p.expert > 1:
@@ -466,7 +476,9 @@ def check_layout(config: Config, world_size: int) -> int:
         if m.num_experts % p.expert:
             problems.append(f"model.num_experts={m.num_experts} is not divisible by parallel.expert={p.expert}")
         if (data_parallel * p.context) % p.expert:
-            problems.append(f"parallel.expert={p.expert} must divide data*context parallel size {data_parallel * p.context}")
+            problems.append(
+                f"parallel.expert={p.expert} must divide data*context parallel size {data_parallel * p.context}"
+            )
         if m.moe_router_topk > m.num_experts:
             problems.append(f"model.moe_router_topk={m.moe_router_topk} exceeds model.num_experts={m.num_experts}")
     if t.global_batch_size % (t.micro_batch_size * data_parallel):
@@ -478,14 +490,18 @@ def check_layout(config: Config, world_size: int) -> int:
         first_on_last_stage = m.num_layers - m.num_layers // max(p.pipeline, 1)
         if config.simreg.layer < first_on_last_stage:  # (layers past the model are refused with the ranges)
             problems.append(
-                f"simreg.layer={config.simreg.layer} is not on the last pipeline stage, where SimReg runs (it holds layers "
-                f"{first_on_last_stage}..{m.num_layers - 1} of {m.num_layers} with parallel.pipeline={p.pipeline}): "
+                f"simreg.layer={config.simreg.layer} is not on the last pipeline stage, where SimReg runs "
+                f"(it holds layers {first_on_last_stage}..{m.num_layers - 1} of {m.num_layers} "
+                f"with parallel.pipeline={p.pipeline}): "
                 "choose one of those, or -1 for the final hidden states"
             )
     if config.simreg.mode == "chunk" and config.simreg.chunk_size:
         local = m.seq_length // (p.tensor if p.sequence_parallel else 1) // (2 * p.context if p.context > 1 else 1)
         if (p.sequence_parallel or p.context > 1) and local % config.simreg.chunk_size:
-            problems.append(f"simreg.chunk_size={config.simreg.chunk_size} does not divide the per-rank sequence piece of {local} tokens")
+            problems.append(
+                f"simreg.chunk_size={config.simreg.chunk_size} does not divide the per-rank sequence piece "
+                f"of {local} tokens"
+            )
     problems += _regularizer_layout_problems(config)
     if problems:
         raise ConfigError(f"parallel layout cannot run on {world_size} processes:\n  - " + "\n  - ".join(problems))

@@ -62,7 +62,10 @@ def main(argv=None):
     with open(os.path.join(eval_dir, "results.md"), encoding="utf-8") as f:
         evaluation = f.read()
     with open(os.path.join(args.out, "comparison.md"), "w", encoding="utf-8") as f:
-        f.write(report + "\n![curves](comparison.png)\n\n## Zero-shot evaluation (lm-evaluation-harness)\n\n" + evaluation)
+        f.write(
+            report + "\n![curves](comparison.png)\n\n"
+            "## Zero-shot evaluation (lm-evaluation-harness)\n\n" + evaluation
+        )
     print("\n" + report)
     print(f"plot: {png}\ntable: {os.path.join(args.out, 'comparison.md')}")
 

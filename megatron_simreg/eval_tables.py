@@ -44,7 +44,9 @@ def score(results: dict, task: str) -> Score | None:
         return None
     _, key, factor = PAPER_COLUMNS.get(task, (task, None, 100))
     if key not in reported:  # another task, or another lm-eval version's naming: its first metric
-        key = next((k for k, v in reported.items() if "," in k and "_stderr" not in k and isinstance(v, (int, float))), None)
+        key = next(
+            (k for k, v in reported.items() if "," in k and "_stderr" not in k and isinstance(v, (int, float))), None
+        )
         if key is None:
             return None
     name, _, filter_name = key.partition(",")
@@ -88,7 +90,8 @@ def side_by_side_table(results: dict[str, dict], tasks: list[str]) -> str:
         metric = next((s.metric for s in row.values() if s), "–") if task != "Avg." else ""
         cells = [_with_stderr(row[name]) for name in names]
         cells += [_difference(row[name], row[baseline]) for name in names[1:]]
-        lines.append(f"| {column_title(task) if task != 'Avg.' else '**Avg.**'} | {metric} | " + " | ".join(cells) + " |")
+        title = column_title(task) if task != "Avg." else "**Avg.**"
+        lines.append(f"| {title} | {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -43,7 +43,9 @@ def requested_tasks(spec: str) -> list[str]:
             if name not in names:
                 names.append(name)
     if not names:
-        raise EvaluationError(f"no task in --tasks {spec!r}: give task names or one of the groups {sorted(TASK_GROUPS)}")
+        raise EvaluationError(
+            f"no task in --tasks {spec!r}: give task names or one of the groups {sorted(TASK_GROUPS)}"
+        )
     return names
 
 
@@ -57,7 +59,9 @@ def write_offline_tasks(folder: str) -> str:
         with open(os.path.join(SHIPPED_TASKS, file), encoding="utf-8") as f:
             task = yaml.safe_load(f)
         files = task["dataset_kwargs"]["data_files"]
-        task["dataset_kwargs"]["data_files"] = {split: os.path.join(SHIPPED_TASKS, path) for split, path in files.items()}
+        task["dataset_kwargs"]["data_files"] = {
+            split: os.path.join(SHIPPED_TASKS, path) for split, path in files.items()
+        }
         with open(os.path.join(folder, file), "w", encoding="utf-8") as f:
             yaml.safe_dump(task, f, sort_keys=False)
     return folder
@@ -137,10 +141,12 @@ def evaluate(folder: str, tasks: list, args) -> dict:
 def main(argv=None) -> dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", nargs="+", required=True,
-                        help="checkpoint folders (ours, megatron.training's) or Hugging Face folders; the first is the baseline")
+                        help="checkpoint folders (ours, megatron.training's) or Hugging Face folders; "
+                             "the first is the baseline")
     parser.add_argument("--names", nargs="+", help="row names (default: each run's folder name)")
     parser.add_argument("--config", nargs="+", help="each run's config.yaml (default: beside its checkpoint folder)")
-    parser.add_argument("--tasks", default="general", help=f"comma-separated task names and groups {sorted(TASK_GROUPS)}")
+    parser.add_argument("--tasks", default="general",
+                        help=f"comma-separated task names and groups {sorted(TASK_GROUPS)}")
     parser.add_argument("--output", default=os.path.join("runs", "eval"))
     parser.add_argument("--num-fewshot", type=int, default=0, help="the paper evaluates zero-shot")
     parser.add_argument("--limit", type=float, help="examples per task (a fraction when below 1), for quick checks")

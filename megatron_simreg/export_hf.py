@@ -2,12 +2,12 @@
 
 Two formats are read: our CPU loop's (Megatron's `torch` layout, one file per model-parallel rank) and
 megatron.training's `torch_dist` (its default on GPUs), which megatron-core itself reshards onto a
-single-process model. In the `torch` layout, tensor-parallel shards are merged (column-parallel layers along their rows, row-parallel ones along their
-columns, SwiGLU's [gate; up] halves kept apart), pipeline stages renumbered into one layer list, expert
-shards renumbered into one expert list. Megatron's fused QKV holds, per query group, that group's query
-heads then one key and one value head; it is split into `q_proj`, `k_proj`, `v_proj`. The padded
-vocabulary is cut back to the tokenizer's. The tokenizer files are written beside the weights, so the
-folder loads offline with `from_pretrained`.
+single-process model. In the `torch` layout, tensor-parallel shards are merged (column-parallel layers
+along their rows, row-parallel ones along their columns, SwiGLU's [gate; up] halves kept apart),
+pipeline stages renumbered into one layer list, expert shards renumbered into one expert list.
+Megatron's fused QKV holds, per query group, that group's query heads then one key and one value head;
+it is split into `q_proj`, `k_proj`, `v_proj`. The padded vocabulary is cut back to the tokenizer's. The
+tokenizer files are written beside the weights, so the folder loads offline with `from_pretrained`.
 """
 
 from __future__ import annotations
@@ -108,7 +108,9 @@ def _load_distributed_checkpoint(folder: str, cfg: Config) -> dict[str, torch.Te
 
 def _global_key(key: str, layer_offset: int, expert_offset: int) -> str:
     key = re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{int(m.group(1)) + layer_offset}.", key, count=1)
-    return re.sub(r"local_experts\.(\d+)\.", lambda m: f"local_experts.{int(m.group(1)) + expert_offset}.", key, count=1)
+    return re.sub(
+        r"local_experts\.(\d+)\.", lambda m: f"local_experts.{int(m.group(1)) + expert_offset}.", key, count=1
+    )
 
 
 def _merge_tensor_parallel(key: str, pieces: list) -> torch.Tensor:
@@ -144,7 +146,9 @@ def hugging_face_state(state: dict[str, torch.Tensor], cfg: Config, vocab_size: 
         remaining.pop("output_layer.weight", None)
     for i in range(m.num_layers):
         ours, theirs = f"decoder.layers.{i}.", f"model.layers.{i}."
-        qkv = take(ours + "self_attention.linear_qkv.weight").view(groups, (heads // groups + 2) * head_dim, m.hidden_size)
+        qkv = take(ours + "self_attention.linear_qkv.weight").view(
+            groups, (heads // groups + 2) * head_dim, m.hidden_size
+        )
         q, k, v = qkv.split([heads // groups * head_dim, head_dim, head_dim], dim=1)
         out.update({
             theirs + "input_layernorm.weight": take(ours + "input_layernorm.weight"),
@@ -191,8 +195,9 @@ def hugging_face_config(cfg: Config, vocab_size: int, tokenizer):
         eos_token_id=tokenizer.eod, torch_dtype="bfloat16" if cfg.training.precision == "bf16" else "float32",
     )  # `architectures` names the model class for loaders that read no model_type (vLLM, pipelines)
     if m.num_experts:
-        return MixtralConfig(intermediate_size=m.moe_ffn_hidden_size or m.ffn_hidden_size, num_local_experts=m.num_experts,
-                             num_experts_per_tok=m.moe_router_topk, router_aux_loss_coef=m.moe_aux_loss_coeff,
+        return MixtralConfig(intermediate_size=m.moe_ffn_hidden_size or m.ffn_hidden_size,
+                             num_local_experts=m.num_experts, num_experts_per_tok=m.moe_router_topk,
+                             router_aux_loss_coef=m.moe_aux_loss_coeff,
                              architectures=["MixtralForCausalLM"], **common)
     return LlamaConfig(intermediate_size=m.ffn_hidden_size, attention_bias=False, mlp_bias=False,
                        architectures=["LlamaForCausalLM"], **common)
@@ -213,7 +218,8 @@ def export(checkpoint_dir: str, output_dir: str, config_path: str | None = None,
     config_path = config_path or os.path.join(os.path.dirname(os.path.abspath(checkpoint_dir)), "config.yaml")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(
-            f"no run config at {config_path}: pass --config (the resolved config.yaml the run saved beside its checkpoints)"
+            f"no run config at {config_path}: "
+            "pass --config (the resolved config.yaml the run saved beside its checkpoints)"
         )
     cfg = load_config(config_path)
     tokenizer_path = cfg.data.tokenizer or default_tokenizer_path()

@@ -35,7 +35,8 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "training.precision=bf16", "parallel.distributed_optimizer=true", "training.micro_batch_size=4",
-    "training.global_batch_size=8", "training.log_interval=1", "training.eval_interval=1000", "training.save_interval=1000",
+    "training.global_batch_size=8", "training.log_interval=1", "training.eval_interval=1000",
+    "training.save_interval=1000",
     "schedule.warmup_steps=5", "adagc.warmup_steps=5", "logging.tensorboard=false",
 ]
 TRAIN_LINE = re.compile(r"iteration +(\d+)/ +\d+ \|.*?\| lm loss: (\S+) \|")
@@ -47,7 +48,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=os.path.join(ROOT, "data", "demo", "gutenberg_text_document"),
                         help="an indexed dataset prefix for the training checks (make demo writes this one)")
     parser.add_argument("--work", default=os.path.join(ROOT, "runs", "gpu_check"), help="run folders")
-    parser.add_argument("--dry-run", action="store_true", help="check the pieces and write the report skeleton; no GPU work")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the pieces and write the report skeleton; no GPU work")
     args = parser.parse_args(argv)
     checks = [
         ("SimReg precision", lambda: simreg_precision()),
@@ -61,7 +63,8 @@ def main(argv=None) -> int:
     sections = [header(args)]
     if args.dry_run:
         problems = dry_run_problems(args)
-        sections.append("Dry run: " + ("; ".join(problems) if problems else "every piece imports and the data is there") + ".")
+        summary = "; ".join(problems) if problems else "every piece imports and the data is there"
+        sections.append("Dry run: " + summary + ".")
         sections += [f"## {name}\n\nnot run (dry run)" for name, _ in checks]
         write(args.output, sections)
         print(f"gpu_check dry run: {len(checks)} checks ready" + (f"; problems: {problems}" if problems else ""))
@@ -154,7 +157,10 @@ def simreg_precision() -> str:
                 grad_error = ((x.grad.double() - reference.grad).norm() / reference.grad.norm()).item()
                 rows.append(f"| {kernel} | {str(dtype).removeprefix('torch.')} | {'on' if tf32 else 'off'} "
                             f"| {loss_error:.2e} | {grad_error:.2e} |")
-    return f"(s, h) = ({s}, {h}), tau = 0.01, 200 labels, full SimReg, token reduction of one sequence.\n\n" + "\n".join(rows)
+    return (
+        f"(s, h) = ({s}, {h}), tau = 0.01, 200 labels, full SimReg, token reduction of one sequence.\n\n"
+        + "\n".join(rows)
+    )
 
 
 def _kernels() -> list[str]:
@@ -167,8 +173,9 @@ def simreg_cost() -> str:
     outputs = []
     for shapes in (["1,2048,1024", "1,2048,4096"], ["8,2048,4096"]):
         for kernel in _kernels():
-            outputs.append(_run([sys.executable, "-m", "megatron_simreg.bench.simreg", "--device", "cuda", "--dtype", "bf16",
-                                 "--kernel", kernel, "--repeats", "10", "--shapes", *shapes], timeout=300))
+            outputs.append(_run([sys.executable, "-m", "megatron_simreg.bench.simreg", "--device", "cuda",
+                                 "--dtype", "bf16", "--kernel", kernel, "--repeats", "10", "--shapes", *shapes],
+                                timeout=300))
     return "\n\n".join(outputs)
 
 
@@ -187,7 +194,8 @@ def training_and_resume(args) -> str:
     return "\n".join([
         "| check | result |", "|---|---|",
         f"| iterations 21-40, straight against 20 + exit + resume: max abs. loss difference | {max(after):.3g} |",
-        f"| first 10 losses, GPU against the local loop on CPU (bf16 both): max abs. difference (goal 1e-2) | {max(first):.3g} |",
+        "| first 10 losses, GPU against the local loop on CPU (bf16 both): max abs. difference (goal 1e-2) "
+        f"| {max(first):.3g} |",
         f"| AdaGC state inside the iteration-40 checkpoint | step {state['step']}, {len(state['gamma'])} thresholds |",
         f"| loss at 1, 20, 40 (straight) | {straight[1]:.4f}, {straight[20]:.4f}, {straight[40]:.4f} |",
     ])
@@ -222,7 +230,10 @@ def export_parity(args) -> str:
     with torch.no_grad():
         theirs = model(tokens).logits
     error = (ours[..., :theirs.shape[-1]] - theirs).abs().max().item()
-    return f"exported `{type(model).__name__}`; max abs. logit difference (fp32, 2 x 64 tokens): {error:.3g} (goal 1e-3)"
+    return (
+        f"exported `{type(model).__name__}`; max abs. logit difference (fp32, 2 x 64 tokens): "
+        f"{error:.3g} (goal 1e-3)"
+    )
 
 
 def _our_logits(cfg, state, tokens):
@@ -263,7 +274,8 @@ def _cpu_losses(args, name: str, overrides: list[str]) -> dict[int, float]:
     run_dir = os.path.join(args.work, name)
     settings = TINY + [f"data.prefix={args.data}", f"logging.run_dir={run_dir}", *overrides]
     _run([sys.executable, "-m", "megatron_simreg.train", "--config", "configs/tiny-llama.yaml",
-          *(part for setting in settings for part in ("--set", setting))], timeout=300, env={"CUDA_VISIBLE_DEVICES": ""})
+          *(part for setting in settings for part in ("--set", setting))],
+         timeout=300, env={"CUDA_VISIBLE_DEVICES": ""})
     losses = {}
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         for record in map(json.loads, f):
@@ -296,7 +308,9 @@ def _run(command: list[str], timeout: int, env: dict | None = None) -> str:
     done = subprocess.run(command, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
                           timeout=timeout)
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command[:6])} ... exited {done.returncode}:\n{done.stdout[-1500:]}\n{done.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{' '.join(command[:6])} ... exited {done.returncode}:\n{done.stdout[-1500:]}\n{done.stderr[-3000:]}"
+        )
     return done.stdout.strip()
 
 

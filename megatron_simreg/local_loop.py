@@ -234,13 +234,16 @@ class _RunLogger:
             self.window_start = time.perf_counter()
             speed = self.cfg.training.log_interval * self.plan.tokens_per_iter / elapsed
             text = " | ".join(f"{k}: {v:.4g}" for k, v in metrics.items())
-            self.bar.write(f" iteration {iteration}/{self.plan.train_iters} | tokens {tokens:,} | {speed:,.0f} tokens/s | {text}")
+            self.bar.write(
+                f" iteration {iteration}/{self.plan.train_iters} | tokens {tokens:,} | {speed:,.0f} tokens/s | {text}"
+            )
         return metrics
 
     def validation(self, iteration: int, consumed: int, metrics: dict) -> None:
         self._write("valid", iteration, consumed, metrics)
         text = " | ".join(f"{k}: {v:.4g}" for k, v in metrics.items())
-        self.bar.write(f" validation at iteration {iteration} | {text} | lm loss PPL: {math.exp(min(20, metrics['lm loss'])):.2f}")
+        perplexity = math.exp(min(20, metrics["lm loss"]))
+        self.bar.write(f" validation at iteration {iteration} | {text} | lm loss PPL: {perplexity:.2f}")
 
     def _write(self, split: str, iteration: int, consumed: int, metrics: dict) -> None:
         if self.jsonl is not None:

@@ -42,7 +42,9 @@ def attach_adagc(optimizer, model_chunks, adagc: AdaGC) -> None:
     gradient norm skips it too (success False: megatron.training counts a skipped iteration), AdaGC's state unmoved.
     """
     names = parameter_names(model_chunks)
-    parts = [p for p in getattr(optimizer, "chained_optimizers", [optimizer]) if not getattr(p, "is_stub_optimizer", False)]
+    parts = [
+        p for p in getattr(optimizer, "chained_optimizers", [optimizer]) if not getattr(p, "is_stub_optimizer", False)
+    ]
     layout = [entry for part in parts for entry in _layout(part, names, adagc.config.variant)]
 
     @torch.no_grad()
@@ -124,9 +126,9 @@ def _this_ranks_state(saved: dict, names: set[str]) -> dict:
         world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
         if len(saved["by_rank"]) != world:
             raise ValueError(
-                f"the AdaGC state was saved by {len(saved['by_rank'])} ranks with adagc.variant=shard, whose thresholds "
-                f"belong to that layout's pieces; resume on {len(saved['by_rank'])} ranks with the same layout, or with "
-                "adagc.load_state=false"
+                f"the AdaGC state was saved by {len(saved['by_rank'])} ranks with adagc.variant=shard, "
+                f"whose thresholds belong to that layout's pieces; resume on {len(saved['by_rank'])} ranks "
+                "with the same layout, or with adagc.load_state=false"
             )
         return {**saved, "gamma": saved["by_rank"][rank]}
     return {**saved, "gamma": {name: value for name, value in saved["gamma"].items() if name in names}}
@@ -225,7 +227,10 @@ def _model_and_main_params(part, decoupled: bool):
         main_groups = part.shard_float16_groups if decoupled else part.shard_fp32_from_float16_groups
         pairs = zip(part.model_float16_groups + part.model_fp32_groups, main_groups + part.shard_fp32_groups)
     elif isinstance(part, Float16OptimizerWithFloat16Params):
-        pairs = zip(part.float16_groups + part.fp32_from_fp32_groups, part.fp32_from_float16_groups + part.fp32_from_fp32_groups)
+        pairs = zip(
+            part.float16_groups + part.fp32_from_fp32_groups,
+            part.fp32_from_float16_groups + part.fp32_from_fp32_groups,
+        )
     else:  # FP32Optimizer: the model params are the main params
         groups = [group["params"] for group in part.optimizer.param_groups]
         pairs = zip(groups, groups)

@@ -111,7 +111,9 @@ def block_spec(config: TransformerConfig, vp_stage: int | None = None):
     if config.transformer_impl == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec(config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm)
+        return get_gpt_layer_with_transformer_engine_spec(
+            config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm
+        )
     layer = copy.deepcopy(get_gpt_layer_local_spec(config.num_moe_experts, normalization="RMSNorm"))
     layer.submodules.input_layernorm = SequenceParallelRMSNorm
     layer.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm

@@ -84,7 +84,9 @@ class SimRegObjective:
         if self.mode not in ("full", "chunk"):
             raise ValueError(f"simreg.mode must be 'full' or 'chunk', got {self.mode!r}")
         if self.mode == "full" and self.chunk_size is not None:
-            raise ValueError("simreg.chunk_size is set but simreg.mode is 'full': set simreg.mode=chunk or chunk_size=null")
+            raise ValueError(
+                "simreg.chunk_size is set but simreg.mode is 'full': set simreg.mode=chunk or chunk_size=null"
+            )
 
     def output_processor(self, *, hidden_states, output_layer, output_weight, labels, loss_mask, runtime_gather_output,
                          context, scale_logits, compute_language_model_loss, config, **_):
@@ -262,7 +264,9 @@ def _capture_layer_output(model, objective: SimRegObjective, context: dict):
         yield
         return
     layer = next(layer for layer in module.decoder.layers if layer.layer_number == objective.layer + 1)
-    handle = layer.register_forward_hook(lambda _module, _inputs, output: context.__setitem__("layer_output", output[0]))
+    handle = layer.register_forward_hook(
+        lambda _module, _inputs, output: context.__setitem__("layer_output", output[0])
+    )
     try:
         yield
     finally:

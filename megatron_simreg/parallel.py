@@ -29,7 +29,9 @@ def initialize(cfg: Config) -> None:
         if "MASTER_PORT" in os.environ:  # torchrun (or Slurm's launcher) set up the rendezvous
             dist.init_process_group(backend, timeout=timedelta(minutes=10))
         else:  # a plain single process: an in-memory store, so concurrent runs on one machine never share a port
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(minutes=10))
+            dist.init_process_group(
+                backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(minutes=10)
+            )
     p = cfg.parallel
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor,

@@ -65,7 +65,9 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     t = cfg.training
     iters = train_iters(cfg)
     if cfg.schedule.warmup_steps >= iters:
-        raise ConfigError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} must be smaller than the {iters} training iterations")
+        raise ConfigError(
+            f"schedule.warmup_steps={cfg.schedule.warmup_steps} must be smaller than the {iters} training iterations"
+        )
     tokenizer_path = cfg.data.tokenizer or default_tokenizer_path()
     try:
         library = tokenizer_library(tokenizer_path)
@@ -75,9 +77,9 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     padded = padded_vocab_size(cfg)
     if padded < vocab_size:
         raise ConfigError(
-            f"model.vocab_size={cfg.model.vocab_size} (padded to {padded}) is smaller than the tokenizer's {vocab_size} "
-            f"tokens ({tokenizer_path}): set model.vocab_size={vocab_size}, or ids beyond the embedding would be "
-            "zeroed (tensor parallelism) or crash the GPU (one rank)"
+            f"model.vocab_size={cfg.model.vocab_size} (padded to {padded}) is smaller than the tokenizer's "
+            f"{vocab_size} tokens ({tokenizer_path}): set model.vocab_size={vocab_size}, "
+            "or ids beyond the embedding would be zeroed (tensor parallelism) or crash the GPU (one rank)"
         )
     save_dir = cfg.checkpoint.save or os.path.join(cfg.run_dir, "checkpoints")
     return RunPlan(

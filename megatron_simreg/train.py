@@ -23,7 +23,8 @@ def parse_args(argv=None):
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set simreg.weight=0 (repeatable)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="check the layout, print sizes, memory per GPU, FLOPs and the exact arguments; train nothing")
+                        help="check the layout, print sizes, memory per GPU, FLOPs and the exact arguments; "
+                             "train nothing")
     parser.add_argument("--world-size", type=int, default=None, help="GPUs for --dry-run (default: WORLD_SIZE or 1)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="for --dry-run")
     return parser.parse_args(argv)

@@ -60,8 +60,8 @@ class ContextParallelAttention(MegatronModule):
         key, value = key.repeat_interleave(repeat, dim=2), value.repeat_interleave(repeat, dim=2)
         allowed = zigzag_positions(seq_local, rank, size)[:, None] >= torch.arange(key.shape[0])[None, :]
         # [s, b, heads, d] -> [b, heads, s, d]
-        out = F.scaled_dot_product_attention(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
-                                             attn_mask=allowed, scale=self.softmax_scale)
+        out = F.scaled_dot_product_attention(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3),
+                                             value.permute(1, 2, 0, 3), attn_mask=allowed, scale=self.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(seq_local, query.shape[1], -1)
 
 

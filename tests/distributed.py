@@ -32,7 +32,9 @@ def run_distributed(fn, world_size, *args, **kwargs):
         os.makedirs(results_dir)
         worker_args = (world_size, _free_port(), dict(os.environ), results_dir, fn, args, kwargs)
         mp.start_processes(_worker, args=worker_args, nprocs=world_size, join=True, start_method="forkserver")
-        outcomes = [torch.load(os.path.join(results_dir, f"{rank}.pt"), weights_only=False) for rank in range(world_size)]
+        outcomes = [
+            torch.load(os.path.join(results_dir, f"{rank}.pt"), weights_only=False) for rank in range(world_size)
+        ]
     for rank, (ok, value) in enumerate(outcomes):
         if not ok:
             raise AssertionError(f"rank {rank} of {world_size} failed:\n{value}")

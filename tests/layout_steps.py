@@ -21,7 +21,10 @@ def batch_for(seed=0, micro_batches=2, micro_batch=2, seq=32, masked=True):
     """Token ids with repeats (so SimReg has positives), the same on every rank; 10% of the loss masked."""
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 50, (micro_batches * micro_batch, seq + 1), generator=gen)
-    mask = (torch.rand(micro_batches * micro_batch, seq, generator=gen) > 0.1) if masked else torch.ones(tokens[:, 1:].shape)
+    mask = (
+        (torch.rand(micro_batches * micro_batch, seq, generator=gen) > 0.1)
+        if masked else torch.ones(tokens[:, 1:].shape)
+    )
     return {
         "tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask.float(),
         "position_ids": torch.arange(seq).expand(micro_batches * micro_batch, seq).clone(),
@@ -64,11 +67,15 @@ def forward_backward(cfg, model, seed=0, masked=True):
              for m in range(plan.micro_batches)]
     model.zero_grad_buffer()
     reports = get_forward_backward_func()(
-        forward_step_func=lambda it, m: forward_step(SimRegObjective.from_config(cfg), lambda i: on_this_rank(next(i)), it, m),
+        forward_step_func=lambda it, m: forward_step(
+            SimRegObjective.from_config(cfg), lambda i: on_this_rank(next(i)), it, m
+        ),
         data_iterator=iter(micro), model=[model], num_microbatches=plan.micro_batches,
         seq_length=cfg.model.seq_length, micro_batch_size=mbs, forward_only=False,
     )
-    return reduce_reports(reports, parallel_state.get_data_parallel_group(with_context_parallel=True)) if reports else None
+    return (
+        reduce_reports(reports, parallel_state.get_data_parallel_group(with_context_parallel=True)) if reports else None
+    )
 
 
 def gathered_grads(model):

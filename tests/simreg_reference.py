@@ -29,7 +29,10 @@ def reference_terms(hidden, labels, loss_mask=None, temperature=0.01, chunk_size
                     continue
                 logit = torch.dot(units[sample, i], units[sample, j]) / temperature
                 (positives if labels[sample, j] == labels[sample, i] else negatives).append(logit)
-            log_neg = torch.logsumexp(torch.stack(negatives), 0) if negatives else torch.tensor(-math.inf, dtype=torch.float64)
+            log_neg = (
+                torch.logsumexp(torch.stack(negatives), 0)
+                if negatives else torch.tensor(-math.inf, dtype=torch.float64)
+            )
             terms.append(log_neg - torch.logsumexp(torch.stack(positives), 0))
     return torch.stack(terms).view(b, s)
 

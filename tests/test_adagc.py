@@ -63,8 +63,12 @@ def test_matches_reference_through_the_warmup_boundary(warmup_gamma):
         stats = clip_all(adagc, grads)
         for k in grads:
             torch.testing.assert_close(grads[k].double(), want[k], rtol=FP32_NORM_REL, atol=0)
-        assert stats.grad_norm == pytest.approx(math.sqrt(sum(g.norm() ** 2 for g in steps[t - 1].values())), rel=FP32_NORM_REL)
-        assert stats.clipped_grad_norm == pytest.approx(math.sqrt(sum(g.norm() ** 2 for g in want.values())), rel=FP32_NORM_REL)
+        assert stats.grad_norm == pytest.approx(
+            math.sqrt(sum(g.norm() ** 2 for g in steps[t - 1].values())), rel=FP32_NORM_REL
+        )
+        assert stats.clipped_grad_norm == pytest.approx(
+            math.sqrt(sum(g.norm() ** 2 for g in want.values())), rel=FP32_NORM_REL
+        )
         if t > config.warmup_steps:
             clipped_after_warmup += stats.num_clipped
     assert adagc.gamma == pytest.approx(expected_gamma, rel=FP32_NORM_REL)
@@ -218,7 +222,9 @@ def test_bad_settings_and_states_are_refused_with_the_fix():
 
 LAYOUTS = ("tp", "dp_shards", "tp_shard_variant", "tp_global_variant")
 SPLIT = ("embedding", "attention.weight", "output.weight")  # split by rows under TP; norm.weight replicated
-CONFIGS = {"tp": {}, "dp_shards": {}, "tp_shard_variant": {"variant": "shard"}, "tp_global_variant": {"variant": "global"}}
+CONFIGS = {
+    "tp": {}, "dp_shards": {}, "tp_shard_variant": {"variant": "shard"}, "tp_global_variant": {"variant": "global"},
+}
 
 
 def pieces(grads, layout, rank, world, group):
@@ -295,7 +301,8 @@ def test_sharded_layouts_clip_like_the_unsharded_run(layout, sharded_runs):
             assert stats.min_clip_coeff == pytest.approx(want.min_clip_coeff, rel=FP32_NORM_REL)
             assert stats.num_clipped == want.num_clipped
             cut = pieces({k: whole[k] for k in SHAPES} if layout != "tp_shard_variant" else
-                         {k: (torch.cat([whole[f"{k}/{r}"] for r in range(2)]) if k in SPLIT else whole[k]) for k in SHAPES},
+                         {k: (torch.cat([whole[f"{k}/{r}"] for r in range(2)]) if k in SPLIT else whole[k])
+                          for k in SHAPES},
                          layout, rank, 2, None)
             for shard in cut:
                 torch.testing.assert_close(got[shard.name], shard.grad, rtol=FP32_NORM_REL, atol=0)

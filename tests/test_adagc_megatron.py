@@ -20,7 +20,10 @@ from megatron_simreg.adagc import AdaGC, AdaGCConfig, GradShard
 from megatron_simreg.config import load_config
 
 STEPS, RESUME_AT, WARMUP = 6, 3, 2
-SPIKES = {4: "decoder.layers.1.self_attention.linear_qkv.weight", 5: "decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight"}
+SPIKES = {
+    4: "decoder.layers.1.self_attention.linear_qkv.weight",
+    5: "decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight",
+}
 BASE = ["model.vocab_size=96", "model.seq_length=16"]
 # The gradients are exact in bf16 and every layout reduces them in fp32, so layouts and the one-process reference
 # differ only in how fp32 sums of squares are grouped (per shard, per rank, then all-reduced). torch's CPU
@@ -49,8 +52,10 @@ def tensor_parallel_cut(param):
     if not getattr(param, "tensor_model_parallel", False):
         return None
     if getattr(param, "allreduce", True):
-        return param.partition_dim, parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
-    return param.partition_dim, parallel_state.get_expert_tensor_parallel_world_size(), parallel_state.get_expert_tensor_parallel_rank()
+        return (param.partition_dim, parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_tensor_model_parallel_rank())
+    return (param.partition_dim, parallel_state.get_expert_tensor_parallel_world_size(),
+            parallel_state.get_expert_tensor_parallel_rank())
 
 
 def piece(full, cut):
@@ -74,7 +79,9 @@ def stepped_gradients(optimizer, names):
         main = getattr(param, "main_param", param)  # fp32 copy (or shard) of a bf16 weight, else itself
         if main is None or main.grad is None:
             continue  # the distributed optimizer keeps no piece of it on this rank
-        span = next((p._get_model_param_range_map(param)["param"] for p in parts if param in p.model_param_gbuf_map), None)
+        span = next(
+            (p._get_model_param_range_map(param)["param"] for p in parts if param in p.model_param_gbuf_map), None
+        )
         out[name] = main.grad.detach().float().clone(), tensor_parallel_cut(param), span and (span.start, span.end)
     return out
 
@@ -115,7 +122,10 @@ def run_layout(layout):
     model_parallel_cuda_manual_seed(0)
     try:
         ddp, optimizer = build(cfg, grads_in_fp32)
-        kind = type(optimizer).__name__, sorted({type(p).__name__ for p in getattr(optimizer, "chained_optimizers", [])})
+        kind = (
+            type(optimizer).__name__,
+            sorted({type(p).__name__ for p in getattr(optimizer, "chained_optimizers", [])}),
+        )
         names = parameter_names([ddp])
         adagc = AdaGC(AdaGCConfig(warmup_steps=WARMUP))
         attach_adagc(optimizer, [ddp], adagc)

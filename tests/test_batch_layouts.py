@@ -20,7 +20,9 @@ LAYOUTS = {  # world size, overrides
     "micro-batch 8": (1, ["training.micro_batch_size=8"]),
     "micro-batch 2 x 4 accumulated": (1, ["training.micro_batch_size=2"]),
     "DP=2 x micro-batch 2 x 2": (2, ["training.micro_batch_size=2"]),
-    "TP=2 + SP, micro-batch 4 x 2": (2, ["training.micro_batch_size=4", "parallel.tensor=2", "parallel.sequence_parallel=true"]),
+    "TP=2 + SP, micro-batch 4 x 2": (
+        2, ["training.micro_batch_size=4", "parallel.tensor=2", "parallel.sequence_parallel=true"]
+    ),
 }
 OBJECTIVES = {
     "group, full": ["simreg.reduction=group"],

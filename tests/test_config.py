@@ -77,8 +77,12 @@ def test_simreg_weight_auto_follows_the_hidden_size():
 
 def test_overrides_win_over_the_file_and_its_base(tmp_path):
     parent = os.path.relpath(os.path.abspath("configs/tiny-llama.yaml"), tmp_path)  # relative to the child
-    (tmp_path / "child.yaml").write_text(f"extends: {parent}\nmodel: {{num_layers: 4}}\nsimreg: {{temperature: 0.05}}\n")
-    cfg = load_config(str(tmp_path / "child.yaml"), ["simreg.temperature=0.02", "simreg.weight=0", "data.prefix=corpus"])
+    (tmp_path / "child.yaml").write_text(
+        f"extends: {parent}\nmodel: {{num_layers: 4}}\nsimreg: {{temperature: 0.05}}\n"
+    )
+    cfg = load_config(
+        str(tmp_path / "child.yaml"), ["simreg.temperature=0.02", "simreg.weight=0", "data.prefix=corpus"]
+    )
     assert cfg.model.num_layers == 4  # the child's
     assert cfg.model.hidden_size == 64 and cfg.model.num_query_groups == 2  # the parent's, merged per key
     assert cfg.optimizer.adam_beta2 == 0.95  # the base's
@@ -89,7 +93,9 @@ def test_overrides_win_over_the_file_and_its_base(tmp_path):
 
 def test_override_values_are_yaml_scalars():
     cfg = tiny("parallel.sequence_parallel=true", "simreg.mode=chunk", "simreg.chunk_size=32", "optimizer.lr=1e-3")
-    assert tiny("simreg.weight=2e1").simreg_weight == 20.0 and tiny("optimizer.adam_eps=1.0e-6").optimizer.adam_eps == 1e-6
+    assert (
+        tiny("simreg.weight=2e1").simreg_weight == 20.0 and tiny("optimizer.adam_eps=1.0e-6").optimizer.adam_eps == 1e-6
+    )
     assert cfg.parallel.sequence_parallel is True and cfg.simreg.chunk_size == 32 and cfg.optimizer.lr == 1e-3
     assert tiny("simreg.mode=chunk", "simreg.chunk_size=null").simreg.chunk_size is None
 
@@ -98,7 +104,8 @@ def test_override_values_are_yaml_scalars():
     ("simreg.wieght=1", "unknown config key 'simreg.wieght'.*did you mean simreg.weight"),
     ("simrg.weight=1", "unknown config key 'simrg'.*did you mean simreg"),
     ("parallel.tensor_parallel=2", "unknown config key 'parallel.tensor_parallel'.*parallel.tensor"),
-    ("model.zzz=1", "unknown config key 'model.zzz' in override 'model.zzz=1'; valid keys: model.num_layers, model.hidden_size"),
+    ("model.zzz=1",
+     "unknown config key 'model.zzz' in override 'model.zzz=1'; valid keys: model.num_layers, model.hidden_size"),
     ("simreg.weight.value=1", "override 'simreg.weight.value=1': 'simreg.weight' is a value, not a section"),
 ])
 def test_unknown_keys_name_themselves_and_the_nearest_valid_keys(override, message):
@@ -152,9 +159,11 @@ def test_config_files_that_cannot_be_read(tmp_path):
     (2, ["parallel.expert=2"], "parallel.expert=2 needs an MoE model"),
     (3, ["model.num_experts=4", "parallel.expert=3", "training.global_batch_size=12"],
      "num_experts=4 is not divisible by parallel.expert=3"),
-    (2, ["model.num_experts=4", "parallel.expert=2", "parallel.tensor=2"], "parallel.expert=2 must divide data\\*context"),
+    (2, ["model.num_experts=4", "parallel.expert=2", "parallel.tensor=2"],
+     "parallel.expert=2 must divide data\\*context"),
     (2, ["model.num_experts=4", "model.moe_router_topk=5"], "moe_router_topk=5 exceeds model.num_experts=4"),
-    (4, ["training.global_batch_size=6"], "global_batch_size=6 is not divisible by micro_batch_size\\*data_parallel = 4\\*4"),
+    (4, ["training.global_batch_size=6"],
+     "global_batch_size=6 is not divisible by micro_batch_size\\*data_parallel = 4\\*4"),
     (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "simreg.mode=chunk", "simreg.chunk_size=48"],
      "chunk_size=48 does not divide the per-rank sequence piece of 64 tokens"),
     (2, ["parallel.pipeline=2", "simreg.layer=0"], "simreg.layer=0 is not on the last pipeline stage.*layers 1..1"),

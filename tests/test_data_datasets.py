@@ -22,7 +22,9 @@ from megatron_simreg.data import (
 )
 
 # 60 distinct documents of 3 to 41 words; "80,20,0" puts documents 0-47 in train and 48-59 in valid.
-DOCUMENTS = [f"Document {i} says " + " ".join(f"w{(i * 7 + k) % 97}" for k in range(3 + (i * 13) % 39)) for i in range(60)]
+DOCUMENTS = [
+    f"Document {i} says " + " ".join(f"w{(i * 7 + k) % 97}" for k in range(3 + (i * 13) % 39)) for i in range(60)
+]
 SEQ = 32
 
 
@@ -115,7 +117,10 @@ def test_sharded_prefix_and_weighted_blend(tmp_path, tokenizer):
 def _samples_on_rank(rank, world_size, prefix, cache_dir):
     tokenizer = build_tokenizer()
     train, valid, _ = build_gpt_datasets(prefix, tokenizer, SEQ, (50, 10, 0), split="80,20,0", cache_dir=cache_dir)
-    return [train[i]["tokens"].tolist() for i in range(len(train))], [valid[i]["tokens"].tolist() for i in range(len(valid))]
+    return (
+        [train[i]["tokens"].tolist() for i in range(len(train))],
+        [valid[i]["tokens"].tolist() for i in range(len(valid))],
+    )
 
 
 def test_ranks_of_a_process_group_build_the_same_samples(corpus, tmp_path):
@@ -126,7 +131,9 @@ def test_ranks_of_a_process_group_build_the_same_samples(corpus, tmp_path):
 
 
 def test_bad_input_is_explained(corpus, tokenizer, tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match=r"absent\.bin.*python tools/prepare_data.py .*--output-prefix .*absent"):
+    with pytest.raises(
+        FileNotFoundError, match=r"absent\.bin.*python tools/prepare_data.py .*--output-prefix .*absent"
+    ):
         build_gpt_datasets(str(tmp_path / "absent"), tokenizer, SEQ, (1, 1, 0))
     with pytest.raises(ValueError, match="fewer than one sequence of 100000"):
         build_gpt_datasets(corpus, tokenizer, 100_000, (1, 0, 0))
@@ -162,7 +169,9 @@ def test_truncated_data_files_are_named(tmp_path, tokenizer):
         shutil.copy(path, whole)
         with open(path, "r+b") as f:
             f.truncate(len(whole.read_bytes()) - 3)
-        with pytest.raises(ValueError, match=f"data file {path} is truncated: .* bytes, its (index|header) needs .*prepare_data"):
+        with pytest.raises(
+            ValueError, match=f"data file {path} is truncated: .* bytes, its (index|header) needs .*prepare_data"
+        ):
             build_gpt_datasets(prefix, tokenizer, SEQ, (10, 2, 0), split="80,20,0")
         shutil.copy(whole, path)
     with open(get_idx_path(prefix), "r+b") as f:

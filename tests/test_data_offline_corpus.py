@@ -14,7 +14,10 @@ import pytest
 from megatron_simreg.data import prepare_corpus, write_offline_corpus
 from megatron_simreg.data.offline_corpus import DOCUMENT_CHARS, SDIST
 
-HEADER = "The Project Gutenberg EBook of Hamlet\nLicense: see the end.\n\n*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\n\n"
+HEADER = (
+    "The Project Gutenberg EBook of Hamlet\nLicense: see the end.\n\n"
+    "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\n\n"
+)
 FOOTER = "\n\n*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\n\nThis file should be named hamlet.txt\n"
 SCENE = "HAMLET. To be, or not to be, that is the question:\r\nWhether 'tis nobler in the mind to suffer.\r\n"
 

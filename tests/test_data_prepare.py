@@ -58,7 +58,10 @@ def reference_documents(texts):
 
 def test_c4_shard_to_indexed_dataset_and_back(tmp_path):
     shard = tmp_path / "c4-train.00000-of-01024.json.gz"
-    bad = [b"{not json", json.dumps({"url": "no text"}).encode(), b'{"text": "caf\xe9"}', json.dumps({"text": " "}).encode()]
+    bad = [
+        b"{not json", json.dumps({"url": "no text"}).encode(),
+        b'{"text": "caf\xe9"}', json.dumps({"text": " "}).encode(),
+    ]
     write_c4_shard(shard, DOCUMENTS[:40], bad_lines=bad)
     prefix = str(tmp_path / "out" / "c4_text_document")
     stats = prepare_corpus([str(shard)], prefix, progress=False)

@@ -69,6 +69,7 @@ def test_missing_tokenizer_and_missing_transformers_are_explained(tmp_path, monk
     with pytest.raises(FileNotFoundError, match="SentencePiece .model file"):
         build_tokenizer(str(tmp_path / "tokenizer.model"))
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else real_find_spec(name, *a))
     with pytest.raises(ImportError, match="needs `transformers`"):
         build_tokenizer(str(tmp_path))

@@ -87,7 +87,8 @@ def test_impossible_layout_fails_with_the_reason():
     with pytest.raises(ConfigError, match="not divisible by tensor"):
         report(load_config("configs/llama2-7b.yaml"), 6)
     result = subprocess.run(
-        [sys.executable, "-m", "megatron_simreg.train", "--config", "configs/mixtral-8x1b.yaml", "--dry-run", "--world-size", "4"],
+        [sys.executable, "-m", "megatron_simreg.train", "--config", "configs/mixtral-8x1b.yaml",
+         "--dry-run", "--world-size", "4"],
         capture_output=True, text=True,
     )
     assert result.returncode != 0 and "parallel.expert=8 must divide" in result.stderr

@@ -95,7 +95,8 @@ def test_code_tasks_need_consent_and_missing_checkpoints_are_named(tmp_path):
 
 
 def test_unknown_and_unreachable_tasks_are_explained(tmp_path):
-    command = [sys.executable, "-m", "megatron_simreg.evaluate", "--checkpoint", str(tmp_path), "--output", str(tmp_path)]
+    command = [sys.executable, "-m", "megatron_simreg.evaluate",
+               "--checkpoint", str(tmp_path), "--output", str(tmp_path)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     unknown = subprocess.run(command + ["--tasks", "offline,arc_eazy"], env=env, capture_output=True, text=True)
     assert unknown.returncode != 0

@@ -119,10 +119,14 @@ def test_corrupt_checkpoints_name_the_file_and_the_earlier_intact_iteration(corp
         assert f"checkpoint file {latest_file} is corrupt" in message and "\n" not in message, message
         assert "latest earlier intact iteration is 3: resume from it with --set checkpoint.load_iteration=3" in message
         failed = export_cli("--checkpoint", str(checkpoints), "--output", str(tmp_path / "hf"))
-        assert f"checkpoint file {latest_file} is corrupt" in failed and "export it with --iteration 3" in failed, failed
+        assert (
+            f"checkpoint file {latest_file} is corrupt" in failed and "export it with --iteration 3" in failed
+        ), failed
     (checkpoints / "latest_checkpointed_iteration.txt").write_text("\x00garbage")
     message = run_distributed(stopped_worker, 1, config(corpus, run_dir))[0]
-    assert f"{checkpoints / 'latest_checkpointed_iteration.txt'} is corrupt" in message and "saved here: 3, 6" in message
+    assert (
+        f"{checkpoints / 'latest_checkpointed_iteration.txt'} is corrupt" in message and "saved here: 3, 6" in message
+    )
     shutil.copy(run_dir / "metrics.jsonl", tmp_path / "first.jsonl")
     assert run_distributed(stopped_worker, 1, config(corpus, run_dir, "checkpoint.load_iteration=3")) == [None]
     again = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -51,7 +51,9 @@ def megatron_training(run_dir, *overrides, processes=1, succeed=True):
 
 
 def local_training(run_dir, *overrides, processes=1) -> None:
-    settings = [part for setting in [*SETTINGS, f"logging.run_dir={run_dir}", *overrides] for part in ("--set", setting)]
+    settings = [
+        part for setting in [*SETTINGS, f"logging.run_dir={run_dir}", *overrides] for part in ("--set", setting)
+    ]
     torchrun(processes, "-m", "megatron_simreg.train", "--config", "configs/tiny-llama.yaml", *settings)
 
 

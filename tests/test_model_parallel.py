@@ -42,10 +42,13 @@ def train_steps(rank, world, distributed_optimizer, precision):
     try:
         model = model_provider(cfg)
         ddp = DistributedDataParallel(
-            model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer), model
+            model.config,
+            DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer),
+            model,
         )
         optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=1.0, bf16=precision == "bf16", use_distributed_optimizer=distributed_optimizer),
+            OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=1.0, bf16=precision == "bf16",
+                            use_distributed_optimizer=distributed_optimizer),
             [ddp],
         )
         tokens = torch.randint(0, 100, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(0)).chunk(world)[rank]

@@ -65,7 +65,9 @@ def single_process(tmp_path_factory):
     def run(overrides: tuple, masked: bool):
         if (overrides, masked) not in runs:
             checkpoint = str(tmp_path_factory.mktemp("weights") / "weights")
-            runs[overrides, masked] = checkpoint, merged(run_distributed(step_worker, 1, list(overrides), checkpoint, True, masked))
+            runs[overrides, masked] = checkpoint, merged(
+                run_distributed(step_worker, 1, list(overrides), checkpoint, True, masked)
+            )
         return runs[overrides, masked]
 
     return run
@@ -142,5 +144,6 @@ def test_adagc_on_megatron_optimizers_matches_single_process(layout, tmp_path):
         for name in gamma:  # norms of gradients that agree to GRAD_RTOL
             assert gamma[name] == pytest.approx(expected_gamma[name], rel=GRAD_RTOL), name
         for (norm, clipped, count), (want_norm, want_clipped, want_count) in zip(stats, expected_stats):
-            assert norm == pytest.approx(want_norm, rel=GRAD_RTOL) and clipped == pytest.approx(want_clipped, rel=GRAD_RTOL)
+            assert (norm == pytest.approx(want_norm, rel=GRAD_RTOL)
+                    and clipped == pytest.approx(want_clipped, rel=GRAD_RTOL))
             assert count == want_count

@@ -66,9 +66,11 @@ def test_submit_maps_models_to_configs(tmp_path):
     record = tmp_path / "sbatch.txt"
     bin_dir = fake_commands(tmp_path, sbatch=f'echo "$@" > {record}\n')
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    subprocess.run(["bash", "scripts/slurm/submit.sh", "mixtral-8x1b", "4", "--set", "simreg.mode=chunk"], env=env, check=True)
-    assert record.read_text().split() == ["--nodes", "4", "--job-name", "simreg-mixtral-8x1b", "scripts/slurm/train.sbatch",
-                                          "configs/mixtral-8x1b.yaml", "--set", "simreg.mode=chunk"]
+    subprocess.run(["bash", "scripts/slurm/submit.sh", "mixtral-8x1b", "4", "--set", "simreg.mode=chunk"],
+                   env=env, check=True)
+    assert record.read_text().split() == ["--nodes", "4", "--job-name", "simreg-mixtral-8x1b",
+                                          "scripts/slurm/train.sbatch", "configs/mixtral-8x1b.yaml",
+                                          "--set", "simreg.mode=chunk"]
     bad = subprocess.run(["bash", "scripts/slurm/submit.sh", "gpt5", "4"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "llama2-7b" in bad.stderr
 

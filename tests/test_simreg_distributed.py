@@ -86,7 +86,9 @@ def test_sequence_and_context_parallel_equal_single_process(world):
 def chunk_straddling_ranks_worker(rank, world):
     hidden, labels = clustered(1, 8, 4)
     with pytest.raises(ValueError, match="straddle"):
-        simreg_loss(hidden[:, :4], labels[:, :4], chunk_size=3, process_group=dist.group.WORLD, sequence_layout="zigzag")
+        simreg_loss(
+            hidden[:, :4], labels[:, :4], chunk_size=3, process_group=dist.group.WORLD, sequence_layout="zigzag"
+        )
     return True
 
 

@@ -22,7 +22,10 @@ TINY = [
 def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corpus")
     text = folder / "texts.jsonl"
-    lines = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog and runs far away. " * (3 + i % 5) for i in range(120)]
+    lines = [
+        f"Document {i}: " + "the quick brown fox jumps over the lazy dog and runs far away. " * (3 + i % 5)
+        for i in range(120)
+    ]
     text.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
     prefix = str(folder / "corpus_text_document")
     prepare_corpus([str(text)], prefix, progress=False)
@@ -30,7 +33,9 @@ def corpus(tmp_path_factory):
 
 
 def config(corpus, run_dir, *overrides):
-    return load_config("configs/tiny-llama.yaml", TINY + [f"data.prefix={corpus}", f"logging.run_dir={run_dir}", *overrides])
+    return load_config(
+        "configs/tiny-llama.yaml", TINY + [f"data.prefix={corpus}", f"logging.run_dir={run_dir}", *overrides]
+    )
 
 
 def train_worker(rank, world, cfg):
@@ -82,7 +87,8 @@ def interrupted_training(corpus, run_dir, sig, after):
     import time
 
     settings = TINY + [f"data.prefix={corpus}", f"logging.run_dir={run_dir}"]
-    command = [sys.executable, "-m", "megatron_simreg.train", "--config", "configs/tiny-llama.yaml", *(f"--set={s}" for s in settings)]
+    command = [sys.executable, "-m", "megatron_simreg.train", "--config", "configs/tiny-llama.yaml",
+               *(f"--set={s}" for s in settings)]
     log = run_dir.parent / f"{run_dir.name}-{sig.name}.log"
     with open(log, "w") as stderr:
         env = dict(single_process_environment(), OMP_NUM_THREADS="1")  # one thread, as the in-process runs
@@ -109,7 +115,9 @@ def test_sigterm_and_ctrl_c_save_and_the_resumed_run_equals_an_uninterrupted_one
         lines = [line for line in stderr.splitlines() if line.startswith("training stopped:")]
         assert len(lines) == 1 and f"received {sig.name}: finished iteration" in lines[0], stderr[-3000:]
         saved = int(re.search(r"finished iteration (\d+)", lines[0])[1])
-        assert saved >= after and (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == str(saved)
+        assert (
+            saved >= after and (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == str(saved)
+        )
         assert max(read_metrics(run_dir)) == saved
     run_distributed(train_worker, 1, config(corpus, run_dir))
     assert_same_training(straight, run_dir)
@@ -133,7 +141,8 @@ def test_single_process_runs_need_no_port(corpus, tmp_path):
             held.listen()
         run = subprocess.run(
             [sys.executable, "-m", "megatron_simreg.train", "--config", "configs/tiny-llama.yaml",
-             *(f"--set={o}" for o in TINY + [f"data.prefix={corpus}", f"logging.run_dir={tmp_path}", "schedule.train_iters=3"])],
+             *(f"--set={o}"
+               for o in TINY + [f"data.prefix={corpus}", f"logging.run_dir={tmp_path}", "schedule.train_iters=3"])],
             capture_output=True, text=True, env=env,
         )
     assert run.returncode == 0, run.stderr[-2000:]
@@ -148,7 +157,8 @@ def test_impossible_layout_and_missing_data_are_explained(corpus, tmp_path):
     import sys
 
     bad = subprocess.run(
-        [sys.executable, "-m", "megatron_simreg.train", "--config", "configs/tiny-llama.yaml", "--set", "parallel.tensor=3"],
+        [sys.executable, "-m", "megatron_simreg.train", "--config", "configs/tiny-llama.yaml",
+         "--set", "parallel.tensor=3"],
         capture_output=True, text=True,
     )
     assert bad.returncode != 0 and "num_attention_heads=4 is not divisible by parallel.tensor=3" in bad.stderr
@@ -159,7 +169,8 @@ def test_impossible_layout_and_missing_data_are_explained(corpus, tmp_path):
     )
     assert missing.returncode != 0 and "prepare_data.py" in missing.stderr
     unknown = subprocess.run(
-        [sys.executable, "-m", "megatron_simreg.train", "--config", "configs/tiny-llama.yaml", "--set", "simreg.wieght=0"],
+        [sys.executable, "-m", "megatron_simreg.train", "--config", "configs/tiny-llama.yaml",
+         "--set", "simreg.wieght=0"],
         capture_output=True, text=True,
     )
     assert unknown.returncode != 0 and "did you mean simreg.weight" in unknown.stderr
@@ -175,7 +186,8 @@ def nan_worker(rank, world, cfg):
     return None
 
 
-@pytest.mark.parametrize("clipping", [[], ["adagc.enabled=false", "optimizer.clip_grad=0"]], ids=["adagc", "no-clipping"])
+@pytest.mark.parametrize("clipping", [[], ["adagc.enabled=false", "optimizer.clip_grad=0"]],
+                         ids=["adagc", "no-clipping"])
 def test_non_finite_gradients_stop_before_the_step_and_keep_the_last_good_checkpoint(clipping, corpus, tmp_path):
     """lr = 1e6: the gradient turns NaN one iteration before the loss does. The run stops there, before the
     optimizer touches the weights; the checkpoint it names (and `latest`) holds only finite tensors."""
@@ -190,10 +202,14 @@ def test_non_finite_gradients_stop_before_the_step_and_keep_the_last_good_checkp
     assert failed > 1 and f"last good checkpoint is iteration {good} " in message
     checkpoints = tmp_path / "nan" / "checkpoints"
     saved = sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("iter_"))
-    assert saved[-1] == f"iter_{good:07d}" and (checkpoints / "latest_checkpointed_iteration.txt").read_text() == str(good)
+    assert (
+        saved[-1] == f"iter_{good:07d}" and (checkpoints / "latest_checkpointed_iteration.txt").read_text() == str(good)
+    )
     for name in saved:
         state = torch.load(checkpoints / name / "mp_rank_00_000" / "model_optim_rng.pt", weights_only=False)
-        assert all(torch.isfinite(t).all() for t in state["model"].values() if torch.is_tensor(t) and t.is_floating_point())
+        assert all(
+            torch.isfinite(t).all() for t in state["model"].values() if torch.is_tensor(t) and t.is_floating_point()
+        )
 
 
 def train_printing_worker(rank, world, cfg):
@@ -273,4 +289,5 @@ def test_a_resumed_run_keeps_one_metrics_record_per_iteration_and_no_partial_lef
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["split"], r["iteration"]) for r in records] == [
         ("train", 1), ("train", 2), ("valid", 2), ("train", 3), ("train", 4), ("valid", 4)]
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]

@@ -63,7 +63,8 @@ def _save_like_megatron_training(model, save: str, iteration: int, transformer_e
         for key in [k for k in sharded if k.endswith("self_attention.linear_qkv._extra_state")]:
             layer = key.removesuffix("linear_qkv._extra_state")
             sharded[layer + "core_attention._extra_state"] = dataclasses.replace(
-                sharded[key], key=sharded[key].key.replace("linear_qkv", "core_attention"), data=io.BytesIO(b"fp8 meta"))
+                sharded[key], key=sharded[key].key.replace("linear_qkv", "core_attention"),
+                data=io.BytesIO(b"fp8 meta"))
     state = {"model": sharded, "iteration": iteration, "checkpoint_version": 3.0}
     dist_checkpointing.save(state, folder, content_metadata=metadata)
     if torch.distributed.get_rank() == 0:

@@ -29,12 +29,14 @@ def parse_args(argv=None):
                         help=f"files, folders, globs, or hf:NAME (default: {DEFAULT_HF_DATASET})")
     source.add_argument("--offline-corpus", metavar="DIR", help="write the offline Gutenberg corpus to DIR and use it")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.stats.json")
-    parser.add_argument("--tokenizer", help="SentencePiece .model file or Hugging Face folder (default: LLaMA-style 32k)")
+    parser.add_argument("--tokenizer",
+                        help="SentencePiece .model file or Hugging Face folder (default: LLaMA-style 32k)")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     parser.add_argument("--max-documents", type=int)
     parser.add_argument("--max-tokens", type=int, help="stop after the document that reaches this many tokens")
     parser.add_argument("--shard-tokens", type=int, help="write PREFIX-00000, PREFIX-00001, ... of this many tokens")
-    parser.add_argument("--dtype", choices=["uint16", "int32", "int64"], help="token type (default: smallest that fits)")
+    parser.add_argument("--dtype", choices=["uint16", "int32", "int64"],
+                        help="token type (default: smallest that fits)")
     parser.add_argument("--text-field", default="text", help="JSON field holding the document (C4: text)")
     parser.add_argument("--hf-config", default="en", help="Hugging Face dataset config (C4: en)")
     parser.add_argument("--hf-split", default="train")
@@ -77,7 +79,8 @@ def main(argv=None):
         f"{stats.documents:,} documents, {stats.tokens:,} tokens, {stats.bytes:,} bytes "
         f"({stats.skipped_lines:,} lines skipped) in {stats.seconds:.1f}s "
         f"({stats.tokens / max(stats.seconds, 1e-9):,.0f} tokens/s) -> "
-        f"{', '.join(os.path.join(folder, shard) for shard in stats.shards)} (.bin/.idx), {args.output_prefix}.stats.json"
+        f"{', '.join(os.path.join(folder, shard) for shard in stats.shards)} (.bin/.idx), "
+        f"{args.output_prefix}.stats.json"
     )
 
 

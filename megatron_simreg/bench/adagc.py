@@ -94,7 +94,10 @@ def main(argv=None):
             ("AdaGC, no tensor clipped (typical step)", typical), ("AdaGC, every tensor clipped (worst case)", worst)]
     total = sum(p.numel() for p in params.values())
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# AdaGC on a LLaMA2-350M-shaped parameter set ({total / 1e6:.0f}M parameters, {len(params)} tensors, fp32, {where})")
+    print(
+        "# AdaGC on a LLaMA2-350M-shaped parameter set "
+        f"({total / 1e6:.0f}M parameters, {len(params)} tensors, fp32, {where})"
+    )
     print("| operation | time (ms) | ratio to AdamW step |")
     print("|---|---|---|")
     for name, seconds in rows:

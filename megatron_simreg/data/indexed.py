@@ -33,8 +33,10 @@ def token_dtype(vocab_size: int, requested: str | None = None) -> type:
 
 def existing_outputs(prefix: str) -> list[str]:
     """Files a previous run wrote for `prefix`: the dataset or its shards, and the statistics."""
-    shards = [path for suffix in (".bin", ".idx") for path in glob.glob(glob.escape(prefix) + "-" + "[0-9]" * 5 + suffix)]
-    return sorted(p for p in [get_bin_path(prefix), get_idx_path(prefix), stats_path(prefix), *shards] if os.path.isfile(p))
+    shard_pattern = glob.escape(prefix) + "-" + "[0-9]" * 5
+    shards = [path for suffix in (".bin", ".idx") for path in glob.glob(shard_pattern + suffix)]
+    candidates = [get_bin_path(prefix), get_idx_path(prefix), stats_path(prefix), *shards]
+    return sorted(p for p in candidates if os.path.isfile(p))
 
 
 def remove_partial_leftovers(prefix: str) -> None:

