@@ -19,7 +19,9 @@ in both cases loss and gradients equal the single-process result (see `simreg_lo
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +34,7 @@ NORM_EPS = 1e-12
 
 ChunkSize = int | Literal["local"] | None
 SequenceLayout = Literal["contiguous", "zigzag"]
+Kernel = Literal["auto", "torch", "triton"]
 
 
 @dataclass
@@ -71,6 +74,7 @@ def simreg_terms(
     process_group: dist.ProcessGroup | None = None,
     sequence_layout: SequenceLayout = "contiguous",
     block_size: int = 512,
+    kernel: Kernel = "auto",
 ) -> torch.Tensor:
     """Lsr per token, `[b, s]` float32 (-inf where N_i is empty, 0 at masked positions).
 
@@ -78,10 +82,11 @@ def simreg_terms(
     labels, loss_mask: `[b, s]`; loss_mask 1 marks valid tokens (anchors and pair members).
     chunk_size: None for full SimReg; an int for chunk-wise SimReg over that many consecutive tokens;
         "local" for chunks equal to each rank's slice (with a process group) or the whole sequence.
-    process_group, sequence_layout: see `simreg_loss`.
+    process_group, sequence_layout, block_size, kernel: see `simreg_loss`.
     """
     return _run(
-        hidden, labels, loss_mask, temperature, chunk_size, sequence_first, process_group, sequence_layout, block_size
+        hidden, labels, loss_mask, temperature, chunk_size, sequence_first, process_group, sequence_layout, block_size,
+        kernel,
     ).lsr
 
 
@@ -98,6 +103,7 @@ def simreg_loss(
     sequence_layout: SequenceLayout = "contiguous",
     block_size: int = 512,
     live_threshold: float = 1e-3,
+    kernel: Kernel = "auto",
 ) -> SimRegOutput:
     """The SimReg term (without lambda): mean of softplus(Lsr_i), and its statistics.
 
@@ -115,7 +121,8 @@ def simreg_loss(
     if reduction not in ("group", "token"):
         raise ValueError(f"simreg reduction must be 'group' or 'token', got {reduction!r}")
     run = _run(
-        hidden, labels, loss_mask, temperature, chunk_size, sequence_first, process_group, sequence_layout, block_size
+        hidden, labels, loss_mask, temperature, chunk_size, sequence_first, process_group, sequence_layout, block_size,
+        kernel,
     )
     valid = run.valid
     has_negatives = valid & torch.isfinite(run.lsr)
@@ -187,7 +194,7 @@ class _Plan:
     dtype: torch.dtype  # float32, or float64 for float64 embeddings (gradcheck)
 
 
-def _run(hidden, labels, loss_mask, temperature, chunk_size, sequence_first, process_group, layout, block_size):
+def _run(hidden, labels, loss_mask, temperature, chunk_size, sequence_first, process_group, layout, block_size, kernel):
     batch_major = hidden.transpose(0, 1) if sequence_first else hidden
     if batch_major.dim() != 3:
         raise ValueError(f"simreg expects hidden [b, s, h] (or [s, b, h] with sequence_first=True), got {tuple(hidden.shape)}")
@@ -209,6 +216,7 @@ def _run(hidden, labels, loss_mask, temperature, chunk_size, sequence_first, pro
         raise ValueError(f"simreg block_size must be positive, got {block_size}")
     if layout not in ("contiguous", "zigzag"):
         raise ValueError(f"simreg sequence_layout must be 'contiguous' or 'zigzag', got {layout!r}")
+    pairwise = _kernel_function(kernel, hidden)
 
     pieces = [(0, s)] if layout == "contiguous" or process_group is None else _zigzag_pieces(s)
     distributed = process_group is not None and dist.get_world_size(process_group) > 1
@@ -224,7 +232,7 @@ def _run(hidden, labels, loss_mask, temperature, chunk_size, sequence_first, pro
         block_size=block_size,
         dtype=torch.promote_types(hidden.dtype, torch.float32),
     )
-    lsr, positive_count, angles = _SimRegFunction.apply(batch_major, plan)
+    lsr, positive_count, angles = pairwise.apply(batch_major, plan)
     return _Run(_unbatched(lsr, b, s), _unbatched(positive_count, b, s), valid, angles[0], angles[1])
 
 
@@ -265,112 +273,365 @@ def _unbatched(batched: torch.Tensor, b: int, s: int) -> torch.Tensor:
     return batched.reshape(b, -1, *batched.shape[2:])[:, :s]
 
 
+def _kernel_function(kernel: Kernel, hidden: torch.Tensor):
+    """The pairwise kernel: the fused Triton one for CUDA tensors when Triton imports ("auto"), else PyTorch's."""
+    if kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"simreg kernel must be 'auto', 'torch' or 'triton', got {kernel!r}")
+    if kernel == "torch" or (kernel == "auto" and not hidden.is_cuda):
+        return _SimRegFunction
+    try:
+        from megatron_simreg import simreg_triton
+    except ImportError as error:
+        if kernel == "auto":
+            return _SimRegFunction
+        raise ValueError(f"simreg kernel 'triton' needs the triton package ({error}); install it or use kernel='torch'") from error
+    if not hidden.is_cuda and not simreg_triton.INTERPRETED:
+        raise ValueError(
+            "simreg kernel 'triton' runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1, set before "
+            "megatron_simreg.simreg_triton is imported); use kernel='torch' or 'auto' on CPU"
+        )
+    return simreg_triton.SimRegTritonFunction
+
+
 # ---------------------------------------------------------------------------------------------
-# The pairwise kernel
+# The pairwise kernel (PyTorch; `megatron_simreg.simreg_triton` is the fused GPU kernel with the same contract)
+
+MASKED = 1e30
+"""Subtracted from the logits of pairs outside a set: exp() of them underflows to exactly 0 (or to e^EXP_FLOOR,
+below float32's resolution of any sum here), and unlike -inf, MASKED - MASKED is 0, not NaN."""
+
+EXP_FLOOR = -80.0
+"""Exponents are raised to at least this before `exp`: e^-80 ~ 1.8e-35 is still a normal float32, so no
+subnormal number reaches an `exp`, a product or a matrix product (x86 CPUs take up to ~200x longer on those,
+as the logits span 2/tau = 200 at tau = 0.01). What it adds stays below float32's resolution: every sum is
+taken relative to its largest term (>= 1), and in backward every term is a softmax weight (a sum of 1)."""
 
 
 class _SimRegFunction(torch.autograd.Function):
-    """Lsr per token from the embeddings; saves only per-token scalars and recomputes tiles.
+    """Lsr per token from the embeddings; saves only per-token scalars and recomputes tiles in backward.
 
-    Works on the batched segments of `_Plan`, in tiles of at most `block x block` pairs: `[1, block, block]`
-    for long segments, many short segments side by side (`[n, segment, segment]`).
+    z_ij = cos(h_i, h_j) / tau is symmetric and, within a segment, anchors and keys are the same tokens: each
+    tile pair (I, J) with I < J is computed once, its rows feeding anchors I and its columns anchors J, in
+    forward (the log-sum-exps) and in backward (both gradient directions); diagonal tiles once. That is
+    two `s x s x h` products in all (half of z forward, half again backward, and d/dU = W U over the
+    symmetric W). Under sequence or context parallelism full SimReg pairs the local anchors with the
+    gathered sequence: anchors and keys differ, so tiles are not mirrored there (each rank computes its own
+    anchors' rows against all keys, as before), which keeps it exactly the single-process value.
+
+    Per tile: the negatives' log-sum-exp needs each row's (and column's) maximum over its negatives; the
+    positives' needs none, as the largest positive logit of a normalised anchor is its own z_ii = 1/tau
+    (Cauchy-Schwarz), so one exp over the tile serves the positive sums of its rows and of its columns.
+    Zero vectors (|h| < NORM_EPS, whose logits are all ~0) break that bound; tiles holding one take the
+    maximum as for negatives. Masks come from labels as float arithmetic, not boolean tensors (slow on CPU).
     """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, plan: _Plan):
-        anchors = _batched(hidden, plan.segment)
-        inv_norm = _inverse_norms(anchors, plan.dtype)
-        keys, key_inv_norm, key_labels, key_valid = _pairing_partners(anchors, inv_norm, plan)
-        lse_pos = torch.full(anchors.shape[:2], -math.inf, dtype=plan.dtype, device=hidden.device)
-        lse_neg = torch.full_like(lse_pos, -math.inf)
-        positive_count = torch.zeros_like(lse_pos)
-        angles = torch.zeros(2, dtype=torch.float64, device=hidden.device)
-        for segs, at in _row_tiles(plan, keys.shape[1]):
-            units = _units(anchors[segs, at], inv_norm[segs, at], plan.dtype)
-            for key_at in _blocks(keys.shape[1], plan.block_size):
-                # Keys are normalised tile by tile, never all at once.
-                key_units = _units(keys[segs, key_at], key_inv_norm[segs, key_at], plan.dtype)
-                z = torch.bmm(units, key_units.transpose(1, 2)).mul_(plan.inv_temperature)
-                same = plan.labels[segs, at, None] == key_labels[segs, None, key_at]
-                positive = same & key_valid[segs, None, key_at]
-                negative = same.logical_not_() & key_valid[segs, None, key_at]
-                lse_pos[segs, at] = torch.logaddexp(lse_pos[segs, at], _masked_logsumexp(z, positive))
-                lse_neg[segs, at] = torch.logaddexp(lse_neg[segs, at], _masked_logsumexp(z, negative))
-                positive_count[segs, at] += positive.sum(-1, dtype=plan.dtype)
-                negative &= plan.valid[segs, at, None]  # the angle statistic counts valid anchors only
-                radians = z.mul_(1.0 / plan.inv_temperature).clamp_(-1.0, 1.0).acos_()
-                angles[0] += torch.where(negative, radians, 0.0).sum(dtype=torch.float64) * (180.0 / math.pi)
-                angles[1] += negative.sum()
+        with ieee_fp32_products():
+            pairs = _Pairs.of(hidden, plan)
+            lse_pos, lse_neg, angle_sum = _forward_tiles(pairs, plan)
         lsr = torch.where(plan.valid, lse_neg - lse_pos, 0.0)
+        angles = torch.stack([angle_sum, pairs.negative_pairs()])
         ctx.plan = plan
         ctx.save_for_backward(hidden, lse_pos, lse_neg)
-        ctx.mark_non_differentiable(positive_count, angles)
-        return lsr, positive_count, angles
+        ctx.mark_non_differentiable(pairs.positive_count, angles)
+        return lsr, pairs.positive_count, angles
 
     @staticmethod
     def backward(ctx, grad_lsr, _grad_count, _grad_angles):
         hidden, lse_pos, lse_neg = ctx.saved_tensors
         plan: _Plan = ctx.plan
-        anchors = _batched(hidden, plan.segment)
-        inv_norm = _inverse_norms(anchors, plan.dtype)
         # Masked anchors and anchors without negatives (Lsr = -inf) contribute nothing.
         grad = torch.where(plan.valid & torch.isfinite(lse_neg), grad_lsr.to(plan.dtype), 0.0)
-        # +inf where a set is empty, so exp(z - lse) is 0 rather than inf * 0.
-        lse_pos, lse_neg = (torch.where(torch.isfinite(lse), lse, math.inf) for lse in (lse_pos, lse_neg))
-        keys, key_inv_norm, key_labels, key_valid = _pairing_partners(anchors, inv_norm, plan)
-        key_lse_pos, key_lse_neg, key_grad = _gather_scalars(plan, lse_pos, lse_neg, grad)
-        grad_anchors = torch.empty(anchors.shape, dtype=plan.dtype, device=hidden.device)
-        for segs, at in _row_tiles(plan, keys.shape[1]):
-            units = _units(anchors[segs, at], inv_norm[segs, at], plan.dtype)
-            grad_units = torch.zeros_like(units)
-            for key_at in _blocks(keys.shape[1], plan.block_size):
-                key_units = _units(keys[segs, key_at], key_inv_norm[segs, key_at], plan.dtype)
-                z = torch.bmm(units, key_units.transpose(1, 2)).mul_(plan.inv_temperature)
-                z.masked_fill_(~(plan.valid[segs, at, None] & key_valid[segs, None, key_at]), -math.inf)
-                same = plan.labels[segs, at, None] == key_labels[segs, None, key_at]
-                # z_ij is symmetric: token i receives d Lsr_i / d z_ij as the anchor of its row,
-                # and d Lsr_j / d z_ji as a member of anchor j's pairs.
-                grad_logits = _lsr_logit_grad(z, same, lse_pos[segs, at, None], lse_neg[segs, at, None], grad[segs, at, None])
-                grad_logits += _lsr_logit_grad(z, same, key_lse_pos[segs, None, key_at], key_lse_neg[segs, None, key_at], key_grad[segs, None, key_at])
-                grad_units.baddbmm_(grad_logits, key_units, alpha=plan.inv_temperature)
-            grad_anchors[segs, at] = _normalize_backward(units, inv_norm[segs, at], grad_units)
-        # In the input's own memory layout, so adding it to the other gradients of `hidden` (and what
-        # reduces them downstream) runs in the same order as without SimReg: lambda = 0 changes no bit.
+        if not grad.any() and plan.gather is None:  # lambda = 0: nothing to recompute
+            return torch.zeros_like(hidden), None
+        with ieee_fp32_products():
+            pairs = _Pairs.of(hidden, plan)
+            grad_units = _backward_tiles(pairs, plan, _logit_weights(lse_pos, lse_neg, grad))
+        _normalize_backward_(grad_units, pairs.anchors, plan)
+        del pairs  # the units: the gradient in the input's layout takes their place
+        # In the input's own memory layout, so adding it to the other gradients of `hidden` (and what reduces
+        # them downstream) runs in the same order as without SimReg: lambda = 0 changes no bit.
         grad_hidden = torch.empty_like(hidden)
-        grad_hidden.copy_(_unbatched(grad_anchors, *hidden.shape[:2]))
+        grad_hidden.copy_(_unbatched(grad_units, *hidden.shape[:2]))
         return grad_hidden, None
 
 
-def _inverse_norms(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return 1.0 / torch.linalg.vector_norm(hidden, dim=-1, dtype=dtype).clamp_min(NORM_EPS)
+_precision_lock = threading.Lock()
+_precision_depth = 0
+_precision_saved: tuple[str, str] | None = None
 
 
-def _units(rows: torch.Tensor, inv_norm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return rows.to(dtype) * inv_norm[..., None]
+@contextlib.contextmanager
+def ieee_fp32_products():
+    """Float32 matrix products in IEEE precision inside, whatever the global setting (TF32 on GPUs, which NGC
+    images turn on with TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1; bf16 in oneDNN on CPUs). At tau = 0.01 a logit is a
+    cosine times 100: TF32's 2^-11 rounding of the inputs moves it by ~1e-2 and the loss by ~1e-5 relative.
+
+    torch keeps the setting per process, not per thread: the first holder saves and sets it, the last restores
+    it (also on exceptions); other threads' float32 products in between run in IEEE precision too.
+    """
+    global _precision_depth, _precision_saved
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    with _precision_lock:
+        if _precision_depth == 0:
+            _precision_saved = tuple(backend.fp32_precision for backend in backends)
+            for backend in backends:
+                backend.fp32_precision = "ieee"
+        _precision_depth += 1
+    try:
+        yield
+    finally:
+        with _precision_lock:
+            _precision_depth -= 1
+            if _precision_depth == 0:
+                for backend, precision in zip(backends, _precision_saved):
+                    backend.fp32_precision = precision
 
 
-def _normalize_backward(units: torch.Tensor, inv_norm: torch.Tensor, grad_units: torch.Tensor) -> torch.Tensor:
-    """Gradient through u = h / max(|h|, eps): the radial part drops out unless |h| < eps."""
-    radial = (units * grad_units).sum(-1, keepdim=True) * units
-    clamped = (inv_norm >= 1.0 / NORM_EPS)[..., None]
-    return torch.where(clamped, grad_units, grad_units - radial) * inv_norm[..., None]
+@dataclass
+class _Side:
+    """The tokens on one side of the tiles, batched like `_Plan`: `[batch, length, ...]`, plan.dtype."""
+
+    units: torch.Tensor  # [batch, length, h] h / (max(|h|, eps) * sqrt(tau)): z_ij = units_i . units_j
+    scale: torch.Tensor  # 1 / (max(|h|, eps) * sqrt(tau))
+    short: torch.Tensor  # bool, |h| < NORM_EPS: |u| < 1, so z_ii = 1/tau no longer bounds the row
+    labels: torch.Tensor  # rank of the label among those present; -1 for invalid tokens
+    valid: torch.Tensor  # 1.0 for valid tokens, 0.0 for invalid ones
+    bias: torch.Tensor  # 0 for valid tokens, -MASKED for invalid ones: added to z, it drops their pairs
 
 
-def _pairing_partners(hidden, inv_norm, plan: _Plan):
-    """The tokens the local anchors pair with: the local ones, or the gathered sequence."""
+@dataclass
+class _Pairs:
+    """What the tiles need: both sides (the same object unless the plan gathers) and the set sizes."""
+
+    anchors: _Side
+    keys: _Side
+    positive_count: torch.Tensor  # [batch, length] |P_i|: valid keys with the anchor's label (i itself included)
+    negative_count: torch.Tensor  # [batch, length] |N_i| for valid anchors
+    symmetric: bool
+
+    @classmethod
+    def of(cls, hidden: torch.Tensor, plan: _Plan) -> "_Pairs":
+        key_labels, key_valid = _pairing_partners(plan.labels, plan.valid, plan)
+        ranks = torch.unique(key_labels, return_inverse=True)[1]  # exact in float32 up to 2^24 labels
+        anchor_ranks = _local_share(ranks, plan)
+        positive_count = _positive_counts(anchor_ranks, ranks, key_valid).to(plan.dtype)
+        negative_count = key_valid.sum(-1, keepdim=True, dtype=plan.dtype) - positive_count
+        anchors = _side(hidden, plan.segment, anchor_ranks, plan.valid, plan)
+        if plan.gather is None:
+            return cls(anchors, anchors, positive_count, negative_count, symmetric=True)
+        gathered = _all_gather_sequence(hidden, plan.gather)
+        keys = _side(gathered, gathered.shape[1], ranks, key_valid, plan)
+        return cls(anchors, keys, positive_count, negative_count, symmetric=False)
+
+    def negative_pairs(self) -> torch.Tensor:
+        """The number of (valid anchor, valid key) pairs with different labels, for the angle statistic."""
+        return (self.negative_count * self.anchors.valid).sum(dtype=torch.float64)
+
+
+def _pairing_partners(labels: torch.Tensor, valid: torch.Tensor, plan: _Plan):
+    """The keys' labels and validity: the anchors' own, or the gathered sequence's."""
     if plan.gather is None:
-        return hidden, inv_norm, plan.labels, plan.valid
-    return (
-        _all_gather_sequence(hidden, plan.gather),
-        _all_gather_sequence(inv_norm, plan.gather),
-        _all_gather_sequence(plan.labels, plan.gather),
-        _all_gather_sequence(plan.valid, plan.gather),
+        return labels, valid
+    return _all_gather_sequence(labels, plan.gather), _all_gather_sequence(valid, plan.gather)
+
+
+def _local_share(gathered: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """This rank's own tokens out of a gathered `[b, world * s, ...]` tensor (all of it without a gather)."""
+    if plan.gather is None:
+        return gathered
+    rank = dist.get_rank(plan.gather)
+    return gathered[:, rank * plan.segment : (rank + 1) * plan.segment]
+
+
+def _positive_counts(anchor_ranks: torch.Tensor, key_ranks: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """|P_i| for every anchor (invalid ones too): valid keys of its segment with its label, by sorting, not pairs."""
+    width = key_ranks.shape[0] and int(key_ranks.max()) + 1
+    segment = torch.arange(key_ranks.shape[0], device=key_ranks.device)[:, None] * width
+    present, counts = torch.unique((segment + key_ranks)[key_valid], return_counts=True)
+    if present.numel() == 0:
+        return torch.zeros_like(anchor_ranks)
+    wanted = segment + anchor_ranks
+    at = torch.searchsorted(present, wanted).clamp_max_(present.numel() - 1)
+    return torch.where(present[at] == wanted, counts[at], 0)
+
+
+def _side(hidden: torch.Tensor, segment: int, ranks: torch.Tensor, valid: torch.Tensor, plan: _Plan) -> _Side:
+    """Scaled unit vectors of `hidden` `[b, s, h]` cut into segments (the tail zero-padded), with their masks."""
+    b, s, h = hidden.shape
+    norms = torch.linalg.vector_norm(hidden, dim=-1, dtype=plan.dtype)
+    scale = (norms.clamp_min(NORM_EPS) * math.sqrt(1.0 / plan.inv_temperature)).reciprocal_()
+    units = hidden.new_empty((b, -(-s // segment) * segment, h), dtype=plan.dtype)
+    torch.mul(hidden, scale[..., None], out=units[:, :s])
+    units[:, s:] = 0
+    return _Side(
+        units=units.view(-1, segment, h),
+        scale=_batched(scale, segment),
+        short=_batched(norms < NORM_EPS, segment),
+        labels=torch.where(valid, ranks.to(plan.dtype), -1.0),
+        valid=valid.to(plan.dtype),
+        bias=torch.where(valid, 0.0, -MASKED).to(plan.dtype),
     )
 
 
+@dataclass(frozen=True)
+class _Tile:
+    segments: slice  # which batched segments (short segments share a tile)
+    rows: slice  # anchor positions
+    cols: slice  # key positions
+    row_block: int
+    col_block: int
+    mirrored: bool  # off-diagonal in a symmetric plan: the tile also stands for its transpose
+
+
+def _tiles(plan: _Plan, pairs: _Pairs) -> list[_Tile]:
+    """Tiles of at most `block x block` pairs: `[1, block, block]` for long segments, short ones side by side."""
+    batch, rows = pairs.anchors.labels.shape
+    cols = pairs.keys.labels.shape[1]
+    per_tile = max(1, plan.block_size**2 // (min(rows, plan.block_size) * min(cols, plan.block_size)))
+    row_blocks, col_blocks = _blocks(rows, plan.block_size), _blocks(cols, plan.block_size)
+    return [
+        _Tile(segments, row_at, col_at, i, j, pairs.symmetric and j > i)
+        for segments in _blocks(batch, per_tile)
+        for i, row_at in enumerate(row_blocks)
+        for j, col_at in enumerate(col_blocks)
+        if not pairs.symmetric or j >= i
+    ]
+
+
+def _tiles_touching(tiles: list[_Tile], rows: torch.Tensor, cols: torch.Tensor) -> list[bool]:
+    """Per tile: does any of its anchors (per `rows`) or keys (per `cols`) need the general path? One check per
+    tile, and none at all in the common case where no token does."""
+    if not bool(rows.any()) and (cols is rows or not bool(cols.any())):
+        return [False] * len(tiles)
+    return [bool(rows[t.segments, t.rows].any() or cols[t.segments, t.cols].any()) for t in tiles]
+
+
+def _same_label(row_labels: torch.Tensor, col_labels: torch.Tensor) -> torch.Tensor:
+    """1.0 where the labels agree, else 0.0: max(1 - d^2, 0) of the integer-valued label difference d."""
+    difference = torch.sub(row_labels[:, :, None], col_labels[:, None, :])
+    return torch.addcmul(difference.new_ones(()), difference, difference, value=-1.0).clamp_min_(0.0)
+
+
+def _forward_tiles(pairs: _Pairs, plan: _Plan):
+    """Per anchor the positives' and negatives' log-sum-exps (-inf for an empty set), and the angle sum."""
+    a, k = pairs.anchors, pairs.keys
+    tiles = _tiles(plan, pairs)
+    irregular = _tiles_touching(tiles, a.valid == 0, k.valid == 0)
+    short = _tiles_touching(tiles, a.short, k.short)
+    # Each tile leaves one partial (max, sum) per anchor and set, indexed by the other side's block.
+    parts = (*a.labels.shape, len(_blocks(k.labels.shape[1], plan.block_size)))
+    pos_max, pos_sum, neg_max, neg_sum = (a.labels.new_zeros(parts) for _ in range(4))
+    angle_sum = torch.zeros((), dtype=torch.float64, device=a.units.device)
+    for tile, masked, general in zip(tiles, irregular, short):
+        at, rows, cols = tile.segments, tile.rows, tile.cols
+        z = torch.bmm(a.units[at, rows], k.units[at, cols].transpose(1, 2))
+        if masked:
+            z.add_(a.bias[at, rows, None]).add_(k.bias[at, None, cols])
+        same = _same_label(a.labels[at, rows], k.labels[at, cols])
+        different = torch.rsub(same, 1.0)
+        row_part, col_part = (at, rows, tile.col_block), (at, cols, tile.row_block)
+        angles = _negative_angle_sum(z, different, plan, a.valid[at, rows] if masked else None, k.valid[at, cols])
+        angle_sum += angles * (2.0 if tile.mirrored else 1.0)
+
+        negatives = torch.add(z, same, alpha=-MASKED)
+        neg_max[row_part], neg_sum[row_part] = _shifted_sums(negatives, -1, in_place=not tile.mirrored)
+        if tile.mirrored:
+            neg_max[col_part], neg_sum[col_part] = _shifted_sums(negatives, -2, in_place=True)
+        positives = z.add_(different, alpha=-MASKED)
+        if general:
+            pos_max[row_part], pos_sum[row_part] = _shifted_sums(positives, -1, in_place=not tile.mirrored)
+            if tile.mirrored:
+                pos_max[col_part], pos_sum[col_part] = _shifted_sums(positives, -2, in_place=True)
+        else:  # the largest positive logit of a normalised anchor is its own, 1/tau
+            terms = positives.sub_(plan.inv_temperature).clamp_min_(EXP_FLOOR).exp_()
+            pos_max[row_part], pos_sum[row_part] = plan.inv_temperature, terms.sum(-1)
+            if tile.mirrored:
+                pos_max[col_part], pos_sum[col_part] = plan.inv_temperature, terms.sum(-2)
+    lse_pos = torch.where(pairs.positive_count > 0, _combine(pos_max, pos_sum), -math.inf)
+    lse_neg = torch.where(pairs.negative_count > 0, _combine(neg_max, neg_sum), -math.inf)
+    return lse_pos, lse_neg, angle_sum * (180.0 / math.pi)
+
+
+def _shifted_sums(masked: torch.Tensor, dim: int, in_place: bool):
+    """(max, sum of exp(x - max)) along `dim` of a tile whose pairs outside the set hold -MASKED."""
+    top = masked.amax(dim, keepdim=True).clamp_min_(-MASKED / 2)  # an empty set keeps a finite max
+    terms = masked.sub_(top) if in_place else torch.sub(masked, top)
+    return top.squeeze(dim), terms.clamp_min_(EXP_FLOOR).exp_().sum(dim)
+
+
+def _combine(maxes: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """The log-sum-exp of a set from its tiles' partial (max, sum) pairs along the last dim."""
+    top = maxes.amax(-1, keepdim=True)
+    return (sums * (maxes - top).clamp_min_(EXP_FLOOR).exp_()).sum(-1).log_() + top.squeeze(-1)
+
+
+def _negative_angle_sum(z, different, plan: _Plan, row_valid, col_valid) -> torch.Tensor:
+    """Sum of the angles (radians) of the tile's different-label pairs; with `row_valid`, of its valid ones."""
+    radians = torch.mul(z, 1.0 / plan.inv_temperature).clamp_(-1.0, 1.0).acos_()
+    if row_valid is None:
+        return torch.dot(radians.view(-1), different.view(-1)).double()
+    radians.mul_(different).mul_(row_valid[:, :, None]).mul_(col_valid[:, None, :])
+    return radians.sum(dtype=torch.float64)
+
+
+def _logit_weights(lse_pos: torch.Tensor, lse_neg: torch.Tensor, grad: torch.Tensor):
+    """Per anchor (shift, step, sign) with grad_i * |d Lsr_i / d z_ij| = sign_i * exp(z_ij - shift_i + same_ij * step_i).
+
+    d Lsr_i / d z_ij is the softmax over N_i (for negatives) minus the softmax over P_i (for positives); log|g_i| is
+    folded into the exponent, so the tile's exponentials are already the gradient's magnitudes.
+    """
+    live = grad != 0  # other rows are zeroed by their sign; MASKED keeps their exponentials finite till then
+    shift = torch.where(live, lse_neg - grad.abs().log(), MASKED)
+    step = torch.where(live, lse_neg - lse_pos, 0.0)
+    return shift, step, grad.sign()
+
+
+def _backward_tiles(pairs: _Pairs, plan: _Plan, weights) -> torch.Tensor:
+    """d loss / d units for the anchors: sum_j (G_ij + G_ji) u_j over the symmetric W = G + G^T."""
+    a, k = pairs.anchors, pairs.keys
+    shift, step, sign = weights
+    key_shift, key_step, key_sign = (shift, step, sign) if pairs.symmetric else _gather_scalars(plan, shift, step, sign)
+    tiles = _tiles(plan, pairs)
+    irregular = _tiles_touching(tiles, a.valid == 0, k.valid == 0)
+    signed_rows = _tiles_touching(tiles, sign != 1, torch.zeros_like(k.short))
+    signed_cols = _tiles_touching(tiles, torch.zeros_like(a.short), key_sign != 1)
+    grad_units = torch.zeros_like(a.units)
+    for tile, masked, row_signs, col_signs in zip(tiles, irregular, signed_rows, signed_cols):
+        at, rows, cols = tile.segments, tile.rows, tile.cols
+        z = torch.bmm(a.units[at, rows], k.units[at, cols].transpose(1, 2))
+        if masked:
+            z.add_(a.bias[at, rows, None]).add_(k.bias[at, None, cols])
+        same = _same_label(a.labels[at, rows], k.labels[at, cols])
+        # G_ij: anchor i's weight on key j (rows); G_ji: anchor j's weight on key i (columns).
+        w = torch.sub(z, shift[at, rows, None]).addcmul_(same, step[at, rows, None]).clamp_min_(EXP_FLOOR).exp_()
+        if row_signs:
+            w.mul_(sign[at, rows, None])
+        col_w = z.sub_(key_shift[at, None, cols]).addcmul_(same, key_step[at, None, cols]).clamp_min_(EXP_FLOOR).exp_()
+        if col_signs:
+            col_w.mul_(key_sign[at, None, cols])
+        w.add_(col_w).addcmul_(same, w, value=-2.0)  # + for negatives, - for positives
+        if masked:
+            w.mul_(a.valid[at, rows, None]).mul_(k.valid[at, None, cols])
+        grad_units[at, rows].baddbmm_(w, k.units[at, cols])
+        if tile.mirrored:
+            grad_units[at, cols].baddbmm_(w.transpose(1, 2), a.units[at, rows])
+    return grad_units
+
+
+def _normalize_backward_(grad_units: torch.Tensor, anchors: _Side, plan: _Plan) -> None:
+    """d loss / d hidden in place of d loss / d units (units = h / (max(|h|, eps) sqrt(tau))).
+
+    The radial part drops out unless |h| < eps.
+    """
+    n, length, h = grad_units.shape
+    radial = torch.bmm(anchors.units.view(-1, 1, h), grad_units.view(-1, h, 1)).view(n, length, 1)
+    radial.mul_(1.0 / plan.inv_temperature).masked_fill_(anchors.short[..., None], 0.0)
+    grad_units.addcmul_(anchors.units, radial, value=-1.0).mul_(anchors.scale[..., None])
+
+
 def _gather_scalars(plan: _Plan, *per_token: torch.Tensor) -> list[torch.Tensor]:
-    if plan.gather is None:
-        return list(per_token)
     gathered = _all_gather_sequence(torch.stack(per_token, dim=-1), plan.gather)
     return list(gathered.unbind(-1))
 
@@ -387,25 +648,6 @@ def _all_gather_sequence(local: torch.Tensor, group: dist.ProcessGroup) -> torch
     return out.transpose(0, 1)
 
 
-def _row_tiles(plan: _Plan, key_length: int) -> list[tuple[slice, slice]]:
-    """(segments, positions) of each tile's anchors: short segments share a tile, up to `block x block` pairs."""
-    rows, keys = min(plan.segment, plan.block_size), min(key_length, plan.block_size)
-    per_tile = max(1, plan.block_size**2 // (rows * keys))
-    return [(batch, at) for batch in _blocks(plan.labels.shape[0], per_tile) for at in _blocks(plan.segment, plan.block_size)]
-
-
 def _blocks(length: int, size: int):
     """Consecutive ranges of at most `size` tokens: tiles are `[size, size]`, whatever the length is."""
     return [slice(start, min(start + size, length)) for start in range(0, length, size)]
-
-
-def _masked_logsumexp(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(torch.where(mask, z, -math.inf), dim=-1)
-
-
-def _lsr_logit_grad(z, same, lse_pos, lse_neg, grad):
-    """grad * d Lsr / d z: softmax over the negatives minus softmax over the positives.
-
-    z is -inf off the pairs; lse is +inf where its set is empty; both make the term 0.
-    """
-    return torch.exp(z - torch.where(same, lse_pos, lse_neg)).mul_(torch.where(same, -grad, grad))
