@@ -34,6 +34,8 @@ class SimRegObjective:
         the whole sequence otherwise.
     layer: -1 for the final hidden states after the final norm, else a decoder layer's output (0-based),
         the paper's Sec. 5.3 ablation.
+    kernel: the pairwise kernel, "auto" (the fused Triton kernel for CUDA tensors when triton imports, else
+        PyTorch's), "torch" or "triton".
     """
 
     enabled: bool = True
@@ -44,6 +46,7 @@ class SimRegObjective:
     reduction: str = "group"
     layer: int = -1
     block_size: int = 512
+    kernel: str = "auto"
 
     @classmethod
     def from_config(cls, cfg) -> "SimRegObjective":
@@ -51,7 +54,7 @@ class SimRegObjective:
         s = cfg.simreg
         return cls(
             enabled=s.enabled, weight=cfg.simreg_weight, temperature=s.temperature, mode=s.mode,
-            chunk_size=s.chunk_size, reduction=s.reduction, layer=s.layer, block_size=s.block_size,
+            chunk_size=s.chunk_size, reduction=s.reduction, layer=s.layer, block_size=s.block_size, kernel=s.kernel,
         )
 
     def __post_init__(self):
@@ -93,6 +96,7 @@ class SimRegObjective:
             process_group=group,
             sequence_layout=layout,
             block_size=self.block_size,
+            kernel=self.kernel,
         )
 
 

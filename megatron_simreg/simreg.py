@@ -348,7 +348,7 @@ class _SimRegFunction(torch.autograd.Function):
         with ieee_fp32_products():
             pairs = _Pairs.of(hidden, plan)
             grad_units = _backward_tiles(pairs, plan, _logit_weights(lse_pos, lse_neg, grad))
-        _normalize_backward_(grad_units, pairs.anchors, plan)
+            _normalize_backward_(grad_units, pairs.anchors, plan)
         del pairs  # the units: the gradient in the input's layout takes their place
         # In the input's own memory layout, so adding it to the other gradients of `hidden` (and what reduces
         # them downstream) runs in the same order as without SimReg: lambda = 0 changes no bit.

@@ -50,6 +50,7 @@ DOT_PRECISION = "tf32x3"
 rounded to the input's dtype for its product with it."""
 
 _MASKED = tl.constexpr(reference_kernel.MASKED)
+_UPCAST = tl.constexpr(INTERPRETED)  # the interpreter multiplies bf16 as raw bits: hand it float32 (exact) instead
 MASKED = reference_kernel.MASKED
 
 
@@ -185,6 +186,13 @@ def _acos(x):
 
 
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    if _UPCAST:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def _tile(
     hidden, keys, scale, key_scale, labels, key_labels, t, seg,
     tile_rows, tile_cols, hidden_size, length, key_length, chunks, sequence, key_sequence,
@@ -212,6 +220,8 @@ def _tile(
         ks = k + tl.arange(0, BLOCK_K)
         a = tl.load(row_ptr + ks[None, :], mask=row_ok[:, None] & (ks < hidden_size)[None, :], other=0.0)
         b = tl.load(col_ptr + ks[None, :], mask=col_ok[:, None] & (ks < hidden_size)[None, :], other=0.0)
+        if _UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
     z = acc * row_scale[:, None] * col_scale[None, :]
 
@@ -305,10 +315,10 @@ def _backward_kernel(
         ks = k + tl.arange(0, BLOCK_K)
         in_k = (ks < hidden_size)[None, :]
         col_h = tl.load(col_ptr + ks[None, :], mask=col_ok[:, None] & in_k, other=0.0).to(DOT_DTYPE)
-        tl.atomic_add(row_out + ks[None, :], tl.dot(w_rows, col_h, input_precision=PRECISION), mask=row_ok[:, None] & in_k)
+        tl.atomic_add(row_out + ks[None, :], _dot(w_rows, col_h, PRECISION), mask=row_ok[:, None] & in_k)
         if mirrored:
             row_h = tl.load(row_ptr + ks[None, :], mask=row_ok[:, None] & in_k, other=0.0).to(DOT_DTYPE)
-            tl.atomic_add(col_out + ks[None, :], tl.dot(w_cols, row_h, input_precision=PRECISION), mask=col_ok[:, None] & in_k)
+            tl.atomic_add(col_out + ks[None, :], _dot(w_cols, row_h, PRECISION), mask=col_ok[:, None] & in_k)
 
 
 @triton.jit
