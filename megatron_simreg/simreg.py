@@ -331,7 +331,7 @@ class _SimRegFunction(torch.autograd.Function):
             pairs = _Pairs.of(hidden, plan)
             lse_pos, lse_neg, angle_sum = _forward_tiles(pairs, plan)
         lsr = torch.where(plan.valid, lse_neg - lse_pos, 0.0)
-        angles = torch.stack([angle_sum, pairs.negative_pairs()])
+        angles = torch.stack([angle_sum, (pairs.negative_count * plan.valid).sum(dtype=torch.float64)])
         ctx.plan = plan
         ctx.save_for_backward(hidden, lse_pos, lse_neg)
         ctx.mark_non_differentiable(pairs.positive_count, angles)
@@ -353,7 +353,9 @@ class _SimRegFunction(torch.autograd.Function):
         # In the input's own memory layout, so adding it to the other gradients of `hidden` (and what reduces
         # them downstream) runs in the same order as without SimReg: lambda = 0 changes no bit.
         grad_hidden = torch.empty_like(hidden)
-        grad_hidden.copy_(_unbatched(grad_units, *hidden.shape[:2]))
+        segmented = grad_units.unflatten(0, (hidden.shape[0], -1))
+        for part, at in _segment_parts(grad_hidden, plan.segment):
+            part.copy_(segmented[:, at, : part.shape[2]])
         return grad_hidden, None
 
 
@@ -408,7 +410,7 @@ class _Pairs:
     anchors: _Side
     keys: _Side
     positive_count: torch.Tensor  # [batch, length] |P_i|: valid keys with the anchor's label (i itself included)
-    negative_count: torch.Tensor  # [batch, length] |N_i| for valid anchors
+    negative_count: torch.Tensor  # [batch, length] |N_i| for valid anchors (the sides are padded to whole blocks)
     symmetric: bool
 
     @classmethod
@@ -424,10 +426,6 @@ class _Pairs:
         gathered = _all_gather_sequence(hidden, plan.gather)
         keys = _side(gathered, gathered.shape[1], ranks, key_valid, plan)
         return cls(anchors, keys, positive_count, negative_count, symmetric=False)
-
-    def negative_pairs(self) -> torch.Tensor:
-        """The number of (valid anchor, valid key) pairs with different labels, for the angle statistic."""
-        return (self.negative_count * self.anchors.valid).sum(dtype=torch.float64)
 
 
 def _pairing_partners(labels: torch.Tensor, valid: torch.Tensor, plan: _Plan):
@@ -458,107 +456,184 @@ def _positive_counts(anchor_ranks: torch.Tensor, key_ranks: torch.Tensor, key_va
 
 
 def _side(hidden: torch.Tensor, segment: int, ranks: torch.Tensor, valid: torch.Tensor, plan: _Plan) -> _Side:
-    """Scaled unit vectors of `hidden` `[b, s, h]` cut into segments (the tail zero-padded), with their masks."""
+    """Scaled unit vectors of `hidden` `[b, s, h]` cut into segments, each padded to a whole number of blocks."""
     b, s, h = hidden.shape
+    length = _padded_length(segment, plan.block_size)
     norms = torch.linalg.vector_norm(hidden, dim=-1, dtype=plan.dtype)
     scale = (norms.clamp_min(NORM_EPS) * math.sqrt(1.0 / plan.inv_temperature)).reciprocal_()
-    units = hidden.new_empty((b, -(-s // segment) * segment, h), dtype=plan.dtype)
-    torch.mul(hidden, scale[..., None], out=units[:, :s])
-    units[:, s:] = 0
+    units = hidden.new_empty((b, -(-s // segment), length, h), dtype=plan.dtype)
+    units[:, :, segment:] = 0
+    for (part, at), (part_scale, _) in zip(_segment_parts(hidden, segment), _segment_parts(scale, segment)):
+        units[:, at, part.shape[2] : segment] = 0  # the tail of a shorter last segment
+        torch.mul(part, part_scale[..., None], out=units[:, at, : part.shape[2]])
+    padded = _padding(length)
     return _Side(
-        units=units.view(-1, segment, h),
-        scale=_batched(scale, segment),
-        short=_batched(norms < NORM_EPS, segment),
-        labels=torch.where(valid, ranks.to(plan.dtype), -1.0),
-        valid=valid.to(plan.dtype),
-        bias=torch.where(valid, 0.0, -MASKED).to(plan.dtype),
+        units=units.view(-1, length, h),
+        scale=padded(_batched(scale, segment), 0.0),
+        short=padded(_batched(norms < NORM_EPS, segment), False),
+        labels=padded(torch.where(valid, ranks.to(plan.dtype), -1.0), -1.0),
+        valid=padded(valid.to(plan.dtype), 0.0),
+        bias=padded(torch.where(valid, 0.0, -MASKED).to(plan.dtype), -MASKED),
     )
 
 
+def _padded_length(segment: int, block: int) -> int:
+    """Segments longer than a block are padded (with invalid tokens) to whole blocks: every tile is `block` wide."""
+    return segment if segment <= block else -(-segment // block) * block
+
+
+def _padding(length: int):
+    """Pads `[batch, segment, ...]` per-token values to `length` tokens with `value`."""
+
+    def padded(per_token: torch.Tensor, value) -> torch.Tensor:
+        missing = length - per_token.shape[1]
+        if not missing:
+            return per_token
+        tail = per_token.new_full((per_token.shape[0], missing, *per_token.shape[2:]), value)
+        return torch.cat([per_token, tail], dim=1)
+
+    return padded
+
+
+def _segment_parts(per_token: torch.Tensor, segment: int) -> list[tuple[torch.Tensor, slice]]:
+    """`[b, s, ...]` as views `[b, segments, tokens, ...]` over whole segments, then the shorter last one, with the
+    segments they are: how a segmented copy lines up with the unsegmented tensor without reshaping (copying) it."""
+    b, s = per_token.shape[:2]
+    whole = s // segment
+    parts = [(per_token[:, : whole * segment].unflatten(1, (whole, segment)), slice(0, whole))] if whole else []
+    if s % segment:
+        parts.append((per_token[:, whole * segment :, None].transpose(1, 2), slice(whole, whole + 1)))
+    return parts
+
+
 @dataclass(frozen=True)
-class _Tile:
-    segments: slice  # which batched segments (short segments share a tile)
-    rows: slice  # anchor positions
-    cols: slice  # key positions
-    row_block: int
-    col_block: int
-    mirrored: bool  # off-diagonal in a symmetric plan: the tile also stands for its transpose
+class _Strip:
+    """Anchors of one block (`rows`) of some segments against consecutive blocks of their keys (`cols`).
+
+    In a symmetric plan the keys start at the anchors' own block: the strip's columns beyond that block
+    (from `mirrored`, a column offset) also stand for the transposed tiles, whose anchors they are.
+    """
+
+    segments: slice
+    rows: slice
+    cols: slice
+    row_block: int  # index of the anchors' block: the partial slot of the mirrored columns
+    col_block: int  # index of the first key block: the partial slots of the rows are col_block, col_block + 1, ...
+    blocks: int  # key blocks in the strip
+    mirrored: int  # first mirrored column; cols.stop - cols.start if none
+
+    @property
+    def is_mirrored(self) -> bool:
+        return self.mirrored < self.cols.stop - self.cols.start
 
 
-def _tiles(plan: _Plan, pairs: _Pairs) -> list[_Tile]:
-    """Tiles of at most `block x block` pairs: `[1, block, block]` for long segments, short ones side by side."""
-    batch, rows = pairs.anchors.labels.shape
-    cols = pairs.keys.labels.shape[1]
-    per_tile = max(1, plan.block_size**2 // (min(rows, plan.block_size) * min(cols, plan.block_size)))
-    row_blocks, col_blocks = _blocks(rows, plan.block_size), _blocks(cols, plan.block_size)
-    return [
-        _Tile(segments, row_at, col_at, i, j, pairs.symmetric and j > i)
-        for segments in _blocks(batch, per_tile)
-        for i, row_at in enumerate(row_blocks)
-        for j, col_at in enumerate(col_blocks)
-        if not pairs.symmetric or j >= i
-    ]
+def _strips(plan: _Plan, pairs: _Pairs) -> list[_Strip]:
+    """Strips of one block of anchors against up to 4 blocks of keys (as many as the hidden size allows, so the
+    scratch stays below three blocks of units): larger products and fewer operations than single tiles.
+    Short segments share a strip, up to `block x block` pairs."""
+    batch, rows, h = pairs.anchors.units.shape
+    cols = pairs.keys.units.shape[1]
+    row_block, col_block = min(rows, plan.block_size), min(cols, plan.block_size)
+    width = max(1, min(4, h // col_block))
+    per_strip = max(1, plan.block_size**2 // (row_block * col_block))
+    strips = []
+    for segments in _blocks(batch, per_strip):
+        for i in range(rows // row_block):
+            first = i if pairs.symmetric else 0
+            for j in range(first, cols // col_block, width):
+                blocks = min(width, cols // col_block - j)
+                mirrored = col_block if pairs.symmetric and j == i else (0 if pairs.symmetric else blocks * col_block)
+                strips.append(_Strip(
+                    segments, slice(i * row_block, (i + 1) * row_block), slice(j * col_block, (j + blocks) * col_block),
+                    i, j, blocks, mirrored,
+                ))
+    return strips
 
 
-def _tiles_touching(tiles: list[_Tile], rows: torch.Tensor, cols: torch.Tensor) -> list[bool]:
-    """Per tile: does any of its anchors (per `rows`) or keys (per `cols`) need the general path? One check per
-    tile, and none at all in the common case where no token does."""
+def _strips_touching(strips: list[_Strip], rows: torch.Tensor, cols: torch.Tensor) -> list[bool]:
+    """Per strip: does any of its anchors (per `rows`) or keys (per `cols`) need the general path? One check per
+    strip, and none at all in the common case where no token does."""
     if not bool(rows.any()) and (cols is rows or not bool(cols.any())):
-        return [False] * len(tiles)
-    return [bool(rows[t.segments, t.rows].any() or cols[t.segments, t.cols].any()) for t in tiles]
+        return [False] * len(strips)
+    return [bool(rows[t.segments, t.rows].any() or cols[t.segments, t.cols].any()) for t in strips]
 
 
-def _same_label(row_labels: torch.Tensor, col_labels: torch.Tensor) -> torch.Tensor:
+def _same_label(row_labels: torch.Tensor, col_labels: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """1.0 where the labels agree, else 0.0: max(1 - d^2, 0) of the integer-valued label difference d."""
-    difference = torch.sub(row_labels[:, :, None], col_labels[:, None, :])
-    return torch.addcmul(difference.new_ones(()), difference, difference, value=-1.0).clamp_min_(0.0)
+    difference = torch.sub(row_labels[:, :, None], col_labels[:, None, :], out=out)
+    return torch.addcmul(difference.new_ones(()), difference, difference, value=-1.0, out=out).clamp_min_(0.0)
+
+
+class _Workspace:
+    """Strip-sized scratch tensors reused from strip to strip: no allocation (and no page faults) per strip."""
+
+    def __init__(self, count: int, strips: list[_Strip], like: torch.Tensor):
+        self.flat = [like.new_empty(max(math.prod(self.shape(t)) for t in strips)) for _ in range(count)]
+
+    @staticmethod
+    def shape(strip: _Strip) -> tuple[int, int, int]:
+        return tuple(r.stop - r.start for r in (strip.segments, strip.rows, strip.cols))
+
+    def views(self, strip: _Strip) -> list[torch.Tensor]:
+        shape = self.shape(strip)
+        return [flat[: math.prod(shape)].view(shape) for flat in self.flat]
+
+
+def _by_block(strip_tensor: torch.Tensor, strip: _Strip) -> torch.Tensor:
+    """`[n, rows, blocks * block]` as `[n, rows, blocks, block]`: per-tile reductions along the last dim."""
+    return strip_tensor.unflatten(-1, (strip.blocks, -1))
 
 
 def _forward_tiles(pairs: _Pairs, plan: _Plan):
     """Per anchor the positives' and negatives' log-sum-exps (-inf for an empty set), and the angle sum."""
     a, k = pairs.anchors, pairs.keys
-    tiles = _tiles(plan, pairs)
-    irregular = _tiles_touching(tiles, a.valid == 0, k.valid == 0)
-    short = _tiles_touching(tiles, a.short, k.short)
-    # Each tile leaves one partial (max, sum) per anchor and set, indexed by the other side's block.
-    parts = (*a.labels.shape, len(_blocks(k.labels.shape[1], plan.block_size)))
+    strips = _strips(plan, pairs)
+    irregular = _strips_touching(strips, a.valid == 0, k.valid == 0)
+    short = _strips_touching(strips, a.short, k.short)
+    # Each tile leaves one partial (max, sum) per anchor and set, in the slot of the other side's block.
+    parts = (*a.labels.shape, k.labels.shape[1] // min(k.labels.shape[1], plan.block_size))
     pos_max, pos_sum, neg_max, neg_sum = (a.labels.new_zeros(parts) for _ in range(4))
     angle_sum = torch.zeros((), dtype=torch.float64, device=a.units.device)
-    for tile, masked, general in zip(tiles, irregular, short):
-        at, rows, cols = tile.segments, tile.rows, tile.cols
-        z = torch.bmm(a.units[at, rows], k.units[at, cols].transpose(1, 2))
+    workspace = _Workspace(3, strips, a.units)
+    for strip, masked, general in zip(strips, irregular, short):
+        at, rows, cols, m = strip.segments, strip.rows, strip.cols, strip.mirrored
+        z, same, scratch = workspace.views(strip)
+        torch.bmm(a.units[at, rows], k.units[at, cols].transpose(1, 2), out=z)
         if masked:
             z.add_(a.bias[at, rows, None]).add_(k.bias[at, None, cols])
-        same = _same_label(a.labels[at, rows], k.labels[at, cols])
-        different = torch.rsub(same, 1.0)
-        row_part, col_part = (at, rows, tile.col_block), (at, cols, tile.row_block)
-        angles = _negative_angle_sum(z, different, plan, a.valid[at, rows] if masked else None, k.valid[at, cols])
-        angle_sum += angles * (2.0 if tile.mirrored else 1.0)
+        _same_label(a.labels[at, rows], k.labels[at, cols], out=same)
+        radians = _negative_angles(z, same, plan, scratch, (a.valid[at, rows], k.valid[at, cols]) if masked else None)
+        angle_sum += radians.sum(dtype=torch.float64) + radians[..., m:].sum(dtype=torch.float64)
 
-        negatives = torch.add(z, same, alpha=-MASKED)
-        neg_max[row_part], neg_sum[row_part] = _shifted_sums(negatives, -1, in_place=not tile.mirrored)
-        if tile.mirrored:
-            neg_max[col_part], neg_sum[col_part] = _shifted_sums(negatives, -2, in_place=True)
-        positives = z.add_(different, alpha=-MASKED)
-        if general:
-            pos_max[row_part], pos_sum[row_part] = _shifted_sums(positives, -1, in_place=not tile.mirrored)
-            if tile.mirrored:
-                pos_max[col_part], pos_sum[col_part] = _shifted_sums(positives, -2, in_place=True)
-        else:  # the largest positive logit of a normalised anchor is its own, 1/tau
-            terms = positives.sub_(plan.inv_temperature).clamp_min_(EXP_FLOOR).exp_()
-            pos_max[row_part], pos_sum[row_part] = plan.inv_temperature, terms.sum(-1)
-            if tile.mirrored:
-                pos_max[col_part], pos_sum[col_part] = plan.inv_temperature, terms.sum(-2)
-    lse_pos = torch.where(pairs.positive_count > 0, _combine(pos_max, pos_sum), -math.inf)
-    lse_neg = torch.where(pairs.negative_count > 0, _combine(neg_max, neg_sum), -math.inf)
+        row_slots = (at, rows, slice(strip.col_block, strip.col_block + strip.blocks))
+        col_slots = (at, slice(cols.start + m, cols.stop), strip.row_block)
+        negatives = torch.add(z, same, alpha=-MASKED, out=scratch)
+        neg_max[row_slots], neg_sum[row_slots] = _shifted_sums(_by_block(negatives, strip), -1)
+        if strip.is_mirrored:  # afresh: the rows' sums consumed the tile
+            negatives = torch.add(z[..., m:], same[..., m:], alpha=-MASKED, out=scratch[..., m:])
+            neg_max[col_slots], neg_sum[col_slots] = _shifted_sums(negatives, -2)
+        if general:  # a zero vector: the positives' maxima, as the negatives'
+            positives = z.add_(torch.sub(same, 1.0, out=scratch), alpha=MASKED)
+            pos_max[row_slots], pos_sum[row_slots] = _shifted_sums(_by_block(scratch.copy_(positives), strip), -1)
+            if strip.is_mirrored:
+                pos_max[col_slots], pos_sum[col_slots] = _shifted_sums(positives[..., m:], -2)
+        else:  # the largest positive logit of a normalised anchor is its own, 1/tau: one exp for rows and columns
+            terms = z.sub_(plan.inv_temperature).clamp_min_(EXP_FLOOR).exp_().mul_(same)
+            pos_max[row_slots], pos_sum[row_slots] = plan.inv_temperature, _by_block(terms, strip).sum(-1)
+            if strip.is_mirrored:
+                pos_max[col_slots], pos_sum[col_slots] = plan.inv_temperature, terms[..., m:].sum(-2)
+    segment = pairs.positive_count.shape[1]
+    lse_pos = _combine(pos_max[:, :segment], pos_sum[:, :segment])
+    lse_neg = _combine(neg_max[:, :segment], neg_sum[:, :segment])
+    lse_pos = torch.where(pairs.positive_count > 0, lse_pos, -math.inf)
+    lse_neg = torch.where(pairs.negative_count > 0, lse_neg, -math.inf)
     return lse_pos, lse_neg, angle_sum * (180.0 / math.pi)
 
 
-def _shifted_sums(masked: torch.Tensor, dim: int, in_place: bool):
-    """(max, sum of exp(x - max)) along `dim` of a tile whose pairs outside the set hold -MASKED."""
+def _shifted_sums(masked: torch.Tensor, dim: int):
+    """(max, sum of exp(x - max)) along `dim` of a tile whose pairs outside the set hold -MASKED; in place."""
     top = masked.amax(dim, keepdim=True).clamp_min_(-MASKED / 2)  # an empty set keeps a finite max
-    terms = masked.sub_(top) if in_place else torch.sub(masked, top)
-    return top.squeeze(dim), terms.clamp_min_(EXP_FLOOR).exp_().sum(dim)
+    return top.squeeze(dim), masked.sub_(top).clamp_min_(EXP_FLOOR).exp_().sum(dim)
 
 
 def _combine(maxes: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
@@ -567,17 +642,17 @@ def _combine(maxes: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
     return (sums * (maxes - top).clamp_min_(EXP_FLOOR).exp_()).sum(-1).log_() + top.squeeze(-1)
 
 
-def _negative_angle_sum(z, different, plan: _Plan, row_valid, col_valid) -> torch.Tensor:
-    """Sum of the angles (radians) of the tile's different-label pairs; with `row_valid`, of its valid ones."""
-    radians = torch.mul(z, 1.0 / plan.inv_temperature).clamp_(-1.0, 1.0).acos_()
-    if row_valid is None:
-        return torch.dot(radians.view(-1), different.view(-1)).double()
-    radians.mul_(different).mul_(row_valid[:, :, None]).mul_(col_valid[:, None, :])
-    return radians.sum(dtype=torch.float64)
+def _negative_angles(z, same, plan: _Plan, out, valid) -> torch.Tensor:
+    """The angles (radians) of the strip's different-label pairs, 0 elsewhere (and, with `valid`, at invalid pairs)."""
+    radians = torch.mul(z, 1.0 / plan.inv_temperature, out=out).clamp_(-1.0, 1.0).acos_()
+    radians.addcmul_(radians, same, value=-1.0)
+    if valid is not None:
+        radians.mul_(valid[0][:, :, None]).mul_(valid[1][:, None, :])
+    return radians
 
 
 def _logit_weights(lse_pos: torch.Tensor, lse_neg: torch.Tensor, grad: torch.Tensor):
-    """Per anchor (shift, step, sign) with grad_i * |d Lsr_i / d z_ij| = sign_i * exp(z_ij - shift_i + same_ij * step_i).
+    """Per anchor (shift, step, sign): grad_i * |d Lsr_i / d z_ij| = sign_i * exp(z_ij - shift_i + same_ij * step_i).
 
     d Lsr_i / d z_ij is the softmax over N_i (for negatives) minus the softmax over P_i (for positives); log|g_i| is
     folded into the exponent, so the tile's exponentials are already the gradient's magnitudes.
@@ -591,21 +666,29 @@ def _logit_weights(lse_pos: torch.Tensor, lse_neg: torch.Tensor, grad: torch.Ten
 def _backward_tiles(pairs: _Pairs, plan: _Plan, weights) -> torch.Tensor:
     """d loss / d units for the anchors: sum_j (G_ij + G_ji) u_j over the symmetric W = G + G^T."""
     a, k = pairs.anchors, pairs.keys
-    shift, step, sign = weights
-    key_shift, key_step, key_sign = (shift, step, sign) if pairs.symmetric else _gather_scalars(plan, shift, step, sign)
-    tiles = _tiles(plan, pairs)
-    irregular = _tiles_touching(tiles, a.valid == 0, k.valid == 0)
-    signed_rows = _tiles_touching(tiles, sign != 1, torch.zeros_like(k.short))
-    signed_cols = _tiles_touching(tiles, torch.zeros_like(a.short), key_sign != 1)
+    if not pairs.symmetric:
+        weights = (weights, _gather_scalars(plan, *weights))
+    else:
+        weights = (weights, weights)
+    (shift, step, sign), (key_shift, key_step, key_sign) = (
+        tuple(_padding(side.labels.shape[1])(w, fill) for w, fill in zip(ws, (MASKED, 0.0, 0.0)))
+        for ws, side in zip(weights, (a, k))
+    )
+    strips = _strips(plan, pairs)
+    irregular = _strips_touching(strips, a.valid == 0, k.valid == 0)
+    signed_rows = _strips_touching(strips, sign != 1, torch.zeros_like(k.short))
+    signed_cols = _strips_touching(strips, torch.zeros_like(a.short), key_sign != 1)
     grad_units = torch.zeros_like(a.units)
-    for tile, masked, row_signs, col_signs in zip(tiles, irregular, signed_rows, signed_cols):
-        at, rows, cols = tile.segments, tile.rows, tile.cols
-        z = torch.bmm(a.units[at, rows], k.units[at, cols].transpose(1, 2))
+    workspace = _Workspace(3, strips, a.units)
+    for strip, masked, row_signs, col_signs in zip(strips, irregular, signed_rows, signed_cols):
+        at, rows, cols, m = strip.segments, strip.rows, strip.cols, strip.mirrored
+        z, same, w = workspace.views(strip)
+        torch.bmm(a.units[at, rows], k.units[at, cols].transpose(1, 2), out=z)
         if masked:
             z.add_(a.bias[at, rows, None]).add_(k.bias[at, None, cols])
-        same = _same_label(a.labels[at, rows], k.labels[at, cols])
+        _same_label(a.labels[at, rows], k.labels[at, cols], out=same)
         # G_ij: anchor i's weight on key j (rows); G_ji: anchor j's weight on key i (columns).
-        w = torch.sub(z, shift[at, rows, None]).addcmul_(same, step[at, rows, None]).clamp_min_(EXP_FLOOR).exp_()
+        torch.sub(z, shift[at, rows, None], out=w).addcmul_(same, step[at, rows, None]).clamp_min_(EXP_FLOOR).exp_()
         if row_signs:
             w.mul_(sign[at, rows, None])
         col_w = z.sub_(key_shift[at, None, cols]).addcmul_(same, key_step[at, None, cols]).clamp_min_(EXP_FLOOR).exp_()
@@ -615,8 +698,8 @@ def _backward_tiles(pairs: _Pairs, plan: _Plan, weights) -> torch.Tensor:
         if masked:
             w.mul_(a.valid[at, rows, None]).mul_(k.valid[at, None, cols])
         grad_units[at, rows].baddbmm_(w, k.units[at, cols])
-        if tile.mirrored:
-            grad_units[at, cols].baddbmm_(w.transpose(1, 2), a.units[at, rows])
+        if strip.is_mirrored:
+            grad_units[at, cols.start + m : cols.stop].baddbmm_(w[..., m:].transpose(1, 2), a.units[at, rows])
     return grad_units
 
 
@@ -625,10 +708,10 @@ def _normalize_backward_(grad_units: torch.Tensor, anchors: _Side, plan: _Plan) 
 
     The radial part drops out unless |h| < eps.
     """
-    n, length, h = grad_units.shape
-    radial = torch.bmm(anchors.units.view(-1, 1, h), grad_units.view(-1, h, 1)).view(n, length, 1)
-    radial.mul_(1.0 / plan.inv_temperature).masked_fill_(anchors.short[..., None], 0.0)
-    grad_units.addcmul_(anchors.units, radial, value=-1.0).mul_(anchors.scale[..., None])
+    units, grads = anchors.units.view(-1, anchors.units.shape[-1]), grad_units.view(-1, grad_units.shape[-1])
+    radial = torch.cat([(units[at] * grads[at]).sum(-1) for at in _blocks(units.shape[0], plan.block_size)])
+    radial = radial.view_as(anchors.scale).mul_(1.0 / plan.inv_temperature).masked_fill_(anchors.short, 0.0)
+    grad_units.addcmul_(anchors.units, radial[..., None], value=-1.0).mul_(anchors.scale[..., None])
 
 
 def _gather_scalars(plan: _Plan, *per_token: torch.Tensor) -> list[torch.Tensor]:
