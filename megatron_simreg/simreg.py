@@ -20,6 +20,7 @@ in both cases loss and gradients equal the single-process result (see `simreg_lo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import threading
 from dataclasses import dataclass
@@ -333,6 +334,7 @@ class _SimRegFunction(torch.autograd.Function):
         lsr = torch.where(plan.valid, lse_neg - lse_pos, 0.0)
         angles = torch.stack([angle_sum, (pairs.negative_count * plan.valid).sum(dtype=torch.float64)])
         ctx.plan = plan
+        ctx.pairs = pairs.without_units()  # per-token values only: backward recomputes the units from `hidden`
         ctx.save_for_backward(hidden, lse_pos, lse_neg)
         ctx.mark_non_differentiable(pairs.positive_count, angles)
         return lsr, pairs.positive_count, angles
@@ -346,7 +348,7 @@ class _SimRegFunction(torch.autograd.Function):
         if not grad.any() and plan.gather is None:  # lambda = 0: nothing to recompute
             return torch.zeros_like(hidden), None
         with ieee_fp32_products():
-            pairs = _Pairs.of(hidden, plan)
+            pairs = ctx.pairs.with_units(hidden, plan)
             grad_units = _backward_tiles(pairs, plan, _logit_weights(lse_pos, lse_neg, grad))
             _normalize_backward_(grad_units, pairs.anchors, plan)
         del pairs  # the units: the gradient in the input's layout takes their place
@@ -395,8 +397,10 @@ def ieee_fp32_products():
 class _Side:
     """The tokens on one side of the tiles, batched like `_Plan`: `[batch, length, ...]`, plan.dtype."""
 
-    units: torch.Tensor  # [batch, length, h] h / (max(|h|, eps) * sqrt(tau)): z_ij = units_i . units_j
-    scale: torch.Tensor  # 1 / (max(|h|, eps) * sqrt(tau))
+    units: torch.Tensor | None  # [batch, length, h] h * scale: z_ij = units_i . units_j (None while saved)
+    token_scale: torch.Tensor  # [b, s] 1 / (max(|h|, eps) * sqrt(tau)), as the hidden states are laid out
+    segment: int  # tokens per segment, before the padding to whole blocks
+    scale: torch.Tensor  # token_scale, batched
     short: torch.Tensor  # bool, |h| < NORM_EPS: |u| < 1, so z_ii = 1/tau no longer bounds the row
     labels: torch.Tensor  # rank of the label among those present; -1 for invalid tokens
     valid: torch.Tensor  # 1.0 for valid tokens, 0.0 for invalid ones
@@ -427,6 +431,18 @@ class _Pairs:
         keys = _side(gathered, gathered.shape[1], ranks, key_valid, plan)
         return cls(anchors, keys, positive_count, negative_count, symmetric=False)
 
+    def without_units(self) -> "_Pairs":
+        anchors = dataclasses.replace(self.anchors, units=None)
+        keys = anchors if self.symmetric else dataclasses.replace(self.keys, units=None)
+        return dataclasses.replace(self, anchors=anchors, keys=keys)
+
+    def with_units(self, hidden: torch.Tensor, plan: _Plan) -> "_Pairs":
+        anchors = dataclasses.replace(self.anchors, units=_units(hidden, self.anchors, plan))
+        if self.symmetric:
+            return dataclasses.replace(self, anchors=anchors, keys=anchors)
+        keys = dataclasses.replace(self.keys, units=_units(_all_gather_sequence(hidden, plan.gather), self.keys, plan))
+        return dataclasses.replace(self, anchors=anchors, keys=keys)
+
 
 def _pairing_partners(labels: torch.Tensor, valid: torch.Tensor, plan: _Plan):
     """The keys' labels and validity: the anchors' own, or the gathered sequence's."""
@@ -456,25 +472,34 @@ def _positive_counts(anchor_ranks: torch.Tensor, key_ranks: torch.Tensor, key_va
 
 
 def _side(hidden: torch.Tensor, segment: int, ranks: torch.Tensor, valid: torch.Tensor, plan: _Plan) -> _Side:
-    """Scaled unit vectors of `hidden` `[b, s, h]` cut into segments, each padded to a whole number of blocks."""
-    b, s, h = hidden.shape
-    length = _padded_length(segment, plan.block_size)
+    """The tokens of `hidden` `[b, s, h]` cut into segments, each padded to a whole number of blocks."""
     norms = torch.linalg.vector_norm(hidden, dim=-1, dtype=plan.dtype)
     scale = (norms.clamp_min(NORM_EPS) * math.sqrt(1.0 / plan.inv_temperature)).reciprocal_()
-    units = hidden.new_empty((b, -(-s // segment), length, h), dtype=plan.dtype)
-    units[:, :, segment:] = 0
-    for (part, at), (part_scale, _) in zip(_segment_parts(hidden, segment), _segment_parts(scale, segment)):
-        units[:, at, part.shape[2] : segment] = 0  # the tail of a shorter last segment
-        torch.mul(part, part_scale[..., None], out=units[:, at, : part.shape[2]])
-    padded = _padding(length)
-    return _Side(
-        units=units.view(-1, length, h),
+    padded = _padding(_padded_length(segment, plan.block_size))
+    side = _Side(
+        units=None,
+        token_scale=scale,
+        segment=segment,
         scale=padded(_batched(scale, segment), 0.0),
         short=padded(_batched(norms < NORM_EPS, segment), False),
         labels=padded(torch.where(valid, ranks.to(plan.dtype), -1.0), -1.0),
         valid=padded(valid.to(plan.dtype), 0.0),
         bias=padded(torch.where(valid, 0.0, -MASKED).to(plan.dtype), -MASKED),
     )
+    side.units = _units(hidden, side, plan)
+    return side
+
+
+def _units(hidden: torch.Tensor, side: _Side, plan: _Plan) -> torch.Tensor:
+    """The side's scaled unit vectors `[batch, length, h]` (plan.dtype), the padding zero."""
+    b, s, h = hidden.shape
+    segment, length = side.segment, side.labels.shape[1]
+    units = hidden.new_empty((b, -(-s // segment), length, h), dtype=plan.dtype)
+    units[:, :, segment:] = 0
+    for (part, at), (part_scale, _) in zip(_segment_parts(hidden, segment), _segment_parts(side.token_scale, segment)):
+        units[:, at, part.shape[2] : segment] = 0  # the tail of a shorter last segment
+        torch.mul(part, part_scale[..., None], out=units[:, at, : part.shape[2]])
+    return units.view(-1, length, h)
 
 
 def _padded_length(segment: int, block: int) -> int:
