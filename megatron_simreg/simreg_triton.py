@@ -59,21 +59,22 @@ class SimRegTritonFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, plan):
-        setup = _Setup.of(hidden, plan)
-        parts = len(reference_kernel._blocks(setup.key_length, setup.block))
-        partials = hidden.new_empty((setup.segments, setup.length, parts, 4), dtype=torch.float32)
-        angles = hidden.new_zeros((setup.segments, len(setup.tile_rows)), dtype=torch.float32)
-        _forward_kernel[(len(setup.tile_rows), setup.segments)](
-            setup.hidden, setup.keys, setup.scale, setup.key_scale, setup.labels, setup.key_labels,
-            setup.tile_rows, setup.tile_cols, partials, angles, *setup.shape_args(), parts, 1.0 / plan.inv_temperature,
+        hidden, keys = _operands(hidden, plan)
+        setup = _Setup.of(hidden, keys, plan)
+        partials = hidden.new_empty((setup.segments, setup.length, setup.key_blocks, 4), dtype=torch.float32)
+        angles = hidden.new_zeros((setup.segments, setup.tiles), dtype=torch.float32)
+        _forward_kernel[(setup.tiles, setup.segments)](
+            hidden, keys, setup.scale, setup.key_scale, setup.labels, setup.key_labels, setup.tile_rows,
+            setup.tile_cols, partials, angles, *setup.shape_args(hidden, keys), setup.key_blocks, setup.temperature,
             SYMMETRIC=setup.symmetric, BLOCK=setup.block, BLOCK_K=BLOCK_K, PRECISION=_precision(hidden),
         )
-        lse_pos = torch.where(setup.positive_count > 0, reference_kernel._combine(partials[..., 0], partials[..., 1]), -math.inf)
-        lse_neg = torch.where(setup.negative_count > 0, reference_kernel._combine(partials[..., 2], partials[..., 3]), -math.inf)
+        combine = reference_kernel._combine
+        lse_pos = torch.where(setup.positive_count > 0, combine(partials[..., 0], partials[..., 1]), -math.inf)
+        lse_neg = torch.where(setup.negative_count > 0, combine(partials[..., 2], partials[..., 3]), -math.inf)
         lsr = torch.where(plan.valid, lse_neg - lse_pos, 0.0)
         negative_pairs = (setup.negative_count * plan.valid).sum(dtype=torch.float64)
         angle_stats = torch.stack([angles.sum(dtype=torch.float64) * (180.0 / math.pi), negative_pairs])
-        ctx.plan = plan
+        ctx.plan, ctx.setup = plan, setup  # per-token values only
         ctx.save_for_backward(hidden, lse_pos, lse_neg)
         ctx.mark_non_differentiable(setup.positive_count, angle_stats)
         return lsr, setup.positive_count, angle_stats
@@ -81,26 +82,27 @@ class SimRegTritonFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_lsr, _grad_count, _grad_angles):
         hidden, lse_pos, lse_neg = ctx.saved_tensors
-        plan = ctx.plan
+        plan, setup = ctx.plan, ctx.setup
         grad = torch.where(plan.valid & torch.isfinite(lse_neg), grad_lsr.float(), 0.0)
         if not grad.any() and plan.gather is None:  # lambda = 0: nothing to recompute
             return torch.zeros_like(hidden), None
-        setup = _Setup.of(hidden, plan)
+        hidden, keys = _operands(hidden, plan)
         live = grad != 0  # other rows get shifts that make their exponentials 0
-        stats = torch.stack([torch.where(live, lse_pos, MASKED), torch.where(live, lse_neg, MASKED), grad], -1).float()
+        stats = torch.stack([torch.where(live, lse_pos, MASKED), torch.where(live, lse_neg, MASKED), grad], -1)
         key_stats = stats if setup.symmetric else reference_kernel._all_gather_sequence(stats, plan.gather)
-        grad_units = hidden.new_zeros((setup.segments, setup.length, setup.hidden_size), dtype=torch.float32)
-        _backward_kernel[(len(setup.tile_rows), setup.segments)](
-            setup.hidden, setup.keys, setup.scale, setup.key_scale, setup.labels, setup.key_labels,
-            stats.contiguous(), key_stats.contiguous(), setup.tile_rows, setup.tile_cols, grad_units, *setup.shape_args(),
+        grad_units = hidden.new_zeros((setup.segments, setup.length, hidden.shape[-1]), dtype=torch.float32)
+        _backward_kernel[(setup.tiles, setup.segments)](
+            hidden, keys, setup.scale, setup.key_scale, setup.labels, setup.key_labels,
+            stats.float().contiguous(), key_stats.float().contiguous(), setup.tile_rows, setup.tile_cols, grad_units,
+            *setup.shape_args(hidden, keys),
             SYMMETRIC=setup.symmetric, BLOCK=setup.block, BLOCK_K=BLOCK_K, PRECISION=_precision(hidden),
             DOT_DTYPE=tl.bfloat16 if hidden.dtype == torch.bfloat16 else tl.float32,
         )
         grad_hidden = torch.empty_like(hidden)
         b, s, h = hidden.shape
         _normalize_backward_kernel[(triton.cdiv(b * s, NORMALIZE_TOKENS),)](
-            setup.hidden, grad_units, setup.scale, setup.radial, grad_hidden, s, h, setup.length, setup.chunks, b * s,
-            setup.hidden.stride(0), setup.hidden.stride(1), grad_hidden.stride(0), grad_hidden.stride(1),
+            hidden, grad_units, setup.scale, setup.radial, grad_hidden, s, h, setup.length, setup.chunks, b * s,
+            hidden.stride(0), hidden.stride(1), grad_hidden.stride(0), grad_hidden.stride(1),
             BLOCK_T=NORMALIZE_TOKENS, BLOCK_K=BLOCK_K,
         )
         return grad_hidden, None
@@ -110,18 +112,23 @@ def _precision(hidden: torch.Tensor) -> str | None:
     return DOT_PRECISION if hidden.dtype == torch.float32 else None  # half inputs: products are exact anyway
 
 
+def _operands(hidden: torch.Tensor, plan):
+    """The hidden states as the kernels read them (any layout with contiguous rows), and the keys' (gathered)."""
+    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"the Triton SimReg kernel takes fp32, bf16 or fp16 hidden states, got {hidden.dtype}")
+    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+    return hidden, hidden if plan.gather is None else reference_kernel._all_gather_sequence(hidden, plan.gather)
+
+
 class _Setup:
-    """The kernels' inputs: hidden states read in place, per-token scales and label ranks, the tile list."""
+    """The kernels' per-token inputs (scales, label ranks, set sizes) and their tile list."""
 
     @classmethod
-    def of(cls, hidden: torch.Tensor, plan) -> "_Setup":
-        if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"the Triton SimReg kernel takes fp32, bf16 or fp16 hidden states, got {hidden.dtype}")
+    def of(cls, hidden: torch.Tensor, keys: torch.Tensor, plan) -> "_Setup":
         self = cls()
-        self.hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-        b, s, h = hidden.shape
-        self.hidden_size, self.sequence = h, s
+        b = hidden.shape[0]
         self.length = plan.segment  # tokens per segment (the anchors' side)
+        self.key_length = keys.shape[1] if plan.gather is not None else plan.segment
         self.chunks = plan.labels.shape[0] // b
         self.segments = plan.labels.shape[0]
         self.temperature = 1.0 / plan.inv_temperature
@@ -134,27 +141,25 @@ class _Setup:
         self.positive_count = reference_kernel._positive_counts(anchor_ranks, ranks, key_valid).float()
         self.negative_count = key_valid.sum(-1, keepdim=True, dtype=torch.float32) - self.positive_count
         self.labels = torch.where(plan.valid, anchor_ranks, -1).to(torch.int32).contiguous()
-        self.scale, self.radial = _scales(self.hidden, self.temperature, self.length)
+        self.scale, self.radial = _scales(hidden, self.temperature, self.length)
         if self.symmetric:
-            self.keys, self.key_scale, self.key_labels = self.hidden, self.scale, self.labels
-            self.key_sequence, self.key_length = s, self.length
+            self.key_scale, self.key_labels = self.scale, self.labels
         else:
-            self.keys = reference_kernel._all_gather_sequence(self.hidden, plan.gather)
-            self.key_scale = _scales(self.keys, self.temperature, self.keys.shape[1])[0]
+            self.key_scale = _scales(keys, self.temperature, self.key_length)[0]
             self.key_labels = torch.where(key_valid, ranks, -1).to(torch.int32).contiguous()
-            self.key_sequence = self.key_length = self.keys.shape[1]
 
         row_blocks = triton.cdiv(self.length, self.block)
-        col_blocks = triton.cdiv(self.key_length, self.block)
-        pairs = [(i, j) for i in range(row_blocks) for j in range(col_blocks) if not self.symmetric or j >= i]
+        self.key_blocks = triton.cdiv(self.key_length, self.block)
+        pairs = [(i, j) for i in range(row_blocks) for j in range(self.key_blocks) if not self.symmetric or j >= i]
         index = torch.tensor(pairs, dtype=torch.int32).T.contiguous().to(hidden.device)
         self.tile_rows, self.tile_cols = index[0], index[1]
+        self.tiles = len(pairs)
         return self
 
-    def shape_args(self):
+    def shape_args(self, hidden: torch.Tensor, keys: torch.Tensor):
         return (
-            self.hidden_size, self.length, self.key_length, self.chunks, self.sequence, self.key_sequence,
-            self.hidden.stride(0), self.hidden.stride(1), self.keys.stride(0), self.keys.stride(1),
+            hidden.shape[-1], self.length, self.key_length, self.chunks, hidden.shape[1], keys.shape[1],
+            hidden.stride(0), hidden.stride(1), keys.stride(0), keys.stride(1),
         )
 
 
