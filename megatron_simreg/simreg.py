@@ -195,7 +195,9 @@ class _Plan:
     dtype: torch.dtype  # float32, or float64 for float64 embeddings (gradcheck)
 
 
-def _run(hidden, labels, loss_mask, temperature, chunk_size, sequence_first, process_group, layout, block_size, kernel):
+def _run(
+    hidden, labels, loss_mask, temperature, chunk_size, sequence_first, process_group, layout, block_size, kernel
+):
     batch_major = hidden.transpose(0, 1) if sequence_first else hidden
     if batch_major.dim() != 3:
         raise ValueError(f"simreg expects hidden [b, s, h] (or [s, b, h] with sequence_first=True), got {tuple(hidden.shape)}")
@@ -285,7 +287,9 @@ def _kernel_function(kernel: Kernel, hidden: torch.Tensor):
     except ImportError as error:
         if kernel == "auto":
             return _SimRegFunction
-        raise ValueError(f"simreg kernel 'triton' needs the triton package ({error}); install it or use kernel='torch'") from error
+        raise ValueError(
+            f"simreg kernel 'triton' needs the triton package ({error}); install it or use kernel='torch'"
+        ) from error
     if not hidden.is_cuda and not simreg_triton.INTERPRETED:
         raise ValueError(
             "simreg kernel 'triton' runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1, set before "

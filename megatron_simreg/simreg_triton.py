@@ -232,7 +232,8 @@ def _tile(
 
     valid = (row_labels >= 0)[:, None] & (col_labels >= 0)[None, :]
     equal = row_labels[:, None] == col_labels[None, :]
-    return z, valid & equal, valid & (~equal), row_block, col_block, rows, cols, row_ok, col_ok, row_scale, col_scale, sample, start
+    return (z, valid & equal, valid & (~equal), row_block, col_block, rows, cols, row_ok, col_ok, row_scale, col_scale,
+            sample, start)
 
 
 @triton.jit
@@ -277,7 +278,8 @@ def _forward_kernel(
     _store_partials(partials, seg * length + rows, parts, col_block, rows < length, top_pos, sum_pos, top_neg, sum_neg)
     if mirrored:  # its columns are anchors too
         top_pos, sum_pos, top_neg, sum_neg = _partials(z, same, different, 0)
-        _store_partials(partials, seg * length + cols, parts, row_block, cols < length, top_pos, sum_pos, top_neg, sum_neg)
+        at = seg * length + cols
+        _store_partials(partials, at, parts, row_block, cols < length, top_pos, sum_pos, top_neg, sum_neg)
 
 
 @triton.jit

@@ -3,10 +3,10 @@ oneDNN's bf16 on some CPUs), and leaves that setting as it found it, exceptions 
 
 import pytest
 import torch
+from test_simreg import clustered
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_simreg.simreg import simreg_loss
-from test_simreg import clustered
 
 
 class PrecisionRecorder(TorchDispatchMode):

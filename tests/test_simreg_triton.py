@@ -17,11 +17,11 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 import torch
 import torch.distributed as dist
-
 from distributed import run_distributed
-from megatron_simreg.simreg import simreg_loss, simreg_terms
 from simreg_reference import reference_loss, reference_terms
 from test_simreg import clustered, random_mask
+
+from megatron_simreg.simreg import simreg_loss, simreg_terms
 
 pytest.importorskip("triton")
 

@@ -58,7 +58,8 @@ def make_inputs(kind, shape, dtype, device, block_size, seed=0, kernel="auto"):
 
 def time_interleaved(variants, shape, dtype, device, block_size, repeats):
     """Median seconds per variant; one run of each in turn, so a shared machine's drift weighs on all alike."""
-    steps = {name: make_inputs(kind, shape, dtype, device, block_size, kernel=kernel)[1] for name, kind, kernel in variants}
+    steps = {name: make_inputs(kind, shape, dtype, device, block_size, kernel=kernel)[1]
+             for name, kind, kernel in variants}
     for step in steps.values():
         step()  # warm-up
     times = {name: [] for name in steps}
@@ -114,8 +115,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# SimReg (block {args.block}) vs one causal attention core ({HEADS} heads), fwd+bwd, {dtype}, {device_name}, "
-          f"median of {args.repeats} interleaved runs")
+    print(f"# SimReg (block {args.block}) vs one causal attention core ({HEADS} heads), fwd+bwd, {dtype}, "
+          f"{device_name}, median of {args.repeats} interleaved runs")
     print("| b, s, h | variant | time (ms) | time / attention | peak extra (MiB) | memory / attention |")
     print("|---|---|---|---|---|---|")
     variants = [("attention", "attention", None)]
@@ -140,7 +141,8 @@ def main(argv=None):
             goal = goals.get(name.split("-")[0].split(" ")[0])
             if goal is not None:
                 ratio = seconds / attention_time
-                verdicts.append(f"{text} {name}: {ratio:.2f}x attention, goal <= {goal}x: {'met' if ratio <= goal else 'NOT met'}")
+                verdict = "met" if ratio <= goal else "NOT met"
+                verdicts.append(f"{text} {name}: {ratio:.2f}x attention, goal <= {goal}x: {verdict}")
     print("\n" + "\n".join(verdicts))
 
 
