@@ -12,6 +12,8 @@ small: the interpreter runs every program of the grid one after the other in num
 import math
 import multiprocessing
 import os
+import subprocess
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
@@ -243,3 +245,48 @@ def test_kernel_must_be_known():
     hidden, labels = clustered(1, 8, 4)
     with pytest.raises(ValueError, match="kernel"):
         simreg_loss(hidden, labels, kernel="cuda")
+
+
+def test_kernels_compile_for_hopper():
+    """The GPU build of the kernels (the interpreter accepts code the compiler rejects): Triton lowers them to an
+    sm_90 binary with its bundled ptxas, no GPU needed; bf16 tiles must not spill registers."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from megatron_simreg import simreg_triton
+
+    names = {"scale": "*fp32", "key_scale": "*fp32", "labels": "*i32", "key_labels": "*i32", "tile_rows": "*i32",
+             "tile_cols": "*i32", "partials": "*fp32", "angles": "*fp32", "stats": "*fp32", "key_stats": "*fp32",
+             "grad_units": "*fp32", "radial": "*fp32", "temperature": "fp32"}
+    for dtype, precision in (("bf16", None), ("fp32", simreg_triton.DOT_PRECISION)):
+        constants = {"BLOCK": simreg_triton.BLOCK, "BLOCK_K": simreg_triton.BLOCK_K, "PRECISION": precision,
+                     "DOT_DTYPE": tl.bfloat16 if dtype == "bf16" else tl.float32, "BLOCK_T": 16}
+        kernels = [
+            (simreg_triton._forward_kernel, {"SYMMETRIC": True}),
+            (simreg_triton._forward_kernel, {"SYMMETRIC": False}),
+            (simreg_triton._backward_kernel, {"SYMMETRIC": True}),
+            (simreg_triton._normalize_backward_kernel, {}),
+        ]
+        for kernel, extra in kernels:
+            signature = {name: "constexpr" if i in kernel.constexprs else names.get(name, "i32") for i, name in
+                         enumerate(kernel.arg_names)}
+            signature.update({name: f"*{dtype}" for name in ("hidden", "keys", "grad_hidden") if name in signature})
+            constexprs = {name: value for name, value in {**constants, **extra}.items() if name in signature}
+            source = ASTSource(kernel, signature, constexprs=constexprs)
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": simreg_triton.NUM_WARPS})
+            if dtype == "bf16":
+                assert "STACK:0 " in resource_usage(compiled.asm["cubin"]), f"{kernel.__name__} spills registers"
+
+
+def resource_usage(cubin: bytes) -> str:
+    """Registers and stack (spills) of a compiled kernel, by the cuobjdump that ships with Triton."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        report = subprocess.run([tool, "--dump-resource-usage", file.name], capture_output=True, text=True, check=True)
+        return report.stdout
