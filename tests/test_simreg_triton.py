@@ -275,7 +275,8 @@ def test_kernels_compile_for_hopper():
             signature.update({name: f"*{dtype}" for name in ("hidden", "keys", "grad_hidden") if name in signature})
             constexprs = {name: value for name, value in {**constants, **extra}.items() if name in signature}
             source = ASTSource(kernel, signature, constexprs=constexprs)
-            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": simreg_triton.NUM_WARPS})
+            options = {"num_warps": simreg_triton.NUM_WARPS}
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
             if dtype == "bf16":
                 assert "STACK:0 " in resource_usage(compiled.asm["cubin"]), f"{kernel.__name__} spills registers"
 
