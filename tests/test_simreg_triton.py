@@ -291,3 +291,14 @@ def resource_usage(cubin: bytes) -> str:
         file.flush()
         report = subprocess.run([tool, "--dump-resource-usage", file.name], capture_output=True, text=True, check=True)
         return report.stdout
+
+
+def test_config_chooses_the_kernel():
+    from megatron_simreg.config import ConfigError, load_config
+    from megatron_simreg.objective import SimRegObjective
+
+    assert load_config("configs/tiny-llama.yaml").simreg.kernel == "auto"
+    cfg = load_config("configs/tiny-llama.yaml", ["simreg.kernel=torch"])
+    assert SimRegObjective.from_config(cfg).kernel == "torch"
+    with pytest.raises(ConfigError, match="simreg.kernel must be one of auto, torch, triton"):
+        load_config("configs/tiny-llama.yaml", ["simreg.kernel=cuda"])
