@@ -11,8 +11,9 @@ Pairs are taken inside one sequence, or inside one chunk of it (chunk-wise SimRe
 
 Plain PyTorch (+ torch.distributed): no Megatron import. The pairwise work runs in tiles, flash-style:
 no `s x s` matrix is kept for backward (only two log-sum-exps per token are saved, the tiles are
-recomputed), and extra memory is O(block * s) rather than O(s^2). The math is fp32 whatever the
-input dtype. Under sequence or context parallelism each rank holds a slice of every sequence;
+recomputed), and extra memory is O(block * s) rather than O(s^2); the symmetry of cos(h_i, h_j) halves it
+(each pair of tiles once). The math is fp32 whatever the input dtype. On CUDA tensors a fused Triton kernel
+(`megatron_simreg.simreg_triton`) does the same work (`kernel=`). Under sequence or context parallelism each rank holds a slice of every sequence;
 chunk-wise SimReg then needs no activation communication, full SimReg gathers the embeddings, and
 in both cases loss and gradients equal the single-process result (see `simreg_loss`).
 """
@@ -118,6 +119,10 @@ def simreg_loss(
     "local" means each contiguous local piece) exchanges only scalars; full SimReg (`chunk_size=None`)
     all-gathers the embeddings. Every rank returns the global value; the gradient reaching each
     rank's `hidden` is that of the global loss, as in the single-process computation.
+
+    kernel: "auto" runs the fused Triton kernel (`megatron_simreg.simreg_triton`) on CUDA tensors when
+    triton imports, the PyTorch one otherwise; "torch" or "triton" force one. block_size: the PyTorch
+    kernel's tile side in tokens (the Triton kernel's tiles are at most 64).
     """
     if reduction not in ("group", "token"):
         raise ValueError(f"simreg reduction must be 'group' or 'token', got {reduction!r}")
