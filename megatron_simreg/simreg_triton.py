@@ -22,7 +22,19 @@ last bits of the gradient vary from run to run.
 Full SimReg under sequence/context parallelism (a gathered key sequence) runs the same kernels unmirrored:
 local anchor rows against all gathered keys, as the PyTorch path does.
 
-Precision of the products: see `DOT_PRECISION` and docs/performance.md.
+The tiling with per-tile (max, sum) partials and recomputation in backward follows FlashAttention and
+Inf-CL's tile-wise contrastive loss; unlike attention (head size 128), SimReg's "head" is the whole hidden
+size, so the gradient accumulators live in global memory rather than in registers.
+
+Precision of the products, against the float64 SimReg (tau = 0.01, anisotropic embeddings, relative errors
+of the loss / of the gradient's norm; `python -m megatron_simreg.bench.simreg_precision`, which emulates the
+roundings on any machine and runs the kernels themselves on a GPU):
+
+    bf16 input, bf16 x bf16 products, fp32 accumulation:  loss exact up to fp32 sums; W rounded to bf16 in
+        backward: gradient 1.5e-4 to 1.6e-4 (W in TF32 would give 2e-5), below the 2^-9 ~ 2e-3 rounding of
+        the bf16 gradient it becomes, so the bf16 tensor-core product is kept.
+    fp32 input, TF32 products: loss 6e-6 to 1.8e-5, gradient 5.3e-4 to 6.0e-4: too coarse for an fp32 run;
+        "tf32x3" (three TF32 products, fp32-level: 1e-9 / 7e-8) is the default, `DOT_PRECISION`.
 """
 
 from __future__ import annotations
@@ -47,9 +59,9 @@ NUM_WARPS = 8
 NORMALIZE_TOKENS = 16
 """Tokens per program of the normalisation's backward."""
 DOT_PRECISION = "tf32x3"
-"""How fp32 inputs (and the fp32 W of backward) enter the tensor cores: measured against the fp64 reference
-(docs/performance.md). bf16/fp16 inputs are multiplied as they are, accumulating in fp32; in backward W is
-rounded to the input's dtype for its product with it."""
+"""How fp32 inputs (and the fp32 W of backward) enter the tensor cores (see the module docstring). bf16 and
+fp16 inputs are multiplied as they are, accumulating in fp32; in backward W is rounded to bf16 for bf16
+inputs, and stays fp32 for fp16 ones (whose range W's small weights would underflow)."""
 
 _MASKED = tl.constexpr(reference_kernel.MASKED)
 _UPCAST = tl.constexpr(INTERPRETED)  # the interpreter multiplies bf16 as raw bits: hand it float32 (exact) instead
