@@ -13,9 +13,9 @@ Plain PyTorch (+ torch.distributed): no Megatron import. The pairwise work runs 
 no `s x s` matrix is kept for backward (only two log-sum-exps per token are saved, the tiles are
 recomputed), and extra memory is O(block * s) rather than O(s^2); the symmetry of cos(h_i, h_j) halves it
 (each pair of tiles once). The math is fp32 whatever the input dtype. On CUDA tensors a fused Triton kernel
-(`megatron_simreg.simreg_triton`) does the same work (`kernel=`). Under sequence or context parallelism each rank holds a slice of every sequence;
-chunk-wise SimReg then needs no activation communication, full SimReg gathers the embeddings, and
-in both cases loss and gradients equal the single-process result (see `simreg_loss`).
+(`megatron_simreg.simreg_triton`) does the same work (`kernel=`). Under sequence or context parallelism each
+rank holds a slice of every sequence; chunk-wise SimReg then needs no activation communication, full SimReg
+gathers the embeddings, and in both cases loss and gradients equal the single-process result (see `simreg_loss`).
 """
 
 from __future__ import annotations
@@ -359,14 +359,17 @@ class _SimRegFunction(torch.autograd.Function):
         with ieee_fp32_products():
             pairs = ctx.pairs.with_units(hidden, plan)
             grad_units = _backward_tiles(pairs, plan, _logit_weights(lse_pos, lse_neg, grad))
-            _normalize_backward_(grad_units, pairs.anchors, plan)
+            _drop_radial_part_(grad_units, pairs.anchors, plan)
         del pairs  # the units: the gradient in the input's layout takes their place
-        # In the input's own memory layout, so adding it to the other gradients of `hidden` (and what reduces
-        # them downstream) runs in the same order as without SimReg: lambda = 0 changes no bit.
+        # d loss / d hidden = scale * (d loss / d units, radial part dropped), in the input's own memory layout,
+        # so adding it to the other gradients of `hidden` (and what reduces them downstream) runs in the same
+        # order as without SimReg: lambda = 0 changes no bit.
         grad_hidden = torch.empty_like(hidden)
         segmented = grad_units.unflatten(0, (hidden.shape[0], -1))
-        for part, at in _segment_parts(grad_hidden, plan.segment):
-            part.copy_(segmented[:, at, : part.shape[2]])
+        scale = ctx.pairs.anchors.token_scale
+        parts = zip(_segment_parts(grad_hidden, plan.segment), _segment_parts(scale, plan.segment))
+        for (part, at), (part_scale, _) in parts:
+            torch.mul(segmented[:, at, : part.shape[2]], part_scale[..., None], out=part)
         return grad_hidden, None
 
 
@@ -425,6 +428,7 @@ class _Pairs:
     positive_count: torch.Tensor  # [batch, length] |P_i|: valid keys with the anchor's label (i itself included)
     negative_count: torch.Tensor  # [batch, length] |N_i| for valid anchors (the sides are padded to whole blocks)
     symmetric: bool
+    tiling: tuple | None = None  # (strips, strips holding invalid tokens, strips holding short vectors), once known
 
     @classmethod
     def of(cls, hidden: torch.Tensor, plan: _Plan) -> "_Pairs":
@@ -439,6 +443,15 @@ class _Pairs:
         gathered = _all_gather_sequence(hidden, plan.gather)
         keys = _side(gathered, gathered.shape[1], ranks, key_valid, plan)
         return cls(anchors, keys, positive_count, negative_count, symmetric=False)
+
+    def strips(self, plan: _Plan) -> tuple[list[_Strip], list[bool], list[bool]]:
+        """The strips, and which of them hold invalid tokens or zero vectors (their general path)."""
+        if self.tiling is None:
+            strips = _strips(plan, self)
+            a, k = self.anchors, self.keys
+            self.tiling = (strips, _strips_touching(strips, a.valid == 0, k.valid == 0),
+                           _strips_touching(strips, a.short, k.short))
+        return self.tiling
 
     def without_units(self) -> "_Pairs":
         anchors = dataclasses.replace(self.anchors, units=None)
@@ -621,9 +634,7 @@ def _by_block(strip_tensor: torch.Tensor, strip: _Strip) -> torch.Tensor:
 def _forward_tiles(pairs: _Pairs, plan: _Plan):
     """Per anchor the positives' and negatives' log-sum-exps (-inf for an empty set), and the angle sum."""
     a, k = pairs.anchors, pairs.keys
-    strips = _strips(plan, pairs)
-    irregular = _strips_touching(strips, a.valid == 0, k.valid == 0)
-    short = _strips_touching(strips, a.short, k.short)
+    strips, irregular, short = pairs.strips(plan)
     # Each tile leaves one partial (max, sum) per anchor and set, in the slot of the other side's block.
     parts = (*a.labels.shape, k.labels.shape[1] // min(k.labels.shape[1], plan.block_size))
     pos_max, pos_sum, neg_max, neg_sum = (a.labels.new_zeros(parts) for _ in range(4))
@@ -708,8 +719,7 @@ def _backward_tiles(pairs: _Pairs, plan: _Plan, weights) -> torch.Tensor:
         tuple(_padding(side.labels.shape[1])(w, fill) for w, fill in zip(ws, (MASKED, 0.0, 0.0)))
         for ws, side in zip(weights, (a, k))
     )
-    strips = _strips(plan, pairs)
-    irregular = _strips_touching(strips, a.valid == 0, k.valid == 0)
+    strips, irregular, _ = pairs.strips(plan)
     signed_rows = _strips_touching(strips, sign != 1, torch.zeros_like(k.short))
     signed_cols = _strips_touching(strips, torch.zeros_like(a.short), key_sign != 1)
     grad_units = torch.zeros_like(a.units)
@@ -737,15 +747,14 @@ def _backward_tiles(pairs: _Pairs, plan: _Plan, weights) -> torch.Tensor:
     return grad_units
 
 
-def _normalize_backward_(grad_units: torch.Tensor, anchors: _Side, plan: _Plan) -> None:
-    """d loss / d hidden in place of d loss / d units (units = h / (max(|h|, eps) sqrt(tau))).
-
-    The radial part drops out unless |h| < eps.
-    """
+def _drop_radial_part_(grad_units: torch.Tensor, anchors: _Side, plan: _Plan) -> None:
+    """The normalisation's backward but for the final factor: units = h * scale, scale = 1 / (max(|h|, eps)
+    sqrt(tau)), so d loss / d h = scale * (g - tau (units . g) units), the radial part dropping out unless
+    |h| < eps (g = d loss / d units, changed in place; the caller multiplies by the scale)."""
     units, grads = anchors.units.view(-1, anchors.units.shape[-1]), grad_units.view(-1, grad_units.shape[-1])
     radial = torch.cat([(units[at] * grads[at]).sum(-1) for at in _blocks(units.shape[0], plan.block_size)])
     radial = radial.view_as(anchors.scale).mul_(1.0 / plan.inv_temperature).masked_fill_(anchors.short, 0.0)
-    grad_units.addcmul_(anchors.units, radial[..., None], value=-1.0).mul_(anchors.scale[..., None])
+    grad_units.addcmul_(anchors.units, radial[..., None], value=-1.0)
 
 
 def _gather_scalars(plan: _Plan, *per_token: torch.Tensor) -> list[torch.Tensor]:
