@@ -307,14 +307,15 @@ def _kernel_function(kernel: Kernel, hidden: torch.Tensor):
 # The pairwise kernel (PyTorch; `megatron_simreg.simreg_triton` is the fused GPU kernel with the same contract)
 
 MASKED = 1e30
-"""Subtracted from the logits of pairs outside a set: exp() of them underflows to exactly 0 (or to e^EXP_FLOOR,
-below float32's resolution of any sum here), and unlike -inf, MASKED - MASKED is 0, not NaN."""
+"""Subtracted from the logits of pairs outside a set: after the shift and EXP_FLOOR their exponential is
+e^-80, below float32's resolution of any sum here; unlike -inf, MASKED - MASKED is 0, not NaN."""
 
 EXP_FLOOR = -80.0
 """Exponents are raised to at least this before `exp`: e^-80 ~ 1.8e-35 is still a normal float32, so no
 subnormal number reaches an `exp`, a product or a matrix product (x86 CPUs take up to ~200x longer on those,
-as the logits span 2/tau = 200 at tau = 0.01). What it adds stays below float32's resolution: every sum is
-taken relative to its largest term (>= 1), and in backward every term is a softmax weight (a sum of 1)."""
+as the logits span 2/tau = 200 at tau = 0.01), and `exp` never sees -1e30 either (its vectorised version
+takes ~100x longer on arguments that far out). What the floor adds stays below float32's resolution: every
+sum is taken relative to its largest term (>= 1), and in backward every term is a softmax weight (sum 1)."""
 
 
 class _SimRegFunction(torch.autograd.Function):
