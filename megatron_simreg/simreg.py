@@ -606,6 +606,33 @@ def _strips_touching(strips: list[_Strip], rows: torch.Tensor, cols: torch.Tenso
     return [bool(rows[t.segments, t.rows].any() or cols[t.segments, t.cols].any()) for t in strips]
 
 
+@contextlib.contextmanager
+def _serial_between_products():
+    """Inside, elementwise work runs on one thread; `product(operation, *args)` runs a matrix product on torch's
+    threads.
+
+    A strip's elementwise passes are many short operations; on threads they each end in a barrier, and on a
+    shared machine every barrier waits for a descheduled sibling thread (on this project's 2-core VM, with
+    other jobs running, a 2-thread clamp of 512 x 1024 took 8 ms against 0.2 ms on one thread, and SimReg
+    4x attention). torch keeps its thread count per process: it is lowered for the loop and restored
+    after it, also on exceptions.
+    """
+    threads = torch.get_num_threads()
+
+    def product(operation, *args, **kwargs):
+        torch.set_num_threads(threads)
+        try:
+            return operation(*args, **kwargs)
+        finally:
+            torch.set_num_threads(1)
+
+    torch.set_num_threads(1)
+    try:
+        yield product
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _same_label(row_labels: torch.Tensor, col_labels: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """1.0 where the labels agree, else 0.0: max(1 - d^2, 0) of the integer-valued label difference d."""
     difference = torch.sub(row_labels[:, :, None], col_labels[:, None, :], out=out)
@@ -637,43 +664,63 @@ def _forward_tiles(pairs: _Pairs, plan: _Plan):
     a, k = pairs.anchors, pairs.keys
     strips, irregular, short = pairs.strips(plan)
     # Each tile leaves one partial (max, sum) per anchor and set, in the slot of the other side's block.
-    parts = (*a.labels.shape, k.labels.shape[1] // min(k.labels.shape[1], plan.block_size))
-    pos_max, pos_sum, neg_max, neg_sum = (a.labels.new_zeros(parts) for _ in range(4))
+    slots = (*a.labels.shape, k.labels.shape[1] // min(k.labels.shape[1], plan.block_size))
+    partials = _Partials(*(a.labels.new_zeros(slots) for _ in range(4)))
     angle_sum = torch.zeros((), dtype=torch.float64, device=a.units.device)
     workspace = _Workspace(3, strips, a.units)
-    for strip, masked, general in zip(strips, irregular, short):
-        at, rows, cols, m = strip.segments, strip.rows, strip.cols, strip.mirrored
-        z, same, scratch = workspace.views(strip)
-        torch.bmm(a.units[at, rows], k.units[at, cols].transpose(1, 2), out=z)
-        if masked:
-            z.add_(a.bias[at, rows, None]).add_(k.bias[at, None, cols])
-        _same_label(a.labels[at, rows], k.labels[at, cols], out=same)
-        radians = _negative_angles(z, same, plan, scratch, (a.valid[at, rows], k.valid[at, cols]) if masked else None)
-        angle_sum += radians.sum(dtype=torch.float64) + radians[..., m:].sum(dtype=torch.float64)
-
-        row_slots = (at, rows, slice(strip.col_block, strip.col_block + strip.blocks))
-        col_slots = (at, slice(cols.start + m, cols.stop), strip.row_block)
-        negatives = torch.add(z, same, alpha=-MASKED, out=scratch)
-        neg_max[row_slots], neg_sum[row_slots] = _shifted_sums(_by_block(negatives, strip), -1)
-        if strip.is_mirrored:  # afresh: the rows' sums consumed the tile
-            negatives = torch.add(z[..., m:], same[..., m:], alpha=-MASKED, out=scratch[..., m:])
-            neg_max[col_slots], neg_sum[col_slots] = _shifted_sums(negatives, -2)
-        if general:  # a zero vector: the positives' maxima, as the negatives'
-            positives = z.add_(torch.sub(same, 1.0, out=scratch), alpha=MASKED)
-            pos_max[row_slots], pos_sum[row_slots] = _shifted_sums(_by_block(scratch.copy_(positives), strip), -1)
-            if strip.is_mirrored:
-                pos_max[col_slots], pos_sum[col_slots] = _shifted_sums(positives[..., m:], -2)
-        else:  # the largest positive logit of a normalised anchor is its own, 1/tau: one exp for rows and columns
-            terms = z.sub_(plan.inv_temperature).clamp_min_(EXP_FLOOR).exp_().mul_(same)
-            pos_max[row_slots], pos_sum[row_slots] = plan.inv_temperature, _by_block(terms, strip).sum(-1)
-            if strip.is_mirrored:
-                pos_max[col_slots], pos_sum[col_slots] = plan.inv_temperature, terms[..., m:].sum(-2)
+    with _serial_between_products() as product:
+        for strip, masked, general in zip(strips, irregular, short):
+            scratch = workspace.views(strip)
+            angle_sum += _forward_strip(strip, masked, general, pairs, plan, scratch, product, partials)
     segment = pairs.positive_count.shape[1]
-    lse_pos = _combine(pos_max[:, :segment], pos_sum[:, :segment])
-    lse_neg = _combine(neg_max[:, :segment], neg_sum[:, :segment])
+    lse_pos = _combine(partials.pos_max[:, :segment], partials.pos_sum[:, :segment])
+    lse_neg = _combine(partials.neg_max[:, :segment], partials.neg_sum[:, :segment])
     lse_pos = torch.where(pairs.positive_count > 0, lse_pos, -math.inf)
     lse_neg = torch.where(pairs.negative_count > 0, lse_neg, -math.inf)
     return lse_pos, lse_neg, angle_sum * (180.0 / math.pi)
+
+
+@dataclass
+class _Partials:
+    """Per anchor and set, one (max, sum of exp(z - max)) per tile, `[batch, length, key blocks]`."""
+
+    pos_max: torch.Tensor
+    pos_sum: torch.Tensor
+    neg_max: torch.Tensor
+    neg_sum: torch.Tensor
+
+
+def _forward_strip(strip: _Strip, masked, general, pairs: _Pairs, plan: _Plan, scratch, product, partials):
+    """The strip's partials (its rows', and its mirrored columns'), and the sum of its negative pairs' angles."""
+    a, k = pairs.anchors, pairs.keys
+    at, rows, cols, m = strip.segments, strip.rows, strip.cols, strip.mirrored
+    z, same, work = scratch
+    product(torch.bmm, a.units[at, rows], k.units[at, cols].transpose(1, 2), out=z)
+    if masked:
+        z.add_(a.bias[at, rows, None]).add_(k.bias[at, None, cols])
+    _same_label(a.labels[at, rows], k.labels[at, cols], out=same)
+    radians = _negative_angles(z, same, plan, work, (a.valid[at, rows], k.valid[at, cols]) if masked else None)
+    angle_sum = radians.sum(dtype=torch.float64) + radians[..., m:].sum(dtype=torch.float64)
+
+    row_slots = (at, rows, slice(strip.col_block, strip.col_block + strip.blocks))
+    col_slots = (at, slice(cols.start + m, cols.stop), strip.row_block)
+    negatives = torch.add(z, same, alpha=-MASKED, out=work)
+    partials.neg_max[row_slots], partials.neg_sum[row_slots] = _shifted_sums(_by_block(negatives, strip), -1)
+    if strip.is_mirrored:  # afresh: the rows' sums consumed the tile
+        negatives = torch.add(z[..., m:], same[..., m:], alpha=-MASKED, out=work[..., m:])
+        partials.neg_max[col_slots], partials.neg_sum[col_slots] = _shifted_sums(negatives, -2)
+    if general:  # a zero vector: the positives' maxima, as the negatives'
+        positives = z.add_(torch.sub(same, 1.0, out=work), alpha=MASKED)
+        row_sums = _shifted_sums(_by_block(work.copy_(positives), strip), -1)
+        partials.pos_max[row_slots], partials.pos_sum[row_slots] = row_sums
+        if strip.is_mirrored:
+            partials.pos_max[col_slots], partials.pos_sum[col_slots] = _shifted_sums(positives[..., m:], -2)
+    else:  # the largest positive logit of a normalised anchor is its own, 1/tau: one exp for rows and columns
+        terms = z.sub_(plan.inv_temperature).clamp_min_(EXP_FLOOR).exp_().mul_(same)
+        partials.pos_max[row_slots], partials.pos_sum[row_slots] = plan.inv_temperature, _by_block(terms, strip).sum(-1)
+        if strip.is_mirrored:
+            partials.pos_max[col_slots], partials.pos_sum[col_slots] = plan.inv_temperature, terms[..., m:].sum(-2)
+    return angle_sum
 
 
 def _shifted_sums(masked: torch.Tensor, dim: int):
@@ -712,40 +759,47 @@ def _logit_weights(lse_pos: torch.Tensor, lse_neg: torch.Tensor, grad: torch.Ten
 def _backward_tiles(pairs: _Pairs, plan: _Plan, weights) -> torch.Tensor:
     """d loss / d units for the anchors: sum_j (G_ij + G_ji) u_j over the symmetric W = G + G^T."""
     a, k = pairs.anchors, pairs.keys
-    if not pairs.symmetric:
-        weights = (weights, _gather_scalars(plan, *weights))
-    else:
-        weights = (weights, weights)
-    (shift, step, sign), (key_shift, key_step, key_sign) = (
+    key_weights = weights if pairs.symmetric else _gather_scalars(plan, *weights)
+    # Padded to the sides' whole blocks: the padding's rows get a finite shift and sign 0.
+    anchor_side, key_side = (
         tuple(_padding(side.labels.shape[1])(w, fill) for w, fill in zip(ws, (MASKED, 0.0, 0.0)))
-        for ws, side in zip(weights, (a, k))
+        for ws, side in ((weights, a), (key_weights, k))
     )
     strips, irregular, _ = pairs.strips(plan)
-    signed_rows = _strips_touching(strips, sign != 1, torch.zeros_like(k.short))
-    signed_cols = _strips_touching(strips, torch.zeros_like(a.short), key_sign != 1)
+    signed_rows = _strips_touching(strips, anchor_side[2] != 1, torch.zeros_like(k.short))
+    signed_cols = _strips_touching(strips, torch.zeros_like(a.short), key_side[2] != 1)
     grad_units = torch.zeros_like(a.units)
     workspace = _Workspace(3, strips, a.units)
-    for strip, masked, row_signs, col_signs in zip(strips, irregular, signed_rows, signed_cols):
-        at, rows, cols, m = strip.segments, strip.rows, strip.cols, strip.mirrored
-        z, same, w = workspace.views(strip)
-        torch.bmm(a.units[at, rows], k.units[at, cols].transpose(1, 2), out=z)
-        if masked:
-            z.add_(a.bias[at, rows, None]).add_(k.bias[at, None, cols])
-        _same_label(a.labels[at, rows], k.labels[at, cols], out=same)
-        # G_ij: anchor i's weight on key j (rows); G_ji: anchor j's weight on key i (columns).
-        torch.sub(z, shift[at, rows, None], out=w).addcmul_(same, step[at, rows, None]).clamp_min_(EXP_FLOOR).exp_()
-        if row_signs:
-            w.mul_(sign[at, rows, None])
-        col_w = z.sub_(key_shift[at, None, cols]).addcmul_(same, key_step[at, None, cols]).clamp_min_(EXP_FLOOR).exp_()
-        if col_signs:
-            col_w.mul_(key_sign[at, None, cols])
-        w.add_(col_w).addcmul_(same, w, value=-2.0)  # + for negatives, - for positives
-        if masked:
-            w.mul_(a.valid[at, rows, None]).mul_(k.valid[at, None, cols])
-        grad_units[at, rows].baddbmm_(w, k.units[at, cols])
-        if strip.is_mirrored:
-            grad_units[at, cols.start + m : cols.stop].baddbmm_(w[..., m:].transpose(1, 2), a.units[at, rows])
+    with _serial_between_products() as product:
+        for strip, masked, signs in zip(strips, irregular, zip(signed_rows, signed_cols)):
+            scratch = workspace.views(strip)
+            _backward_strip(strip, masked, signs, pairs, (anchor_side, key_side), scratch, product, grad_units)
     return grad_units
+
+
+def _backward_strip(strip: _Strip, masked, signs, pairs: _Pairs, weights, scratch, product, grad_units) -> None:
+    """Adds the strip's share of d loss / d units: W u_J to its anchors, W^T u_I to its mirrored keys."""
+    a, k = pairs.anchors, pairs.keys
+    (shift, step, sign), (key_shift, key_step, key_sign) = weights
+    at, rows, cols, m = strip.segments, strip.rows, strip.cols, strip.mirrored
+    z, same, w = scratch
+    product(torch.bmm, a.units[at, rows], k.units[at, cols].transpose(1, 2), out=z)
+    if masked:
+        z.add_(a.bias[at, rows, None]).add_(k.bias[at, None, cols])
+    _same_label(a.labels[at, rows], k.labels[at, cols], out=same)
+    # G_ij: anchor i's weight on key j (rows); G_ji: anchor j's weight on key i (columns).
+    torch.sub(z, shift[at, rows, None], out=w).addcmul_(same, step[at, rows, None]).clamp_min_(EXP_FLOOR).exp_()
+    if signs[0]:
+        w.mul_(sign[at, rows, None])
+    col_w = z.sub_(key_shift[at, None, cols]).addcmul_(same, key_step[at, None, cols]).clamp_min_(EXP_FLOOR).exp_()
+    if signs[1]:
+        col_w.mul_(key_sign[at, None, cols])
+    w.add_(col_w).addcmul_(same, w, value=-2.0)  # + for negatives, - for positives
+    if masked:
+        w.mul_(a.valid[at, rows, None]).mul_(k.valid[at, None, cols])
+    product(grad_units[at, rows].baddbmm_, w, k.units[at, cols])
+    if strip.is_mirrored:
+        product(grad_units[at, cols.start + m : cols.stop].baddbmm_, w[..., m:].transpose(1, 2), a.units[at, rows])
 
 
 def _drop_radial_part_(grad_units: torch.Tensor, anchors: _Side, plan: _Plan) -> None:

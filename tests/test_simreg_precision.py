@@ -1,5 +1,6 @@
-"""SimReg's PyTorch kernel multiplies in IEEE float32 whatever the process-wide setting (TF32 on NGC images,
-oneDNN's bf16 on some CPUs), and leaves that setting as it found it, exceptions included."""
+"""SimReg's PyTorch kernel and torch's process-wide settings: it multiplies in IEEE float32 whatever the
+setting (TF32 on NGC images, oneDNN's bf16 on some CPUs), runs its elementwise passes on one thread, and
+leaves both settings as it found them, exceptions included."""
 
 import pytest
 import torch
@@ -59,3 +60,42 @@ def test_setting_is_restored_after_an_exception(reduced_precision_products):
     with pytest.raises(RuntimeError, match="injected"), PrecisionRecorder(fail_at_first_product=True):
         simreg_loss(hidden, labels, block_size=8, kernel="torch")
     assert current_precision() == reduced_precision_products
+
+
+class ThreadRecorder(TorchDispatchMode):
+    """Records torch's thread count at every matrix product, and at every elementwise pass over a strip
+    (a `[segments, block, keys]` tensor, block = 8 here)."""
+
+    def __init__(self):
+        super().__init__()
+        self.products, self.elementwise = set(), set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__
+        if name.startswith(("bmm", "baddbmm")):
+            self.products.add(torch.get_num_threads())
+        elif name.startswith(("exp", "clamp_min", "addcmul")) and args[0].dim() == 3 and args[0].shape[1] == 8:
+            self.elementwise.add(torch.get_num_threads())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def two_threads():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_strip_passes_run_on_one_thread_and_the_thread_count_is_restored(two_threads):
+    """Products use torch's threads, the strips' elementwise passes one (no barrier per pass), and the count
+    comes back as it was, after an exception too."""
+    hidden, labels = clustered(1, 24, 8, dtype=torch.float32)
+    x = hidden.clone().requires_grad_()
+    with ThreadRecorder() as recorder:
+        simreg_loss(x, labels, block_size=8, kernel="torch").loss.backward()
+    assert recorder.products == {2} and recorder.elementwise == {1}
+    assert torch.get_num_threads() == 2
+    with pytest.raises(RuntimeError, match="injected"), PrecisionRecorder(fail_at_first_product=True):
+        simreg_loss(hidden, labels, block_size=8, kernel="torch")
+    assert torch.get_num_threads() == 2
