@@ -56,7 +56,7 @@ def make_inputs(kind, shape, dtype, device, block_size, seed=0, kernel="auto"):
     return (hidden, labels), step
 
 
-def time_interleaved(variants, shape, dtype, device, block_size, repeats):
+def time_interleaved(variants, shape, dtype, device, block_size, repeats, clock=time.perf_counter):
     """Median seconds per variant; one run of each in turn, so a shared machine's drift weighs on all alike."""
     steps = {name: make_inputs(kind, shape, dtype, device, block_size, kernel=kernel)[1]
              for name, kind, kernel in variants}
@@ -67,11 +67,11 @@ def time_interleaved(variants, shape, dtype, device, block_size, repeats):
         for name, step in steps.items():
             if device == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start = clock()
             step()
             if device == "cuda":
                 torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
@@ -112,14 +112,20 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--kernel", nargs="+", choices=["auto", "torch", "triton"], default=["auto"])
-    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 is steadier on a shared machine")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                        help="thread: this thread's CPU time (with --threads 1 on a CPU), which other jobs on a shared "
+                             "machine do not inflate as they do wall time")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "thread" and (args.device != "cpu" or torch.get_num_threads() != 1):
+        parser.error("--clock thread measures one CPU thread: use it with --device cpu --threads 1")
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# SimReg (block {args.block}) vs one causal attention core ({HEADS} heads), fwd+bwd, {dtype}, "
-          f"{device_name}, median of {args.repeats} interleaved runs")
+          f"{device_name}, median of {args.repeats} interleaved runs, {args.clock} time")
     print("| b, s, h | variant | time (ms) | time / attention | peak extra (MiB) | memory / attention |")
     print("|---|---|---|---|---|---|")
     variants = [("attention", "attention", None)]
@@ -130,7 +136,7 @@ def main(argv=None):
     verdicts = []
     for text in args.shapes:
         shape = tuple(int(v) for v in text.split(","))
-        seconds = time_interleaved(variants, shape, dtype, args.device, args.block, args.repeats)
+        seconds = time_interleaved(variants, shape, dtype, args.device, args.block, args.repeats, clock)
         results = {
             name: (seconds[name], peak_extra_bytes(kind, shape, dtype, args.device, args.block, kernel))
             for name, kind, kernel in variants
