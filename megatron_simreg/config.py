@@ -59,6 +59,7 @@ class SimRegSection:
     reduction: str = "group"  # "group" | "token"
     layer: int = -1  # -1: final hidden states; k: output of decoder layer k (Sec. 5.3 ablation)
     block_size: int = 512  # tile size of the pairwise kernel
+    kernel: str = "auto"  # "auto" (Triton on CUDA when importable, else PyTorch) | "torch" | "triton"
 
 
 @dataclass
@@ -199,6 +200,7 @@ class Config:
 CHOICES = {
     "simreg.mode": ("full", "chunk"),
     "simreg.reduction": ("group", "token"),
+    "simreg.kernel": ("auto", "torch", "triton"),
     "schedule.decay_style": ("cosine", "linear", "constant"),
     "training.precision": ("bf16", "fp32"),
     "parallel.moe_token_dispatcher": ("alltoall", "allgather"),

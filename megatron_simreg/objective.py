@@ -56,6 +56,8 @@ class SimRegObjective:
         the whole sequence otherwise.
     layer: -1 for the final hidden states after the final norm, else a decoder layer's output (0-based),
         the paper's Sec. 5.3 ablation.
+    kernel: the pairwise kernel, "auto" (the fused Triton kernel for CUDA tensors when triton imports, else
+        PyTorch's), "torch" or "triton".
     baseline: a Table 1 regularizer trained instead (on the final hidden states); SimReg's weight is then 0.
     """
 
@@ -67,6 +69,7 @@ class SimRegObjective:
     reduction: str = "group"
     layer: int = -1
     block_size: int = 512
+    kernel: str = "auto"
     baseline: Baseline | None = None
 
     @classmethod
@@ -77,7 +80,7 @@ class SimRegObjective:
         return cls(
             enabled=s.enabled, weight=cfg.regularizer_weight if baseline is None else 0.0, temperature=s.temperature,
             mode=s.mode, chunk_size=s.chunk_size, reduction=s.reduction, layer=s.layer, block_size=s.block_size,
-            baseline=baseline,
+            kernel=s.kernel, baseline=baseline,
         )
 
     def __post_init__(self):
@@ -130,6 +133,7 @@ class SimRegObjective:
             process_group=group,
             sequence_layout=layout,
             block_size=self.block_size,
+            kernel=self.kernel,
         )
 
     def baseline_inputs(self, hidden_states, labels, loss_mask, context, config, output_layer, output_weight,

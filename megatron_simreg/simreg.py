@@ -20,15 +20,19 @@ objective adds lambda * sum_seq S_seq * T_seq to the cross-entropy's token sum, 
 
 Plain PyTorch (+ torch.distributed): no Megatron import. The pairwise work runs in tiles, flash-style:
 no `s x s` matrix is kept for backward (only two log-sum-exps per token are saved, the tiles are
-recomputed), and extra memory is O(block * s) rather than O(s^2). The math is fp32 whatever the
-input dtype. Under sequence or context parallelism each rank holds a slice of every sequence;
-chunk-wise SimReg then needs no activation communication, full SimReg gathers the embeddings, and
-in both cases loss and gradients equal the single-process result (see `simreg_loss`).
+recomputed), and extra memory is O(block * s) rather than O(s^2); the symmetry of cos(h_i, h_j) halves it
+(each pair of tiles once). The math is fp32 whatever the input dtype. On CUDA tensors a fused Triton kernel
+(`megatron_simreg.simreg_triton`) does the same work (`kernel=`). Under sequence or context parallelism each
+rank holds a slice of every sequence; chunk-wise SimReg then needs no activation communication, full SimReg
+gathers the embeddings, and in both cases loss and gradients equal the single-process result (see `simreg_loss`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,6 +45,7 @@ NORM_EPS = 1e-12
 
 ChunkSize = int | Literal["local"] | None
 SequenceLayout = Literal["contiguous", "zigzag"]
+Kernel = Literal["auto", "torch", "triton"]
 
 
 @dataclass
@@ -79,6 +84,7 @@ def simreg_terms(
     process_group: dist.ProcessGroup | None = None,
     sequence_layout: SequenceLayout = "contiguous",
     block_size: int = 512,
+    kernel: Kernel = "auto",
 ) -> torch.Tensor:
     """Lsr per token, `[b, s]` float32 (-inf where N_i is empty, 0 at masked positions).
 
@@ -86,10 +92,11 @@ def simreg_terms(
     labels, loss_mask: `[b, s]`; loss_mask 1 marks valid tokens (anchors and pair members).
     chunk_size: None for full SimReg; an int for chunk-wise SimReg over that many consecutive tokens;
         "local" for chunks equal to each rank's slice (with a process group) or the whole sequence.
-    process_group, sequence_layout: see `simreg_loss`.
+    process_group, sequence_layout, block_size, kernel: see `simreg_loss`.
     """
     return _run(
-        hidden, labels, loss_mask, temperature, chunk_size, sequence_first, process_group, sequence_layout, block_size
+        hidden, labels, loss_mask, temperature, chunk_size, sequence_first, process_group, sequence_layout, block_size,
+        kernel,
     ).lsr
 
 
@@ -106,6 +113,7 @@ def simreg_loss(
     sequence_layout: SequenceLayout = "contiguous",
     block_size: int = 512,
     live_threshold: float = 1e-3,
+    kernel: Kernel = "auto",
 ) -> SimRegOutput:
     """The SimReg term (without lambda): per-sequence means of softplus(Lsr_i), token-weighted over sequences.
 
@@ -120,11 +128,16 @@ def simreg_loss(
     "local" means each contiguous local piece) exchanges only scalars; full SimReg (`chunk_size=None`)
     all-gathers the embeddings. Every rank returns the global value; the gradient reaching each
     rank's `hidden` is that of the global loss, as in the single-process computation.
+
+    kernel: "auto" runs the fused Triton kernel (`megatron_simreg.simreg_triton`) on CUDA tensors when
+    triton imports, the PyTorch one otherwise; "torch" or "triton" force one. block_size: the PyTorch
+    kernel's tile side in tokens (the Triton kernel's tiles are at most 64).
     """
     if reduction not in ("group", "token"):
         raise ValueError(f"simreg reduction must be 'group' or 'token', got {reduction!r}")
     run = _run(
-        hidden, labels, loss_mask, temperature, chunk_size, sequence_first, process_group, sequence_layout, block_size
+        hidden, labels, loss_mask, temperature, chunk_size, sequence_first, process_group, sequence_layout, block_size,
+        kernel,
     )
     valid = run.valid
     has_negatives = valid & torch.isfinite(run.lsr)
@@ -192,7 +205,9 @@ class _Plan:
     dtype: torch.dtype  # float32, or float64 for float64 embeddings (gradcheck)
 
 
-def _run(hidden, labels, loss_mask, temperature, chunk_size, sequence_first, process_group, layout, block_size):
+def _run(
+    hidden, labels, loss_mask, temperature, chunk_size, sequence_first, process_group, layout, block_size, kernel
+):
     batch_major = hidden.transpose(0, 1) if sequence_first else hidden
     if batch_major.dim() != 3:
         raise ValueError(f"simreg expects hidden [b, s, h] (or [s, b, h] with sequence_first=True), got {tuple(hidden.shape)}")
@@ -214,6 +229,7 @@ def _run(hidden, labels, loss_mask, temperature, chunk_size, sequence_first, pro
         raise ValueError(f"simreg block_size must be positive, got {block_size}")
     if layout not in ("contiguous", "zigzag"):
         raise ValueError(f"simreg sequence_layout must be 'contiguous' or 'zigzag', got {layout!r}")
+    pairwise = _kernel_function(kernel, hidden)
 
     pieces = [(0, s)] if layout == "contiguous" or process_group is None else _zigzag_pieces(s)
     distributed = process_group is not None and dist.get_world_size(process_group) > 1
@@ -229,7 +245,7 @@ def _run(hidden, labels, loss_mask, temperature, chunk_size, sequence_first, pro
         block_size=block_size,
         dtype=torch.promote_types(hidden.dtype, torch.float32),
     )
-    lsr, positive_count, angles = _SimRegFunction.apply(batch_major, plan)
+    lsr, positive_count, angles = pairwise.apply(batch_major, plan)
     return _Run(_unbatched(lsr, b, s), _unbatched(positive_count, b, s), valid, angles[0], angles[1])
 
 
@@ -270,112 +286,538 @@ def _unbatched(batched: torch.Tensor, b: int, s: int) -> torch.Tensor:
     return batched.reshape(b, -1, *batched.shape[2:])[:, :s]
 
 
+def _kernel_function(kernel: Kernel, hidden: torch.Tensor):
+    """The pairwise kernel: the fused Triton one for CUDA tensors when Triton imports ("auto"), else PyTorch's."""
+    if kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"simreg kernel must be 'auto', 'torch' or 'triton', got {kernel!r}")
+    if kernel == "torch" or (kernel == "auto" and not hidden.is_cuda):
+        return _SimRegFunction
+    try:
+        from megatron_simreg import simreg_triton
+    except ImportError as error:
+        if kernel == "auto":
+            return _SimRegFunction
+        raise ValueError(
+            f"simreg kernel 'triton' needs the triton package ({error}); install it or use kernel='torch'"
+        ) from error
+    if not hidden.is_cuda and not simreg_triton.INTERPRETED:
+        raise ValueError(
+            "simreg kernel 'triton' runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1, set before "
+            "megatron_simreg.simreg_triton is imported); use kernel='torch' or 'auto' on CPU"
+        )
+    return simreg_triton.SimRegTritonFunction
+
+
 # ---------------------------------------------------------------------------------------------
-# The pairwise kernel
+# The pairwise kernel (PyTorch; `megatron_simreg.simreg_triton` is the fused GPU kernel with the same contract)
+
+MASKED = 1e30
+"""Subtracted from the logits of pairs outside a set: after the shift and EXP_FLOOR their exponential is
+e^-80, below float32's resolution of any sum here; unlike -inf, MASKED - MASKED is 0, not NaN."""
+
+EXP_FLOOR = -80.0
+"""Exponents are raised to at least this before `exp`: e^-80 ~ 1.8e-35 is still a normal float32, so no
+subnormal number reaches an `exp`, a product or a matrix product (x86 CPUs take up to ~200x longer on those,
+as the logits span 2/tau = 200 at tau = 0.01), and `exp` never sees -1e30 either (its vectorised version
+takes ~100x longer on arguments that far out). What the floor adds stays below float32's resolution: every
+sum is taken relative to its largest term (>= 1), and in backward every term is a softmax weight (sum 1)."""
 
 
 class _SimRegFunction(torch.autograd.Function):
-    """Lsr per token from the embeddings; saves only per-token scalars and recomputes tiles.
+    """Lsr per token from the embeddings; saves only per-token scalars and recomputes tiles in backward.
 
-    Works on the batched segments of `_Plan`, in tiles of at most `block x block` pairs: `[1, block, block]`
-    for long segments, many short segments side by side (`[n, segment, segment]`).
+    z_ij = cos(h_i, h_j) / tau is symmetric and, within a segment, anchors and keys are the same tokens: each
+    tile pair (I, J) with I < J is computed once, its rows feeding anchors I and its columns anchors J, in
+    forward (the log-sum-exps) and in backward (both gradient directions); diagonal tiles once. That is
+    two `s x s x h` products in all (half of z forward, half again backward, and d/dU = W U over the
+    symmetric W). Under sequence or context parallelism full SimReg pairs the local anchors with the
+    gathered sequence: anchors and keys differ, so tiles are not mirrored there (each rank computes its own
+    anchors' rows against all keys, as before), which keeps it exactly the single-process value.
+
+    Per tile: the negatives' log-sum-exp needs each row's (and column's) maximum over its negatives; the
+    positives' needs none, as the largest positive logit of a normalised anchor is its own z_ii = 1/tau
+    (Cauchy-Schwarz), so one exp over the tile serves the positive sums of its rows and of its columns.
+    Zero vectors (|h| < NORM_EPS, whose logits are all ~0) break that bound; tiles holding one take the
+    maximum as for negatives. Masks come from labels as float arithmetic, not boolean tensors (slow on CPU).
     """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, plan: _Plan):
-        anchors = _batched(hidden, plan.segment)
-        inv_norm = _inverse_norms(anchors, plan.dtype)
-        keys, key_inv_norm, key_labels, key_valid = _pairing_partners(anchors, inv_norm, plan)
-        lse_pos = torch.full(anchors.shape[:2], -math.inf, dtype=plan.dtype, device=hidden.device)
-        lse_neg = torch.full_like(lse_pos, -math.inf)
-        positive_count = torch.zeros_like(lse_pos)
-        angles = torch.zeros(2, dtype=torch.float64, device=hidden.device)
-        for segs, at in _row_tiles(plan, keys.shape[1]):
-            units = _units(anchors[segs, at], inv_norm[segs, at], plan.dtype)
-            for key_at in _blocks(keys.shape[1], plan.block_size):
-                # Keys are normalised tile by tile, never all at once.
-                key_units = _units(keys[segs, key_at], key_inv_norm[segs, key_at], plan.dtype)
-                z = torch.bmm(units, key_units.transpose(1, 2)).mul_(plan.inv_temperature)
-                same = plan.labels[segs, at, None] == key_labels[segs, None, key_at]
-                positive = same & key_valid[segs, None, key_at]
-                negative = same.logical_not_() & key_valid[segs, None, key_at]
-                lse_pos[segs, at] = torch.logaddexp(lse_pos[segs, at], _masked_logsumexp(z, positive))
-                lse_neg[segs, at] = torch.logaddexp(lse_neg[segs, at], _masked_logsumexp(z, negative))
-                positive_count[segs, at] += positive.sum(-1, dtype=plan.dtype)
-                negative &= plan.valid[segs, at, None]  # the angle statistic counts valid anchors only
-                radians = z.mul_(1.0 / plan.inv_temperature).clamp_(-1.0, 1.0).acos_()
-                angles[0] += torch.where(negative, radians, 0.0).sum(dtype=torch.float64) * (180.0 / math.pi)
-                angles[1] += negative.sum()
+        with ieee_fp32_products():
+            pairs = _Pairs.of(hidden, plan)
+            lse_pos, lse_neg, angle_sum = _forward_tiles(pairs, plan)
         lsr = torch.where(plan.valid, lse_neg - lse_pos, 0.0)
+        angles = torch.stack([angle_sum, (pairs.negative_count * plan.valid).sum(dtype=torch.float64)])
         ctx.plan = plan
+        ctx.pairs = pairs.without_units()  # per-token values only: backward recomputes the units from `hidden`
         ctx.save_for_backward(hidden, lse_pos, lse_neg)
-        ctx.mark_non_differentiable(positive_count, angles)
-        return lsr, positive_count, angles
+        ctx.mark_non_differentiable(pairs.positive_count, angles)
+        return lsr, pairs.positive_count, angles
 
     @staticmethod
     def backward(ctx, grad_lsr, _grad_count, _grad_angles):
         hidden, lse_pos, lse_neg = ctx.saved_tensors
         plan: _Plan = ctx.plan
-        anchors = _batched(hidden, plan.segment)
-        inv_norm = _inverse_norms(anchors, plan.dtype)
         # Masked anchors and anchors without negatives (Lsr = -inf) contribute nothing.
         grad = torch.where(plan.valid & torch.isfinite(lse_neg), grad_lsr.to(plan.dtype), 0.0)
-        # +inf where a set is empty, so exp(z - lse) is 0 rather than inf * 0.
-        lse_pos, lse_neg = (torch.where(torch.isfinite(lse), lse, math.inf) for lse in (lse_pos, lse_neg))
-        keys, key_inv_norm, key_labels, key_valid = _pairing_partners(anchors, inv_norm, plan)
-        key_lse_pos, key_lse_neg, key_grad = _gather_scalars(plan, lse_pos, lse_neg, grad)
-        grad_anchors = torch.empty(anchors.shape, dtype=plan.dtype, device=hidden.device)
-        for segs, at in _row_tiles(plan, keys.shape[1]):
-            units = _units(anchors[segs, at], inv_norm[segs, at], plan.dtype)
-            grad_units = torch.zeros_like(units)
-            for key_at in _blocks(keys.shape[1], plan.block_size):
-                key_units = _units(keys[segs, key_at], key_inv_norm[segs, key_at], plan.dtype)
-                z = torch.bmm(units, key_units.transpose(1, 2)).mul_(plan.inv_temperature)
-                z.masked_fill_(~(plan.valid[segs, at, None] & key_valid[segs, None, key_at]), -math.inf)
-                same = plan.labels[segs, at, None] == key_labels[segs, None, key_at]
-                # z_ij is symmetric: token i receives d Lsr_i / d z_ij as the anchor of its row,
-                # and d Lsr_j / d z_ji as a member of anchor j's pairs.
-                grad_logits = _lsr_logit_grad(z, same, lse_pos[segs, at, None], lse_neg[segs, at, None], grad[segs, at, None])
-                grad_logits += _lsr_logit_grad(z, same, key_lse_pos[segs, None, key_at], key_lse_neg[segs, None, key_at], key_grad[segs, None, key_at])
-                grad_units.baddbmm_(grad_logits, key_units, alpha=plan.inv_temperature)
-            grad_anchors[segs, at] = _normalize_backward(units, inv_norm[segs, at], grad_units)
-        # In the input's own memory layout, so adding it to the other gradients of `hidden` (and what
-        # reduces them downstream) runs in the same order as without SimReg: lambda = 0 changes no bit.
+        if not grad.any() and plan.gather is None:  # lambda = 0: nothing to recompute
+            return torch.zeros_like(hidden), None
+        with ieee_fp32_products():
+            pairs = ctx.pairs.with_units(hidden, plan)
+            grad_units = _backward_tiles(pairs, plan, _logit_weights(lse_pos, lse_neg, grad))
+            _drop_radial_part_(grad_units, pairs.anchors, plan)
+        del pairs  # the units: the gradient in the input's layout takes their place
+        # d loss / d hidden = scale * (d loss / d units, radial part dropped), in the input's own memory layout,
+        # so adding it to the other gradients of `hidden` (and what reduces them downstream) runs in the same
+        # order as without SimReg: lambda = 0 changes no bit.
         grad_hidden = torch.empty_like(hidden)
-        grad_hidden.copy_(_unbatched(grad_anchors, *hidden.shape[:2]))
+        segmented = grad_units.unflatten(0, (hidden.shape[0], -1))
+        scale = ctx.pairs.anchors.token_scale
+        parts = zip(_segment_parts(grad_hidden, plan.segment), _segment_parts(scale, plan.segment))
+        for (part, at), (part_scale, _) in parts:
+            torch.mul(segmented[:, at, : part.shape[2]], part_scale[..., None], out=part)
         return grad_hidden, None
 
 
-def _inverse_norms(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return 1.0 / torch.linalg.vector_norm(hidden, dim=-1, dtype=dtype).clamp_min(NORM_EPS)
+_precision_lock = threading.Lock()
+_precision_depth = 0
+_precision_saved: tuple[str, str] | None = None
 
 
-def _units(rows: torch.Tensor, inv_norm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return rows.to(dtype) * inv_norm[..., None]
+@contextlib.contextmanager
+def ieee_fp32_products():
+    """Float32 matrix products in IEEE precision inside, whatever the global setting (TF32 on GPUs, which NGC
+    images turn on with TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1; bf16 in oneDNN on CPUs). At tau = 0.01 a logit is a
+    cosine times 100: TF32's 2^-11 rounding of the inputs moves it by ~1e-2 and the loss by ~1e-5 relative.
+
+    torch keeps the setting per process, not per thread: the first holder saves and sets it, the last restores
+    it (also on exceptions); other threads' float32 products in between run in IEEE precision too.
+    """
+    global _precision_depth, _precision_saved
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    with _precision_lock:
+        if _precision_depth == 0:
+            _precision_saved = tuple(backend.fp32_precision for backend in backends)
+            for backend in backends:
+                backend.fp32_precision = "ieee"
+        _precision_depth += 1
+    try:
+        yield
+    finally:
+        with _precision_lock:
+            _precision_depth -= 1
+            if _precision_depth == 0:
+                for backend, precision in zip(backends, _precision_saved):
+                    backend.fp32_precision = precision
 
 
-def _normalize_backward(units: torch.Tensor, inv_norm: torch.Tensor, grad_units: torch.Tensor) -> torch.Tensor:
-    """Gradient through u = h / max(|h|, eps): the radial part drops out unless |h| < eps."""
-    radial = (units * grad_units).sum(-1, keepdim=True) * units
-    clamped = (inv_norm >= 1.0 / NORM_EPS)[..., None]
-    return torch.where(clamped, grad_units, grad_units - radial) * inv_norm[..., None]
+@dataclass
+class _Side:
+    """The tokens on one side of the tiles, batched like `_Plan`: `[batch, length, ...]`, plan.dtype."""
+
+    units: torch.Tensor | None  # [batch, length, h] h * scale: z_ij = units_i . units_j (None while saved)
+    token_scale: torch.Tensor  # [b, s] 1 / (max(|h|, eps) * sqrt(tau)), as the hidden states are laid out
+    segment: int  # tokens per segment, before the padding to whole blocks
+    scale: torch.Tensor  # token_scale, batched
+    short: torch.Tensor  # bool, |h| < NORM_EPS: |u| < 1, so z_ii = 1/tau no longer bounds the row
+    labels: torch.Tensor  # rank of the label among those present; -1 for invalid tokens
+    valid: torch.Tensor  # 1.0 for valid tokens, 0.0 for invalid ones
+    bias: torch.Tensor  # 0 for valid tokens, -MASKED for invalid ones: added to z, it drops their pairs
 
 
-def _pairing_partners(hidden, inv_norm, plan: _Plan):
-    """The tokens the local anchors pair with: the local ones, or the gathered sequence."""
+@dataclass
+class _Pairs:
+    """What the tiles need: both sides (the same object unless the plan gathers) and the set sizes."""
+
+    anchors: _Side
+    keys: _Side
+    positive_count: torch.Tensor  # [batch, length] |P_i|: valid keys with the anchor's label (i itself included)
+    negative_count: torch.Tensor  # [batch, length] |N_i| for valid anchors (the sides are padded to whole blocks)
+    symmetric: bool
+    tiling: tuple | None = None  # (strips, strips holding invalid tokens, strips holding short vectors), once known
+
+    @classmethod
+    def of(cls, hidden: torch.Tensor, plan: _Plan) -> "_Pairs":
+        key_labels, key_valid = _pairing_partners(plan.labels, plan.valid, plan)
+        ranks = torch.unique(key_labels, return_inverse=True)[1]  # exact in float32 up to 2^24 labels
+        anchor_ranks = _local_share(ranks, plan)
+        positive_count = _positive_counts(anchor_ranks, ranks, key_valid).to(plan.dtype)
+        negative_count = key_valid.sum(-1, keepdim=True, dtype=plan.dtype) - positive_count
+        anchors = _side(hidden, plan.segment, anchor_ranks, plan.valid, plan)
+        if plan.gather is None:
+            return cls(anchors, anchors, positive_count, negative_count, symmetric=True)
+        gathered = _all_gather_sequence(hidden, plan.gather)
+        keys = _side(gathered, gathered.shape[1], ranks, key_valid, plan)
+        return cls(anchors, keys, positive_count, negative_count, symmetric=False)
+
+    def strips(self, plan: _Plan) -> tuple[list[_Strip], list[bool], list[bool]]:
+        """The strips, and which of them hold invalid tokens or zero vectors (their general path)."""
+        if self.tiling is None:
+            strips = _strips(plan, self)
+            a, k = self.anchors, self.keys
+            self.tiling = (strips, _strips_touching(strips, a.valid == 0, k.valid == 0),
+                           _strips_touching(strips, a.short, k.short))
+        return self.tiling
+
+    def without_units(self) -> "_Pairs":
+        anchors = dataclasses.replace(self.anchors, units=None)
+        keys = anchors if self.symmetric else dataclasses.replace(self.keys, units=None)
+        return dataclasses.replace(self, anchors=anchors, keys=keys)
+
+    def with_units(self, hidden: torch.Tensor, plan: _Plan) -> "_Pairs":
+        anchors = dataclasses.replace(self.anchors, units=_units(hidden, self.anchors, plan))
+        if self.symmetric:
+            return dataclasses.replace(self, anchors=anchors, keys=anchors)
+        keys = dataclasses.replace(self.keys, units=_units(_all_gather_sequence(hidden, plan.gather), self.keys, plan))
+        return dataclasses.replace(self, anchors=anchors, keys=keys)
+
+
+def _pairing_partners(labels: torch.Tensor, valid: torch.Tensor, plan: _Plan):
+    """The keys' labels and validity: the anchors' own, or the gathered sequence's."""
     if plan.gather is None:
-        return hidden, inv_norm, plan.labels, plan.valid
-    return (
-        _all_gather_sequence(hidden, plan.gather),
-        _all_gather_sequence(inv_norm, plan.gather),
-        _all_gather_sequence(plan.labels, plan.gather),
-        _all_gather_sequence(plan.valid, plan.gather),
+        return labels, valid
+    return _all_gather_sequence(labels, plan.gather), _all_gather_sequence(valid, plan.gather)
+
+
+def _local_share(gathered: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """This rank's own tokens out of a gathered `[b, world * s, ...]` tensor (all of it without a gather)."""
+    if plan.gather is None:
+        return gathered
+    rank = dist.get_rank(plan.gather)
+    return gathered[:, rank * plan.segment : (rank + 1) * plan.segment]
+
+
+def _positive_counts(anchor_ranks: torch.Tensor, key_ranks: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """|P_i| for every anchor (invalid ones too): valid keys of its segment with its label, by sorting, not pairs."""
+    width = key_ranks.shape[0] and int(key_ranks.max()) + 1
+    segment = torch.arange(key_ranks.shape[0], device=key_ranks.device)[:, None] * width
+    present, counts = torch.unique((segment + key_ranks)[key_valid], return_counts=True)
+    if present.numel() == 0:
+        return torch.zeros_like(anchor_ranks)
+    wanted = segment + anchor_ranks
+    at = torch.searchsorted(present, wanted).clamp_max_(present.numel() - 1)
+    return torch.where(present[at] == wanted, counts[at], 0)
+
+
+def _side(hidden: torch.Tensor, segment: int, ranks: torch.Tensor, valid: torch.Tensor, plan: _Plan) -> _Side:
+    """The tokens of `hidden` `[b, s, h]` cut into segments, each padded to a whole number of blocks."""
+    norms = torch.linalg.vector_norm(hidden, dim=-1, dtype=plan.dtype)
+    scale = (norms.clamp_min(NORM_EPS) * math.sqrt(1.0 / plan.inv_temperature)).reciprocal_()
+    padded = _padding(_padded_length(segment, plan.block_size))
+    side = _Side(
+        units=None,
+        token_scale=scale,
+        segment=segment,
+        scale=padded(_batched(scale, segment), 0.0),
+        short=padded(_batched(norms < NORM_EPS, segment), False),
+        labels=padded(torch.where(valid, ranks.to(plan.dtype), -1.0), -1.0),
+        valid=padded(valid.to(plan.dtype), 0.0),
+        bias=padded(torch.where(valid, 0.0, -MASKED).to(plan.dtype), -MASKED),
     )
+    side.units = _units(hidden, side, plan)
+    return side
+
+
+def _units(hidden: torch.Tensor, side: _Side, plan: _Plan) -> torch.Tensor:
+    """The side's scaled unit vectors `[batch, length, h]` (plan.dtype), the padding zero."""
+    b, s, h = hidden.shape
+    segment, length = side.segment, side.labels.shape[1]
+    units = hidden.new_empty((b, -(-s // segment), length, h), dtype=plan.dtype)
+    units[:, :, segment:] = 0
+    for (part, at), (part_scale, _) in zip(_segment_parts(hidden, segment), _segment_parts(side.token_scale, segment)):
+        units[:, at, part.shape[2] : segment] = 0  # the tail of a shorter last segment
+        torch.mul(part, part_scale[..., None], out=units[:, at, : part.shape[2]])
+    return units.view(-1, length, h)
+
+
+def _padded_length(segment: int, block: int) -> int:
+    """Segments longer than a block are padded (with invalid tokens) to whole blocks: every tile is `block` wide."""
+    return segment if segment <= block else -(-segment // block) * block
+
+
+def _padding(length: int):
+    """Pads `[batch, segment, ...]` per-token values to `length` tokens with `value`."""
+
+    def padded(per_token: torch.Tensor, value) -> torch.Tensor:
+        missing = length - per_token.shape[1]
+        if not missing:
+            return per_token
+        tail = per_token.new_full((per_token.shape[0], missing, *per_token.shape[2:]), value)
+        return torch.cat([per_token, tail], dim=1)
+
+    return padded
+
+
+def _segment_parts(per_token: torch.Tensor, segment: int) -> list[tuple[torch.Tensor, slice]]:
+    """`[b, s, ...]` as views `[b, segments, tokens, ...]` over whole segments, then the shorter last one, with the
+    segments they are: how a segmented copy lines up with the unsegmented tensor without reshaping (copying) it."""
+    b, s = per_token.shape[:2]
+    whole = s // segment
+    parts = [(per_token[:, : whole * segment].unflatten(1, (whole, segment)), slice(0, whole))] if whole else []
+    if s % segment:
+        parts.append((per_token[:, whole * segment :, None].transpose(1, 2), slice(whole, whole + 1)))
+    return parts
+
+
+@dataclass(frozen=True)
+class _Strip:
+    """Anchors of one block (`rows`) of some segments against consecutive blocks of their keys (`cols`).
+
+    In a symmetric plan the keys start at the anchors' own block: the strip's columns beyond that block
+    (from `mirrored`, a column offset) also stand for the transposed tiles, whose anchors they are.
+    """
+
+    segments: slice
+    rows: slice
+    cols: slice
+    row_block: int  # index of the anchors' block: the partial slot of the mirrored columns
+    col_block: int  # index of the first key block: the partial slots of the rows are col_block, col_block + 1, ...
+    blocks: int  # key blocks in the strip
+    mirrored: int  # first mirrored column; cols.stop - cols.start if none
+
+    @property
+    def is_mirrored(self) -> bool:
+        return self.mirrored < self.cols.stop - self.cols.start
+
+
+def _strips(plan: _Plan, pairs: _Pairs) -> list[_Strip]:
+    """Strips of one block of anchors against up to 4 blocks of keys (as many as the hidden size allows, so the
+    scratch stays below three blocks of units): larger products and fewer operations than single tiles.
+    Short segments share a strip, up to `block x block` pairs."""
+    batch, rows, h = pairs.anchors.units.shape
+    cols = pairs.keys.units.shape[1]
+    row_block, col_block = min(rows, plan.block_size), min(cols, plan.block_size)
+    width = max(1, min(4, h // col_block))
+    per_strip = max(1, plan.block_size**2 // (row_block * col_block))
+    strips = []
+    for segments in _blocks(batch, per_strip):
+        for i in range(rows // row_block):
+            first = i if pairs.symmetric else 0
+            for j in range(first, cols // col_block, width):
+                blocks = min(width, cols // col_block - j)
+                mirrored = col_block if pairs.symmetric and j == i else (0 if pairs.symmetric else blocks * col_block)
+                strips.append(_Strip(
+                    segments, slice(i * row_block, (i + 1) * row_block), slice(j * col_block, (j + blocks) * col_block),
+                    i, j, blocks, mirrored,
+                ))
+    return strips
+
+
+def _strips_touching(strips: list[_Strip], rows: torch.Tensor, cols: torch.Tensor) -> list[bool]:
+    """Per strip: does any of its anchors (per `rows`) or keys (per `cols`) need the general path? One check per
+    strip, and none at all in the common case where no token does."""
+    if not bool(rows.any()) and (cols is rows or not bool(cols.any())):
+        return [False] * len(strips)
+    return [bool(rows[t.segments, t.rows].any() or cols[t.segments, t.cols].any()) for t in strips]
+
+
+@contextlib.contextmanager
+def _serial_between_products():
+    """Inside, elementwise work runs on one thread; `product(operation, *args)` runs a matrix product on torch's
+    threads.
+
+    A strip's elementwise passes are many short operations; on threads they each end in a barrier, and on a
+    shared machine every barrier waits for a descheduled sibling thread (on this project's 2-core VM, with
+    other jobs running, a 2-thread clamp of 512 x 1024 took 8 ms against 0.2 ms on one thread, and SimReg
+    4x attention). torch keeps its thread count per process: it is lowered for the loop and restored
+    after it, also on exceptions.
+    """
+    threads = torch.get_num_threads()
+
+    def product(operation, *args, **kwargs):
+        torch.set_num_threads(threads)
+        try:
+            return operation(*args, **kwargs)
+        finally:
+            torch.set_num_threads(1)
+
+    torch.set_num_threads(1)
+    try:
+        yield product
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _same_label(row_labels: torch.Tensor, col_labels: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """1.0 where the labels agree, else 0.0: max(1 - d^2, 0) of the integer-valued label difference d."""
+    difference = torch.sub(row_labels[:, :, None], col_labels[:, None, :], out=out)
+    return torch.addcmul(difference.new_ones(()), difference, difference, value=-1.0, out=out).clamp_min_(0.0)
+
+
+class _Workspace:
+    """Strip-sized scratch tensors reused from strip to strip: no allocation (and no page faults) per strip."""
+
+    def __init__(self, count: int, strips: list[_Strip], like: torch.Tensor):
+        self.flat = [like.new_empty(max(math.prod(self.shape(t)) for t in strips)) for _ in range(count)]
+
+    @staticmethod
+    def shape(strip: _Strip) -> tuple[int, int, int]:
+        return tuple(r.stop - r.start for r in (strip.segments, strip.rows, strip.cols))
+
+    def views(self, strip: _Strip) -> list[torch.Tensor]:
+        shape = self.shape(strip)
+        return [flat[: math.prod(shape)].view(shape) for flat in self.flat]
+
+
+def _by_block(strip_tensor: torch.Tensor, strip: _Strip) -> torch.Tensor:
+    """`[n, rows, blocks * block]` as `[n, rows, blocks, block]`: per-tile reductions along the last dim."""
+    return strip_tensor.unflatten(-1, (strip.blocks, -1))
+
+
+def _forward_tiles(pairs: _Pairs, plan: _Plan):
+    """Per anchor the positives' and negatives' log-sum-exps (-inf for an empty set), and the angle sum."""
+    a, k = pairs.anchors, pairs.keys
+    strips, irregular, short = pairs.strips(plan)
+    # Each tile leaves one partial (max, sum) per anchor and set, in the slot of the other side's block.
+    slots = (*a.labels.shape, k.labels.shape[1] // min(k.labels.shape[1], plan.block_size))
+    partials = _Partials(*(a.labels.new_zeros(slots) for _ in range(4)))
+    angle_sum = torch.zeros((), dtype=torch.float64, device=a.units.device)
+    workspace = _Workspace(3, strips, a.units)
+    with _serial_between_products() as product:
+        for strip, masked, general in zip(strips, irregular, short):
+            scratch = workspace.views(strip)
+            angle_sum += _forward_strip(strip, masked, general, pairs, plan, scratch, product, partials)
+    segment = pairs.positive_count.shape[1]
+    lse_pos = _combine(partials.pos_max[:, :segment], partials.pos_sum[:, :segment])
+    lse_neg = _combine(partials.neg_max[:, :segment], partials.neg_sum[:, :segment])
+    lse_pos = torch.where(pairs.positive_count > 0, lse_pos, -math.inf)
+    lse_neg = torch.where(pairs.negative_count > 0, lse_neg, -math.inf)
+    return lse_pos, lse_neg, angle_sum * (180.0 / math.pi)
+
+
+@dataclass
+class _Partials:
+    """Per anchor and set, one (max, sum of exp(z - max)) per tile, `[batch, length, key blocks]`."""
+
+    pos_max: torch.Tensor
+    pos_sum: torch.Tensor
+    neg_max: torch.Tensor
+    neg_sum: torch.Tensor
+
+
+def _forward_strip(strip: _Strip, masked, general, pairs: _Pairs, plan: _Plan, scratch, product, partials):
+    """The strip's partials (its rows', and its mirrored columns'), and the sum of its negative pairs' angles."""
+    a, k = pairs.anchors, pairs.keys
+    at, rows, cols, m = strip.segments, strip.rows, strip.cols, strip.mirrored
+    z, same, work = scratch
+    product(torch.bmm, a.units[at, rows], k.units[at, cols].transpose(1, 2), out=z)
+    if masked:
+        z.add_(a.bias[at, rows, None]).add_(k.bias[at, None, cols])
+    _same_label(a.labels[at, rows], k.labels[at, cols], out=same)
+    radians = _negative_angles(z, same, plan, work, (a.valid[at, rows], k.valid[at, cols]) if masked else None)
+    angle_sum = radians.sum(dtype=torch.float64) + radians[..., m:].sum(dtype=torch.float64)
+
+    row_slots = (at, rows, slice(strip.col_block, strip.col_block + strip.blocks))
+    col_slots = (at, slice(cols.start + m, cols.stop), strip.row_block)
+    negatives = torch.add(z, same, alpha=-MASKED, out=work)
+    partials.neg_max[row_slots], partials.neg_sum[row_slots] = _shifted_sums(_by_block(negatives, strip), -1)
+    if strip.is_mirrored:  # afresh: the rows' sums consumed the tile
+        negatives = torch.add(z[..., m:], same[..., m:], alpha=-MASKED, out=work[..., m:])
+        partials.neg_max[col_slots], partials.neg_sum[col_slots] = _shifted_sums(negatives, -2)
+    if general:  # a zero vector: the positives' maxima, as the negatives'
+        positives = z.add_(torch.sub(same, 1.0, out=work), alpha=MASKED)
+        row_sums = _shifted_sums(_by_block(work.copy_(positives), strip), -1)
+        partials.pos_max[row_slots], partials.pos_sum[row_slots] = row_sums
+        if strip.is_mirrored:
+            partials.pos_max[col_slots], partials.pos_sum[col_slots] = _shifted_sums(positives[..., m:], -2)
+    else:  # the largest positive logit of a normalised anchor is its own, 1/tau: one exp for rows and columns
+        terms = z.sub_(plan.inv_temperature).clamp_min_(EXP_FLOOR).exp_().mul_(same)
+        partials.pos_max[row_slots], partials.pos_sum[row_slots] = plan.inv_temperature, _by_block(terms, strip).sum(-1)
+        if strip.is_mirrored:
+            partials.pos_max[col_slots], partials.pos_sum[col_slots] = plan.inv_temperature, terms[..., m:].sum(-2)
+    return angle_sum
+
+
+def _shifted_sums(masked: torch.Tensor, dim: int):
+    """(max, sum of exp(x - max)) along `dim` of a tile whose pairs outside the set hold -MASKED; in place."""
+    top = masked.amax(dim, keepdim=True).clamp_min_(-MASKED / 2)  # an empty set keeps a finite max
+    return top.squeeze(dim), masked.sub_(top).clamp_min_(EXP_FLOOR).exp_().sum(dim)
+
+
+def _combine(maxes: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """The log-sum-exp of a set from its tiles' partial (max, sum) pairs along the last dim."""
+    top = maxes.amax(-1, keepdim=True)
+    return (sums * (maxes - top).clamp_min_(EXP_FLOOR).exp_()).sum(-1).log_() + top.squeeze(-1)
+
+
+def _negative_angles(z, same, plan: _Plan, out, valid) -> torch.Tensor:
+    """The angles (radians) of the strip's different-label pairs, 0 elsewhere (and, with `valid`, at invalid pairs)."""
+    radians = torch.mul(z, 1.0 / plan.inv_temperature, out=out).clamp_(-1.0, 1.0).acos_()
+    radians.addcmul_(radians, same, value=-1.0)
+    if valid is not None:
+        radians.mul_(valid[0][:, :, None]).mul_(valid[1][:, None, :])
+    return radians
+
+
+def _logit_weights(lse_pos: torch.Tensor, lse_neg: torch.Tensor, grad: torch.Tensor):
+    """Per anchor (shift, step, sign): grad_i * |d Lsr_i / d z_ij| = sign_i * exp(z_ij - shift_i + same_ij * step_i).
+
+    d Lsr_i / d z_ij is the softmax over N_i (for negatives) minus the softmax over P_i (for positives); log|g_i| is
+    folded into the exponent, so the tile's exponentials are already the gradient's magnitudes.
+    """
+    live = grad != 0  # other rows are zeroed by their sign; MASKED keeps their exponentials finite till then
+    shift = torch.where(live, lse_neg - grad.abs().log(), MASKED)
+    step = torch.where(live, lse_neg - lse_pos, 0.0)
+    return shift, step, grad.sign()
+
+
+def _backward_tiles(pairs: _Pairs, plan: _Plan, weights) -> torch.Tensor:
+    """d loss / d units for the anchors: sum_j (G_ij + G_ji) u_j over the symmetric W = G + G^T."""
+    a, k = pairs.anchors, pairs.keys
+    key_weights = weights if pairs.symmetric else _gather_scalars(plan, *weights)
+    # Padded to the sides' whole blocks: the padding's rows get a finite shift and sign 0.
+    anchor_side, key_side = (
+        tuple(_padding(side.labels.shape[1])(w, fill) for w, fill in zip(ws, (MASKED, 0.0, 0.0)))
+        for ws, side in ((weights, a), (key_weights, k))
+    )
+    strips, irregular, _ = pairs.strips(plan)
+    signed_rows = _strips_touching(strips, anchor_side[2] != 1, torch.zeros_like(k.short))
+    signed_cols = _strips_touching(strips, torch.zeros_like(a.short), key_side[2] != 1)
+    grad_units = torch.zeros_like(a.units)
+    workspace = _Workspace(3, strips, a.units)
+    with _serial_between_products() as product:
+        for strip, masked, signs in zip(strips, irregular, zip(signed_rows, signed_cols)):
+            scratch = workspace.views(strip)
+            _backward_strip(strip, masked, signs, pairs, (anchor_side, key_side), scratch, product, grad_units)
+    return grad_units
+
+
+def _backward_strip(strip: _Strip, masked, signs, pairs: _Pairs, weights, scratch, product, grad_units) -> None:
+    """Adds the strip's share of d loss / d units: W u_J to its anchors, W^T u_I to its mirrored keys."""
+    a, k = pairs.anchors, pairs.keys
+    (shift, step, sign), (key_shift, key_step, key_sign) = weights
+    at, rows, cols, m = strip.segments, strip.rows, strip.cols, strip.mirrored
+    z, same, w = scratch
+    product(torch.bmm, a.units[at, rows], k.units[at, cols].transpose(1, 2), out=z)
+    if masked:
+        z.add_(a.bias[at, rows, None]).add_(k.bias[at, None, cols])
+    _same_label(a.labels[at, rows], k.labels[at, cols], out=same)
+    # G_ij: anchor i's weight on key j (rows); G_ji: anchor j's weight on key i (columns).
+    torch.sub(z, shift[at, rows, None], out=w).addcmul_(same, step[at, rows, None]).clamp_min_(EXP_FLOOR).exp_()
+    if signs[0]:
+        w.mul_(sign[at, rows, None])
+    col_w = z.sub_(key_shift[at, None, cols]).addcmul_(same, key_step[at, None, cols]).clamp_min_(EXP_FLOOR).exp_()
+    if signs[1]:
+        col_w.mul_(key_sign[at, None, cols])
+    w.add_(col_w).addcmul_(same, w, value=-2.0)  # + for negatives, - for positives
+    if masked:
+        w.mul_(a.valid[at, rows, None]).mul_(k.valid[at, None, cols])
+    product(grad_units[at, rows].baddbmm_, w, k.units[at, cols])
+    if strip.is_mirrored:
+        product(grad_units[at, cols.start + m : cols.stop].baddbmm_, w[..., m:].transpose(1, 2), a.units[at, rows])
+
+
+def _drop_radial_part_(grad_units: torch.Tensor, anchors: _Side, plan: _Plan) -> None:
+    """The normalisation's backward but for the final factor: units = h * scale, scale = 1 / (max(|h|, eps)
+    sqrt(tau)), so d loss / d h = scale * (g - tau (units . g) units), the radial part dropping out unless
+    |h| < eps (g = d loss / d units, changed in place; the caller multiplies by the scale)."""
+    units, grads = anchors.units.view(-1, anchors.units.shape[-1]), grad_units.view(-1, grad_units.shape[-1])
+    radial = torch.cat([(units[at] * grads[at]).sum(-1) for at in _blocks(units.shape[0], plan.block_size)])
+    radial = radial.view_as(anchors.scale).mul_(1.0 / plan.inv_temperature).masked_fill_(anchors.short, 0.0)
+    grad_units.addcmul_(anchors.units, radial[..., None], value=-1.0)
 
 
 def _gather_scalars(plan: _Plan, *per_token: torch.Tensor) -> list[torch.Tensor]:
-    if plan.gather is None:
-        return list(per_token)
     gathered = _all_gather_sequence(torch.stack(per_token, dim=-1), plan.gather)
     return list(gathered.unbind(-1))
 
@@ -392,25 +834,6 @@ def _all_gather_sequence(local: torch.Tensor, group: dist.ProcessGroup) -> torch
     return out.transpose(0, 1)
 
 
-def _row_tiles(plan: _Plan, key_length: int) -> list[tuple[slice, slice]]:
-    """(segments, positions) of each tile's anchors: short segments share a tile, up to `block x block` pairs."""
-    rows, keys = min(plan.segment, plan.block_size), min(key_length, plan.block_size)
-    per_tile = max(1, plan.block_size**2 // (rows * keys))
-    return [(batch, at) for batch in _blocks(plan.labels.shape[0], per_tile) for at in _blocks(plan.segment, plan.block_size)]
-
-
 def _blocks(length: int, size: int):
     """Consecutive ranges of at most `size` tokens: tiles are `[size, size]`, whatever the length is."""
     return [slice(start, min(start + size, length)) for start in range(0, length, size)]
-
-
-def _masked_logsumexp(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(torch.where(mask, z, -math.inf), dim=-1)
-
-
-def _lsr_logit_grad(z, same, lse_pos, lse_neg, grad):
-    """grad * d Lsr / d z: softmax over the negatives minus softmax over the positives.
-
-    z is -inf off the pairs; lse is +inf where its set is empty; both make the term 0.
-    """
-    return torch.exp(z - torch.where(same, lse_pos, lse_neg)).mul_(torch.where(same, -grad, grad))

@@ -5,17 +5,7 @@ fixed mmap threshold (set before the process starts) so large tensors are mapped
 when freed, and the resident set follows the live tensors instead of reused heap.
 """
 
-import os
-import sys
-
 MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
-
-
-def restart_with_fixed_mmap_threshold(module: str) -> None:
-    """Re-run `python -m module ...` with the fixed threshold if this process was started without it."""
-    if os.environ.get(MMAP_ENV) is None and sys.platform.startswith("linux"):
-        os.environ[MMAP_ENV] = "65536"
-        os.execv(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]])
 
 
 def reset_peak() -> int:

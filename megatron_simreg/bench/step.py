@@ -53,7 +53,8 @@ def training_step(cfg):
     return step
 
 
-def measure(config: str, overrides: list[str], variants: dict[str, list[str]], steps: int, memory: bool) -> dict:
+def measure(config: str, overrides: list[str], variants: dict[str, list[str]], steps: int, memory: bool,
+            clock=time.perf_counter) -> dict:
     """Median step seconds per variant (interleaved), or with `memory` each step's peak RSS growth in bytes."""
     with cpu_compat():
         return _measure(config, overrides, variants, steps, memory)
@@ -75,9 +76,9 @@ def _measure(config: str, overrides: list[str], variants: dict[str, list[str]], 
         times = {name: [] for name in runs}
         for _ in range(steps):
             for name, step in runs.items():
-                start = time.perf_counter()
+                start = clock()
                 step()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
         return {name: statistics.median(seconds) for name, seconds in times.items()}
     finally:
         parallel.destroy()
@@ -89,8 +90,13 @@ def main(argv=None):
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--chunk", type=int, help="chunk size of the chunk-wise variant (default: a quarter of the sequence)")
+    parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                        help="thread: this thread's CPU time, with one torch thread (OMP_NUM_THREADS=1) on a CPU; "
+                             "other jobs on a shared machine do not inflate it as they do wall time")
     parser.add_argument("--memory-json", action="store_true", help=argparse.SUPPRESS)  # the memory process
     args = parser.parse_args(argv)
+    if args.clock == "thread" and (torch.cuda.is_available() or torch.get_num_threads() != 1):
+        parser.error("--clock thread measures one CPU thread: run with OMP_NUM_THREADS=1 on a CPU")
     cfg = load_config(args.config, args.overrides)
     chunk = args.chunk or cfg.model.seq_length // 4
     variants = {
@@ -105,12 +111,13 @@ def main(argv=None):
         [sys.executable, "-m", "megatron_simreg.bench.step", "--memory-json", *(argv if argv is not None else sys.argv[1:])],
         env={**os.environ, MMAP_ENV: "65536"}, check=True, capture_output=True, text=True,
     ).stdout.splitlines()[-1])
-    seconds = measure(args.config, args.overrides, variants, args.steps, memory=False)
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
+    seconds = measure(args.config, args.overrides, variants, args.steps, memory=False, clock=clock)
     base_time, base_memory = seconds["no SimReg"], memory["no SimReg"]
     print(f"# training step, {args.config} {' '.join(args.overrides)}: micro-batch {cfg.training.micro_batch_size} x "
           f"{cfg.model.seq_length} tokens, {cfg.training.global_batch_size // cfg.training.micro_batch_size} micro-batches, "
           f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU, {torch.get_num_threads()} threads'}, "
-          f"median of {args.steps} interleaved steps")
+          f"median of {args.steps} interleaved steps, {args.clock} time")
     print("| variant | step time (ms) | time ratio | peak step memory growth (MiB) | memory ratio |")
     print("|---|---|---|---|---|")
     for name in variants:
