@@ -145,6 +145,13 @@ class Config:
         return float(self.simreg.weight)
 
     @property
+    def train_iters(self) -> int:
+        """Optimizer steps: schedule.train_iters, or schedule.train_tokens in whole global batches (rounded up)."""
+        if self.schedule.train_iters is not None:
+            return self.schedule.train_iters
+        return math.ceil(self.schedule.train_tokens / (self.training.global_batch_size * self.model.seq_length))
+
+    @property
     def run_dir(self) -> str:
         return self.logging.run_dir or os.path.join("runs", self.name)
 

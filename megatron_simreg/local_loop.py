@@ -52,7 +52,7 @@ def schedule_of(cfg: Config, data_parallel: int) -> Schedule:
     t = cfg.training
     micro = t.global_batch_size // (t.micro_batch_size * data_parallel)
     tokens_per_iter = t.global_batch_size * cfg.model.seq_length
-    iters = cfg.schedule.train_iters or math.ceil(cfg.schedule.train_tokens / tokens_per_iter)
+    iters = cfg.train_iters
     if cfg.schedule.warmup_steps >= iters:
         raise ConfigError(
             f"schedule.warmup_steps={cfg.schedule.warmup_steps} must be smaller than the {iters} training iterations"

@@ -27,8 +27,7 @@ def megatron_arguments(cfg: Config, run_dir: str | None = None) -> list[str]:
     """The exact megatron.training command-line arguments for this config."""
     m, o, s, t, p = cfg.model, cfg.optimizer, cfg.schedule, cfg.training, cfg.parallel
     run_dir = run_dir or cfg.run_dir
-    tokens_per_iter = t.global_batch_size * m.seq_length
-    train_iters = s.train_iters or -(-s.train_tokens // tokens_per_iter)
+    train_iters = cfg.train_iters
     args = [
         "--num-layers", m.num_layers, "--hidden-size", m.hidden_size, "--ffn-hidden-size", m.ffn_hidden_size,
         "--num-attention-heads", m.num_attention_heads, "--seq-length", m.seq_length,

@@ -28,11 +28,10 @@ def initialize(cfg: Config) -> None:
         enable_cpu_compat()
         backend = "gloo"
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        dist.init_process_group(backend, timeout=timedelta(minutes=10))
+        if "WORLD_SIZE" in os.environ:  # torchrun (or Slurm through the launcher) set up the rendezvous
+            dist.init_process_group(backend, timeout=timedelta(minutes=10))
+        else:  # a group of one with an in-process store: no port that another run on this machine could hold
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(minutes=10))
     p = cfg.parallel
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor,
