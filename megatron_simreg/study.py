@@ -1,6 +1,7 @@
 """Studies: a base config, a grid of overrides and seeds, run cell by cell, reported with error bars.
 
-    python -m megatron_simreg.study configs/studies/convergence.yaml [--set key=value] [--status] [--report-only]
+    python -m megatron_simreg.study configs/studies/convergence.yaml [--set key=value] [--only SETTING] [--status]
+                                                                     [--report-only]
 
 A study file (YAML; paths relative to the working directory, as every command of this project):
 
@@ -527,6 +528,8 @@ def main(argv=None):
     parser.add_argument("study", help="a study file, e.g. configs/studies/convergence.yaml")
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                         help="passed to every cell, not part of what a cell is (e.g. training.exit_interval=100)")
+    parser.add_argument("--only", action="append", default=[], metavar="SETTING",
+                        help="run only the cells of this setting (repeatable), e.g. --only baseline; the report covers all")
     parser.add_argument("--status", action="store_true", help="list the cells and their state; run nothing")
     parser.add_argument("--report-only", action="store_true", help="write the report from the finished cells; run nothing")
     args = parser.parse_args(argv)
@@ -535,15 +538,19 @@ def main(argv=None):
     try:
         study = load_study(args.study)
         states = [_state(study, setting, seed, args.extra) for setting, seed in study.cells()]
+        unknown = sorted(set(args.only) - {s.name for s in study.settings})
+        if unknown:
+            raise StudyError(f"--only {', '.join(unknown)}: no such setting; the study has {', '.join(s.name for s in study.settings)}")
         if args.status:
             for state in states:
                 print(f"{state.label:40s} {state.describe()}")
             print(f"{sum(s.finished for s in states)} of {len(states)} cells finished; {_time_left(states)}")
             return
+        chosen = [s for s in states if not args.only or s.setting.name in args.only]
         failed = []
         if not args.report_only:
-            _prepare_data(states)
-            failed = run_study(study, states, args.extra)
+            _prepare_data(chosen)
+            failed = run_study(study, chosen, args.extra)
         report = write_report(study, states)
     except (StudyError, ConfigError, FileNotFoundError) as error:
         sys.exit(f"study: {error}")

@@ -181,6 +181,8 @@ def test_bad_studies_are_refused_before_anything_runs(tmp_path):
     bad_key = write_study(tmp_path / "b.yaml", config="configs/tiny-llama.yaml", grid={"simreg.wieght": [1]})
     with pytest.raises(SystemExit, match="did you mean simreg.weight"):
         main([bad_key, "--status"])
+    with pytest.raises(SystemExit, match="--only simreg: no such setting; the study has baseline, weight=1"):
+        main([grid_study(tmp_path), "--only", "simreg"])
     # a cell folder holding a run of other settings is refused, not mixed in
     study = load_study(grid_study(tmp_path))
     run_dir = study.run_dir(study.baseline, 1)
