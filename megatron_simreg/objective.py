@@ -4,8 +4,8 @@ SimReg reads the final hidden states through `GPTModel.forward(..., output_proce
 runs Megatron's own output layer and `compute_language_model_loss` (so cross-entropy is exactly
 Megatron's) and computes SimReg beside it on the hidden states it was handed (`[s, b, h]`, a slice of the
 sequence under sequence or context parallelism). `loss_func` follows Megatron-LM's contract
-(`loss_sum, num_tokens, report`) and weights SimReg by the micro-batch's tokens, so micro-batches,
-gradient accumulation and data parallelism scale it exactly as they scale the cross-entropy.
+(`loss_sum, num_tokens, report`) and adds SimReg as a sum over sequences weighted by their tokens, so
+micro-batches, gradient accumulation and data parallelism scale it exactly as they scale the cross-entropy.
 """
 
 from __future__ import annotations
@@ -118,10 +118,13 @@ def _sequence_sharding(sequence_parallel: bool):
 def loss_func(objective: SimRegObjective, loss_mask: torch.Tensor, context: dict, output_tensor: torch.Tensor):
     """Megatron-LM's contract: (loss sum over tokens, number of tokens, report of [sum, count] pairs).
 
-    SimReg enters as lambda * S * tokens, where S is the micro-batch's SimReg term: after Megatron divides
-    by the tokens, each micro-batch's loss is mean cross-entropy + lambda * S. Under context parallelism
-    each rank holds a share of S's gradient; weighting that share by the context-parallel group's tokens
-    makes the gradients add up to lambda * dS once Megatron averages over the group.
+    SimReg enters as lambda * sum_seq S_seq * T_seq (`SimRegOutput.token_weighted_sum`), a sum over sequences
+    like the cross-entropy's sum over tokens, so Megatron's division by tokens, micro-batches and data-parallel
+    ranks treats both alike and the objective does not depend on how the global batch is cut. Under context
+    parallelism the sequences' tokens are spread over the group: each rank's value carries its own share of
+    the tokens, while its gradient share (which sums to the whole over the group) keeps full weight, so after
+    Megatron averages over the group the gradient is lambda * d(sum_seq S_seq * T_seq) per token, as for one
+    process.
     """
     losses = output_tensor.view(-1).float()
     mask = loss_mask.reshape(-1).float()
@@ -132,12 +135,9 @@ def loss_func(objective: SimRegObjective, loss_mask: torch.Tensor, context: dict
     out: SimRegOutput | None = context.get("simreg")
     if out is not None:
         tokens = num_tokens.float()
-        group_tokens = tokens.clone()
-        cp_group = parallel_state.get_context_parallel_group() if parallel_state.get_context_parallel_world_size() > 1 else None
-        if cp_group is not None:
-            dist.all_reduce(group_tokens, group=cp_group)
-        weighted = out.loss * group_tokens
-        loss = loss + objective.weight * (weighted + (out.loss.detach() * tokens - weighted).detach())
+        weighted = out.token_weighted_sum
+        share = tokens / out.tokens.clamp_min(1.0)  # 1 unless context parallelism spreads the tokens
+        loss = loss + objective.weight * (weighted + (weighted.detach() * share - weighted.detach()))
         for name, value in zip(REPORTED_STATS, (out.loss, out.lsr_mean, out.live_fraction, out.negative_angle)):
             report[name] = torch.stack([value.detach().float() * tokens, tokens])
     return loss, num_tokens, report

@@ -28,9 +28,9 @@ def initialize(cfg: Config) -> None:
         enable_cpu_compat()
         backend = "gloo"
     if not dist.is_initialized():
-        if "WORLD_SIZE" in os.environ:  # torchrun (or Slurm through the launcher) set up the rendezvous
+        if "MASTER_PORT" in os.environ:  # torchrun (or Slurm's launcher) set up the rendezvous
             dist.init_process_group(backend, timeout=timedelta(minutes=10))
-        else:  # a group of one with an in-process store: no port that another run on this machine could hold
+        else:  # a plain single process: an in-memory store, so concurrent runs on one machine never share a port
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(minutes=10))
     p = cfg.parallel
     parallel_state.initialize_model_parallel(

@@ -6,8 +6,17 @@ For the final-layer embeddings h_i of one sequence and their next-token labels y
     P_i = {valid j : y_j == y_i}  (i itself included)      N_i = {valid j : y_j != y_i}
     Lsr_i = log sum_{j in N_i} phi(i, j) - log sum_{j in P_i} phi(i, j)
 
-and the regulariser is the mean of softplus(Lsr_i) over label groups (default) or tokens.
-Pairs are taken inside one sequence, or inside one chunk of it (chunk-wise SimReg).
+Pairs are taken inside one sequence, or inside one chunk of it (chunk-wise SimReg). The regulariser is a sum
+of per-sequence terms, so how a global batch is cut into micro-batches and data-parallel ranks never changes
+it (Megatron's contract for the cross-entropy):
+
+    S_seq = mean over the sequence's label groups (chunk, label) of the group's mean softplus(Lsr_i)
+            (reduction "group", the default; frequent tokens do not dominate), or
+          = mean over the sequence's anchors of softplus(Lsr_i)                    (reduction "token");
+    batch value = sum_seq S_seq * T_seq / sum_seq T_seq,  T_seq = the sequence's valid tokens
+
+i.e. the token-weighted mean over sequences (the plain mean for packed pretraining sequences). The training
+objective adds lambda * sum_seq S_seq * T_seq to the cross-entropy's token sum, so both are normalised alike.
 
 Plain PyTorch (+ torch.distributed): no Megatron import. The pairwise work runs in tiles, flash-style:
 no `s x s` matrix is kept for backward (only two log-sum-exps per token are saved, the tiles are
@@ -38,17 +47,16 @@ SequenceLayout = Literal["contiguous", "zigzag"]
 class SimRegOutput:
     """The scalar lambda-free SimReg term and the statistics worth logging beside it.
 
-    `loss == weighted_sum / normalizer` (globally, over the process group); the Megatron glue uses
-    the two parts to normalise SimReg like the cross-entropy across micro-batches.
+    `loss == token_weighted_sum / tokens`. Under sequence or context parallelism both are global values
+    (over the process group) while gradients flow only into this rank's share.
     """
 
-    loss: torch.Tensor  # differentiable scalar
-    weighted_sum: torch.Tensor  # differentiable: this rank's sum of w_i * softplus(Lsr_i)
-    normalizer: torch.Tensor  # sum of w_i over all ranks (number of groups, or of anchors)
+    loss: torch.Tensor  # differentiable scalar: the batch value, sum_seq S_seq * T_seq / sum_seq T_seq
+    token_weighted_sum: torch.Tensor  # differentiable: sum_seq S_seq * T_seq, what the objective adds
+    tokens: torch.Tensor  # sum_seq T_seq: valid tokens (anchors) over the process group
     lsr_mean: torch.Tensor  # mean Lsr over anchors with a non-empty N_i
     live_fraction: torch.Tensor  # share of anchors whose gradient weight sigmoid(Lsr_i) >= live_threshold
     negative_angle: torch.Tensor  # mean angle (degrees) between different-label pairs
-    anchors: torch.Tensor  # number of anchors (valid tokens)
 
     def stats(self) -> dict[str, float]:
         """The logged statistics as plain floats."""
@@ -99,10 +107,11 @@ def simreg_loss(
     block_size: int = 512,
     live_threshold: float = 1e-3,
 ) -> SimRegOutput:
-    """The SimReg term (without lambda): mean of softplus(Lsr_i), and its statistics.
+    """The SimReg term (without lambda): per-sequence means of softplus(Lsr_i), token-weighted over sequences.
 
-    reduction="group": mean over label groups (sequence or chunk, label) of the mean over each group's
-    anchors, so frequent tokens do not dominate; "token": plain mean over anchors.
+    reduction="group": each sequence's value is the mean over its label groups (chunk, label) of the mean
+    over each group's anchors, so frequent tokens do not dominate; "token": the mean over its anchors. The
+    batch value weights each sequence by its valid tokens (see the module docstring).
 
     With `process_group` every rank holds a slice of each sequence: the contiguous slice `rank` of
     `world` equal parts (`sequence_layout="contiguous"`, Megatron's sequence parallelism), or chunks
@@ -120,38 +129,34 @@ def simreg_loss(
     valid = run.valid
     has_negatives = valid & torch.isfinite(run.lsr)
     softplus = torch.where(valid, F.softplus(run.lsr), 0.0)
+    # A group of g anchors gives each 1/g, so its members sum to 1: the weights of a sequence sum to its groups.
     weights = valid.float() / run.positive_count.clamp_min(1) if reduction == "group" else valid.float()
-    weighted_sum = (softplus * weights).sum()
+    sequence_sums = (softplus * weights).sum(-1)  # [b], this rank's share of each sequence
 
     finite_lsr = torch.where(has_negatives, run.lsr.detach(), 0.0)
     live = has_negatives & (torch.sigmoid(finite_lsr) >= live_threshold)
+    per_sequence = torch.stack([sequence_sums.detach(), weights.sum(-1), valid.sum(-1).float()]).double()
     totals = torch.stack(
-        [
-            weights.sum(),
-            weighted_sum.detach(),
-            finite_lsr.sum(),
-            has_negatives.sum().float(),
-            live.sum().float(),
-            valid.sum().float(),
-            run.angle_sum,
-            run.angle_count,
-        ]
+        [finite_lsr.sum(), has_negatives.sum().float(), live.sum().float(), run.angle_sum, run.angle_count]
     ).double()
-    if process_group is not None:
+    if process_group is not None:  # a sequence's groups and tokens span the ranks: add up its scalars
+        dist.all_reduce(per_sequence, group=process_group)
         dist.all_reduce(totals, group=process_group)
-    normalizer, global_sum, lsr_sum, with_negatives, live_count, anchors, angle_sum, angle_count = totals.to(weighted_sum.dtype)
+    global_sums, normalizers, sequence_tokens = per_sequence.to(sequence_sums.dtype)
+    lsr_sum, with_negatives, live_count, angle_sum, angle_count = totals.to(sequence_sums.dtype)
 
-    loss = weighted_sum / normalizer.clamp_min(1.0)
-    if process_group is not None:  # the global value, with this rank's share of the gradient
-        loss = loss + (global_sum / normalizer.clamp_min(1.0) - loss).detach()
+    # S_seq * T_seq, summed: each rank differentiates its own share; the value is the global one.
+    scale = sequence_tokens / normalizers.clamp_min(1.0)
+    token_weighted_sum = (sequence_sums * scale).sum()
+    token_weighted_sum = token_weighted_sum + ((global_sums * scale).sum() - token_weighted_sum).detach()
+    tokens = sequence_tokens.sum()
     return SimRegOutput(
-        loss=loss,
-        weighted_sum=weighted_sum,
-        normalizer=normalizer,
+        loss=token_weighted_sum / tokens.clamp_min(1.0),
+        token_weighted_sum=token_weighted_sum,
+        tokens=tokens,
         lsr_mean=lsr_sum / with_negatives.clamp_min(1.0),
-        live_fraction=live_count / anchors.clamp_min(1.0),
+        live_fraction=live_count / tokens.clamp_min(1.0),
         negative_angle=angle_sum / angle_count.clamp_min(1.0),
-        anchors=anchors,
     )
 
 

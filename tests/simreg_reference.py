@@ -35,18 +35,26 @@ def reference_terms(hidden, labels, loss_mask=None, temperature=0.01, chunk_size
 
 
 def reference_loss(hidden, labels, loss_mask=None, temperature=0.01, chunk_size=None, reduction="group"):
-    """Mean softplus(Lsr) over (sequence, chunk, label) groups, or over anchors."""
+    """Each sequence's mean softplus(Lsr) over its (chunk, label) groups' means ("group") or over its anchors
+    ("token"); then the mean over sequences weighted by their valid tokens."""
     b, s, _ = hidden.shape
     mask = torch.ones(b, s, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
     terms = reference_terms(hidden, labels, mask, temperature, chunk_size)
-    groups: dict[tuple, list] = {}
+    values, tokens = [], []
     for sample in range(b):
+        groups: dict[tuple, list] = {}
         for i in range(s):
             if mask[sample, i]:
                 chunk = 0 if chunk_size is None else i // chunk_size
-                groups.setdefault((sample, chunk, int(labels[sample, i])), []).append(F.softplus(terms[sample, i]))
-    if not groups:
+                groups.setdefault((chunk, int(labels[sample, i])), []).append(F.softplus(terms[sample, i]))
+        if not groups:
+            continue
+        members = [v for group in groups.values() for v in group]
+        if reduction == "token":
+            values.append(torch.stack(members).mean())
+        else:
+            values.append(torch.stack([torch.stack(group).mean() for group in groups.values()]).mean())
+        tokens.append(len(members))
+    if not values:
         return hidden.sum() * 0.0
-    if reduction == "token":
-        return torch.stack([v for members in groups.values() for v in members]).mean()
-    return torch.stack([torch.stack(members).mean() for members in groups.values()]).mean()
+    return sum(value * count for value, count in zip(values, tokens)) / sum(tokens)

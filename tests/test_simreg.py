@@ -180,7 +180,7 @@ def test_statistics():
                 if mask[sample, i] and mask[sample, j] and labels[sample, i] != labels[sample, j]:
                     angles.append(math.degrees(math.acos(min(1.0, max(-1.0, float(units[sample, i] @ units[sample, j]))))))
     assert out.negative_angle.item() == pytest.approx(sum(angles) / len(angles), rel=1e-9)
-    assert out.anchors.item() == mask.sum().item()
+    assert out.tokens.item() == mask.sum().item()
     assert set(out.stats()) == {"simreg", "simreg lsr", "simreg live anchors", "simreg negative angle"}
 
 
@@ -220,3 +220,23 @@ def test_label_shape_mismatch_is_explained():
     hidden, labels = clustered(2, 8, 4)
     with pytest.raises(ValueError, match="labels"):
         simreg_loss(hidden, labels[:, :4])
+
+
+@pytest.mark.parametrize("reduction", ["group", "token"])
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_batch_value_is_a_sum_over_sequences_whatever_the_split(reduction, chunk_size):
+    """Cutting a batch into micro-batches (or data-parallel ranks) adds up to the same objective:
+    token_weighted_sum is a sum of per-sequence terms, and loss the token-weighted mean over sequences."""
+    hidden, labels = clustered(4, 16, 8, dtype=torch.float64)
+    mask = random_mask(4, 16)
+    mask[3, 5:] = 0  # sequences of unequal length
+    x = hidden.clone().requires_grad_()
+    whole = simreg_loss(x, labels, mask, 0.1, chunk_size, reduction, block_size=4)
+    whole.token_weighted_sum.backward()
+    y = hidden.clone().requires_grad_()
+    parts = [simreg_loss(y[i:i + 2], labels[i:i + 2], mask[i:i + 2], 0.1, chunk_size, reduction, block_size=4) for i in (0, 2)]
+    sum(p.token_weighted_sum for p in parts).backward()
+    torch.testing.assert_close(whole.token_weighted_sum, sum(p.token_weighted_sum for p in parts))
+    torch.testing.assert_close(whole.loss, sum(p.loss * p.tokens for p in parts) / mask.sum().double())
+    torch.testing.assert_close(x.grad, y.grad)
+    torch.testing.assert_close(whole.loss, reference_loss(hidden, labels, mask, 0.1, chunk_size, reduction))

@@ -51,7 +51,7 @@ def sequence_parallel_worker(rank, world, hidden, labels, mask):
             loss=out.loss.detach(),
             grad=local.grad.transpose(0, 1),
             terms=terms,
-            stats=(out.lsr_mean, out.live_fraction, out.negative_angle, out.anchors),
+            stats=(out.lsr_mean, out.live_fraction, out.negative_angle, out.tokens),
         )
     return results
 
@@ -71,7 +71,7 @@ def test_sequence_and_context_parallel_equal_single_process(world):
         for rank_result in per_rank:
             got = rank_result[name]
             torch.testing.assert_close(got["loss"], single.loss.detach(), rtol=1e-12, atol=1e-14, msg=name)
-            expected_stats = (single.lsr_mean, single.live_fraction, single.negative_angle, single.anchors)
+            expected_stats = (single.lsr_mean, single.live_fraction, single.negative_angle, single.tokens)
             for value, expected in zip(got["stats"], expected_stats):
                 torch.testing.assert_close(value, expected, rtol=1e-9, atol=1e-12, msg=name)
             grad[:, got["positions"]] = got["grad"]

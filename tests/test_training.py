@@ -56,6 +56,31 @@ def test_resume_continues_exactly(corpus, tmp_path):
     assert a[6]["lm loss"] < a[1]["lm loss"]
 
 
+def test_single_process_runs_need_no_port(corpus, tmp_path):
+    """Two CPU runs on one machine must not collide: a plain single-process run opens no rendezvous port
+    (the port torchrun would default to is held here by another listener)."""
+    import socket
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            held.bind(("127.0.0.1", 29500))
+        except OSError:
+            pass  # another run holds it already: the condition under test
+        else:
+            held.listen()
+        run = subprocess.run(
+            [sys.executable, "-m", "megatron_simreg.train", "--config", "configs/tiny-llama.yaml",
+             *(f"--set={o}" for o in TINY + [f"data.prefix={corpus}", f"logging.run_dir={tmp_path}", "schedule.train_iters=3"])],
+            capture_output=True, text=True, env=env,
+        )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert sorted(read_metrics(tmp_path)) == [1, 2, 3]
+
+
 def test_impossible_layout_and_missing_data_are_explained(corpus, tmp_path):
     import subprocess
     import sys
@@ -130,25 +155,3 @@ def test_simreg_on_an_intermediate_layer(corpus, tmp_path):
     values = run_distributed(layer_worker, 1, config(corpus, tmp_path / "layer", "simreg.temperature=0.1"))[0]
     assert values[0] != values[-1] and values[1] != values[0]
     assert all(v > 0 for v in values.values())
-
-
-def test_a_single_process_run_claims_no_port(corpus, tmp_path):
-    """Runs side by side on one machine (a study's cell beside someone's demo) must not fight over a port."""
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as busy:
-        try:
-            busy.bind(("127.0.0.1", 29500))  # the port torch.distributed's env:// rendezvous defaults to
-            busy.listen()
-        except OSError:
-            pass  # already taken by another run, which is the situation under test
-        run = subprocess.run(
-            [sys.executable, "-m", "megatron_simreg.train", "--config", "configs/tiny-llama.yaml",
-             *(f"--set={s}" for s in TINY), "--set=schedule.train_iters=3", "--set=logging.tensorboard=false",
-             f"--set=data.prefix={corpus}", f"--set=logging.run_dir={tmp_path / 'run'}"],
-            capture_output=True, text=True, check=False, env={k: v for k, v in os.environ.items() if k != "MASTER_PORT"},
-        )
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert sorted(read_metrics(tmp_path / "run")) == [1, 2, 3]
