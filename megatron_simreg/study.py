@@ -132,7 +132,10 @@ class CellState:
         if self.iteration:
             return f"stopped at iteration {self.iteration} of {self.config.train_iters}"
         failed = [a for a in self.record.get("attempts", []) if a.get("returncode") not in (0, None)]
-        return f"failed (exit code {failed[-1]['returncode']}, see {LOG_FILE})" if failed else "not started"
+        if not failed:
+            return "not started"
+        code = failed[-1]["returncode"]
+        return f"interrupted (signal {-code})" if code < 0 else f"failed (exit code {code}, see {LOG_FILE})"
 
 
 # ---- reading a study file ---------------------------------------------------------------------------------------
@@ -439,6 +442,8 @@ class CellRunner:
                             attempt["wall_s"] = round(time.perf_counter() - start, 1)
                             _write_record(state.run_dir, record)
             finally:
+                if attempt["returncode"] is None and self.process is not None:  # stopped by a signal to this process
+                    attempt["returncode"] = self.process.poll()
                 self.process = None
                 attempt["wall_s"] = round(time.perf_counter() - start, 1)
                 _write_record(state.run_dir, record)
