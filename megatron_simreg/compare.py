@@ -107,6 +107,7 @@ def plot_seed_bands(groups: dict[str, list[Run]], path: str, panels=PLOTTED, tra
                                 color=color, alpha=0.2, linewidth=0)
         ax.set_title(f"{'validation' if split == 'valid' else 'training'} {metric}")
         ax.set_xlabel("tokens")
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
         if metric == "simreg":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
