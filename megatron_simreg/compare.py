@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from megatron_simreg.metrics import Curve, Run, smoothed, tokens_to_reach
+from megatron_simreg.metrics import Curve, Run, seed_band, smoothed, tokens_to_reach
 from megatron_simreg.regularizers import REGISTRY
 
 PLOTTED = (("train", "lm loss"), ("valid", "lm loss"), ("train", "simreg"))
@@ -87,23 +87,43 @@ def _final(run: Run, split: str, metric: str, spec: str = ".4f") -> str:
 
 def plot_runs(runs: list[Run], path: str) -> str:
     """One PNG: training loss, validation loss and the SimReg term against tokens, a line per run."""
+    return plot_seed_bands({run.name: [run] for run in runs}, path)
+
+
+def plot_seed_bands(groups: dict[str, list[Run]], path: str, panels=PLOTTED, train_smoothing: float = 0.0) -> str:
+    """One PNG, a panel per (split, metric): for each group of runs (seeds of one setting) the mean against
+    tokens and a band of one standard deviation; a group of one run is its plain curve.
+
+    Training curves are first smoothed per run with `train_smoothing` (TensorBoard's EMA weight).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(5 * len(PLOTTED), 4))
-    for ax, (split, metric) in zip(axes, PLOTTED):
-        for run in runs:
-            curve = run.curve(split, metric)
-            if curve is not None and curve.values:
-                ax.plot(curve.tokens, curve.values, label=run.name)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    colors = plt.get_cmap("tab10" if len(groups) <= 10 else "viridis")
+    for ax, (split, metric) in zip(axes[0], panels):
+        for index, (name, runs) in enumerate(groups.items()):
+            curves = [run.curve(split, metric) for run in runs]
+            curves = [c for c in curves if c is not None and c.values]
+            if not curves:
+                continue
+            if split == "train":
+                curves = [smoothed(c, train_smoothing) for c in curves]
+            tokens, mean, std = seed_band(curves)
+            color = colors(index if len(groups) <= 10 else index / max(1, len(groups) - 1))
+            ax.plot(tokens, mean, label=name if len(runs) == 1 else f"{name} ({len(runs)} seeds)", color=color)
+            if len(curves) > 1:
+                ax.fill_between(tokens, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                color=color, alpha=0.2, linewidth=0)
         ax.set_title(f"{'validation' if split == 'valid' else 'training'} {metric}")
         ax.set_xlabel("tokens")
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
         if metric == "simreg":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from dataclasses import dataclass, field
 
 import yaml
@@ -86,9 +87,9 @@ def load_run(path: str, seq_length: int | None = None) -> Run:
     name = os.path.basename(os.path.normpath(path))
     jsonl = path if path.endswith(".jsonl") else os.path.join(path, METRICS_FILE)
     if os.path.isfile(jsonl):
-        return Run(name, _read_jsonl(jsonl))
+        return Run(name, _latest_values(_read_jsonl(jsonl)))
     if os.path.isdir(path) and _event_files(path):
-        return Run(name, _read_tensorboard(path, seq_length or _seq_length_from_config(path)))
+        return Run(name, _latest_values(_read_tensorboard(path, seq_length or _seq_length_from_config(path))))
     raise FileNotFoundError(
         f"no metrics in {path!r}: expected {METRICS_FILE} (our training loop) or TensorBoard event files "
         "(megatron.training with --tensorboard-dir); pass the run folder that holds them"
@@ -112,6 +113,21 @@ def _read_jsonl(path: str) -> dict[str, dict[str, Curve]]:
                 curve.tokens.append(float(tokens))
                 curve.values.append(float(value))
     return curves
+
+
+def _latest_values(curves: dict[str, dict[str, Curve]]) -> dict[str, dict[str, Curve]]:
+    """One value per token count, the last one written, in token order.
+
+    A run resumed from a checkpoint logs again the steps between that checkpoint and the interruption;
+    the resumed run's values replace the interrupted run's, as they would in an uninterrupted run.
+    """
+    out: dict[str, dict[str, Curve]] = {}
+    for split, metrics in curves.items():
+        for metric, curve in metrics.items():
+            latest = dict(zip(curve.tokens, curve.values))
+            tokens = sorted(latest)
+            out.setdefault(split, {})[metric] = Curve(tokens, [latest[t] for t in tokens])
+    return out
 
 
 def _event_files(path: str) -> list[str]:
@@ -169,3 +185,15 @@ def smoothed(curve: Curve, weight: float) -> Curve:
         average = value if average is None else weight * average + (1 - weight) * value
         out.values.append(average)
     return out
+
+
+def seed_band(curves: list[Curve]) -> tuple[list[float], list[float], list[float]]:
+    """Mean and sample standard deviation (n - 1; 0 for one curve) of runs at the token counts all of them logged."""
+    common = sorted(set.intersection(*(set(c.tokens) for c in curves)))
+    lookups = [dict(zip(c.tokens, c.values)) for c in curves]
+    means, stds = [], []
+    for tokens in common:
+        values = [lookup[tokens] for lookup in lookups]
+        means.append(statistics.fmean(values))
+        stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+    return common, means, stds

@@ -85,3 +85,15 @@ def test_any_number_of_runs_with_their_baseline_terms(tmp_path):
 def test_missing_metrics_are_explained(tmp_path):
     result = subprocess.run([sys.executable, "tools/compare_runs.py", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode != 0 and "metrics.jsonl" in result.stderr
+
+
+def test_a_resumed_run_reads_as_one_run(tmp_path):
+    """Steps logged again after a resume from a checkpoint replace the interrupted run's, in token order."""
+    writer = MetricsWriter(str(tmp_path))
+    for step in (1, 2, 3):  # killed after logging step 3; the last checkpoint was step 2
+        writer.write("train", step, 10 * step, {"lm loss": 5.0 - step})
+    for step in (3, 4):
+        writer.write("train", step, 10 * step, {"lm loss": 4.0 - step})
+    writer.close()
+    curve = load_run(str(tmp_path)).curve("train", "lm loss")
+    assert curve.tokens == [10, 20, 30, 40] and curve.values == [4.0, 3.0, 1.0, 0.0]

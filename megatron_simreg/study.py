@@ -1,0 +1,572 @@
+"""Studies: a base config, a grid of overrides and seeds, run cell by cell, reported with error bars.
+
+    python -m megatron_simreg.study configs/studies/convergence.yaml [--set key=value] [--only SETTING] [--status]
+                                                                     [--report-only]
+
+A study file (YAML; paths relative to the working directory, as every command of this project):
+
+    name: convergence                  # default: the file's name
+    config: configs/tiny-llama.yaml
+    set: {simreg.temperature: 0.01}    # overrides every cell gets
+    seeds: [11, 22, 33]                # training.seed of each repetition (model init and data order)
+    baseline: {simreg.weight: 0}       # the reference setting: tokens saved and loss differences are
+                                       # measured against its run with the same seed
+    variants: {full: {simreg.mode: full}, chunk32: {simreg.mode: chunk, simreg.chunk_size: 32}}
+    grid: {simreg.weight: [1, 2.5], simreg.temperature: [0.01, 0.1]}   # every combination, crossed with the variants
+    around_best_of: configs/studies/lambda-tau.yaml   # instead of variants and grid: the row and the column
+                                       # through that (finished) study's best setting; config, set, baseline
+                                       # and cells folder are inherited, so its finished cells are reused
+    out: runs/studies/convergence      # report.md and PNGs (default runs/studies/<name>)
+    runs: runs/studies/convergence/runs   # the cells' run folders (default <out>/runs)
+    launcher: "{python} -m megatron_simreg.train --config {config}"   # e.g. "scripts/launch.sh {config}" on a GPU node
+    plots: [valid/lm loss, train/simreg, train/simreg negative angle]
+
+Each cell (setting x seed) runs through the normal training entry in its own process (`--set` carries the
+overrides, the seed and the run folder `<runs>/<setting>/seed<N>`), so a crash or a kill of one cell loses
+nothing of the others. A cell is finished when its latest checkpoint is its last iteration; a half-finished
+one resumes from its own checkpoint; one that another process is running (it holds the cell's lock) is left
+alone. Stop the study at any time and start the same command again. A cell folder that holds a run of other
+settings is refused before anything runs. `--set` on this command reaches every cell without changing what
+a cell is (e.g. `--set training.exit_interval=100` to run in slices before a time limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import fcntl
+import itertools
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import yaml
+from tqdm import tqdm
+
+from megatron_simreg.config import Config, ConfigError, load_config
+from megatron_simreg.run_plan import train_iters
+
+LOCK_FILE = ".study.lock"
+RECORD_FILE = "study.json"
+LOG_FILE = "train.log"
+DEFAULT_LAUNCHER = "{python} -m megatron_simreg.train --config {config}"
+DEFAULT_PLOTS = ("valid/lm loss", "train/simreg", "train/simreg negative angle")
+# Settings that say how a cell is run, not what it is: a cell run with other values is the same cell.
+RUN_ONLY_KEYS = ("training.exit_interval",)
+STUDY_KEYS = ("name", "description", "config", "set", "seeds", "baseline", "variants", "grid", "around_best_of",
+              "out", "runs", "launcher", "plots")
+
+
+class StudyError(ValueError):
+    """A study that cannot run as written, with what to change."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the study: a name (its folder) and the overrides that make it."""
+
+    name: str
+    overrides: tuple[tuple[str, object], ...]
+
+    def value(self, key: str):
+        return dict(self.overrides).get(key)
+
+
+@dataclass
+class Study:
+    name: str
+    path: str
+    config: str
+    shared: dict[str, object]
+    seeds: list[int]
+    settings: list[Setting]  # the baseline first when there is one
+    baseline: Setting | None
+    grid: dict[str, list]
+    out: str
+    runs: str
+    launcher: str
+    plots: list[tuple[str, str]]
+    description: str = ""
+    derived: str = ""  # how around_best_of chose the settings
+
+    def run_dir(self, setting: Setting, seed: int) -> str:
+        return os.path.join(self.runs, setting.name, f"seed{seed}")
+
+    def cells(self) -> list[tuple[Setting, int]]:
+        return [(setting, seed) for setting in self.settings for seed in self.seeds]
+
+
+@dataclass
+class CellState:
+    setting: Setting
+    seed: int
+    run_dir: str
+    config: Config
+    iteration: int  # of the latest checkpoint, 0 if none
+    running_elsewhere: bool = False
+    record: dict = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.iteration >= train_iters(self.config)
+
+    @property
+    def label(self) -> str:
+        return f"{self.setting.name}/seed{self.seed}"
+
+    @property
+    def wall_s(self) -> float:
+        return sum(attempt.get("wall_s", 0.0) for attempt in self.record.get("attempts", []))
+
+    def describe(self) -> str:
+        if self.finished:
+            return "finished"
+        if self.running_elsewhere:
+            return f"running in another process (iteration {self.iteration} of {train_iters(self.config)} saved)"
+        if self.iteration:
+            return f"stopped at iteration {self.iteration} of {train_iters(self.config)}"
+        failed = [a for a in self.record.get("attempts", []) if a.get("returncode") not in (0, None)]
+        if not failed:
+            return "not started"
+        code = failed[-1]["returncode"]
+        return f"interrupted (signal {-code})" if code < 0 else f"failed (exit code {code}, see {LOG_FILE})"
+
+
+# ---- reading a study file ---------------------------------------------------------------------------------------
+
+
+def load_study(path: str) -> Study:
+    if not os.path.isfile(path):
+        raise StudyError(f"study file {path!r} not found; the shipped ones are in configs/studies/")
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise StudyError(f"study {path!r} must be a mapping (config, seeds, grid, ...)")
+    unknown = sorted(set(raw) - set(STUDY_KEYS))
+    if unknown:
+        raise StudyError(f"study {path!r}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(STUDY_KEYS)}")
+    name = str(raw.get("name") or os.path.splitext(os.path.basename(path))[0])
+    if raw.get("around_best_of"):
+        return _around_best(path, name, raw)
+    if "config" not in raw:
+        raise StudyError(f"study {path!r} names no base config: add e.g. `config: configs/tiny-llama.yaml`")
+    grid = _mapping(raw.get("grid"), path, "grid")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise StudyError(f"study {path!r}: grid.{key} must be a non-empty list of values, got {values!r}")
+    variants = _mapping(raw.get("variants"), path, "variants")
+    settings = _cross(variants, grid, default=os.path.splitext(os.path.basename(raw["config"]))[0])
+    out = str(raw.get("out") or os.path.join("runs", "studies", name))
+    return _finish(Study(
+        name=name, path=path, config=str(raw["config"]), shared=_overrides(raw.get("set"), path, "set"),
+        seeds=_seeds(raw.get("seeds"), path), settings=settings, baseline=None, grid=grid, out=out,
+        runs=str(raw.get("runs") or os.path.join(out, "runs")), launcher=str(raw.get("launcher") or DEFAULT_LAUNCHER),
+        plots=_plots(raw.get("plots"), path), description=str(raw.get("description") or "").strip(),
+    ), _overrides(raw.get("baseline"), path, "baseline") if raw.get("baseline") is not None else None)
+
+
+def _finish(study: Study, baseline: dict | None) -> Study:
+    """Put the baseline first: a setting with the same overrides is the baseline, else it is one more setting."""
+    if baseline is None:
+        return study
+    key = tuple(sorted(baseline.items(), key=lambda item: item[0]))
+    for setting in study.settings:
+        if tuple(sorted(setting.overrides)) == key:
+            study.baseline = setting
+            study.settings = [setting] + [s for s in study.settings if s is not setting]
+            return study
+    study.baseline = Setting("baseline", tuple(baseline.items()))
+    study.settings = [study.baseline] + study.settings
+    return study
+
+
+def _cross(variants: dict, grid: dict, default: str) -> list[Setting]:
+    names = _short_names(list(grid))
+    points = [()] if not grid else list(itertools.product(*([(key, v) for v in values] for key, values in grid.items())))
+    settings = []
+    for variant, variant_overrides in (variants.items() or [(None, {})]):
+        if not isinstance(variant_overrides, dict):
+            raise StudyError(f"variant {variant!r} must be a mapping of overrides, got {variant_overrides!r}")
+        for point in points:
+            label = ",".join(f"{names[key]}={_show(value)}" for key, value in point)
+            name = "_".join(part for part in (variant, label) if part) or default
+            settings.append(Setting(name, tuple(variant_overrides.items()) + tuple(point)))
+    return settings
+
+
+def _short_names(keys: list[str]) -> dict[str, str]:
+    """The last part of each dotted key (`simreg.weight` -> `weight`), the whole key where two would clash."""
+    last = [key.rsplit(".", 1)[-1] for key in keys]
+    return {key: short if last.count(short) == 1 else key for key, short in zip(keys, last)}
+
+
+def _show(value) -> str:
+    return format(value, "g") if isinstance(value, float) else str(value)
+
+
+def _around_best(path: str, name: str, raw: dict) -> Study:
+    """The row and column through the best setting of a finished study (lowest mean final validation loss)."""
+    from megatron_simreg.study_report import collect
+
+    parent = load_study(str(raw["around_best_of"]))
+    if len(parent.grid) < 2:
+        raise StudyError(f"around_best_of: {parent.path} has no 2-D grid to take a row and a column from")
+    states = [_state(parent, setting, seed, []) for setting, seed in parent.cells()]
+    missing = [state.label for state in states if not state.finished]
+    if missing:
+        raise StudyError(
+            f"around_best_of: {parent.path} has {len(missing)} cells not finished ({', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}); finish it first: python -m megatron_simreg.study {parent.path}"
+        )
+    results = [r for r in collect(parent, states) if r.setting is not parent.baseline]
+    best = min(results, key=lambda result: result.mean("final valid loss"))
+    chosen = []
+    for key, values in parent.grid.items():
+        for value in values:
+            overrides = dict(best.setting.overrides)
+            overrides[key] = value
+            match = next(s for s in parent.settings if dict(s.overrides) == overrides)
+            if match not in chosen:
+                chosen.append(match)
+    unexpected = sorted(set(raw) - {"name", "description", "around_best_of", "seeds", "out", "launcher", "plots"})
+    if unexpected:
+        raise StudyError(f"study {path!r}: {', '.join(unexpected)} come from around_best_of's study; remove them here")
+    study = dataclasses.replace(
+        parent, name=name, path=path, seeds=_seeds(raw.get("seeds"), path) if "seeds" in raw else parent.seeds,
+        settings=([parent.baseline] if parent.baseline else []) + chosen,
+        out=str(raw.get("out") or os.path.join("runs", "studies", name)),
+        launcher=str(raw.get("launcher") or parent.launcher),
+        plots=_plots(raw.get("plots"), path) if "plots" in raw else parent.plots,
+        description=str(raw.get("description") or "").strip(),
+        derived=(f"the row and column of {parent.path}'s grid through its best setting `{best.setting.name}` "
+                 f"(lowest mean final validation loss, {best.mean('final valid loss'):.4f} over "
+                 f"{len(best.seeds)} seed(s)); cells shared with that study are reused from {parent.runs}"),
+    )
+    return study
+
+
+def _mapping(value, path: str, key: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise StudyError(f"study {path!r}: {key} must be a mapping, got {value!r}")
+    return value
+
+
+def _overrides(value, path: str, key: str) -> dict[str, object]:
+    """`{simreg.weight: 0}` or `[simreg.weight=0]`, as a mapping of dotted keys to values."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return {str(k): v for k, v in value.items()}
+    if isinstance(value, list) and all(isinstance(item, str) and "=" in item for item in value):
+        return {k.strip(): yaml.safe_load(v) for k, v in (item.split("=", 1) for item in value)}
+    raise StudyError(f"study {path!r}: {key} must be a mapping {{key: value}} or a list of key=value, got {value!r}")
+
+
+def _seeds(value, path: str) -> list[int]:
+    if value is None:
+        return [1234]
+    if not isinstance(value, list) or not value or not all(isinstance(s, int) for s in value) or len(set(value)) < len(value):
+        raise StudyError(f"study {path!r}: seeds must be a list of distinct integers, got {value!r}")
+    return value
+
+
+def _plots(value, path: str) -> list[tuple[str, str]]:
+    panels = []
+    for item in value or DEFAULT_PLOTS:
+        split, _, metric = str(item).partition("/")
+        if split not in ("train", "valid") or not metric:
+            raise StudyError(f"study {path!r}: plot {item!r} must be train/<metric> or valid/<metric>")
+        panels.append((split, metric))
+    return panels
+
+
+# ---- cells --------------------------------------------------------------------------------------------------------
+
+
+def _as_override(key: str, value) -> str:
+    """key=value as `--set` reads it back (YAML): strings as they are, anything else as JSON."""
+    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
+def cell_overrides(study: Study, setting: Setting, seed: int, extra: list[str]) -> list[str]:
+    pairs = list(study.shared.items()) + list(setting.overrides)
+    run_dir = study.run_dir(setting, seed)
+    fixed = [f"training.seed={seed}", f"logging.run_dir={run_dir}", f"name={setting.name}"]
+    return [_as_override(k, v) for k, v in pairs] + fixed + list(extra)
+
+
+def cell_command(study: Study, setting: Setting, seed: int, extra: list[str]) -> list[str]:
+    template = study.launcher.format(python=shlex.quote(sys.executable), config=shlex.quote(study.config))
+    command = shlex.split(template)
+    for override in cell_overrides(study, setting, seed, extra):
+        command += ["--set", override]
+    return command
+
+
+def _state(study: Study, setting: Setting, seed: int, extra: list[str]) -> CellState:
+    from megatron_simreg.checkpoint import latest_iteration
+
+    try:
+        config = load_config(study.config, cell_overrides(study, setting, seed, extra))
+    except ValueError as error:
+        raise StudyError(f"cell {setting.name}/seed{seed} of {study.path}: {error}") from error
+    run_dir = study.run_dir(setting, seed)
+    _check_same_settings(config, run_dir, f"{setting.name}/seed{seed}")
+    checkpoints = config.checkpoint.save or os.path.join(run_dir, "checkpoints")
+    record = _read_record(run_dir)
+    return CellState(setting, seed, run_dir, config, latest_iteration(checkpoints) or 0,
+                     running_elsewhere=_locked_elsewhere(run_dir), record=record)
+
+
+def _check_same_settings(config: Config, run_dir: str, label: str) -> None:
+    """Refuse a cell folder whose run was made with other settings: its numbers would be mixed in silently."""
+    saved_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(saved_path):
+        return
+    with open(saved_path, encoding="utf-8") as f:
+        saved = yaml.safe_load(f) or {}
+    wanted = config.to_dict()
+    wanted["simreg"]["weight"] = config.simreg_weight
+    differences = []
+    for section, values in wanted.items():
+        for key, value in (values.items() if isinstance(values, dict) else [(None, values)]):
+            dotted = section if key is None else f"{section}.{key}"
+            there = saved if key is None else saved.get(section)
+            if dotted in RUN_ONLY_KEYS or not isinstance(there, dict) or (key or section) not in there:
+                continue  # a key the run's version of this code did not write
+            if there[key or section] != value:
+                differences.append(f"{dotted}: {there[key or section]!r} there, {value!r} now")
+    if differences:
+        raise StudyError(
+            f"cell {label}: {run_dir} holds a run with other settings ({'; '.join(differences[:3])}); "
+            "move that folder away to run the cell anew, or point the study's `runs` at another folder"
+        )
+
+
+def _read_record(run_dir: str) -> dict:
+    path = os.path.join(run_dir, RECORD_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_record(run_dir: str, record: dict) -> None:
+    path = os.path.join(run_dir, RECORD_FILE)
+    with open(path + ".partial", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".partial", path)
+
+
+def _locked_elsewhere(run_dir: str) -> bool:
+    path = os.path.join(run_dir, LOCK_FILE)
+    if not os.path.isfile(path):
+        return False
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return False
+
+
+def machine() -> str:
+    """This node in a line: the CPU model and the vector extensions matmuls use (lscpu), cores, GPUs if any."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Model name":
+                model = value.strip()
+            elif key.strip() == "Flags":
+                flags = set(value.split())
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    shown = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile") if f in flags]
+    text = f"{model}, {os.cpu_count()} cores, {' '.join(shown) or 'no AVX2'}"
+    if shutil.which("nvidia-smi"):
+        gpus = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
+                              check=False)
+        if gpus.returncode == 0 and gpus.stdout.strip():
+            names = gpus.stdout.strip().splitlines()
+            text += f"; {len(names)} x {names[0]}"
+    return text
+
+
+# ---- running ------------------------------------------------------------------------------------------------------
+
+
+class CellRunner:
+    """Runs one cell's training process at a time, holding the cell's lock for as long as that process lives."""
+
+    def __init__(self):
+        self.process: subprocess.Popen | None = None
+
+    def run(self, state: CellState, command: list[str]) -> int | None:
+        """The training process's exit code; None when another process holds the cell."""
+        os.makedirs(state.run_dir, exist_ok=True)
+        with open(os.path.join(state.run_dir, LOCK_FILE), "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
+            attempt = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
+                       "command": shlex.join(command), "from_iteration": state.iteration, "returncode": None}
+            record = state.record or {"setting": state.setting.name, "seed": state.seed,
+                                      "overrides": dict(state.setting.overrides), "attempts": []}
+            record["attempts"].append(attempt)
+            state.record = record
+            _write_record(state.run_dir, record)
+            start = time.perf_counter()
+            try:
+                with open(os.path.join(state.run_dir, LOG_FILE), "a", encoding="utf-8") as log:
+                    log.write(f"\n=== {attempt['started']}: {attempt['command']}\n")
+                    log.flush()
+                    # The lock's descriptor goes to the child: the cell stays locked while training runs, even
+                    # if this process is killed.
+                    self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                    pass_fds=(lock.fileno(),), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                    while attempt["returncode"] is None:
+                        try:
+                            attempt["returncode"] = self.process.wait(timeout=60)
+                        except subprocess.TimeoutExpired:  # the wall time so far survives a kill of this process
+                            attempt["wall_s"] = round(time.perf_counter() - start, 1)
+                            _write_record(state.run_dir, record)
+            finally:
+                if attempt["returncode"] is None and self.process is not None:  # stopped by a signal to this process
+                    attempt["returncode"] = self.process.poll()
+                self.process = None
+                attempt["wall_s"] = round(time.perf_counter() - start, 1)
+                _write_record(state.run_dir, record)
+            return attempt["returncode"]
+
+    def terminate(self, signum, _frame) -> None:
+        """SIGTERM: stop the training process too (it keeps its last checkpoint), then exit."""
+        if self.process is not None:
+            self.process.send_signal(signum)
+            self.process.wait()
+        raise SystemExit(128 + signum)
+
+
+def _time_left(states: list[CellState]) -> str:
+    done = [s.wall_s for s in states if s.finished and s.wall_s]
+    if not done:
+        return "time left unknown until a cell finishes"
+    per_cell = sum(done) / len(done)
+    left = sum(per_cell * (1 - s.iteration / train_iters(s.config)) for s in states if not s.finished)
+    return f"about {_duration(left)} left"
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
+
+
+def run_study(study: Study, states: list[CellState], extra: list[str]) -> list[CellState]:
+    """Run every cell not finished, in order; return the cells that failed."""
+    runner = CellRunner()
+    previous = signal.signal(signal.SIGTERM, runner.terminate)
+    failed = []
+    bar = tqdm(total=len(states), initial=sum(s.finished for s in states), unit="cell", desc=study.name,
+               bar_format="{desc}: {n}/{total} cells done |{bar}| {elapsed} in this session{postfix}")
+    try:
+        for state in states:
+            if state.finished:
+                continue
+            if state.running_elsewhere:
+                bar.write(f"{state.label}: another process is running it; left alone")
+                continue
+            bar.set_postfix_str(f"running {state.label}, {_time_left(states)}")
+            command = cell_command(study, state.setting, state.seed, extra)
+            returncode = runner.run(state, command)
+            if returncode is None:
+                bar.write(f"{state.label}: another process took it; left alone")
+                continue
+            refreshed = _state(study, state.setting, state.seed, extra)
+            state.iteration, state.record = refreshed.iteration, refreshed.record
+            if returncode != 0:
+                failed.append(state)
+                bar.write(f"{state.label}: FAILED with exit code {returncode}: {_last_line(state.run_dir)}")
+            elif state.finished:
+                bar.update(1)
+                bar.write(f"{state.label}: finished ({_duration(state.wall_s)} in all)")
+            else:
+                bar.write(f"{state.label}: {state.describe()}")
+    finally:
+        bar.close()
+        signal.signal(signal.SIGTERM, previous)
+    return failed
+
+
+def _last_line(run_dir: str) -> str:
+    with open(os.path.join(run_dir, LOG_FILE), encoding="utf-8", errors="replace") as f:
+        lines = [line.strip() for line in f.read().replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def _prepare_data(states: list[CellState]) -> None:
+    """The shipped studies train on the demo corpus: write it when missing (offline, ~1 min); any other
+    missing data is an error naming the prefix, before anything runs."""
+    from megatron_simreg.data import dataset_prefixes
+    from megatron_simreg.demo import PREFIX, prepare_demo_data
+
+    for prefix in sorted({p for s in states for p in s.config.data.prefix}):
+        if os.path.normpath(prefix) == os.path.normpath(PREFIX) and not os.path.isfile(PREFIX + ".stats.json"):
+            prepare_demo_data()
+        for shard in dataset_prefixes(prefix)[0]:
+            if not (os.path.isfile(shard + ".bin") and os.path.isfile(shard + ".idx")):
+                raise StudyError(f"data {shard}.bin/.idx not found: write it with tools/prepare_data.py "
+                                 "or set data.prefix (the study's `set`) to where it is")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", help="a study file, e.g. configs/studies/convergence.yaml")
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                        help="passed to every cell, not part of what a cell is (e.g. training.exit_interval=100)")
+    parser.add_argument("--only", action="append", default=[], metavar="SETTING",
+                        help="run only the cells of this setting (repeatable), e.g. --only baseline; the report covers all")
+    parser.add_argument("--status", action="store_true", help="list the cells and their state; run nothing")
+    parser.add_argument("--report-only", action="store_true", help="write the report from the finished cells; run nothing")
+    args = parser.parse_args(argv)
+    from megatron_simreg.study_report import write_report
+
+    try:
+        study = load_study(args.study)
+        states = [_state(study, setting, seed, args.extra) for setting, seed in study.cells()]
+        unknown = sorted(set(args.only) - {s.name for s in study.settings})
+        if unknown:
+            raise StudyError(f"--only {', '.join(unknown)}: no such setting; the study has {', '.join(s.name for s in study.settings)}")
+        if args.status:
+            for state in states:
+                print(f"{state.label:40s} {state.describe()}")
+            print(f"{sum(s.finished for s in states)} of {len(states)} cells finished; {_time_left(states)}")
+            return
+        chosen = [s for s in states if not args.only or s.setting.name in args.only]
+        failed = []
+        if not args.report_only:
+            _prepare_data(chosen)
+            failed = run_study(study, chosen, args.extra)
+        report = write_report(study, states)
+    except (StudyError, ConfigError, FileNotFoundError) as error:
+        sys.exit(f"study: {error}")
+    print(f"report: {report}")
+    missing = [s for s in states if not s.finished]
+    if missing:
+        print(f"{len(missing)} of {len(states)} cells not finished; continue with: python -m megatron_simreg.study {study.path}")
+    if failed:
+        sys.exit(f"study: {len(failed)} cell(s) failed: {', '.join(s.label for s in failed)} (see their {LOG_FILE})")
+
+
+if __name__ == "__main__":
+    main()
