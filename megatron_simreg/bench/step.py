@@ -57,10 +57,11 @@ def measure(config: str, overrides: list[str], variants: dict[str, list[str]], s
             clock=time.perf_counter) -> dict:
     """Median step seconds per variant (interleaved), or with `memory` each step's peak RSS growth in bytes."""
     with cpu_compat():
-        return _measure(config, overrides, variants, steps, memory)
+        return _measure(config, overrides, variants, steps, memory, clock)
 
 
-def _measure(config: str, overrides: list[str], variants: dict[str, list[str]], steps: int, memory: bool) -> dict:
+def _measure(config: str, overrides: list[str], variants: dict[str, list[str]], steps: int, memory: bool,
+             clock) -> dict:
     parallel.initialize(load_config(config, overrides))  # the variants differ in SimReg only, not in layout
     try:
         runs = {name: training_step(load_config(config, overrides + extra)) for name, extra in variants.items()}

@@ -1,0 +1,37 @@
+"""The benchmarks run end to end and print one ratio row per variant (their figures are in docs/performance.md)."""
+
+import re
+
+from megatron_simreg.bench import simreg as bench_simreg
+from megatron_simreg.bench import step as bench_step
+
+
+def _rows(text: str) -> dict[str, list[str]]:
+    """Markdown table rows of `text` by their variant column, header and rule left out."""
+    rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    return {cells[1].strip() if len(cells) == 6 else cells[0].strip(): [c.strip() for c in cells] for cells in rows[1:]}
+
+
+def test_simreg_bench_prints_every_ratio_and_goal(capsys):
+    bench_simreg.main(["--shapes", "1,64,32", "--chunk", "32", "--block", "16", "--repeats", "1"])
+    out = capsys.readouterr().out
+    rows = _rows(out)
+    assert set(rows) == {"attention", "full", "chunk-32"}
+    assert rows["attention"][3] == "1.00x"
+    for name in ("full", "chunk-32"):
+        assert re.fullmatch(r"\d+\.\d\dx", rows[name][3]) and float(rows[name][2]) > 0
+    assert len(re.findall(r"goal <= 0\.\d+x: (?:met|NOT met)", out)) == 2
+
+
+def test_step_bench_times_each_variant_with_the_clock_asked_for():
+    calls = []
+
+    def clock():
+        calls.append(None)
+        return float(len(calls))  # every step "takes" one tick
+
+    variants = {"no SimReg": ["simreg.enabled=false"], "full SimReg": ["simreg.mode=full"]}
+    seconds = bench_step.measure("configs/tiny-llama.yaml", ["model.seq_length=32", "training.global_batch_size=2",
+                                                             "training.micro_batch_size=2"],
+                                 variants, steps=2, memory=False, clock=clock)
+    assert seconds == {"no SimReg": 1.0, "full SimReg": 1.0} and len(calls) == 2 * 2 * 2
