@@ -695,15 +695,23 @@ class _Partials:
     neg_sum: torch.Tensor
 
 
+def _strip_logits(strip: _Strip, masked, pairs: _Pairs, product, z: torch.Tensor, same: torch.Tensor) -> None:
+    """Into `z` the strip's logits (invalid tokens' bias added where the strip holds one), into `same` its
+    same-label mask: what forward and backward both compute for a strip."""
+    a, k = pairs.anchors, pairs.keys
+    at, rows, cols = strip.segments, strip.rows, strip.cols
+    product(torch.bmm, a.units[at, rows], k.units[at, cols].transpose(1, 2), out=z)
+    if masked:
+        z.add_(a.bias[at, rows, None]).add_(k.bias[at, None, cols])
+    _same_label(a.labels[at, rows], k.labels[at, cols], out=same)
+
+
 def _forward_strip(strip: _Strip, masked, general, pairs: _Pairs, plan: _Plan, scratch, product, partials):
     """The strip's partials (its rows', and its mirrored columns'), and the sum of its negative pairs' angles."""
     a, k = pairs.anchors, pairs.keys
     at, rows, cols, m = strip.segments, strip.rows, strip.cols, strip.mirrored
     z, same, work = scratch
-    product(torch.bmm, a.units[at, rows], k.units[at, cols].transpose(1, 2), out=z)
-    if masked:
-        z.add_(a.bias[at, rows, None]).add_(k.bias[at, None, cols])
-    _same_label(a.labels[at, rows], k.labels[at, cols], out=same)
+    _strip_logits(strip, masked, pairs, product, z, same)
     radians = _negative_angles(z, same, plan, work, (a.valid[at, rows], k.valid[at, cols]) if masked else None)
     angle_sum = radians.sum(dtype=torch.float64) + radians[..., m:].sum(dtype=torch.float64)
 
@@ -788,10 +796,7 @@ def _backward_strip(strip: _Strip, masked, signs, pairs: _Pairs, weights, scratc
     (shift, step, sign), (key_shift, key_step, key_sign) = weights
     at, rows, cols, m = strip.segments, strip.rows, strip.cols, strip.mirrored
     z, same, w = scratch
-    product(torch.bmm, a.units[at, rows], k.units[at, cols].transpose(1, 2), out=z)
-    if masked:
-        z.add_(a.bias[at, rows, None]).add_(k.bias[at, None, cols])
-    _same_label(a.labels[at, rows], k.labels[at, cols], out=same)
+    _strip_logits(strip, masked, pairs, product, z, same)
     # G_ij: anchor i's weight on key j (rows); G_ji: anchor j's weight on key i (columns).
     torch.sub(z, shift[at, rows, None], out=w).addcmul_(same, step[at, rows, None]).clamp_min_(EXP_FLOOR).exp_()
     if signs[0]:
