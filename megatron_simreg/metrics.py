@@ -138,7 +138,8 @@ def _read_tensorboard(path: str, seq_length: int | None) -> dict[str, dict[str, 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     if seq_length is None:
-        raise ValueError(f"{path} holds TensorBoard events counted in samples: pass seq_length to turn them into tokens")
+        raise ValueError(f"{path} holds TensorBoard events counted in samples: "
+                         "pass seq_length to turn them into tokens")
     curves: dict[str, dict[str, Curve]] = {}
     for event_dir in sorted({os.path.dirname(f) for f in _event_files(path)}):
         accumulator = EventAccumulator(event_dir, size_guidance={"scalars": 0})

@@ -210,7 +210,8 @@ def _run(
 ):
     batch_major = hidden.transpose(0, 1) if sequence_first else hidden
     if batch_major.dim() != 3:
-        raise ValueError(f"simreg expects hidden [b, s, h] (or [s, b, h] with sequence_first=True), got {tuple(hidden.shape)}")
+        raise ValueError("simreg expects hidden [b, s, h] (or [s, b, h] with sequence_first=True), "
+                         f"got {tuple(hidden.shape)}")
     b, s, _ = batch_major.shape
     if tuple(labels.shape) != (b, s):
         raise ValueError(

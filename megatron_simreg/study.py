@@ -189,7 +189,8 @@ def _finish(study: Study, baseline: dict | None) -> Study:
 
 def _cross(variants: dict, grid: dict, default: str) -> list[Setting]:
     names = _short_names(list(grid))
-    points = [()] if not grid else list(itertools.product(*([(key, v) for v in values] for key, values in grid.items())))
+    axes = ([(key, v) for v in values] for key, values in grid.items())
+    points = [()] if not grid else list(itertools.product(*axes))
     settings = []
     for variant, variant_overrides in (variants.items() or [(None, {})]):
         if not isinstance(variant_overrides, dict):
@@ -274,7 +275,8 @@ def _overrides(value, path: str, key: str) -> dict[str, object]:
 def _seeds(value, path: str) -> list[int]:
     if value is None:
         return [1234]
-    if not isinstance(value, list) or not value or not all(isinstance(s, int) for s in value) or len(set(value)) < len(value):
+    if (not isinstance(value, list) or not value or not all(isinstance(s, int) for s in value)
+            or len(set(value)) < len(value)):
         raise StudyError(f"study {path!r}: seeds must be a list of distinct integers, got {value!r}")
     return value
 
@@ -395,8 +397,8 @@ def machine() -> str:
     shown = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile") if f in flags]
     text = f"{model}, {os.cpu_count()} cores, {' '.join(shown) or 'no AVX2'}"
     if shutil.which("nvidia-smi"):
-        gpus = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
-                              check=False)
+        gpus = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                              capture_output=True, text=True, check=False)
         if gpus.returncode == 0 and gpus.stdout.strip():
             names = gpus.stdout.strip().splitlines()
             text += f"; {len(names)} x {names[0]}"
@@ -435,7 +437,8 @@ class CellRunner:
                     # The lock's descriptor goes to the child: the cell stays locked while training runs, even
                     # if this process is killed.
                     self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                                    pass_fds=(lock.fileno(),), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                                    pass_fds=(lock.fileno(),),
+                                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
                     while attempt["returncode"] is None:
                         try:
                             attempt["returncode"] = self.process.wait(timeout=60)
@@ -535,9 +538,11 @@ def main(argv=None):
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                         help="passed to every cell, not part of what a cell is (e.g. training.exit_interval=100)")
     parser.add_argument("--only", action="append", default=[], metavar="SETTING",
-                        help="run only the cells of this setting (repeatable), e.g. --only baseline; the report covers all")
+                        help="run only the cells of this setting (repeatable), e.g. --only baseline; "
+                             "the report covers all")
     parser.add_argument("--status", action="store_true", help="list the cells and their state; run nothing")
-    parser.add_argument("--report-only", action="store_true", help="write the report from the finished cells; run nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the finished cells; run nothing")
     args = parser.parse_args(argv)
     from megatron_simreg.study_report import write_report
 
@@ -546,7 +551,8 @@ def main(argv=None):
         states = [_state(study, setting, seed, args.extra) for setting, seed in study.cells()]
         unknown = sorted(set(args.only) - {s.name for s in study.settings})
         if unknown:
-            raise StudyError(f"--only {', '.join(unknown)}: no such setting; the study has {', '.join(s.name for s in study.settings)}")
+            known = ", ".join(s.name for s in study.settings)
+            raise StudyError(f"--only {', '.join(unknown)}: no such setting; the study has {known}")
         if args.status:
             for state in states:
                 print(f"{state.label:40s} {state.describe()}")
@@ -563,7 +569,8 @@ def main(argv=None):
     print(f"report: {report}")
     missing = [s for s in states if not s.finished]
     if missing:
-        print(f"{len(missing)} of {len(states)} cells not finished; continue with: python -m megatron_simreg.study {study.path}")
+        print(f"{len(missing)} of {len(states)} cells not finished; "
+              f"continue with: python -m megatron_simreg.study {study.path}")
     if failed:
         sys.exit(f"study: {len(failed)} cell(s) failed: {', '.join(s.label for s in failed)} (see their {LOG_FILE})")
 

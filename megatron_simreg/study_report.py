@@ -78,7 +78,8 @@ def collect(study, states) -> list[SettingResult]:
 
 def _quantities(run: Run, baseline: Run | None) -> dict[str, float | None]:
     _, loss = comparison_curve(run)
-    values: dict[str, float | None] = {"final valid loss": loss.values[-1], "valid perplexity": math.exp(loss.values[-1])}
+    final = loss.values[-1]
+    values: dict[str, float | None] = {"final valid loss": final, "valid perplexity": math.exp(final)}
     for name in REPORTED_STATS:
         curve = run.curve("valid", name) or run.curve("train", name)
         values[name] = curve.values[-1] if curve is not None and curve.values else None
@@ -93,7 +94,7 @@ def _quantities(run: Run, baseline: Run | None) -> dict[str, float | None]:
 def _cell(result: SettingResult, quantity: str, spec: str, has_baseline: bool) -> str:
     values = result.values(quantity)
     if quantity == SAVED and has_baseline:
-        paired = sum(1 for r in result.seeds if "loss vs baseline" in r.values and r.values["loss vs baseline"] is not None)
+        paired = sum(1 for r in result.seeds if r.values.get("loss vs baseline") is not None)
         if not values:
             return f"not reached (0/{paired})" if paired else "-"
         note = f", {len(values)}/{paired} reached" if len(values) < paired else ""
@@ -113,12 +114,14 @@ def results_table(study, results: list[SettingResult]) -> str:
     for result in results:
         overrides = ", ".join(f"{k}={v}" for k, v in result.setting.overrides) or "-"
         cells = [_cell(result, q, spec, study.baseline is not None) for q, spec, _ in columns]
-        lines.append(f"| {result.setting.name} | `{overrides}` | {len(result.seeds)}/{result.planned} | " + " | ".join(cells) + " |")
+        seeds_done = f"{len(result.seeds)}/{result.planned}"
+        lines.append(f"| {result.setting.name} | `{overrides}` | {seeds_done} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def seeds_table(results: list[SettingResult]) -> str:
-    lines = ["| setting | seed | final valid loss | Δ loss vs baseline | tokens saved | SimReg | negative angle (°) | wall time |",
+    lines = ["| setting | seed | final valid loss | Δ loss vs baseline | tokens saved | SimReg "
+             "| negative angle (°) | wall time |",
              "|---|---|---|---|---|---|---|---|"]
     for result in results:
         for r in result.seeds:
@@ -126,7 +129,8 @@ def seeds_table(results: list[SettingResult]) -> str:
             if r.values.get("loss vs baseline") is not None and r.values.get(SAVED) is None:
                 saved = "not reached"
             lines.append(f"| {result.setting.name} | {r.seed} | {_show(r.values, 'final valid loss', '.4f')} | "
-                         f"{_show(r.values, 'loss vs baseline', '+.4f')} | {saved} | {_show(r.values, 'simreg', '.3g')} | "
+                         f"{_show(r.values, 'loss vs baseline', '+.4f')} | {saved} | "
+                         f"{_show(r.values, 'simreg', '.3g')} | "
                          f"{_show(r.values, 'simreg negative angle', '.1f')} | {r.wall_s / 60:.1f} min |")
     return "\n".join(lines)
 
@@ -153,7 +157,9 @@ def plot_summary(study, results: list[SettingResult], path: str) -> str:
         ax.axhline(mean, color="gray", linestyle="--", label=f"baseline {mean:.4f}")
         ax.axhspan(mean - std, mean + std, color="gray", alpha=0.15)
         ax.legend(fontsize="small")
-    ax.set_xticks(list(xs), [r.setting.name for r in shown], rotation=45 if len(shown) > 4 else 0, ha="right" if len(shown) > 4 else "center", fontsize="small")
+    crowded = len(shown) > 4
+    ax.set_xticks(list(xs), [r.setting.name for r in shown], rotation=45 if crowded else 0,
+                  ha="right" if crowded else "center", fontsize="small")
     ax.set_ylabel("final validation loss")
     ax.set_title(f"{study.name}: mean ± std over seeds")
     ax.grid(alpha=0.3)
@@ -179,7 +185,8 @@ def plot_heatmap(study, results: list[SettingResult], path: str) -> str | None:
     panels = [("final valid loss", "mean final validation loss", "viridis_r", ".3f")]
     if study.baseline is not None:
         panels.append((SAVED, "mean tokens saved to the baseline's final loss (%)", "RdYlGn", ".0f"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.1 * len(cols) * len(panels) + 3, 0.6 * len(rows) + 2.5), squeeze=False)
+    figsize = (1.1 * len(cols) * len(panels) + 3, 0.6 * len(rows) + 2.5)
+    fig, axes = plt.subplots(1, len(panels), figsize=figsize, squeeze=False)
     for ax, (quantity, title, cmap, spec) in zip(axes[0], panels):
         scale = 100 if quantity == SAVED else 1
         grid = numpy.full((len(rows), len(cols)), numpy.nan)
@@ -235,26 +242,31 @@ def write_report(study, states) -> str:
     lines += [
         f"- Command: `python -m megatron_simreg.study {study.path}`",
         f"- Base config: `{study.config}`; overrides of every cell: `{shared}`",
-        f"- Settings: {len(study.settings)}" + (f", compared with `{study.baseline.name}` run with the same seed" if study.baseline else ""),
+        f"- Settings: {len(study.settings)}"
+        + (f", compared with `{study.baseline.name}` run with the same seed" if study.baseline else ""),
         f"- Seeds (`training.seed`: initialisation and data order): {', '.join(map(str, study.seeds))}",
     ]
     if study.derived:
         lines.append(f"- Settings chosen as {study.derived}")
     lines.append(f"- Cells finished: {len(finished)} of {len(states)}")
     if missing:
-        lines.append(f"- Not finished (not in the numbers below): {', '.join(f'{s.label} ({s.describe()})' for s in missing)}")
+        unfinished = ", ".join(f"{s.label} ({s.describe()})" for s in missing)
+        lines.append(f"- Not finished (not in the numbers below): {unfinished}")
     if walls:
-        lines.append(f"- Wall time: {_duration(sum(walls))} over {len(walls)} cells, {_duration(statistics.fmean(walls))} per cell on average")
+        lines.append(f"- Wall time: {_duration(sum(walls))} over {len(walls)} cells, "
+                     f"{_duration(statistics.fmean(walls))} per cell on average")
     lines += [f"- Machine: {m}" for m in machines]
     lines += ["", "## Results", "", EXPLAINED, "", results_table(study, results), ""]
     if any(r.seeds for r in results):
-        lines += [f"![summary]({os.path.basename(plot_summary(study, results, os.path.join(study.out, 'summary.png')))})", ""]
+        summary = plot_summary(study, results, os.path.join(study.out, "summary.png"))
+        lines += [f"![summary]({os.path.basename(summary)})", ""]
         heatmap = plot_heatmap(study, results, os.path.join(study.out, "heatmap.png"))
         if heatmap:
             lines += [f"![heatmap]({os.path.basename(heatmap)})", ""]
         groups = {r.setting.name: [s.run for s in r.seeds] for r in results if r.seeds}
         curves = plot_seed_bands(groups, os.path.join(study.out, "curves.png"), study.plots, train_smoothing=0.9)
-        lines += [CURVES_EXPLAINED, "", f"![curves]({os.path.basename(curves)})", "", "## Per seed", "", seeds_table(results), ""]
+        lines += [CURVES_EXPLAINED, "", f"![curves]({os.path.basename(curves)})", "",
+                  "## Per seed", "", seeds_table(results), ""]
     path = os.path.join(study.out, "report.md")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))

@@ -76,7 +76,8 @@ def frequency_table(counts: numpy.ndarray, tokenizer=None, top: int = 10) -> lis
         lines.append(f"| share of labels that are the {k} most frequent | {ranked[:k].sum() / total:.1%} |")
     for threshold in (10, 100):
         rare = (counts > 0) & (counts < threshold)
-        lines.append(f"| labels seen fewer than {threshold} times | {int(rare.sum()):,} ({rare.sum() / seen:.1%} of those seen), "
+        lines.append(f"| labels seen fewer than {threshold} times | "
+                     f"{int(rare.sum()):,} ({rare.sum() / seen:.1%} of those seen), "
                      f"{counts[rare].sum() / total:.2%} of the text |")
     lines.append(f"| most / median frequency of a seen label | {ranked[0]:,} / {int(numpy.median(ranked[:seen])):,} |")
     if tokenizer is not None:
@@ -101,7 +102,8 @@ def plot(counts: numpy.ndarray, stats: list[ChunkStats], seq_length: int, path: 
     axes[1].set(title="share of the text covered by the top-k labels", xlabel="k", ylabel="cumulative share")
     sizes = [s.chunk_size for s in stats]
     axes[2].semilogx(sizes, [100 * s.self_only for s in stats], "o-", label="P_i = {i} (label once in the chunk)")
-    axes[2].semilogx(sizes, [100 * s.empty_negatives / s.anchors for s in stats], "s-", label="N_i empty (one label in the chunk)")
+    axes[2].semilogx(sizes, [100 * s.empty_negatives / s.anchors for s in stats], "s-",
+                     label="N_i empty (one label in the chunk)")
     axes[2].set(title=f"anchors per chunk size (sequences of {seq_length})", xlabel="chunk size C (tokens)",
                 ylabel="share of anchors (%)")
     axes[2].set_xticks(sizes, [str(s) for s in sizes])
@@ -149,8 +151,8 @@ def main(argv=None):
         "| chunk size | anchors | N_i empty | P_i = {i} only | mean size of P_i | label groups per chunk |",
         "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {s.chunk_size} | {s.anchors:,} | {s.empty_negatives:,} ({s.empty_negatives / s.anchors:.4%}) | {s.self_only:.1%} | {s.mean_positives:.2f} "
-              f"| {s.groups_per_chunk:.1f} |" for s in stats]
+    lines += [f"| {s.chunk_size} | {s.anchors:,} | {s.empty_negatives:,} ({s.empty_negatives / s.anchors:.4%}) "
+              f"| {s.self_only:.1%} | {s.mean_positives:.2f} | {s.groups_per_chunk:.1f} |" for s in stats]
     lines += ["", f"![token frequency]({os.path.basename(png)})", ""]
     report = os.path.join(args.out, "token_frequency.md")
     with open(report, "w", encoding="utf-8") as f:

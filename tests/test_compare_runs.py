@@ -19,7 +19,8 @@ def write_run(run_dir, speed, total=1000, every=10):
     """A run whose loss at t tokens is the baseline's at t * speed: it needs 1/speed of the tokens."""
     writer = MetricsWriter(str(run_dir))
     for step, tokens in enumerate(range(every, total + 1, every), 1):
-        writer.write("train", step, tokens, {"lm loss": baseline_loss(tokens * speed) + 0.05 * math.sin(step), "simreg": 0.1 / step})
+        train_loss = baseline_loss(tokens * speed) + 0.05 * math.sin(step)
+        writer.write("train", step, tokens, {"lm loss": train_loss, "simreg": 0.1 / step})
         if step % 10 == 0:
             writer.write("valid", step, tokens, {"lm loss": baseline_loss(tokens * speed)})
     writer.close()
@@ -51,7 +52,8 @@ def test_tensorboard_events_read_as_megatron_writes_them(tmp_path):
     writer.close()
     run = load_run(str(tmp_path / "tb"), seq_length=16)
     assert run.curve("train", "lm loss").tokens[-1] == 80 * 16
-    assert run.curve("valid", "lm loss").values[0] == pytest.approx(baseline_loss(128) + 0.1, rel=1e-6)  # stored as fp32
+    # stored as fp32
+    assert run.curve("valid", "lm loss").values[0] == pytest.approx(baseline_loss(128) + 0.1, rel=1e-6)
 
 
 def test_cli_writes_plot_and_table(tmp_path):
@@ -59,7 +61,8 @@ def test_cli_writes_plot_and_table(tmp_path):
     write_run(tmp_path / "simreg", 1 / 0.7)
     out = tmp_path / "report"
     result = subprocess.run(
-        [sys.executable, "tools/compare_runs.py", str(tmp_path / "baseline"), str(tmp_path / "simreg"), "--out", str(out)],
+        [sys.executable, "tools/compare_runs.py", str(tmp_path / "baseline"), str(tmp_path / "simreg"),
+         "--out", str(out)],
         capture_output=True, text=True, check=True,
     )
     assert "| simreg |" in result.stdout and "30.0%" in result.stdout

@@ -112,7 +112,8 @@ def test_gradcheck_float64_short_chunks_sharing_a_tile():
     hidden, labels = clustered(2, 10, 6, labels=3)
     x = hidden.requires_grad_()
     assert torch.autograd.gradcheck(  # chunks of 2 in 3 x 3 tiles: two chunks per tile, the last one alone
-        lambda x: simreg_loss(x, labels, random_mask(2, 10, keep=0.9), 0.1, 2, block_size=3).loss, (x,), eps=1e-6, atol=1e-7
+        lambda x: simreg_loss(x, labels, random_mask(2, 10, keep=0.9), 0.1, 2, block_size=3).loss,
+        (x,), eps=1e-6, atol=1e-7,
     )
 
 
@@ -185,7 +186,8 @@ def test_statistics():
         for i in range(20):
             for j in range(20):
                 if mask[sample, i] and mask[sample, j] and labels[sample, i] != labels[sample, j]:
-                    angles.append(math.degrees(math.acos(min(1.0, max(-1.0, float(units[sample, i] @ units[sample, j]))))))
+                    cosine = float(units[sample, i] @ units[sample, j])
+                    angles.append(math.degrees(math.acos(min(1.0, max(-1.0, cosine)))))
     assert out.negative_angle.item() == pytest.approx(sum(angles) / len(angles), rel=1e-9)
     assert out.tokens.item() == mask.sum().item()
     assert set(out.stats()) == {"simreg", "simreg lsr", "simreg live anchors", "simreg negative angle"}
@@ -241,7 +243,8 @@ def test_batch_value_is_a_sum_over_sequences_whatever_the_split(reduction, chunk
     whole = simreg_loss(x, labels, mask, 0.1, chunk_size, reduction, block_size=4)
     whole.token_weighted_sum.backward()
     y = hidden.clone().requires_grad_()
-    parts = [simreg_loss(y[i:i + 2], labels[i:i + 2], mask[i:i + 2], 0.1, chunk_size, reduction, block_size=4) for i in (0, 2)]
+    parts = [simreg_loss(y[i:i + 2], labels[i:i + 2], mask[i:i + 2], 0.1, chunk_size, reduction, block_size=4)
+             for i in (0, 2)]
     sum(p.token_weighted_sum for p in parts).backward()
     torch.testing.assert_close(whole.token_weighted_sum, sum(p.token_weighted_sum for p in parts))
     torch.testing.assert_close(whole.loss, sum(p.loss * p.tokens for p in parts) / mask.sum().double())

@@ -75,10 +75,11 @@ def test_study_resumes_after_a_kill_and_reports_mean_and_std(corpus, tmp_path, c
     half = [cell for cell in cells if 0 < saved_iteration(cell) < 3]
     assert finished and len(half) == 1
     half, killed_at = half[0], saved_iteration(half[0])
-    before = {cell: (read(cell, "metrics.jsonl"), os.stat(os.path.join(cell, TRACKER)).st_mtime_ns) for cell in finished}
+    before = {cell: (read(cell, "metrics.jsonl"), os.stat(os.path.join(cell, TRACKER)).st_mtime_ns)
+              for cell in finished}
 
-    resumed = subprocess.run([sys.executable, "-m", "megatron_simreg.study", study_file], capture_output=True, text=True,
-                             check=False)
+    resumed = subprocess.run([sys.executable, "-m", "megatron_simreg.study", study_file],
+                             capture_output=True, text=True, check=False)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     for cell in finished:  # not run again
         assert (read(cell, "metrics.jsonl"), os.stat(os.path.join(cell, TRACKER)).st_mtime_ns) == before[cell]
@@ -117,7 +118,8 @@ def fake_cell(study, setting, seed, losses, tokens_per_step=100, simreg=0.5):
     run_dir = study.run_dir(setting, seed)
     writer = MetricsWriter(run_dir)
     for step, loss in enumerate(losses, 1):
-        writer.write("valid", step, step * tokens_per_step, {"lm loss": loss, "simreg": simreg, "simreg negative angle": 80.0})
+        writer.write("valid", step, step * tokens_per_step,
+                     {"lm loss": loss, "simreg": simreg, "simreg negative angle": 80.0})
     writer.close()
     os.makedirs(os.path.join(run_dir, "checkpoints"))
     with open(os.path.join(run_dir, TRACKER), "w") as f:
@@ -151,16 +153,19 @@ def test_grid_report_numbers_heatmap_and_the_follow_up_around_the_best(tmp_path,
     finals = [2.0 + 0.1 * seed for seed in (1, 2, 3)]
     row = next(line for line in report.splitlines() if line.startswith("| weight=1,temperature=0.01 |"))
     assert f"{statistics.fmean(finals):.4f} ± {statistics.stdev(finals):.4f} (3)" in row
-    saved = [1 - (200 + 100 * (4.0 - 3.0) / (4.0 - f)) / 400 for f in (2.1, 2.2, 2.3)]  # interpolated between steps 2 and 3
+    # interpolated between steps 2 and 3
+    saved = [1 - (200 + 100 * (4.0 - 3.0) / (4.0 - f)) / 400 for f in (2.1, 2.2, 2.3)]
     assert f"{statistics.fmean(saved):.1%} ± {statistics.stdev(saved):.1%} (3)" in row
-    assert "not reached (0/3)" in next(line for line in report.splitlines() if line.startswith("| weight=1,temperature=0.1 |"))
+    never_reached = next(line for line in report.splitlines() if line.startswith("| weight=1,temperature=0.1 |"))
+    assert "not reached (0/3)" in never_reached
     single = next(line for line in report.splitlines() if line.startswith("| weight=10,temperature=0.1 |"))
     assert "2.5000 (1)" in single and "1/3" in single
     for png in ("summary.png", "curves.png", "heatmap.png"):
         assert (tmp_path / "out" / png).read_bytes()[:8] == PNG
 
     # 3 seeds on the row and column through the best setting, reusing the cells the grid study finished
-    follow_up = write_study(tmp_path / "best.yaml", around_best_of=study.path, seeds=[1, 2, 3, 4], out=str(tmp_path / "best"))
+    follow_up = write_study(tmp_path / "best.yaml", around_best_of=study.path, seeds=[1, 2, 3, 4],
+                            out=str(tmp_path / "best"))
     with pytest.raises(SystemExit, match="weight=10,temperature=0.1/seed2"):
         main([follow_up, "--status"])  # the grid study is not finished: refused, naming what is missing
     fake_cell(study, study.settings[4], 2, [6.0, 5.0, 4.0, 2.6])
@@ -189,5 +194,6 @@ def test_bad_studies_are_refused_before_anything_runs(tmp_path):
     os.makedirs(run_dir)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump({"optimizer": {"lr": 1.0}}, f)
-    with pytest.raises(SystemExit, match=r"baseline/seed1: .* holds a run with other settings \(optimizer.lr: 1.0 there"):
+    other_settings = r"baseline/seed1: .* holds a run with other settings \(optimizer.lr: 1.0 there"
+    with pytest.raises(SystemExit, match=other_settings):
         main([study.path, "--status"])

@@ -90,7 +90,8 @@ def main(argv=None):
     parser.add_argument("--config", default="configs/tiny-llama.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--chunk", type=int, help="chunk size of the chunk-wise variant (default: a quarter of the sequence)")
+    parser.add_argument("--chunk", type=int,
+                        help="chunk size of the chunk-wise variant (default: a quarter of the sequence)")
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
                         help="thread: this thread's CPU time, with one torch thread (OMP_NUM_THREADS=1) on a CPU; "
                              "other jobs on a shared machine do not inflate it as they do wall time")
@@ -108,16 +109,19 @@ def main(argv=None):
     if args.memory_json:
         print(json.dumps(measure(args.config, args.overrides, variants, args.steps, memory=True)))
         return
+    given = argv if argv is not None else sys.argv[1:]
     memory = json.loads(subprocess.run(
-        [sys.executable, "-m", "megatron_simreg.bench.step", "--memory-json", *(argv if argv is not None else sys.argv[1:])],
+        [sys.executable, "-m", "megatron_simreg.bench.step", "--memory-json", *given],
         env={**os.environ, MMAP_ENV: "65536"}, check=True, capture_output=True, text=True,
     ).stdout.splitlines()[-1])
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
     seconds = measure(args.config, args.overrides, variants, args.steps, memory=False, clock=clock)
     base_time, base_memory = seconds["no SimReg"], memory["no SimReg"]
+    micro_batches = cfg.training.global_batch_size // cfg.training.micro_batch_size
+    machine = (f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available()
+               else f"CPU, {torch.get_num_threads()} threads")
     print(f"# training step, {args.config} {' '.join(args.overrides)}: micro-batch {cfg.training.micro_batch_size} x "
-          f"{cfg.model.seq_length} tokens, {cfg.training.global_batch_size // cfg.training.micro_batch_size} micro-batches, "
-          f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU, {torch.get_num_threads()} threads'}, "
+          f"{cfg.model.seq_length} tokens, {micro_batches} micro-batches, {machine}, "
           f"median of {args.steps} interleaved steps, {args.clock} time")
     print("| variant | step time (ms) | time ratio | peak step memory growth (MiB) | memory ratio |")
     print("|---|---|---|---|---|")
