@@ -20,6 +20,7 @@ $(STAMP): requirements.txt setup.py
 venv: $(STAMP)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(VPY) -m pytest -q tests
 
 demo: $(STAMP)
