@@ -21,7 +21,7 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(STAMP)
 	$(VPY) -m megatron_simreg.demo

@@ -25,6 +25,6 @@ setup(
     extras_require={
         "data": ["datasets"],
         "eval": ["transformers", "safetensors", "lm-eval[hf]"],
-        "dev": ["pytest", "pytest-timeout", "ruff"],
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "ruff"],
     },
 )

@@ -49,6 +49,9 @@ def _worker(rank, world_size, port, environment, results_dir, fn, args, kwargs):
     torch.set_num_threads(1)
     # A rank that fails mid-collective must not leave the others waiting forever.
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+    # gloo can return from init on one rank while another still completes its connections; a rank that then
+    # finishes its function and leaves would close a connection the other is still making.
+    dist.barrier()
     try:
         with cpu_compat():
             outcome = (True, fn(rank, world_size, *args, **kwargs))
