@@ -247,16 +247,22 @@ def load_config(path: str, overrides: list[str] | None = None) -> Config:
     return config
 
 
-def save_config(config: Config, run_dir: str) -> str:
-    """Write the resolved config beside the run (lambda as the number used), as YAML that `load_config` reads back."""
-    os.makedirs(run_dir, exist_ok=True)
+def resolved_dict(config: Config) -> dict:
+    """The config as a run records it: `to_dict()` with the weights as the numbers used (lambda's `auto`, a
+    baseline's default weight)."""
     resolved = config.to_dict()
     resolved["simreg"]["weight"] = config.simreg_weight
     if config.regularizer.name != "simreg" or config.regularizer.weight is not None:  # else simreg.weight is SimReg's
         resolved["regularizer"]["weight"] = config.regularizer_weight
+    return resolved
+
+
+def save_config(config: Config, run_dir: str) -> str:
+    """Write the resolved config beside the run, as YAML that `load_config` reads back."""
+    os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "config.yaml")
     with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(resolved, f, sort_keys=False)
+        yaml.safe_dump(resolved_dict(config), f, sort_keys=False)
     return path
 
 

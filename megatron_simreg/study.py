@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import yaml
 from tqdm import tqdm
 
-from megatron_simreg.config import Config, ConfigError, load_config
+from megatron_simreg.config import Config, ConfigError, load_config, resolved_dict
 from megatron_simreg.run_plan import train_iters
 
 LOCK_FILE = ".study.lock"
@@ -336,8 +336,7 @@ def _check_same_settings(config: Config, run_dir: str, label: str) -> None:
         return
     with open(saved_path, encoding="utf-8") as f:
         saved = yaml.safe_load(f) or {}
-    wanted = config.to_dict()
-    wanted["simreg"]["weight"] = config.simreg_weight
+    wanted = resolved_dict(config)
     differences = []
     for section, values in wanted.items():
         for key, value in (values.items() if isinstance(values, dict) else [(None, values)]):

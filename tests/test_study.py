@@ -14,8 +14,9 @@ import pytest
 import yaml
 from test_training import TINY, corpus  # noqa: F401  (corpus is a fixture)
 
+from megatron_simreg.config import load_config, save_config
 from megatron_simreg.metrics import MetricsWriter
-from megatron_simreg.study import load_study, main
+from megatron_simreg.study import cell_overrides, load_study, main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TRACKER = os.path.join("checkpoints", "latest_checkpointed_iteration.txt")
@@ -197,3 +198,18 @@ def test_bad_studies_are_refused_before_anything_runs(tmp_path):
     other_settings = r"baseline/seed1: .* holds a run with other settings \(optimizer.lr: 1.0 there"
     with pytest.raises(SystemExit, match=other_settings):
         main([study.path, "--status"])
+
+
+def test_a_cell_reads_back_as_the_same_settings_whatever_its_regularizer(tmp_path, capsys):
+    """A finished run records its weights resolved (lambda's auto, a baseline's default); the study must read
+    that record as the settings it asked for, for SimReg and for the Table 1 baselines alike."""
+    study = load_study(write_study(
+        tmp_path / "regularizers.yaml", config="configs/tiny-llama.yaml", seeds=[1], out=str(tmp_path / "out"),
+        baseline={"simreg.weight": 0}, runs=str(tmp_path / "runs"),
+        variants={"simreg": {"simreg.weight": "auto"}, "sce": {"regularizer.name": "sce"},
+                  "simcse-weighted": {"regularizer.name": "simcse", "regularizer.weight": 0.5}},
+    ))
+    for setting, seed in study.cells():
+        save_config(load_config(study.config, cell_overrides(study, setting, seed, [])), study.run_dir(setting, seed))
+    main([study.path, "--status"])
+    assert capsys.readouterr().out.count("not started") == 4
