@@ -51,6 +51,15 @@ def clip_all(adagc, grads):
     return adagc.clip([GradShard(k, g) for k, g in grads.items()])
 
 
+def clip_and_compare(adagc, grads, want):
+    """Clip a copy of one step's gradients and check each against the reference's; AdaGC's statistics."""
+    grads = {k: v.clone() for k, v in grads.items()}
+    stats = clip_all(adagc, grads)
+    for k in grads:
+        torch.testing.assert_close(grads[k].double(), want[k], rtol=FP32_NORM_REL, atol=0)
+    return stats
+
+
 @pytest.mark.parametrize("warmup_gamma", ["raw", "clipped"])
 def test_matches_reference_through_the_warmup_boundary(warmup_gamma):
     config = AdaGCConfig(warmup_steps=5, warmup_gamma=warmup_gamma)
@@ -59,10 +68,7 @@ def test_matches_reference_through_the_warmup_boundary(warmup_gamma):
     adagc = AdaGC(config)
     clipped_after_warmup = 0
     for t, (grads, want) in enumerate(zip(steps, expected), 1):
-        grads = {k: v.clone() for k, v in grads.items()}
-        stats = clip_all(adagc, grads)
-        for k in grads:
-            torch.testing.assert_close(grads[k].double(), want[k], rtol=FP32_NORM_REL, atol=0)
+        stats = clip_and_compare(adagc, grads, want)
         assert stats.grad_norm == pytest.approx(
             math.sqrt(sum(g.norm() ** 2 for g in steps[t - 1].values())), rel=FP32_NORM_REL
         )
@@ -116,10 +122,7 @@ def test_default_config_clips_as_the_official_patch_over_150_steps_with_spikes()
     adagc = AdaGC(AdaGCConfig())  # the defaults users train with
     clipped_spikes = 0
     for t, (grads, want) in enumerate(zip(steps, expected), 1):
-        grads = {k: v.clone() for k, v in grads.items()}
-        stats = clip_all(adagc, grads)
-        for k in grads:
-            torch.testing.assert_close(grads[k].double(), want[k], rtol=FP32_NORM_REL, atol=0)
+        stats = clip_and_compare(adagc, grads, want)
         clipped_spikes += t in (105, 120, 121, 140) and stats.num_clipped > 0
     assert adagc.gamma == pytest.approx(expected_state, rel=FP32_NORM_REL)
     assert clipped_spikes == 4
