@@ -323,6 +323,12 @@ as the logits span 2/tau = 200 at tau = 0.01), and `exp` never sees -1e30 either
 takes ~100x longer on arguments that far out). What the floor adds stays below float32's resolution: every
 sum is taken relative to its largest term (>= 1), and in backward every term is a softmax weight (sum 1)."""
 
+NEGLIGIBLE_WEIGHT = 2 * math.exp(EXP_FLOOR)
+"""Backward's pair weights at or below this (the floor's e^-80, from pairs whose true weight is smaller still)
+become 0 before the matrix products: e^-80 times a unit component below ~1e-3 is a subnormal product, and the
+rows of anchors whose gradient has vanished (Lsr far below 0, softplus' slope ~1e-40) are all floor, which
+doubled the time of the products on x86 CPUs. Each such pair moves the gradient by less than 1e-33."""
+
 
 class _SimRegFunction(torch.autograd.Function):
     """Lsr per token from the embeddings; saves only per-token scalars and recomputes tiles in backward.
@@ -604,18 +610,29 @@ def _strips(plan: _Plan, pairs: _Pairs) -> list[_Strip]:
     return strips
 
 
-def _strips_touching(strips: list[_Strip], rows: torch.Tensor, cols: torch.Tensor) -> list[bool]:
-    """Per strip: does any of its anchors (per `rows`) or keys (per `cols`) need the general path? One check per
-    strip, and none at all in the common case where no token does."""
-    if not bool(rows.any()) and (cols is rows or not bool(cols.any())):
+def _strips_touching(strips: list[_Strip], rows: torch.Tensor | None, cols: torch.Tensor | None) -> list[bool]:
+    """Per strip: does any of its anchors (per `rows`) or keys (per `cols`; None: no token) need the general path?
+    One check per strip, and none at all in the common case where no token does."""
+    rows, cols = (None if flags is None or not bool(flags.any()) else flags for flags in (rows, cols))
+    if rows is None and cols is None:
         return [False] * len(strips)
-    return [bool(rows[t.segments, t.rows].any() or cols[t.segments, t.cols].any()) for t in strips]
+
+    def touching(flags: torch.Tensor | None, segments: slice, tokens: slice) -> bool:
+        return flags is not None and bool(flags[segments, tokens].any())
+
+    return [touching(rows, t.segments, t.rows) or touching(cols, t.segments, t.cols) for t in strips]
+
+
+THREADED_PRODUCT_MACS = 2**24
+"""Strip products smaller than this many multiply-adds run on one thread like the rest: resuming torch's
+thread pool after the thread count changes took ~40 us here (a bmm at hidden size 64), about what a
+product of ~2M multiply-adds costs on one core, so only products well above that gain from threads."""
 
 
 @contextlib.contextmanager
-def _serial_between_products():
+def _serial_between_products(strips: list[_Strip], hidden_size: int):
     """Inside, elementwise work runs on one thread; `product(operation, *args)` runs a matrix product on torch's
-    threads.
+    threads when the strips' products are large enough to gain from them (THREADED_PRODUCT_MACS).
 
     A strip's elementwise passes are many short operations; on threads they each end in a barrier, and on a
     shared machine every barrier waits for a descheduled sibling thread (on this project's 2-core VM, with
@@ -624,17 +641,21 @@ def _serial_between_products():
     after it, also on exceptions.
     """
     threads = torch.get_num_threads()
+    largest = max(math.prod(_Workspace.shape(strip)) for strip in strips) * hidden_size
 
-    def product(operation, *args, **kwargs):
+    def threaded(operation, *args, **kwargs):
         torch.set_num_threads(threads)
         try:
             return operation(*args, **kwargs)
         finally:
             torch.set_num_threads(1)
 
+    def serial(operation, *args, **kwargs):
+        return operation(*args, **kwargs)
+
     torch.set_num_threads(1)
     try:
-        yield product
+        yield threaded if threads > 1 and largest >= THREADED_PRODUCT_MACS else serial
     finally:
         torch.set_num_threads(threads)
 
@@ -674,7 +695,7 @@ def _forward_tiles(pairs: _Pairs, plan: _Plan):
     partials = _Partials(*(a.labels.new_zeros(slots) for _ in range(4)))
     angle_sum = torch.zeros((), dtype=torch.float64, device=a.units.device)
     workspace = _Workspace(3, strips, a.units)
-    with _serial_between_products() as product:
+    with _serial_between_products(strips, a.units.shape[-1]) as product:
         for strip, masked, general in zip(strips, irregular, short):
             scratch = workspace.views(strip)
             angle_sum += _forward_strip(strip, masked, general, pairs, plan, scratch, product, partials)
@@ -714,7 +735,9 @@ def _forward_strip(strip: _Strip, masked, general, pairs: _Pairs, plan: _Plan, s
     z, same, work = scratch
     _strip_logits(strip, masked, pairs, product, z, same)
     radians = _negative_angles(z, same, plan, work, (a.valid[at, rows], k.valid[at, cols]) if masked else None)
-    angle_sum = radians.sum(dtype=torch.float64) + radians[..., m:].sum(dtype=torch.float64)
+    # Row sums in the tile's dtype (at most 4 blocks of terms <= pi each), then float64 across rows: a float64
+    # sum over the whole tile took ten times longer than the float32 one.
+    angle_sum = radians.sum(-1).sum(dtype=torch.float64) + radians[..., m:].sum(-1).sum(dtype=torch.float64)
 
     row_slots = (at, rows, slice(strip.col_block, strip.col_block + strip.blocks))
     col_slots = (at, slice(cols.start + m, cols.stop), strip.row_block)
@@ -745,6 +768,8 @@ def _shifted_sums(masked: torch.Tensor, dim: int):
 
 def _combine(maxes: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
     """The log-sum-exp of a set from its tiles' partial (max, sum) pairs along the last dim."""
+    if maxes.shape[-1] == 1:  # one key block: nothing to rescale
+        return sums.squeeze(-1).log() + maxes.squeeze(-1)
     top = maxes.amax(-1, keepdim=True)
     return (sums * (maxes - top).clamp_min_(EXP_FLOOR).exp_()).sum(-1).log_() + top.squeeze(-1)
 
@@ -780,11 +805,11 @@ def _backward_tiles(pairs: _Pairs, plan: _Plan, weights) -> torch.Tensor:
         for ws, side in ((weights, a), (key_weights, k))
     )
     strips, irregular, _ = pairs.strips(plan)
-    signed_rows = _strips_touching(strips, anchor_side[2] != 1, torch.zeros_like(k.short))
-    signed_cols = _strips_touching(strips, torch.zeros_like(a.short), key_side[2] != 1)
+    signed_rows = _strips_touching(strips, anchor_side[2] != 1, None)
+    signed_cols = _strips_touching(strips, None, key_side[2] != 1)
     grad_units = torch.zeros_like(a.units)
     workspace = _Workspace(3, strips, a.units)
-    with _serial_between_products() as product:
+    with _serial_between_products(strips, a.units.shape[-1]) as product:
         for strip, masked, signs in zip(strips, irregular, zip(signed_rows, signed_cols)):
             scratch = workspace.views(strip)
             _backward_strip(strip, masked, signs, pairs, (anchor_side, key_side), scratch, product, grad_units)
@@ -800,9 +825,11 @@ def _backward_strip(strip: _Strip, masked, signs, pairs: _Pairs, weights, scratc
     _strip_logits(strip, masked, pairs, product, z, same)
     # G_ij: anchor i's weight on key j (rows); G_ji: anchor j's weight on key i (columns).
     torch.sub(z, shift[at, rows, None], out=w).addcmul_(same, step[at, rows, None]).clamp_min_(EXP_FLOOR).exp_()
+    torch.threshold_(w, NEGLIGIBLE_WEIGHT, 0.0)
     if signs[0]:
         w.mul_(sign[at, rows, None])
     col_w = z.sub_(key_shift[at, None, cols]).addcmul_(same, key_step[at, None, cols]).clamp_min_(EXP_FLOOR).exp_()
+    torch.threshold_(col_w, NEGLIGIBLE_WEIGHT, 0.0)
     if signs[1]:
         col_w.mul_(key_sign[at, None, cols])
     w.add_(col_w).addcmul_(same, w, value=-2.0)  # + for negatives, - for positives

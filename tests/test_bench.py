@@ -2,8 +2,11 @@
 
 import re
 
+import torch
+
 from megatron_simreg.bench import simreg as bench_simreg
 from megatron_simreg.bench import step as bench_step
+from megatron_simreg.simreg import simreg_loss
 
 
 def _rows(text: str) -> dict[str, list[str]]:
@@ -35,3 +38,13 @@ def test_step_bench_times_each_variant_with_the_clock_asked_for():
                                                              "training.micro_batch_size=2"],
                                  variants, steps=2, memory=False, clock=clock)
     assert seconds == {"no SimReg": 1.0, "full SimReg": 1.0} and len(calls) == 2 * 2 * 2
+
+
+def test_simreg_bench_embeddings_are_the_regimes_they_are_named_after():
+    """random: every anchor saturated (gradient weight ~1e-40); anisotropic: every anchor live."""
+    live = {}
+    for embeddings in bench_simreg.EMBEDDINGS:
+        (hidden, labels), _ = bench_simreg.make_inputs("full", (1, 256, 1024), torch.float32, "cpu", 64,
+                                                      embeddings=embeddings)
+        live[embeddings] = float(simreg_loss(hidden.detach(), labels, sequence_first=True).live_fraction)
+    assert live == {"random": 0.0, "anisotropic": 1.0}

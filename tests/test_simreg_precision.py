@@ -2,11 +2,14 @@
 setting (TF32 on NGC images, oneDNN's bf16 on some CPUs), runs its elementwise passes on one thread, and
 leaves both settings as it found them, exceptions included."""
 
+import math
+
 import pytest
 import torch
 from test_simreg import clustered
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from megatron_simreg import simreg as simreg_module
 from megatron_simreg.simreg import simreg_loss
 
 
@@ -87,15 +90,49 @@ def two_threads():
     torch.set_num_threads(saved)
 
 
-def test_strip_passes_run_on_one_thread_and_the_thread_count_is_restored(two_threads):
-    """Products use torch's threads, the strips' elementwise passes one (no barrier per pass), and the count
-    comes back as it was, after an exception too."""
+def test_strip_passes_run_on_one_thread_and_the_thread_count_is_restored(two_threads, monkeypatch):
+    """Products use torch's threads when they are large enough to gain from them, the strips' elementwise passes
+    one (no barrier per pass), and the count comes back as it was, after an exception too."""
     hidden, labels = clustered(1, 24, 8, dtype=torch.float32)
-    x = hidden.clone().requires_grad_()
-    with ThreadRecorder() as recorder:
-        simreg_loss(x, labels, block_size=8, kernel="torch").loss.backward()
-    assert recorder.products == {2} and recorder.elementwise == {1}
+    for threshold, product_threads in ((1, {2}), (8 * 8 * 8 + 1, {1})):  # a 8 x 8 tile of 8-wide units
+        monkeypatch.setattr(simreg_module, "THREADED_PRODUCT_MACS", threshold)
+        x = hidden.clone().requires_grad_()
+        with ThreadRecorder() as recorder:
+            simreg_loss(x, labels, block_size=8, kernel="torch").loss.backward()
+        assert recorder.products == product_threads and recorder.elementwise == {1}
     assert torch.get_num_threads() == 2
     with pytest.raises(RuntimeError, match="injected"), PrecisionRecorder(fail_at_first_product=True):
         simreg_loss(hidden, labels, block_size=8, kernel="torch")
     assert torch.get_num_threads() == 2
+
+
+class ProductInputRecorder(TorchDispatchMode):
+    """The smallest nonzero magnitude among the pair weights (first operand) of backward's `baddbmm`s."""
+
+    def __init__(self):
+        super().__init__()
+        self.smallest = math.inf
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.startswith("baddbmm"):
+            weights = args[1].abs()
+            if bool((weights > 0).any()):
+                self.smallest = min(self.smallest, float(weights[weights > 0].min()))
+        return func(*args, **(kwargs or {}))
+
+
+def test_floored_pair_weights_never_reach_a_product():
+    """Random embeddings at h = 256 saturate every anchor (Lsr ~ -90, gradient weight ~1e-40): their pair weights
+    sit at the exp floor, e^-80, and times a small unit component that is a subnormal product, which doubled the
+    products' time on x86. They must reach the products as exact zeros; the live anchors' weights stay as they are."""
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 64, 256, requires_grad=True)
+    live, live_labels = clustered(1, 64, 256, dtype=torch.float32)
+    for x, labels, live_fraction in ((hidden, torch.randint(0, 1000, (1, 64)), 0.0), (live, live_labels, None)):
+        x = x.detach().requires_grad_()
+        out = simreg_loss(x, labels, block_size=16, kernel="torch")
+        with ProductInputRecorder() as recorder:
+            out.loss.backward()
+        assert live_fraction is None or float(out.live_fraction) == live_fraction
+        assert recorder.smallest > simreg_module.NEGLIGIBLE_WEIGHT
+        assert torch.isfinite(x.grad).all()

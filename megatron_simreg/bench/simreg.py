@@ -30,7 +30,14 @@ GOALS = {"cpu": {"full": 0.65, "chunk": 0.35}, "cuda": {"full": 0.5, "chunk": 0.
 """Time of SimReg forward+backward over one causal attention core's, at most (issue 15)."""
 
 
-def make_inputs(kind, shape, dtype, device, block_size, seed=0, kernel="auto"):
+EMBEDDINGS = ("random", "anisotropic")
+"""random: Gaussian hidden states, near-orthogonal at h >= 1024, so at tau = 0.01 every anchor's Lsr is about
+-90 and its gradient weight (softplus' slope) about 1e-40: the saturated regime. anisotropic: the same plus
+three times one shared random direction (cosines ~0.9, Lsr ~ -2.5, every anchor live), as hidden states are
+early in training."""
+
+
+def make_inputs(kind, shape, dtype, device, block_size, seed=0, kernel="auto", embeddings="random"):
     """The operation's inputs and a closure running its forward and backward once."""
     b, s, h = shape
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -45,7 +52,10 @@ def make_inputs(kind, shape, dtype, device, block_size, seed=0, kernel="auto"):
             F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad_out)
 
         return (q, k, v, grad_out), step
-    hidden = torch.randn(s, b, h, generator=gen, device=device, dtype=dtype).requires_grad_()  # Megatron's layout
+    hidden = torch.randn(s, b, h, generator=gen, device=device, dtype=dtype)  # Megatron's layout
+    if embeddings == "anisotropic":
+        hidden += 3 * torch.randn(h, generator=gen, device=device, dtype=dtype)
+    hidden.requires_grad_()
     labels = torch.randint(0, 32000, (b, s), generator=gen, device=device)
     chunk = None if kind == "full" else int(kind.split("-")[1])
 
@@ -56,9 +66,9 @@ def make_inputs(kind, shape, dtype, device, block_size, seed=0, kernel="auto"):
     return (hidden, labels), step
 
 
-def time_interleaved(variants, shape, dtype, device, block_size, repeats, clock=time.perf_counter):
+def time_interleaved(variants, shape, dtype, device, block_size, repeats, clock=time.perf_counter, embeddings="random"):
     """Median seconds per variant; one run of each in turn, so a shared machine's drift weighs on all alike."""
-    steps = {name: make_inputs(kind, shape, dtype, device, block_size, kernel=kernel)[1]
+    steps = {name: make_inputs(kind, shape, dtype, device, block_size, kernel=kernel, embeddings=embeddings)[1]
              for name, kind, kernel in variants}
     for step in steps.values():
         step()  # warm-up
@@ -113,6 +123,8 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--kernel", nargs="+", choices=["auto", "torch", "triton"], default=["auto"])
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    parser.add_argument("--embeddings", choices=EMBEDDINGS, default="random",
+                        help="SimReg's hidden states: random (anchors saturated) or anisotropic (anchors live)")
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
                         help="thread: this thread's CPU time (with --threads 1 on a CPU), which other jobs on a shared "
                              "machine do not inflate as they do wall time")
@@ -125,7 +137,7 @@ def main(argv=None):
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# SimReg (block {args.block}) vs one causal attention core ({HEADS} heads), fwd+bwd, {dtype}, "
-          f"{device_name}, median of {args.repeats} interleaved runs, {args.clock} time")
+          f"{device_name}, median of {args.repeats} interleaved runs, {args.clock} time, {args.embeddings} embeddings")
     print("| b, s, h | variant | time (ms) | time / attention | peak extra (MiB) | memory / attention |")
     print("|---|---|---|---|---|---|")
     variants = [("attention", "attention", None)]
@@ -136,7 +148,9 @@ def main(argv=None):
     verdicts = []
     for text in args.shapes:
         shape = tuple(int(v) for v in text.split(","))
-        seconds = time_interleaved(variants, shape, dtype, args.device, args.block, args.repeats, clock)
+        seconds = time_interleaved(
+            variants, shape, dtype, args.device, args.block, args.repeats, clock, embeddings=args.embeddings
+        )
         results = {
             name: (seconds[name], peak_extra_bytes(kind, shape, dtype, args.device, args.block, kernel))
             for name, kind, kernel in variants
