@@ -624,15 +624,16 @@ def _strips_touching(strips: list[_Strip], rows: torch.Tensor | None, cols: torc
 
 
 THREADED_PRODUCT_MACS = 2**24
-"""Strip products smaller than this many multiply-adds run on one thread like the rest: resuming torch's
-thread pool after the thread count changes took ~40 us here (a bmm at hidden size 64), about what a
-product of ~2M multiply-adds costs on one core, so only products well above that gain from threads."""
+"""Strips whose products are smaller than this many multiply-adds leave torch's thread count alone: changing it
+costs the operations after it, in SimReg and in the model (thread pools resume; ~40 us for the next bmm here,
+and 4 ms per training step of the tiny model, 2% of the step), more than one-thread passes save on strips
+that small. A product of 2^24 multiply-adds takes ~0.3 ms on one core of this project's CPU."""
 
 
 @contextlib.contextmanager
 def _serial_between_products(strips: list[_Strip], hidden_size: int):
     """Inside, elementwise work runs on one thread; `product(operation, *args)` runs a matrix product on torch's
-    threads when the strips' products are large enough to gain from them (THREADED_PRODUCT_MACS).
+    threads. Small strips (THREADED_PRODUCT_MACS) run everything as torch would, the thread count untouched.
 
     A strip's elementwise passes are many short operations; on threads they each end in a barrier, and on a
     shared machine every barrier waits for a descheduled sibling thread (on this project's 2-core VM, with
@@ -642,20 +643,20 @@ def _serial_between_products(strips: list[_Strip], hidden_size: int):
     """
     threads = torch.get_num_threads()
     largest = max(math.prod(_Workspace.shape(strip)) for strip in strips) * hidden_size
+    if threads == 1 or largest < THREADED_PRODUCT_MACS:
+        yield lambda operation, *args, **kwargs: operation(*args, **kwargs)
+        return
 
-    def threaded(operation, *args, **kwargs):
+    def product(operation, *args, **kwargs):
         torch.set_num_threads(threads)
         try:
             return operation(*args, **kwargs)
         finally:
             torch.set_num_threads(1)
 
-    def serial(operation, *args, **kwargs):
-        return operation(*args, **kwargs)
-
     torch.set_num_threads(1)
     try:
-        yield threaded if threads > 1 and largest >= THREADED_PRODUCT_MACS else serial
+        yield product
     finally:
         torch.set_num_threads(threads)
 

@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 import torch
 
 from megatron_simreg.bench import simreg as bench_simreg
@@ -37,7 +38,14 @@ def test_step_bench_times_each_variant_with_the_clock_asked_for():
     seconds = bench_step.measure("configs/tiny-llama.yaml", ["model.seq_length=32", "training.global_batch_size=2",
                                                              "training.micro_batch_size=2"],
                                  variants, steps=2, memory=False, clock=clock)
-    assert seconds == {"no SimReg": 1.0, "full SimReg": 1.0} and len(calls) == 2 * 2 * 2
+    assert seconds == {"no SimReg": [1.0, 1.0], "full SimReg": [1.0, 1.0]} and len(calls) == 2 * 2 * 2
+
+
+def test_step_bench_ratio_quartiles_pair_each_round():
+    """A machine twice as slow in round 2 moves both variants alike: every paired ratio is the true 1.1."""
+    low, middle, high = bench_step.paired_ratio_quartiles([1.1, 2.2, 1.1, 2.2], [1.0, 2.0, 1.0, 2.0])
+    assert low == pytest.approx(1.1) and middle == pytest.approx(1.1) and high == pytest.approx(1.1)
+    assert bench_step.paired_ratio_quartiles([3.0, 1.0, 2.0], [1.0, 1.0, 1.0]) == pytest.approx((1.0, 2.0, 3.0))
 
 
 def test_simreg_bench_embeddings_are_the_regimes_they_are_named_after():

@@ -91,15 +91,16 @@ def two_threads():
 
 
 def test_strip_passes_run_on_one_thread_and_the_thread_count_is_restored(two_threads, monkeypatch):
-    """Products use torch's threads when they are large enough to gain from them, the strips' elementwise passes
-    one (no barrier per pass), and the count comes back as it was, after an exception too."""
+    """Products use torch's threads, the strips' elementwise passes one (no barrier per pass), and the count
+    comes back as it was, after an exception too; strips too small to gain leave the count as it is."""
     hidden, labels = clustered(1, 24, 8, dtype=torch.float32)
-    for threshold, product_threads in ((1, {2}), (8 * 8 * 8 + 1, {1})):  # a 8 x 8 tile of 8-wide units
+    for threshold, elementwise_threads in ((1, {1}), (8 * 8 * 8 + 1, {2})):  # a 8 x 8 tile of 8-wide units
         monkeypatch.setattr(simreg_module, "THREADED_PRODUCT_MACS", threshold)
         x = hidden.clone().requires_grad_()
         with ThreadRecorder() as recorder:
             simreg_loss(x, labels, block_size=8, kernel="torch").loss.backward()
-        assert recorder.products == product_threads and recorder.elementwise == {1}
+        assert recorder.products == {2} and recorder.elementwise == elementwise_threads
+    monkeypatch.setattr(simreg_module, "THREADED_PRODUCT_MACS", 1)
     assert torch.get_num_threads() == 2
     with pytest.raises(RuntimeError, match="injected"), PrecisionRecorder(fail_at_first_product=True):
         simreg_loss(hidden, labels, block_size=8, kernel="torch")

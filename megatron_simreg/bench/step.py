@@ -5,9 +5,9 @@ off, full and chunk-wise, and measures each step's peak memory growth, then prin
 run without SimReg. On CPU by default with the tiny LLaMA; pass a config and `--set` to try others.
 
 The variants' steps are timed interleaved (one step of each in turn), so a machine that speeds up or
-slows down during the run weighs on all of them alike. Times come from this process with the normal
-allocator; memory from a second process whose allocator returns freed tensors (see `bench.memory`),
-which would slow the timed steps down.
+slows down during the run weighs on all of them alike; the per-round ratios' quartiles show the spread.
+Times come from this process with the normal allocator; memory from a second process whose allocator
+returns freed tensors (see `bench.memory`), which would slow the timed steps down.
 """
 
 import argparse
@@ -55,7 +55,8 @@ def training_step(cfg):
 
 def measure(config: str, overrides: list[str], variants: dict[str, list[str]], steps: int, memory: bool,
             clock=time.perf_counter) -> dict:
-    """Median step seconds per variant (interleaved), or with `memory` each step's peak RSS growth in bytes."""
+    """Each variant's step seconds, one per round of interleaved steps, or with `memory` each step's peak RSS
+    growth in bytes."""
     with cpu_compat():
         return _measure(config, overrides, variants, steps, memory, clock)
 
@@ -80,7 +81,7 @@ def _measure(config: str, overrides: list[str], variants: dict[str, list[str]], 
                 start = clock()
                 step()
                 times[name].append(clock() - start)
-        return {name: statistics.median(seconds) for name, seconds in times.items()}
+        return times
     finally:
         parallel.destroy()
 
@@ -115,7 +116,8 @@ def main(argv=None):
         env={**os.environ, MMAP_ENV: "65536"}, check=True, capture_output=True, text=True,
     ).stdout.splitlines()[-1])
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
-    seconds = measure(args.config, args.overrides, variants, args.steps, memory=False, clock=clock)
+    rounds = measure(args.config, args.overrides, variants, args.steps, memory=False, clock=clock)
+    seconds = {name: statistics.median(times) for name, times in rounds.items()}
     base_time, base_memory = seconds["no SimReg"], memory["no SimReg"]
     micro_batches = cfg.training.global_batch_size // cfg.training.micro_batch_size
     machine = (f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available()
@@ -123,11 +125,24 @@ def main(argv=None):
     print(f"# training step, {args.config} {' '.join(args.overrides)}: micro-batch {cfg.training.micro_batch_size} x "
           f"{cfg.model.seq_length} tokens, {micro_batches} micro-batches, {machine}, "
           f"median of {args.steps} interleaved steps, {args.clock} time")
-    print("| variant | step time (ms) | time ratio | peak step memory growth (MiB) | memory ratio |")
-    print("|---|---|---|---|---|")
+    print("| variant | step time (ms) | time ratio | paired ratio, median [quartiles] | peak step memory growth (MiB) "
+          "| memory ratio |")
+    print("|---|---|---|---|---|---|")
     for name in variants:
-        print(f"| {name} | {seconds[name] * 1e3:.1f} | {seconds[name] / base_time:.3f}x | {memory[name] / 2**20:.1f} | "
+        low, middle, high = paired_ratio_quartiles(rounds[name], rounds["no SimReg"])
+        print(f"| {name} | {seconds[name] * 1e3:.1f} | {seconds[name] / base_time:.3f}x | "
+              f"{middle:.3f}x [{low:.3f}, {high:.3f}] | {memory[name] / 2**20:.1f} | "
               f"{memory[name] / max(base_memory, 1):.3f}x |")
+
+
+def paired_ratio_quartiles(times: list[float], base_times: list[float]) -> tuple[float, float, float]:
+    """Quartiles of the per-round ratios: each round times every variant back to back, so a machine's drift
+    between rounds cancels out of its ratio; their spread says how far one median ratio can be trusted."""
+    ratios = [t / b for t, b in zip(times, base_times)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    low, middle, high = statistics.quantiles(ratios, n=4)
+    return low, middle, high
 
 
 if __name__ == "__main__":
