@@ -315,18 +315,24 @@ def cell_command(study: Study, setting: Setting, seed: int, extra: list[str]) ->
 
 
 def _state(study: Study, setting: Setting, seed: int, extra: list[str]) -> CellState:
-    from megatron_simreg.checkpoint import latest_iteration
-
     try:
         config = load_config(study.config, cell_overrides(study, setting, seed, extra))
     except ValueError as error:
         raise StudyError(f"cell {setting.name}/seed{seed} of {study.path}: {error}") from error
     run_dir = study.run_dir(setting, seed)
     _check_same_settings(config, run_dir, f"{setting.name}/seed{seed}")
-    checkpoints = config.checkpoint.save or os.path.join(run_dir, "checkpoints")
-    record = _read_record(run_dir)
-    return CellState(setting, seed, run_dir, config, latest_iteration(checkpoints) or 0,
-                     running_elsewhere=_locked_elsewhere(run_dir), record=record)
+    state = CellState(setting, seed, run_dir, config, 0, running_elsewhere=_locked_elsewhere(run_dir))
+    _reload(state)
+    return state
+
+
+def _reload(state: CellState) -> None:
+    """The cell's saved iteration and record as they are on disk now (another study process may have run it)."""
+    from megatron_simreg.checkpoint import latest_iteration
+
+    checkpoints = state.config.checkpoint.save or os.path.join(state.run_dir, "checkpoints")
+    state.iteration = latest_iteration(checkpoints) or 0
+    state.record = _read_record(state.run_dir)
 
 
 def _check_same_settings(config: Config, run_dir: str, label: str) -> None:
@@ -421,6 +427,9 @@ class CellRunner:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return None
+            _reload(state)  # what this process listed may be stale: another one may have run the cell since
+            if state.finished:
+                return 0
             attempt = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
                        "command": shlex.join(command), "from_iteration": state.iteration, "returncode": None}
             record = state.record or {"setting": state.setting.name, "seed": state.seed,
@@ -494,8 +503,7 @@ def run_study(study: Study, states: list[CellState], extra: list[str]) -> list[C
             if returncode is None:
                 bar.write(f"{state.label}: another process took it; left alone")
                 continue
-            refreshed = _state(study, state.setting, state.seed, extra)
-            state.iteration, state.record = refreshed.iteration, refreshed.record
+            _reload(state)
             if returncode != 0:
                 failed.append(state)
                 bar.write(f"{state.label}: FAILED with exit code {returncode}: {_last_line(state.run_dir)}")

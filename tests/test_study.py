@@ -16,7 +16,7 @@ from test_training import TINY, corpus  # noqa: F401  (corpus is a fixture)
 
 from megatron_simreg.config import load_config, save_config
 from megatron_simreg.metrics import MetricsWriter
-from megatron_simreg.study import cell_overrides, load_study, main
+from megatron_simreg.study import _state, cell_overrides, load_study, main, run_study
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TRACKER = os.path.join("checkpoints", "latest_checkpointed_iteration.txt")
@@ -213,3 +213,26 @@ def test_a_cell_reads_back_as_the_same_settings_whatever_its_regularizer(tmp_pat
         save_config(load_config(study.config, cell_overrides(study, setting, seed, [])), study.run_dir(setting, seed))
     main([study.path, "--status"])
     assert capsys.readouterr().out.count("not started") == 4
+
+
+def test_a_cell_finished_by_another_study_process_meanwhile_is_not_run_again(tmp_path):
+    """Two study processes share the cells (each cell's lock): one that listed a cell as not started, and
+    reaches it after the other process finished it, must neither launch it nor overwrite its record."""
+    study = load_study(write_study(
+        tmp_path / "two.yaml", config="configs/tiny-llama.yaml", set={"schedule.train_iters": 4}, seeds=[1],
+        variants={"simreg": {"simreg.weight": 2.5}}, out=str(tmp_path / "out"),
+        launcher='{python} -c "raise SystemExit(3)"',  # launching at all fails the cell
+    ))
+    (setting, seed), = study.cells()
+    states = [_state(study, setting, seed, [])]
+    assert not states[0].finished and states[0].record == {}
+
+    fake_cell(study, setting, seed, [6.0, 5.5, 5.2, 5.0])  # meanwhile the other process trains it ...
+    record = {"setting": setting.name, "seed": seed, "overrides": dict(setting.overrides),
+              "attempts": [{"from_iteration": 0, "returncode": 0, "wall_s": 1234.5}]}
+    with open(os.path.join(study.run_dir(setting, seed), "study.json"), "w") as f:
+        json.dump(record, f)  # ... and records it
+
+    assert run_study(study, states, []) == []
+    assert attempts(study.run_dir(setting, seed)) == record["attempts"]
+    assert states[0].finished and states[0].wall_s == 1234.5
