@@ -625,9 +625,9 @@ def _strips_touching(strips: list[_Strip], rows: torch.Tensor | None, cols: torc
 
 THREADED_PRODUCT_MACS = 2**24
 """Strips whose products are smaller than this many multiply-adds leave torch's thread count alone: changing it
-costs the operations after it, in SimReg and in the model (thread pools resume; ~40 us for the next bmm here,
-and 4 ms per training step of the tiny model, 2% of the step), more than one-thread passes save on strips
-that small. A product of 2^24 multiply-adds takes ~0.3 ms on one core of this project's CPU."""
+costs the operations after it, in SimReg and in the model (thread pools resume: ~40 us for the next bmm here),
+more than one-thread passes save on strips that small. A product of 2^24 multiply-adds takes ~0.3 ms on one
+core of this project's CPU."""
 
 
 @contextlib.contextmanager
