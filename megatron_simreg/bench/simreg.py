@@ -85,9 +85,9 @@ def time_interleaved(variants, shape, dtype, device, block_size, repeats, clock=
     return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
-def peak_extra_bytes(kind, shape, dtype, device, block_size, kernel):
+def peak_extra_bytes(kind, shape, dtype, device, block_size, kernel, embeddings="random"):
     if device == "cuda":
-        inputs, step = make_inputs(kind, shape, dtype, device, block_size, kernel=kernel)
+        inputs, step = make_inputs(kind, shape, dtype, device, block_size, kernel=kernel, embeddings=embeddings)
         step()  # allocates the input gradients, which are not extra memory
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -101,12 +101,12 @@ def peak_extra_bytes(kind, shape, dtype, device, block_size, kernel):
     finally:
         del os.environ[MMAP_ENV]
     with pool:
-        return pool.apply(_cpu_peak_in_fresh_process, (kind, shape, dtype, block_size, kernel))
+        return pool.apply(_cpu_peak_in_fresh_process, (kind, shape, dtype, block_size, kernel, embeddings))
 
 
-def _cpu_peak_in_fresh_process(kind, shape, dtype, block_size, kernel):
+def _cpu_peak_in_fresh_process(kind, shape, dtype, block_size, kernel, embeddings):
     torch.set_num_threads(1)  # no thread pools growing during the measured run
-    _, step = make_inputs(kind, shape, dtype, "cpu", block_size, kernel=kernel)
+    _, step = make_inputs(kind, shape, dtype, "cpu", block_size, kernel=kernel, embeddings=embeddings)
     step()  # faults in library code and allocates the input gradients: neither is extra memory
     base = reset_peak()
     step()
@@ -152,7 +152,8 @@ def main(argv=None):
             variants, shape, dtype, args.device, args.block, args.repeats, clock, embeddings=args.embeddings
         )
         results = {
-            name: (seconds[name], peak_extra_bytes(kind, shape, dtype, args.device, args.block, kernel))
+            name: (seconds[name],
+                   peak_extra_bytes(kind, shape, dtype, args.device, args.block, kernel, args.embeddings))
             for name, kind, kernel in variants
         }
         attention_time, attention_bytes = results["attention"]
