@@ -143,33 +143,35 @@ def simreg_loss(
     has_negatives = valid & torch.isfinite(run.lsr)
     softplus = torch.where(valid, F.softplus(run.lsr), 0.0)
     # A group of g anchors gives each 1/g, so its members sum to 1: the weights of a sequence sum to its groups.
-    weights = valid.float() / run.positive_count.clamp_min(1) if reduction == "group" else valid.float()
-    sequence_sums = (softplus * weights).sum(-1)  # [b], this rank's share of each sequence
+    weights = valid / run.positive_count.clamp_min(1) if reduction == "group" else valid.to(softplus.dtype)
+    weighted = softplus * weights
 
     finite_lsr = torch.where(has_negatives, run.lsr.detach(), 0.0)
     live = has_negatives & (torch.sigmoid(finite_lsr) >= live_threshold)
-    per_sequence = torch.stack([sequence_sums.detach(), weights.sum(-1), valid.sum(-1).float()]).double()
-    totals = torch.stack(
-        [finite_lsr.sum(), has_negatives.sum().float(), live.sum().float(), run.angle_sum, run.angle_count]
-    ).double()
-    if process_group is not None:  # a sequence's groups and tokens span the ranks: add up its scalars
-        dist.all_reduce(per_sequence, group=process_group)
-        dist.all_reduce(totals, group=process_group)
-    global_sums, normalizers, sequence_tokens = per_sequence.to(sequence_sums.dtype)
-    lsr_sum, with_negatives, live_count, angle_sum, angle_count = totals.to(sequence_sums.dtype)
+    # Per sequence, this rank's share: the SimReg sum, its normaliser, valid tokens, and the statistics' sums.
+    sums = torch.stack([weighted.detach(), weights, valid, finite_lsr, has_negatives, live]).sum(-1)
+    angles = torch.stack([run.angle_sum, run.angle_count])
+    if process_group is not None:  # a sequence's groups and tokens span the ranks: add up its sums
+        shared = torch.cat([sums.double().flatten(), angles])
+        dist.all_reduce(shared, group=process_group)
+        sums, angles = shared[:-2].view_as(sums).to(sums.dtype), shared[-2:]
+    global_sums, normalizers, sequence_tokens = sums[:3]
+    lsr_sum, with_negatives, live_count = sums[3:].sum(-1)
 
     # S_seq * T_seq, summed: each rank differentiates its own share; the value is the global one.
     scale = sequence_tokens / normalizers.clamp_min(1.0)
-    token_weighted_sum = (sequence_sums * scale).sum()
-    token_weighted_sum = token_weighted_sum + ((global_sums * scale).sum() - token_weighted_sum).detach()
+    token_weighted_sum = (weighted.sum(-1) * scale).sum()
+    if process_group is not None:
+        token_weighted_sum = token_weighted_sum + ((global_sums * scale).sum() - token_weighted_sum).detach()
     tokens = sequence_tokens.sum()
+    anchors = tokens.clamp_min(1.0)
     return SimRegOutput(
-        loss=token_weighted_sum / tokens.clamp_min(1.0),
+        loss=token_weighted_sum / anchors,
         token_weighted_sum=token_weighted_sum,
         tokens=tokens,
         lsr_mean=lsr_sum / with_negatives.clamp_min(1.0),
-        live_fraction=live_count / tokens.clamp_min(1.0),
-        negative_angle=angle_sum / angle_count.clamp_min(1.0),
+        live_fraction=live_count / anchors,
+        negative_angle=(angles[0] / angles[1].clamp_min(1.0)).to(sums.dtype),
     )
 
 
@@ -378,8 +380,11 @@ class _SimRegFunction(torch.autograd.Function):
         # so adding it to the other gradients of `hidden` (and what reduces them downstream) runs in the same
         # order as without SimReg: lambda = 0 changes no bit.
         grad_hidden = torch.empty_like(hidden)
-        segmented = grad_units.unflatten(0, (hidden.shape[0], -1))
         scale = ctx.pairs.anchors.token_scale
+        if grad_units.numel() == hidden.numel():  # whole segments, no padding: one product
+            torch.mul(grad_units.view(hidden.shape), scale[..., None], out=grad_hidden)
+            return grad_hidden, None
+        segmented = grad_units.unflatten(0, (hidden.shape[0], -1))
         parts = zip(_segment_parts(grad_hidden, plan.segment), _segment_parts(scale, plan.segment))
         for (part, at), (part_scale, _) in parts:
             torch.mul(segmented[:, at, : part.shape[2]], part_scale[..., None], out=part)
@@ -446,7 +451,7 @@ class _Pairs:
     @classmethod
     def of(cls, hidden: torch.Tensor, plan: _Plan) -> "_Pairs":
         key_labels, key_valid = _pairing_partners(plan.labels, plan.valid, plan)
-        ranks = torch.unique(key_labels, return_inverse=True)[1]  # exact in float32 up to 2^24 labels
+        ranks = _exact_in_float32(key_labels)
         anchor_ranks = _local_share(ranks, plan)
         positive_count = _positive_counts(anchor_ranks, ranks, key_valid).to(plan.dtype)
         negative_count = key_valid.sum(-1, keepdim=True, dtype=plan.dtype) - positive_count
@@ -494,16 +499,27 @@ def _local_share(gathered: torch.Tensor, plan: _Plan) -> torch.Tensor:
     return gathered[:, rank * plan.segment : (rank + 1) * plan.segment]
 
 
-def _positive_counts(anchor_ranks: torch.Tensor, key_ranks: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-    """|P_i| for every anchor (invalid ones too): valid keys of its segment with its label, by sorting, not pairs."""
-    width = key_ranks.shape[0] and int(key_ranks.max()) + 1
-    segment = torch.arange(key_ranks.shape[0], device=key_ranks.device)[:, None] * width
-    present, counts = torch.unique((segment + key_ranks)[key_valid], return_counts=True)
-    if present.numel() == 0:
-        return torch.zeros_like(anchor_ranks)
-    wanted = segment + anchor_ranks
-    at = torch.searchsorted(present, wanted).clamp_max_(present.numel() - 1)
-    return torch.where(present[at] == wanted, counts[at], 0)
+FLOAT32_EXACT_LABELS = 2**24
+"""Integers below this are exact float32 numbers: the tiles compare labels as float32 differences."""
+
+
+def _exact_in_float32(labels: torch.Tensor) -> torch.Tensor:
+    """The labels themselves when every one is in [0, 2^24), as token ids of any vocabulary are; otherwise
+    their ranks among those present (a sort, skipped in the common case)."""
+    if labels.numel() == 0:
+        return labels
+    low, high = torch.aminmax(labels)
+    if low >= 0 and high < FLOAT32_EXACT_LABELS:
+        return labels
+    return torch.unique(labels, return_inverse=True)[1]
+
+
+def _positive_counts(anchor_labels: torch.Tensor, key_labels: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """|P_i| for every anchor (invalid ones too): the valid keys of its segment with its label, by sorting, not
+    pairs. A valid key with label l sorts as 2l, an invalid one as 2l + 1; an anchor counts the keys at 2l."""
+    keys = torch.sort(key_labels * 2 + key_valid.logical_not(), dim=-1).values
+    wanted = anchor_labels * 2
+    return torch.searchsorted(keys, wanted, right=True) - torch.searchsorted(keys, wanted)
 
 
 def _side(hidden: torch.Tensor, segment: int, ranks: torch.Tensor, valid: torch.Tensor, plan: _Plan) -> _Side:
@@ -530,6 +546,9 @@ def _units(hidden: torch.Tensor, side: _Side, plan: _Plan) -> torch.Tensor:
     b, s, h = hidden.shape
     segment, length = side.segment, side.labels.shape[1]
     units = hidden.new_empty((b, -(-s // segment), length, h), dtype=plan.dtype)
+    if s % segment == 0 and length == segment:  # whole segments, no padding: one product
+        torch.mul(hidden, side.token_scale[..., None], out=units.view(b, s, h))
+        return units.view(-1, length, h)
     units[:, :, segment:] = 0
     for (part, at), (part_scale, _) in zip(_segment_parts(hidden, segment), _segment_parts(side.token_scale, segment)):
         units[:, at, part.shape[2] : segment] = 0  # the tail of a shorter last segment

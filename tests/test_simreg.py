@@ -250,3 +250,17 @@ def test_batch_value_is_a_sum_over_sequences_whatever_the_split(reduction, chunk
     torch.testing.assert_close(whole.loss, sum(p.loss * p.tokens for p in parts) / mask.sum().double())
     torch.testing.assert_close(x.grad, y.grad)
     torch.testing.assert_close(whole.loss, reference_loss(hidden, labels, mask, 0.1, chunk_size, reduction))
+
+
+@pytest.mark.parametrize("offset", [2**40, 2**24 - 3, -7])
+def test_labels_float32_cannot_tell_apart_still_pair_exactly(offset):
+    """Labels enter the tiles as float32 numbers: ids from 2^24 on (2^24 and 2^24 + 1 are the same float32)
+    and negative ones (an ignore index under a mask) must still pair exactly as the integers do."""
+    hidden, labels = clustered(2, 16, 8, dtype=torch.float32)  # float32: the tiles' labels are float32 too
+    mask = random_mask(2, 16)
+    shifted = labels + offset
+    ours = simreg_loss(hidden, shifted, mask, 0.1, block_size=5)
+    ref = reference_loss(hidden.double(), shifted, mask, 0.1)
+    torch.testing.assert_close(ours.loss.double(), ref, rtol=1e-5, atol=1e-7)  # fp32 logits at tau = 0.1
+    torch.testing.assert_close(simreg_terms(hidden, shifted, mask, 0.1)[mask].double(),
+                               reference_terms(hidden.double(), shifted, mask, 0.1)[mask], rtol=1e-5, atol=1e-5)
