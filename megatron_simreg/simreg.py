@@ -432,7 +432,7 @@ class _Side:
     segment: int  # tokens per segment, before the padding to whole blocks
     scale: torch.Tensor  # token_scale, batched
     short: torch.Tensor  # bool, |h| < NORM_EPS: |u| < 1, so z_ii = 1/tau no longer bounds the row
-    labels: torch.Tensor  # rank of the label among those present; -1 for invalid tokens
+    labels: torch.Tensor  # the label as `_kernel_labels` gives it (>= 0); -1 for invalid tokens
     valid: torch.Tensor  # 1.0 for valid tokens, 0.0 for invalid ones
     bias: torch.Tensor  # 0 for valid tokens, -MASKED for invalid ones: added to z, it drops their pairs
 
@@ -451,15 +451,15 @@ class _Pairs:
     @classmethod
     def of(cls, hidden: torch.Tensor, plan: _Plan) -> "_Pairs":
         key_labels, key_valid = _pairing_partners(plan.labels, plan.valid, plan)
-        ranks = _exact_in_float32(key_labels)
-        anchor_ranks = _local_share(ranks, plan)
-        positive_count = _positive_counts(anchor_ranks, ranks, key_valid).to(plan.dtype)
+        key_ids = _kernel_labels(key_labels)
+        anchor_ids = _local_share(key_ids, plan)
+        positive_count = _positive_counts(anchor_ids, key_ids, key_valid).to(plan.dtype)
         negative_count = key_valid.sum(-1, keepdim=True, dtype=plan.dtype) - positive_count
-        anchors = _side(hidden, plan.segment, anchor_ranks, plan.valid, plan)
+        anchors = _side(hidden, plan.segment, anchor_ids, plan.valid, plan)
         if plan.gather is None:
             return cls(anchors, anchors, positive_count, negative_count, symmetric=True)
         gathered = _all_gather_sequence(hidden, plan.gather)
-        keys = _side(gathered, gathered.shape[1], ranks, key_valid, plan)
+        keys = _side(gathered, gathered.shape[1], key_ids, key_valid, plan)
         return cls(anchors, keys, positive_count, negative_count, symmetric=False)
 
     def strips(self, plan: _Plan) -> tuple[list[_Strip], list[bool], list[bool]]:
@@ -500,12 +500,13 @@ def _local_share(gathered: torch.Tensor, plan: _Plan) -> torch.Tensor:
 
 
 FLOAT32_EXACT_LABELS = 2**24
-"""Integers below this are exact float32 numbers: the tiles compare labels as float32 differences."""
+"""Integers below this are exact float32 numbers (and int32 ones): the PyTorch tiles compare labels as float32
+differences, the Triton ones as int32."""
 
 
-def _exact_in_float32(labels: torch.Tensor) -> torch.Tensor:
-    """The labels themselves when every one is in [0, 2^24), as token ids of any vocabulary are; otherwise
-    their ranks among those present (a sort, skipped in the common case)."""
+def _kernel_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels as both kernels compare them: themselves when every one is in [0, 2^24), as token ids of any
+    vocabulary are; otherwise their ranks among those present (a sort, skipped in the common case)."""
     if labels.numel() == 0:
         return labels
     low, high = torch.aminmax(labels)
@@ -522,7 +523,7 @@ def _positive_counts(anchor_labels: torch.Tensor, key_labels: torch.Tensor, key_
     return torch.searchsorted(keys, wanted, right=True) - torch.searchsorted(keys, wanted)
 
 
-def _side(hidden: torch.Tensor, segment: int, ranks: torch.Tensor, valid: torch.Tensor, plan: _Plan) -> _Side:
+def _side(hidden: torch.Tensor, segment: int, label_ids: torch.Tensor, valid: torch.Tensor, plan: _Plan) -> _Side:
     """The tokens of `hidden` `[b, s, h]` cut into segments, each padded to a whole number of blocks."""
     norms = torch.linalg.vector_norm(hidden, dim=-1, dtype=plan.dtype)
     scale = (norms.clamp_min(NORM_EPS) * math.sqrt(1.0 / plan.inv_temperature)).reciprocal_()
@@ -533,7 +534,7 @@ def _side(hidden: torch.Tensor, segment: int, ranks: torch.Tensor, valid: torch.
         segment=segment,
         scale=padded(_batched(scale, segment), 0.0),
         short=padded(_batched(norms < NORM_EPS, segment), False),
-        labels=padded(torch.where(valid, ranks.to(plan.dtype), -1.0), -1.0),
+        labels=padded(torch.where(valid, label_ids.to(plan.dtype), -1.0), -1.0),
         valid=padded(valid.to(plan.dtype), 0.0),
         bias=padded(torch.where(valid, 0.0, -MASKED).to(plan.dtype), -MASKED),
     )
@@ -546,7 +547,7 @@ def _units(hidden: torch.Tensor, side: _Side, plan: _Plan) -> torch.Tensor:
     b, s, h = hidden.shape
     segment, length = side.segment, side.labels.shape[1]
     units = hidden.new_empty((b, -(-s // segment), length, h), dtype=plan.dtype)
-    if s % segment == 0 and length == segment:  # whole segments, no padding: one product
+    if units.numel() == hidden.numel():  # whole segments, no padding: one product
         torch.mul(hidden, side.token_scale[..., None], out=units.view(b, s, h))
         return units.view(-1, length, h)
     units[:, :, segment:] = 0

@@ -151,17 +151,17 @@ class _Setup:
         self.block = max(16, min(BLOCK, triton.next_power_of_2(min(plan.block_size, plan.segment))))
 
         key_labels, key_valid = reference_kernel._pairing_partners(plan.labels, plan.valid, plan)
-        ranks = torch.unique(key_labels, return_inverse=True)[1]
-        anchor_ranks = reference_kernel._local_share(ranks, plan)
-        self.positive_count = reference_kernel._positive_counts(anchor_ranks, ranks, key_valid).float()
+        key_ids = reference_kernel._kernel_labels(key_labels)
+        anchor_ids = reference_kernel._local_share(key_ids, plan)
+        self.positive_count = reference_kernel._positive_counts(anchor_ids, key_ids, key_valid).float()
         self.negative_count = key_valid.sum(-1, keepdim=True, dtype=torch.float32) - self.positive_count
-        self.labels = torch.where(plan.valid, anchor_ranks, -1).to(torch.int32).contiguous()
+        self.labels = torch.where(plan.valid, anchor_ids, -1).to(torch.int32).contiguous()
         self.scale, self.radial = _scales(hidden, self.temperature, self.length)
         if self.symmetric:
             self.key_scale, self.key_labels = self.scale, self.labels
         else:
             self.key_scale = _scales(keys, self.temperature, self.key_length)[0]
-            self.key_labels = torch.where(key_valid, ranks, -1).to(torch.int32).contiguous()
+            self.key_labels = torch.where(key_valid, key_ids, -1).to(torch.int32).contiguous()
 
         row_blocks = triton.cdiv(self.length, self.block)
         self.key_blocks = triton.cdiv(self.key_length, self.block)
