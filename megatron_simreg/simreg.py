@@ -94,10 +94,11 @@ def simreg_terms(
         "local" for chunks equal to each rank's slice (with a process group) or the whole sequence.
     process_group, sequence_layout, block_size, kernel: see `simreg_loss`.
     """
-    return _run(
+    run = _run(
         hidden, labels, loss_mask, temperature, chunk_size, sequence_first, process_group, sequence_layout, block_size,
         kernel,
-    ).lsr
+    )
+    return torch.where(run.valid, run.lsr, 0.0)
 
 
 def simreg_loss(
@@ -135,32 +136,37 @@ def simreg_loss(
     """
     if reduction not in ("group", "token"):
         raise ValueError(f"simreg reduction must be 'group' or 'token', got {reduction!r}")
+    if not 0.0 < live_threshold < 1.0:
+        raise ValueError(f"simreg live_threshold is a gradient weight sigmoid(Lsr), in (0, 1); got {live_threshold}")
     run = _run(
         hidden, labels, loss_mask, temperature, chunk_size, sequence_first, process_group, sequence_layout, block_size,
         kernel,
     )
-    valid = run.valid
-    has_negatives = valid & torch.isfinite(run.lsr)
-    softplus = torch.where(valid, F.softplus(run.lsr), 0.0)
+    valid = run.valid.to(run.lsr.dtype)
     # A group of g anchors gives each 1/g, so its members sum to 1: the weights of a sequence sum to its groups.
-    weights = valid / run.positive_count.clamp_min(1) if reduction == "group" else valid.to(softplus.dtype)
-    weighted = softplus * weights
+    weights = valid / run.positive_count.clamp_min(1) if reduction == "group" else valid
+    sequence_sums = (F.softplus(run.lsr) * weights).sum(-1)  # softplus(-inf) = 0: anchors without a term add nothing
 
-    finite_lsr = torch.where(has_negatives, run.lsr.detach(), 0.0)
-    live = has_negatives & (torch.sigmoid(finite_lsr) >= live_threshold)
-    # Per sequence, this rank's share: the SimReg sum, its normaliser, valid tokens, and the statistics' sums.
-    sums = torch.stack([weighted.detach(), weights, valid, finite_lsr, has_negatives, live]).sum(-1)
-    angles = torch.stack([run.angle_sum, run.angle_count])
+    lsr = run.lsr.detach()
+    has_term = lsr > -math.inf
+    live = lsr >= math.log(live_threshold / (1.0 - live_threshold))  # sigmoid(Lsr_i) >= live_threshold
+    # Per sequence, this rank's share: the normaliser, valid tokens, and the statistics' sums.
+    sums = torch.stack([weights, valid, lsr.nan_to_num(neginf=0.0), has_term, live]).sum(-1)
+    angle_sum, angle_count = run.angles
+    global_sums = sequence_sums.detach()
     if process_group is not None:  # a sequence's groups and tokens span the ranks: add up its sums
-        shared = torch.cat([sums.double().flatten(), angles])
+        shared = torch.cat([global_sums.double(), sums.double().flatten(), run.angles])
         dist.all_reduce(shared, group=process_group)
-        sums, angles = shared[:-2].view_as(sums).to(sums.dtype), shared[-2:]
-    global_sums, normalizers, sequence_tokens = sums[:3]
-    lsr_sum, with_negatives, live_count = sums[3:].sum(-1)
+        b = global_sums.shape[0]
+        global_sums = shared[:b].to(global_sums.dtype)
+        sums = shared[b:-2].view_as(sums).to(sums.dtype)
+        angle_sum, angle_count = shared[-2:]
+    normalizers, sequence_tokens = sums[:2]
+    lsr_sum, with_negatives, live_count = sums[2:].sum(-1)
 
     # S_seq * T_seq, summed: each rank differentiates its own share; the value is the global one.
     scale = sequence_tokens / normalizers.clamp_min(1.0)
-    token_weighted_sum = (weighted.sum(-1) * scale).sum()
+    token_weighted_sum = (sequence_sums * scale).sum()
     if process_group is not None:
         token_weighted_sum = token_weighted_sum + ((global_sums * scale).sum() - token_weighted_sum).detach()
     tokens = sequence_tokens.sum()
@@ -171,7 +177,7 @@ def simreg_loss(
         tokens=tokens,
         lsr_mean=lsr_sum / with_negatives.clamp_min(1.0),
         live_fraction=live_count / anchors,
-        negative_angle=(angles[0] / angles[1].clamp_min(1.0)).to(sums.dtype),
+        negative_angle=(angle_sum / angle_count.clamp_min(1.0)).to(sums.dtype),
     )
 
 
@@ -181,11 +187,10 @@ def simreg_loss(
 
 @dataclass
 class _Run:
-    lsr: torch.Tensor  # [b, s] float32
+    lsr: torch.Tensor  # [b, s] float32, -inf for anchors without a term (masked, or N_i empty)
     positive_count: torch.Tensor  # [b, s] float32, |P_i|
     valid: torch.Tensor  # [b, s] bool
-    angle_sum: torch.Tensor  # scalar float64
-    angle_count: torch.Tensor  # scalar float64
+    angles: torch.Tensor  # float64 [sum of the negative pairs' angles in degrees, number of negative pairs]
 
 
 @dataclass
@@ -248,8 +253,13 @@ def _run(
         block_size=block_size,
         dtype=torch.promote_types(hidden.dtype, torch.float32),
     )
+    if pairwise is _SimRegFunction:
+        from megatron_simreg import simreg_dense
+
+        if simreg_dense.fits(plan):
+            pairwise = simreg_dense.DenseSimRegFunction
     lsr, positive_count, angles = pairwise.apply(batch_major, plan)
-    return _Run(_unbatched(lsr, b, s), _unbatched(positive_count, b, s), valid, angles[0], angles[1])
+    return _Run(_unbatched(lsr, b, s), _unbatched(positive_count, b, s), valid, angles)
 
 
 def _zigzag_pieces(s: int) -> list[tuple[int, int]]:
@@ -355,8 +365,8 @@ class _SimRegFunction(torch.autograd.Function):
         with ieee_fp32_products():
             pairs = _Pairs.of(hidden, plan)
             lse_pos, lse_neg, angle_sum = _forward_tiles(pairs, plan)
-        lsr = torch.where(plan.valid, lse_neg - lse_pos, 0.0)
-        angles = torch.stack([angle_sum, (pairs.negative_count * plan.valid).sum(dtype=torch.float64)])
+        lsr, lse_neg = _lsr(lse_pos, lse_neg, pairs.negative_count)
+        angles = torch.stack([angle_sum, pairs.negative_count.sum(dtype=torch.float64)])
         ctx.plan = plan
         ctx.pairs = pairs.without_units()  # per-token values only: backward recomputes the units from `hidden`
         ctx.save_for_backward(hidden, lse_pos, lse_neg)
@@ -367,28 +377,30 @@ class _SimRegFunction(torch.autograd.Function):
     def backward(ctx, grad_lsr, _grad_count, _grad_angles):
         hidden, lse_pos, lse_neg = ctx.saved_tensors
         plan: _Plan = ctx.plan
-        # Masked anchors and anchors without negatives (Lsr = -inf) contribute nothing.
-        grad = torch.where(plan.valid & torch.isfinite(lse_neg), grad_lsr.to(plan.dtype), 0.0)
+        grad = _anchor_gradients(grad_lsr, lse_neg, plan.dtype)
         if not grad.any() and plan.gather is None:  # lambda = 0: nothing to recompute
             return torch.zeros_like(hidden), None
         with ieee_fp32_products():
             pairs = ctx.pairs.with_units(hidden, plan)
             grad_units = _backward_tiles(pairs, plan, _logit_weights(lse_pos, lse_neg, grad))
-            _drop_radial_part_(grad_units, pairs.anchors, plan)
+            _drop_radial_part_(grad_units, pairs.anchors.units, pairs.anchors.short, plan)
         del pairs  # the units: the gradient in the input's layout takes their place
-        # d loss / d hidden = scale * (d loss / d units, radial part dropped), in the input's own memory layout,
-        # so adding it to the other gradients of `hidden` (and what reduces them downstream) runs in the same
-        # order as without SimReg: lambda = 0 changes no bit.
-        grad_hidden = torch.empty_like(hidden)
-        scale = ctx.pairs.anchors.token_scale
-        if grad_units.numel() == hidden.numel():  # whole segments, no padding: one product
-            torch.mul(grad_units.view(hidden.shape), scale[..., None], out=grad_hidden)
-            return grad_hidden, None
-        segmented = grad_units.unflatten(0, (hidden.shape[0], -1))
-        parts = zip(_segment_parts(grad_hidden, plan.segment), _segment_parts(scale, plan.segment))
-        for (part, at), (part_scale, _) in parts:
-            torch.mul(segmented[:, at, : part.shape[2]], part_scale[..., None], out=part)
-        return grad_hidden, None
+        return _gradient_in_layout(grad_units, ctx.pairs.anchors.token_scale, hidden, plan.segment), None
+
+
+def _gradient_in_layout(grad_units: torch.Tensor, token_scale: torch.Tensor, hidden: torch.Tensor, segment: int):
+    """d loss / d hidden = scale * (d loss / d units, radial part dropped), in the input's own memory layout, so
+    adding it to the other gradients of `hidden` (and what reduces them downstream) runs in the same order as
+    without SimReg: lambda = 0 changes no bit."""
+    grad_hidden = torch.empty_like(hidden)
+    if grad_units.numel() == hidden.numel():  # whole segments, no padding: one product
+        torch.mul(grad_units.view(hidden.shape), token_scale[..., None], out=grad_hidden)
+        return grad_hidden
+    segmented = grad_units.unflatten(0, (hidden.shape[0], -1))
+    parts = zip(_segment_parts(grad_hidden, segment), _segment_parts(token_scale, segment))
+    for (part, at), (part_scale, _) in parts:
+        torch.mul(segmented[:, at, : part.shape[2]], part_scale[..., None], out=part)
+    return grad_hidden
 
 
 _precision_lock = threading.Lock()
@@ -453,8 +465,7 @@ class _Pairs:
         key_labels, key_valid = _pairing_partners(plan.labels, plan.valid, plan)
         key_ids = _kernel_labels(key_labels)
         anchor_ids = _local_share(key_ids, plan)
-        positive_count = _positive_counts(anchor_ids, key_ids, key_valid).to(plan.dtype)
-        negative_count = key_valid.sum(-1, keepdim=True, dtype=plan.dtype) - positive_count
+        positive_count, negative_count = _set_sizes(anchor_ids, key_ids, key_valid, plan.valid, plan.dtype)
         anchors = _side(hidden, plan.segment, anchor_ids, plan.valid, plan)
         if plan.gather is None:
             return cls(anchors, anchors, positive_count, negative_count, symmetric=True)
@@ -509,10 +520,28 @@ def _kernel_labels(labels: torch.Tensor) -> torch.Tensor:
     vocabulary are; otherwise their ranks among those present (a sort, skipped in the common case)."""
     if labels.numel() == 0:
         return labels
-    low, high = torch.aminmax(labels)
+    low, high = torch.stack(torch.aminmax(labels)).tolist()
     if low >= 0 and high < FLOAT32_EXACT_LABELS:
         return labels
     return torch.unique(labels, return_inverse=True)[1]
+
+
+def _set_sizes(anchor_ids, key_ids, key_valid, anchor_valid, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """|P_i| and |N_i| per anchor (`dtype`), |N_i| = 0 for invalid anchors: an anchor has a term iff |N_i| > 0."""
+    positive = _positive_counts(anchor_ids, key_ids, key_valid).to(dtype)
+    return positive, (key_valid.sum(-1, keepdim=True, dtype=dtype) - positive) * anchor_valid
+
+
+def _lsr(lse_pos: torch.Tensor, lse_neg: torch.Tensor, negative_count: torch.Tensor):
+    """Lsr per anchor, and lse_neg as backward reads it: both -inf for anchors without a term."""
+    has_term = negative_count > 0
+    lse_neg = torch.where(has_term, lse_neg, -math.inf)
+    return torch.where(has_term, lse_neg - lse_pos, -math.inf), lse_neg
+
+
+def _anchor_gradients(grad_lsr: torch.Tensor, lse_neg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """d loss / d Lsr_i in `dtype`, 0 for anchors without a term (masked, or N_i empty: lse_neg = -inf)."""
+    return torch.where(lse_neg > -math.inf, grad_lsr.to(dtype), 0.0)
 
 
 def _positive_counts(anchor_labels: torch.Tensor, key_labels: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
@@ -543,15 +572,19 @@ def _side(hidden: torch.Tensor, segment: int, label_ids: torch.Tensor, valid: to
 
 
 def _units(hidden: torch.Tensor, side: _Side, plan: _Plan) -> torch.Tensor:
-    """The side's scaled unit vectors `[batch, length, h]` (plan.dtype), the padding zero."""
+    return _segment_units(hidden, side.token_scale, side.segment, side.labels.shape[1], plan.dtype)
+
+
+def _segment_units(hidden: torch.Tensor, token_scale: torch.Tensor, segment: int, length: int, dtype: torch.dtype):
+    """`hidden * token_scale` (z_ij = units_i . units_j) cut into segments `[batch, length, h]` (`dtype`), each
+    padded with zero vectors to `length` tokens."""
     b, s, h = hidden.shape
-    segment, length = side.segment, side.labels.shape[1]
-    units = hidden.new_empty((b, -(-s // segment), length, h), dtype=plan.dtype)
+    units = hidden.new_empty((b, -(-s // segment), length, h), dtype=dtype)
     if units.numel() == hidden.numel():  # whole segments, no padding: one product
-        torch.mul(hidden, side.token_scale[..., None], out=units.view(b, s, h))
+        torch.mul(hidden, token_scale[..., None], out=units.view(b, s, h))
         return units.view(-1, length, h)
     units[:, :, segment:] = 0
-    for (part, at), (part_scale, _) in zip(_segment_parts(hidden, segment), _segment_parts(side.token_scale, segment)):
+    for (part, at), (part_scale, _) in zip(_segment_parts(hidden, segment), _segment_parts(token_scale, segment)):
         units[:, at, part.shape[2] : segment] = 0  # the tail of a shorter last segment
         torch.mul(part, part_scale[..., None], out=units[:, at, : part.shape[2]])
     return units.view(-1, length, h)
@@ -708,7 +741,7 @@ def _by_block(strip_tensor: torch.Tensor, strip: _Strip) -> torch.Tensor:
 
 
 def _forward_tiles(pairs: _Pairs, plan: _Plan):
-    """Per anchor the positives' and negatives' log-sum-exps (-inf for an empty set), and the angle sum."""
+    """Per anchor the positives' and negatives' log-sum-exps (any value for an empty set), and the angle sum."""
     a, k = pairs.anchors, pairs.keys
     strips, irregular, short = pairs.strips(plan)
     # Each tile leaves one partial (max, sum) per anchor and set, in the slot of the other side's block.
@@ -723,8 +756,6 @@ def _forward_tiles(pairs: _Pairs, plan: _Plan):
     segment = pairs.positive_count.shape[1]
     lse_pos = _combine(partials.pos_max[:, :segment], partials.pos_sum[:, :segment])
     lse_neg = _combine(partials.neg_max[:, :segment], partials.neg_sum[:, :segment])
-    lse_pos = torch.where(pairs.positive_count > 0, lse_pos, -math.inf)
-    lse_neg = torch.where(pairs.negative_count > 0, lse_neg, -math.inf)
     return lse_pos, lse_neg, angle_sum * (180.0 / math.pi)
 
 
@@ -861,14 +892,19 @@ def _backward_strip(strip: _Strip, masked, signs, pairs: _Pairs, weights, scratc
         product(grad_units[at, cols.start + m : cols.stop].baddbmm_, w[..., m:].transpose(1, 2), a.units[at, rows])
 
 
-def _drop_radial_part_(grad_units: torch.Tensor, anchors: _Side, plan: _Plan) -> None:
+def _drop_radial_part_(grad_units: torch.Tensor, units: torch.Tensor, short: torch.Tensor | None, plan: _Plan) -> None:
     """The normalisation's backward but for the final factor: units = h * scale, scale = 1 / (max(|h|, eps)
     sqrt(tau)), so d loss / d h = scale * (g - tau (units . g) units), the radial part dropping out unless
-    |h| < eps (g = d loss / d units, changed in place; the caller multiplies by the scale)."""
-    units, grads = anchors.units.view(-1, anchors.units.shape[-1]), grad_units.view(-1, grad_units.shape[-1])
-    radial = torch.cat([(units[at] * grads[at]).sum(-1) for at in _blocks(units.shape[0], plan.block_size)])
-    radial = radial.view_as(anchors.scale).mul_(1.0 / plan.inv_temperature).masked_fill_(anchors.short, 0.0)
-    grad_units.addcmul_(anchors.units, radial[..., None], value=-1.0)
+    |h| < eps (`short`; None: no such vector) (g = d loss / d units, changed in place; the caller multiplies by
+    the scale)."""
+    flat_units, grads = units.view(-1, units.shape[-1]), grad_units.view(-1, grad_units.shape[-1])
+    blocks = _blocks(flat_units.shape[0], plan.block_size)
+    radial = [torch.linalg.vecdot(flat_units[at], grads[at]) for at in blocks]
+    radial = (radial[0] if len(radial) == 1 else torch.cat(radial)).view(units.shape[:-1])
+    radial.mul_(1.0 / plan.inv_temperature)
+    if short is not None:
+        radial.masked_fill_(short, 0.0)
+    grad_units.addcmul_(units, radial[..., None], value=-1.0)
 
 
 def _gather_scalars(plan: _Plan, *per_token: torch.Tensor) -> list[torch.Tensor]:

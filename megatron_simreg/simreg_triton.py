@@ -84,10 +84,9 @@ class SimRegTritonFunction(torch.autograd.Function):
             num_warps=NUM_WARPS,
         )
         combine = reference_kernel._combine
-        lse_pos = torch.where(setup.positive_count > 0, combine(partials[..., 0], partials[..., 1]), -math.inf)
-        lse_neg = torch.where(setup.negative_count > 0, combine(partials[..., 2], partials[..., 3]), -math.inf)
-        lsr = torch.where(plan.valid, lse_neg - lse_pos, 0.0)
-        negative_pairs = (setup.negative_count * plan.valid).sum(dtype=torch.float64)
+        lse_pos = combine(partials[..., 0], partials[..., 1])
+        lsr, lse_neg = reference_kernel._lsr(lse_pos, combine(partials[..., 2], partials[..., 3]), setup.negative_count)
+        negative_pairs = setup.negative_count.sum(dtype=torch.float64)
         angle_stats = torch.stack([angles.sum(dtype=torch.float64) * (180.0 / math.pi), negative_pairs])
         ctx.plan, ctx.setup = plan, setup  # per-token values only
         ctx.save_for_backward(hidden, lse_pos, lse_neg)
@@ -98,7 +97,7 @@ class SimRegTritonFunction(torch.autograd.Function):
     def backward(ctx, grad_lsr, _grad_count, _grad_angles):
         hidden, lse_pos, lse_neg = ctx.saved_tensors
         plan, setup = ctx.plan, ctx.setup
-        grad = torch.where(plan.valid & torch.isfinite(lse_neg), grad_lsr.float(), 0.0)
+        grad = reference_kernel._anchor_gradients(grad_lsr, lse_neg, torch.float32)
         if not grad.any() and plan.gather is None:  # lambda = 0: nothing to recompute
             return torch.zeros_like(hidden), None
         hidden, keys = _operands(hidden, plan)
@@ -153,8 +152,9 @@ class _Setup:
         key_labels, key_valid = reference_kernel._pairing_partners(plan.labels, plan.valid, plan)
         key_ids = reference_kernel._kernel_labels(key_labels)
         anchor_ids = reference_kernel._local_share(key_ids, plan)
-        self.positive_count = reference_kernel._positive_counts(anchor_ids, key_ids, key_valid).float()
-        self.negative_count = key_valid.sum(-1, keepdim=True, dtype=torch.float32) - self.positive_count
+        self.positive_count, self.negative_count = reference_kernel._set_sizes(
+            anchor_ids, key_ids, key_valid, plan.valid, torch.float32
+        )
         self.labels = torch.where(plan.valid, anchor_ids, -1).to(torch.int32).contiguous()
         self.scale, self.radial = _scales(hidden, self.temperature, self.length)
         if self.symmetric:

@@ -1,12 +1,14 @@
 """SimReg against the naive float64 reference: values, gradients, layouts, edge cases, memory."""
 
 import math
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
 from simreg_reference import reference_loss, reference_terms
 
+from megatron_simreg import simreg_dense
 from megatron_simreg.simreg import simreg_loss, simreg_terms
 
 
@@ -30,6 +32,11 @@ def random_mask(b, s, keep=0.8, seed=1):
 # logits: ~1e-4 at h = 64, hence the 1e-4-level tolerances wherever fp32 meets float64.
 
 
+WHOLE = 10_000
+"""A block size whose tile holds every pair of these tests' batches: the whole-matrix kernel (simreg_dense) runs
+instead of the tiles; tests parametrised with it and a small block size check both PyTorch kernels."""
+
+
 def both_gradients(fast, slow, hidden):
     a = hidden.detach().clone().requires_grad_()
     b = hidden.detach().clone().requires_grad_()
@@ -38,30 +45,32 @@ def both_gradients(fast, slow, hidden):
     return a.grad, b.grad
 
 
+@pytest.mark.parametrize("block_size", [5, WHOLE], ids=["tiles", "whole"])
 @pytest.mark.parametrize("temperature", [0.01, 0.1, 1.0])
 @pytest.mark.parametrize("chunk_size", [None, 8, 7, 3])  # 3: two chunks share a 5 x 5 tile
-def test_terms_match_reference(temperature, chunk_size):
+def test_terms_match_reference(temperature, chunk_size, block_size):
     hidden, labels = clustered(2, 24, 16, spread=0.3 if temperature == 0.01 else 1.0)
     mask = random_mask(2, 24)
-    ours = simreg_terms(hidden, labels, mask, temperature, chunk_size, block_size=5)
+    ours = simreg_terms(hidden, labels, mask, temperature, chunk_size, block_size=block_size)
     ref = reference_terms(hidden, labels, mask, temperature, chunk_size)
     assert ours.dtype == torch.float64
     torch.testing.assert_close(ours[mask], ref[mask], rtol=1e-10, atol=1e-10)
     assert ref[mask].abs().min() < 20, "the data should exercise values of order one"
 
 
+@pytest.mark.parametrize("block_size", [4, WHOLE], ids=["tiles", "whole"])
 @pytest.mark.parametrize("reduction", ["group", "token"])
 @pytest.mark.parametrize("chunk_size", [None, 6])
 @pytest.mark.parametrize("temperature", [0.01, 1.0])
-def test_loss_and_gradient_match_reference(reduction, chunk_size, temperature):
+def test_loss_and_gradient_match_reference(reduction, chunk_size, temperature, block_size):
     hidden, labels = clustered(2, 18, 12)
     mask = random_mask(2, 18)
-    ours = simreg_loss(hidden, labels, mask, temperature, chunk_size, reduction, block_size=4).loss
+    ours = simreg_loss(hidden, labels, mask, temperature, chunk_size, reduction, block_size=block_size).loss
     ref = reference_loss(hidden, labels, mask, temperature, chunk_size, reduction)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
     assert ref > 1e-3
     fast, slow = both_gradients(
-        lambda x: simreg_loss(x, labels, mask, temperature, chunk_size, reduction, block_size=4).loss,
+        lambda x: simreg_loss(x, labels, mask, temperature, chunk_size, reduction, block_size=block_size).loss,
         lambda x: reference_loss(x, labels, mask, temperature, chunk_size, reduction),
         hidden,
     )
@@ -95,24 +104,26 @@ def test_bf16_input_computes_in_fp32():
     torch.testing.assert_close(x.grad.double(), slow, rtol=2e-2, atol=1e-4 * slow.abs().max().item())
 
 
+@pytest.mark.parametrize("block_size", [3, WHOLE], ids=["tiles", "whole"])
 @pytest.mark.parametrize("chunk_size", [None, 5])
-def test_gradcheck_float64(chunk_size):
+def test_gradcheck_float64(chunk_size, block_size):
     hidden, labels = clustered(1, 10, 6, labels=3)
     mask = random_mask(1, 10, keep=0.9)
     x = hidden.requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda x: simreg_loss(x, labels, mask, 0.1, chunk_size, block_size=3).loss, (x,), eps=1e-6, atol=1e-7
+        lambda x: simreg_loss(x, labels, mask, 0.1, chunk_size, block_size=block_size).loss, (x,), eps=1e-6, atol=1e-7
     )
     assert torch.autograd.gradcheck(
-        lambda x: simreg_terms(x, labels, mask, 0.1, chunk_size, block_size=3), (x,), eps=1e-6, atol=1e-7
+        lambda x: simreg_terms(x, labels, mask, 0.1, chunk_size, block_size=block_size), (x,), eps=1e-6, atol=1e-7
     )
 
 
-def test_gradcheck_float64_short_chunks_sharing_a_tile():
+@pytest.mark.parametrize("block_size", [3, WHOLE], ids=["tiles", "whole"])
+def test_gradcheck_float64_short_chunks_sharing_a_tile(block_size):
     hidden, labels = clustered(2, 10, 6, labels=3)
     x = hidden.requires_grad_()
     assert torch.autograd.gradcheck(  # chunks of 2 in 3 x 3 tiles: two chunks per tile, the last one alone
-        lambda x: simreg_loss(x, labels, random_mask(2, 10, keep=0.9), 0.1, 2, block_size=3).loss,
+        lambda x: simreg_loss(x, labels, random_mask(2, 10, keep=0.9), 0.1, 2, block_size=block_size).loss,
         (x,), eps=1e-6, atol=1e-7,
     )
 
@@ -122,10 +133,23 @@ def test_blockwise_equals_single_tile():
     mask = random_mask(2, 40)
     tiled, whole = both_gradients(
         lambda x: simreg_loss(x, labels, mask, 0.01, block_size=3).loss,
-        lambda x: simreg_loss(x, labels, mask, 0.01, block_size=10_000).loss,
+        lambda x: simreg_loss(x, labels, mask, 0.01, block_size=WHOLE).loss,
         hidden,
     )
     torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-7)  # fp32 log-sum-exps merged in another order
+
+
+@pytest.mark.parametrize(
+    "b, s, chunk_size, block_size, whole",
+    [(2, 16, None, 32, True), (2, 24, None, 32, False), (2, 24, 8, 32, True), (2, 24, 8, 16, False)],
+)
+def test_whole_matrix_kernel_runs_exactly_when_all_pairs_fit_one_tile(b, s, chunk_size, block_size, whole):
+    """batch * segment^2 <= block^2 (2 x 16^2 = 512 <= 32^2; 2 x 24^2 = 1152 > 32^2; 6 chunks x 8^2 = 384)."""
+    hidden, labels = clustered(b, s, 8, dtype=torch.float32)
+    x = hidden.clone().requires_grad_()
+    with mock.patch.object(simreg_dense._Tokens, "of", wraps=simreg_dense._Tokens.of) as spy:
+        simreg_loss(x, labels, random_mask(b, s), 0.01, chunk_size, block_size=block_size).loss.backward()
+    assert spy.called == whole
 
 
 def test_sequence_first_input_is_used_in_place():
@@ -145,7 +169,8 @@ def test_sequence_first_input_is_used_in_place():
     "case",
     ["all same label", "all masked", "zero vectors", "duplicates", "single valid token"],
 )
-def test_edge_cases_are_finite(case):
+@pytest.mark.parametrize("block_size", [5, WHOLE], ids=["tiles", "whole"])
+def test_edge_cases_are_finite(case, block_size):
     hidden, labels = clustered(2, 12, 8, dtype=torch.float32)
     mask = torch.ones(2, 12, dtype=torch.bool)
     if case == "all same label":
@@ -160,7 +185,7 @@ def test_edge_cases_are_finite(case):
         mask[:] = False
         mask[1, 3] = True
     x = hidden.clone().requires_grad_()
-    out = simreg_loss(x, labels, mask, 0.01)
+    out = simreg_loss(x, labels, mask, 0.01, block_size=block_size)
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(x.grad).all()
     for value in (out.lsr_mean, out.live_fraction, out.negative_angle):
@@ -169,13 +194,14 @@ def test_edge_cases_are_finite(case):
     torch.testing.assert_close(out.loss.double(), ref, rtol=1e-4, atol=1e-6)  # fp32 logits at tau = 0.01
     if case == "all same label":  # no negatives anywhere: Lsr = -inf, no loss, no gradient
         assert out.loss == 0 and torch.all(x.grad == 0)
-        assert torch.isinf(simreg_terms(hidden, labels, mask)).all()
+        assert torch.isinf(simreg_terms(hidden, labels, mask, block_size=block_size)).all()
 
 
-def test_statistics():
+@pytest.mark.parametrize("block_size", [6, WHOLE], ids=["tiles", "whole"])
+def test_statistics(block_size):
     hidden, labels = clustered(2, 20, 8)
     mask = random_mask(2, 20)
-    out = simreg_loss(hidden, labels, mask, 0.1, live_threshold=0.05)
+    out = simreg_loss(hidden, labels, mask, 0.1, live_threshold=0.05, block_size=block_size)
     ref = reference_terms(hidden, labels, mask, 0.1)[mask]
     finite = ref[torch.isfinite(ref)]
     torch.testing.assert_close(out.lsr_mean, finite.mean())
@@ -193,7 +219,8 @@ def test_statistics():
     assert set(out.stats()) == {"simreg", "simreg lsr", "simreg live anchors", "simreg negative angle"}
 
 
-def test_backward_keeps_no_quadratic_tensor():
+@pytest.mark.parametrize("block_size", [32, WHOLE], ids=["tiles", "whole"])
+def test_backward_keeps_no_quadratic_tensor(block_size):
     """Saved for backward: the embeddings and per-token scalars, nothing of size s x s."""
     s, h = 256, 8
     hidden, labels = clustered(1, s, h, dtype=torch.float32)
@@ -205,7 +232,7 @@ def test_backward_keeps_no_quadratic_tensor():
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        loss = simreg_loss(x, labels, temperature=0.01, block_size=32).loss
+        loss = simreg_loss(x, labels, temperature=0.01, block_size=block_size).loss
     assert saved and max(saved) <= s * h
     loss.backward()
 
@@ -217,6 +244,7 @@ def test_backward_keeps_no_quadratic_tensor():
         (dict(temperature=0.0), "temperature"),
         (dict(reduction="mean"), "reduction"),
         (dict(sequence_layout="ring"), "sequence_layout"),
+        (dict(live_threshold=0.0), "live_threshold"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):
@@ -231,19 +259,20 @@ def test_label_shape_mismatch_is_explained():
         simreg_loss(hidden, labels[:, :4])
 
 
+@pytest.mark.parametrize("block_size", [4, WHOLE], ids=["tiles", "whole"])
 @pytest.mark.parametrize("reduction", ["group", "token"])
 @pytest.mark.parametrize("chunk_size", [None, 5])
-def test_batch_value_is_a_sum_over_sequences_whatever_the_split(reduction, chunk_size):
+def test_batch_value_is_a_sum_over_sequences_whatever_the_split(reduction, chunk_size, block_size):
     """Cutting a batch into micro-batches (or data-parallel ranks) adds up to the same objective:
     token_weighted_sum is a sum of per-sequence terms, and loss the token-weighted mean over sequences."""
     hidden, labels = clustered(4, 16, 8, dtype=torch.float64)
     mask = random_mask(4, 16)
     mask[3, 5:] = 0  # sequences of unequal length
     x = hidden.clone().requires_grad_()
-    whole = simreg_loss(x, labels, mask, 0.1, chunk_size, reduction, block_size=4)
+    whole = simreg_loss(x, labels, mask, 0.1, chunk_size, reduction, block_size=block_size)
     whole.token_weighted_sum.backward()
     y = hidden.clone().requires_grad_()
-    parts = [simreg_loss(y[i:i + 2], labels[i:i + 2], mask[i:i + 2], 0.1, chunk_size, reduction, block_size=4)
+    parts = [simreg_loss(y[i:i + 2], labels[i:i + 2], mask[i:i + 2], 0.1, chunk_size, reduction, block_size=block_size)
              for i in (0, 2)]
     sum(p.token_weighted_sum for p in parts).backward()
     torch.testing.assert_close(whole.token_weighted_sum, sum(p.token_weighted_sum for p in parts))
@@ -252,16 +281,17 @@ def test_batch_value_is_a_sum_over_sequences_whatever_the_split(reduction, chunk
     torch.testing.assert_close(whole.loss, reference_loss(hidden, labels, mask, 0.1, chunk_size, reduction))
 
 
+@pytest.mark.parametrize("block_size", [5, WHOLE], ids=["tiles", "whole"])
 @pytest.mark.parametrize("offset", [2**40, 2**24 - 3, -7])
-def test_labels_float32_cannot_tell_apart_still_pair_exactly(offset):
+def test_labels_float32_cannot_tell_apart_still_pair_exactly(offset, block_size):
     """Labels enter the tiles as float32 numbers: ids from 2^24 on (2^24 and 2^24 + 1 are the same float32)
     and negative ones (an ignore index under a mask) must still pair exactly as the integers do."""
     hidden, labels = clustered(2, 16, 8, dtype=torch.float32)  # float32: the tiles' labels are float32 too
     mask = random_mask(2, 16)
     shifted = labels + offset
-    ours = simreg_loss(hidden, shifted, mask, 0.1, block_size=5)
+    ours = simreg_loss(hidden, shifted, mask, 0.1, block_size=block_size)
     ref = reference_loss(hidden.double(), shifted, mask, 0.1)
     # fp32 cosines of 8-dimensional units are within ~8 * 2^-24 = 5e-7, x 1/tau = 10: ~5e-6 on the logits.
     torch.testing.assert_close(ours.loss.double(), ref, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(simreg_terms(hidden, shifted, mask, 0.1)[mask].double(),
+    torch.testing.assert_close(simreg_terms(hidden, shifted, mask, 0.1, block_size=block_size)[mask].double(),
                                reference_terms(hidden.double(), shifted, mask, 0.1)[mask], rtol=1e-5, atol=1e-5)
