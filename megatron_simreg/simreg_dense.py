@@ -4,9 +4,11 @@ Tiles (`megatron_simreg.simreg`) bound memory for long sequences. When every seg
 one tile, `batch * segment^2 <= block_size^2` (the tiny model's 4 x 128 tokens, chunk-wise SimReg on short
 batches), there is nothing to bound, and the tiles' bookkeeping (strips, partial log-sum-exps, padding to
 blocks, their scratch) costs more than the pairs themselves: about 250 PyTorch operations per forward and
-backward against about 80 here, each ~10 us on a CPU whatever its size at that scale. Same contract
+backward against about 130 here, each ~5-10 us on a CPU whatever its size at that scale. Same contract
 as `simreg._SimRegFunction` and the same arithmetic (fp32 math, masks from labels, the floors, positives
-shifted by 1/tau); like it, only per-token values are kept for backward, which recomputes the matrix.
+shifted by 1/tau). Unlike the tiles, it keeps the logits and the label mask for backward instead of
+recomputing them: at most block_size^2 values each (1 MiB in fp32 at the default 512), the size of the tiles'
+own scratch.
 """
 
 from __future__ import annotations
@@ -47,14 +49,16 @@ class _Tokens:
             bias = torch.where(plan.valid, 0.0, -MASKED).to(plan.dtype)
         return cls(scale, labels, bias, tiled._batched(short, plan.segment) if bool(short.any()) else None)
 
-    def logits(self, hidden: torch.Tensor, plan: tiled._Plan):
-        """The units `[batch, segment, h]`, z `[batch, segment, segment]` (pairs with an invalid token at
-        -MASKED) and the same-label mask."""
-        units = tiled._segment_units(hidden, self.scale, plan.segment, plan.segment, plan.dtype)
+    def units(self, hidden: torch.Tensor, plan: tiled._Plan) -> torch.Tensor:
+        """`[batch, segment, h]`, z_ij = units_i . units_j."""
+        return tiled._segment_units(hidden, self.scale, plan.segment, plan.segment, plan.dtype)
+
+    def logits(self, units: torch.Tensor):
+        """z `[batch, segment, segment]` (pairs with an invalid token at -MASKED) and the same-label mask."""
         z = torch.bmm(units, units.transpose(1, 2))
         if self.bias is not None:
             z.add_(self.bias[:, :, None]).add_(self.bias[:, None, :])
-        return units, z, tiled._same_label(self.labels, self.labels, out=torch.empty_like(z))
+        return z, tiled._same_label(self.labels, self.labels, out=torch.empty_like(z))
 
 
 class DenseSimRegFunction(torch.autograd.Function):
@@ -64,7 +68,7 @@ class DenseSimRegFunction(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, plan: tiled._Plan):
         tokens = _Tokens.of(hidden, plan)
         with tiled.ieee_fp32_products():
-            _, z, same = tokens.logits(hidden, plan)
+            z, same = tokens.logits(tokens.units(hidden, plan))
         positive_count = same.sum(-1)  # of a valid anchor: the valid keys with its label (invalid ones are -1)
         valid_keys = plan.valid.sum(-1, keepdim=True, dtype=plan.dtype)
         negative_count = (valid_keys - positive_count) * plan.valid
@@ -75,33 +79,34 @@ class DenseSimRegFunction(torch.autograd.Function):
         neg_max, neg_sum = tiled._shifted_sums(torch.add(z, same, alpha=-MASKED, out=work), -1)
         lse_neg = neg_sum.log_().add_(neg_max)
         if tokens.short is None:  # the largest positive logit of a normalised anchor is its own, 1/tau
-            terms = z.sub_(plan.inv_temperature).clamp_min_(EXP_FLOOR).exp_().mul_(same)
-            lse_pos = terms.sum(-1).log_().add_(plan.inv_temperature)
+            terms = torch.sub(z, plan.inv_temperature, out=work).clamp_min_(EXP_FLOOR).exp_()
+            lse_pos = torch.linalg.vecdot(terms, same).log_().add_(plan.inv_temperature)
         else:  # a zero vector: the positives' maxima, as the negatives'
-            pos_max, pos_sum = tiled._shifted_sums(z.add_(torch.sub(same, 1.0, out=work), alpha=MASKED), -1)
+            positives = torch.add(z, torch.sub(same, 1.0, out=work), alpha=MASKED, out=work)
+            pos_max, pos_sum = tiled._shifted_sums(positives, -1)
             lse_pos = pos_sum.log_().add_(pos_max)
         lsr, lse_neg = tiled._lsr(lse_pos, lse_neg, negative_count)
 
         angles = torch.stack([angle_sum * (180.0 / math.pi), negative_count.sum(dtype=torch.float64)])
         ctx.plan, ctx.tokens = plan, tokens
-        ctx.save_for_backward(hidden, lse_pos, lse_neg)
+        ctx.save_for_backward(hidden, lse_pos, lse_neg, z, same)
         ctx.mark_non_differentiable(positive_count, angles)
         return lsr, positive_count, angles
 
     @staticmethod
     def backward(ctx, grad_lsr, _grad_count, _grad_angles):
-        hidden, lse_pos, lse_neg = ctx.saved_tensors
+        hidden, lse_pos, lse_neg, z, same = ctx.saved_tensors
         plan: tiled._Plan = ctx.plan
         tokens: _Tokens = ctx.tokens
         grad = tiled._anchor_gradients(grad_lsr, lse_neg, plan.dtype)
         if not grad.any():  # lambda = 0: nothing to recompute
             return torch.zeros_like(hidden), None
         shift, step, sign = tiled._logit_weights(lse_pos, lse_neg, grad)
+        units = tokens.units(hidden, plan)
         with tiled.ieee_fp32_products():
-            units, z, same = tokens.logits(hidden, plan)
             # G_ij = |grad_i d Lsr_i / d z_ij| (pairs with an invalid token fall to the floor, then to 0), signed;
             # d loss / d units = W units over the symmetric W = G + G^T, + for negatives, - for positives.
-            g = z.sub_(shift[..., None]).addcmul_(same, step[..., None]).clamp_min_(EXP_FLOOR).exp_()
+            g = torch.sub(z, shift[..., None]).addcmul_(same, step[..., None]).clamp_min_(EXP_FLOOR).exp_()
             torch.threshold_(g, NEGLIGIBLE_WEIGHT, 0.0).mul_(sign[..., None])
             w = g + g.transpose(1, 2)
             w.addcmul_(same, w, value=-2.0)

@@ -219,12 +219,8 @@ def test_statistics(block_size):
     assert set(out.stats()) == {"simreg", "simreg lsr", "simreg live anchors", "simreg negative angle"}
 
 
-@pytest.mark.parametrize("block_size", [32, WHOLE], ids=["tiles", "whole"])
-def test_backward_keeps_no_quadratic_tensor(block_size):
-    """Saved for backward: the embeddings and per-token scalars, nothing of size s x s."""
-    s, h = 256, 8
-    hidden, labels = clustered(1, s, h, dtype=torch.float32)
-    x = hidden.clone().requires_grad_()
+def saved_for_backward(loss_of, x) -> list[int]:
+    """The sizes of the tensors the loss's graph saves for backward."""
     saved = []
 
     def keep(tensor):
@@ -232,9 +228,27 @@ def test_backward_keeps_no_quadratic_tensor(block_size):
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        loss = simreg_loss(x, labels, temperature=0.01, block_size=block_size).loss
-    assert saved and max(saved) <= s * h
+        loss = loss_of(x)
     loss.backward()
+    return saved
+
+
+def test_backward_keeps_no_quadratic_tensor():
+    """Saved for backward by the tiles: the embeddings and per-token scalars, nothing of size s x s."""
+    s, h = 256, 8
+    hidden, labels = clustered(1, s, h, dtype=torch.float32)
+    saved = saved_for_backward(lambda x: simreg_loss(x, labels, temperature=0.01, block_size=32).loss,
+                               hidden.clone().requires_grad_())
+    assert saved and max(saved) <= s * h
+
+
+def test_whole_matrix_kernel_keeps_one_tile_for_backward():
+    """The whole-matrix kernel keeps the logits and the label mask (batch * s^2 <= block^2 values each)."""
+    s, h = 128, 8
+    hidden, labels = clustered(1, s, h, dtype=torch.float32)
+    saved = saved_for_backward(lambda x: simreg_loss(x, labels, temperature=0.01, block_size=s).loss,
+                               hidden.clone().requires_grad_())
+    assert sorted(n for n in saved if n > s * h) == [s * s, s * s]
 
 
 @pytest.mark.parametrize(
