@@ -357,7 +357,7 @@ class _SimRegFunction(torch.autograd.Function):
     positives' needs none, as the largest positive logit of a normalised anchor is its own z_ii = 1/tau
     (Cauchy-Schwarz), so one exp over the tile serves the positive sums of its rows and of its columns.
     Zero vectors (|h| < NORM_EPS, whose logits are all ~0) break that bound; tiles holding one take the
-    maximum as for negatives. Masks come from labels as float arithmetic, not boolean tensors (slow on CPU).
+    maximum as for negatives. Masks come from labels as float tiles, not boolean tensors (slow on CPU).
     """
 
     @staticmethod
@@ -512,7 +512,7 @@ def _local_share(gathered: torch.Tensor, plan: _Plan) -> torch.Tensor:
 
 FLOAT32_EXACT_LABELS = 2**24
 """Integers below this are exact float32 numbers (and int32 ones): the PyTorch tiles compare labels as float32
-differences, the Triton ones as int32."""
+numbers, the Triton ones as int32."""
 
 
 def _kernel_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -715,9 +715,9 @@ def _serial_between_products(strips: list[_Strip], hidden_size: int):
 
 
 def _same_label(row_labels: torch.Tensor, col_labels: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """1.0 where the labels agree, else 0.0: max(1 - d^2, 0) of the integer-valued label difference d."""
-    difference = torch.sub(row_labels[:, :, None], col_labels[:, None, :], out=out)
-    return torch.addcmul(difference.new_ones(()), difference, difference, value=-1.0, out=out).clamp_min_(0.0)
+    """1.0 where the labels agree, else 0.0, written straight into the float tile (one pass; a boolean mask and
+    its conversion took eight times as long on CPU)."""
+    return torch.eq(row_labels[:, :, None], col_labels[:, None, :], out=out)
 
 
 class _Workspace:
