@@ -80,7 +80,7 @@ class DenseSimRegFunction(torch.autograd.Function):
         lse_neg = neg_sum.log_().add_(neg_max)
         if tokens.short is None:  # the largest positive logit of a normalised anchor is its own, 1/tau
             terms = torch.sub(z, plan.inv_temperature, out=work).clamp_min_(EXP_FLOOR).exp_()
-            lse_pos = torch.linalg.vecdot(terms, same).log_().add_(plan.inv_temperature)
+            lse_pos = terms.mul_(same).sum(-1).log_().add_(plan.inv_temperature)
         else:  # a zero vector: the positives' maxima, as the negatives'
             positives = torch.add(z, torch.sub(same, 1.0, out=work), alpha=MASKED, out=work)
             pos_max, pos_sum = tiled._shifted_sums(positives, -1)
