@@ -21,8 +21,9 @@ objective adds lambda * sum_seq S_seq * T_seq to the cross-entropy's token sum, 
 Plain PyTorch (+ torch.distributed): no Megatron import. The pairwise work runs in tiles, flash-style:
 no `s x s` matrix is kept for backward (only two log-sum-exps per token are saved, the tiles are
 recomputed), and extra memory is O(block * s) rather than O(s^2); the symmetry of cos(h_i, h_j) halves it
-(each pair of tiles once). The math is fp32 whatever the input dtype. On CUDA tensors a fused Triton kernel
-(`megatron_simreg.simreg_triton`) does the same work (`kernel=`). Under sequence or context parallelism each
+(each pair of tiles once). When all of a call's pairs fit one tile, `megatron_simreg.simreg_dense` takes the
+whole matrix at once instead (no tiling to pay for). The math is fp32 whatever the input dtype. On CUDA
+tensors a fused Triton kernel (`megatron_simreg.simreg_triton`) does the same work (`kernel=`). Under sequence or context parallelism each
 rank holds a slice of every sequence; chunk-wise SimReg then needs no activation communication, full SimReg
 gathers the embeddings, and in both cases loss and gradients equal the single-process result (see `simreg_loss`).
 """
@@ -132,7 +133,8 @@ def simreg_loss(
 
     kernel: "auto" runs the fused Triton kernel (`megatron_simreg.simreg_triton`) on CUDA tensors when
     triton imports, the PyTorch one otherwise; "torch" or "triton" force one. block_size: the PyTorch
-    kernel's tile side in tokens (the Triton kernel's tiles are at most 64).
+    kernel's tile side in tokens (the Triton kernel's tiles are at most 64); when batch * segment^2 <=
+    block_size^2 the PyTorch kernel computes the whole matrix at once (`megatron_simreg.simreg_dense`).
     """
     if reduction not in ("group", "token"):
         raise ValueError(f"simreg reduction must be 'group' or 'token', got {reduction!r}")
