@@ -23,9 +23,10 @@ no `s x s` matrix is kept for backward (only two log-sum-exps per token are save
 recomputed), and extra memory is O(block * s) rather than O(s^2); the symmetry of cos(h_i, h_j) halves it
 (each pair of tiles once). When all of a call's pairs fit one tile, `megatron_simreg.simreg_dense` takes the
 whole matrix at once instead (no tiling to pay for). The math is fp32 whatever the input dtype. On CUDA
-tensors a fused Triton kernel (`megatron_simreg.simreg_triton`) does the same work (`kernel=`). Under sequence or context parallelism each
-rank holds a slice of every sequence; chunk-wise SimReg then needs no activation communication, full SimReg
-gathers the embeddings, and in both cases loss and gradients equal the single-process result (see `simreg_loss`).
+tensors a fused Triton kernel (`megatron_simreg.simreg_triton`) does the same work (`kernel=`). Under
+sequence or context parallelism each rank holds a slice of every sequence; chunk-wise SimReg then needs no
+activation communication, full SimReg gathers the embeddings, and in both cases loss and gradients equal the
+single-process result (see `simreg_loss`).
 """
 
 from __future__ import annotations
