@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed import run_distributed
-from test_simreg import clustered, random_mask
+from test_simreg import WHOLE, clustered, random_mask
 
 from megatron_simreg.simreg import simreg_loss, simreg_terms
 
@@ -18,6 +18,7 @@ CASES = [
     ("chunk = local halves (zigzag)", "local", "zigzag", lambda world: S // (2 * world)),
     ("chunk < local slice", S // 12, "contiguous", lambda world: S // 12),
 ]
+BLOCK_SIZES = (5, WHOLE)  # chunk-wise: the tiles, and the whole-matrix kernel (full SimReg gathers: tiles always)
 
 
 def local_positions(layout, rank, world):
@@ -32,7 +33,7 @@ def local_positions(layout, rank, world):
 
 def sequence_parallel_worker(rank, world, hidden, labels, mask):
     results = {}
-    for name, chunk_size, layout, _ in CASES:
+    for (name, chunk_size, layout, _), block_size in ((case, block) for case in CASES for block in BLOCK_SIZES):
         positions = local_positions(layout, rank, world)
         local = hidden[:, positions].transpose(0, 1).contiguous().requires_grad_()  # [s/world, b, h]
         kwargs = dict(
@@ -41,12 +42,12 @@ def sequence_parallel_worker(rank, world, hidden, labels, mask):
             sequence_first=True,
             process_group=dist.group.WORLD,
             sequence_layout=layout,
-            block_size=5,
+            block_size=block_size,
         )
         out = simreg_loss(local, labels[:, positions], mask[:, positions], **kwargs)
         out.loss.backward()
         terms = simreg_terms(local.detach(), labels[:, positions], mask[:, positions], **kwargs)
-        results[name] = dict(
+        results[name, block_size] = dict(
             positions=positions,
             loss=out.loss.detach(),
             grad=local.grad.transpose(0, 1),
@@ -61,7 +62,8 @@ def test_sequence_and_context_parallel_equal_single_process(world):
     hidden, labels = clustered(2, S, 8, labels=4, seed=world)
     mask = random_mask(2, S, keep=0.85, seed=world)
     per_rank = run_distributed(sequence_parallel_worker, world, hidden, labels, mask)
-    for name, _, _, single_chunk in CASES:
+    for (case, _, _, single_chunk), block_size in ((case, block) for case in CASES for block in BLOCK_SIZES):
+        name = f"{case}, block {block_size}"
         x = hidden.clone().requires_grad_()
         single = simreg_loss(x, labels, mask, TEMPERATURE, single_chunk(world))
         single.loss.backward()
@@ -71,7 +73,7 @@ def test_sequence_and_context_parallel_equal_single_process(world):
         # float64 throughout: ranks add their partial sums in another order than one process, ~1e-16 relative per
         # addition; the angle statistic sums acos values over many pairs (1e-9), gradients many exp-weighted terms.
         for rank_result in per_rank:
-            got = rank_result[name]
+            got = rank_result[case, block_size]
             torch.testing.assert_close(got["loss"], single.loss.detach(), rtol=1e-12, atol=1e-14, msg=name)
             expected_stats = (single.lsr_mean, single.live_fraction, single.negative_angle, single.tokens)
             for value, expected in zip(got["stats"], expected_stats):
