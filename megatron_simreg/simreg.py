@@ -240,7 +240,6 @@ def _run(
         raise ValueError(f"simreg block_size must be positive, got {block_size}")
     if layout not in ("contiguous", "zigzag"):
         raise ValueError(f"simreg sequence_layout must be 'contiguous' or 'zigzag', got {layout!r}")
-    pairwise = _kernel_function(kernel, hidden)
 
     pieces = [(0, s)] if layout == "contiguous" or process_group is None else _zigzag_pieces(s)
     distributed = process_group is not None and dist.get_world_size(process_group) > 1
@@ -256,12 +255,7 @@ def _run(
         block_size=block_size,
         dtype=torch.promote_types(hidden.dtype, torch.float32),
     )
-    if pairwise is _SimRegFunction:
-        from megatron_simreg import simreg_dense
-
-        if simreg_dense.fits(plan):
-            pairwise = simreg_dense.DenseSimRegFunction
-    lsr, positive_count, angles = pairwise.apply(batch_major, plan)
+    lsr, positive_count, angles = _kernel_function(kernel, hidden, plan).apply(batch_major, plan)
     return _Run(_unbatched(lsr, b, s), _unbatched(positive_count, b, s), valid, angles)
 
 
@@ -302,17 +296,17 @@ def _unbatched(batched: torch.Tensor, b: int, s: int) -> torch.Tensor:
     return batched.reshape(b, -1, *batched.shape[2:])[:, :s]
 
 
-def _kernel_function(kernel: Kernel, hidden: torch.Tensor):
+def _kernel_function(kernel: Kernel, hidden: torch.Tensor, plan: _Plan):
     """The pairwise kernel: the fused Triton one for CUDA tensors when Triton imports ("auto"), else PyTorch's."""
     if kernel not in ("auto", "torch", "triton"):
         raise ValueError(f"simreg kernel must be 'auto', 'torch' or 'triton', got {kernel!r}")
     if kernel == "torch" or (kernel == "auto" and not hidden.is_cuda):
-        return _SimRegFunction
+        return _torch_kernel(plan)
     try:
         from megatron_simreg import simreg_triton
     except ImportError as error:
         if kernel == "auto":
-            return _SimRegFunction
+            return _torch_kernel(plan)
         raise ValueError(
             f"simreg kernel 'triton' needs the triton package ({error}); install it or use kernel='torch'"
         ) from error
@@ -322,6 +316,13 @@ def _kernel_function(kernel: Kernel, hidden: torch.Tensor):
             "megatron_simreg.simreg_triton is imported); use kernel='torch' or 'auto' on CPU"
         )
     return simreg_triton.SimRegTritonFunction
+
+
+def _torch_kernel(plan: _Plan):
+    """PyTorch's: the whole matrix at once when all pairs fit one tile (`simreg_dense`), tiles otherwise."""
+    from megatron_simreg import simreg_dense
+
+    return simreg_dense.DenseSimRegFunction if simreg_dense.fits(plan) else _SimRegFunction
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,17 +556,23 @@ def _positive_counts(anchor_labels: torch.Tensor, key_labels: torch.Tensor, key_
     return torch.searchsorted(keys, wanted, right=True) - torch.searchsorted(keys, wanted)
 
 
+def _token_scales(hidden: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token of `hidden` `[b, s, h]`: the scale 1 / (max(|h|, eps) sqrt(tau)) that makes z_ij = u_i . u_j,
+    and whether |h| < NORM_EPS (a short vector: |u| < 1, so z_ii = 1/tau no longer bounds its row)."""
+    norms = torch.linalg.vector_norm(hidden, dim=-1, dtype=plan.dtype)
+    return (norms.clamp_min(NORM_EPS) * math.sqrt(1.0 / plan.inv_temperature)).reciprocal_(), norms < NORM_EPS
+
+
 def _side(hidden: torch.Tensor, segment: int, label_ids: torch.Tensor, valid: torch.Tensor, plan: _Plan) -> _Side:
     """The tokens of `hidden` `[b, s, h]` cut into segments, each padded to a whole number of blocks."""
-    norms = torch.linalg.vector_norm(hidden, dim=-1, dtype=plan.dtype)
-    scale = (norms.clamp_min(NORM_EPS) * math.sqrt(1.0 / plan.inv_temperature)).reciprocal_()
+    scale, short = _token_scales(hidden, plan)
     padded = _padding(_padded_length(segment, plan.block_size))
     side = _Side(
         units=None,
         token_scale=scale,
         segment=segment,
         scale=padded(_batched(scale, segment), 0.0),
-        short=padded(_batched(norms < NORM_EPS, segment), False),
+        short=padded(_batched(short, segment), False),
         labels=padded(torch.where(valid, label_ids.to(plan.dtype), -1.0), -1.0),
         valid=padded(valid.to(plan.dtype), 0.0),
         bias=padded(torch.where(valid, 0.0, -MASKED).to(plan.dtype), -MASKED),
@@ -850,6 +857,13 @@ def _logit_weights(lse_pos: torch.Tensor, lse_neg: torch.Tensor, grad: torch.Ten
     return shift, step, grad.sign()
 
 
+def _pair_weights(z, same, shift, step, out: torch.Tensor | None = None) -> torch.Tensor:
+    """|G_ij| = exp(z_ij - shift + same_ij * step) (see `_logit_weights`, broadcast along the anchors' side), into
+    `out` if given (which may be z), floored and with the floor's negligible weights set to 0."""
+    weights = torch.sub(z, shift, out=out).addcmul_(same, step).clamp_min_(EXP_FLOOR).exp_()
+    return torch.threshold_(weights, NEGLIGIBLE_WEIGHT, 0.0)
+
+
 def _backward_tiles(pairs: _Pairs, plan: _Plan, weights) -> torch.Tensor:
     """d loss / d units for the anchors: sum_j (G_ij + G_ji) u_j over the symmetric W = G + G^T."""
     a, k = pairs.anchors, pairs.keys
@@ -879,12 +893,10 @@ def _backward_strip(strip: _Strip, masked, signs, pairs: _Pairs, weights, scratc
     z, same, w = scratch
     _strip_logits(strip, masked, pairs, product, z, same)
     # G_ij: anchor i's weight on key j (rows); G_ji: anchor j's weight on key i (columns).
-    torch.sub(z, shift[at, rows, None], out=w).addcmul_(same, step[at, rows, None]).clamp_min_(EXP_FLOOR).exp_()
-    torch.threshold_(w, NEGLIGIBLE_WEIGHT, 0.0)
+    _pair_weights(z, same, shift[at, rows, None], step[at, rows, None], out=w)
     if signs[0]:
         w.mul_(sign[at, rows, None])
-    col_w = z.sub_(key_shift[at, None, cols]).addcmul_(same, key_step[at, None, cols]).clamp_min_(EXP_FLOOR).exp_()
-    torch.threshold_(col_w, NEGLIGIBLE_WEIGHT, 0.0)
+    col_w = _pair_weights(z, same, key_shift[at, None, cols], key_step[at, None, cols], out=z)
     if signs[1]:
         col_w.mul_(key_sign[at, None, cols])
     w.add_(col_w).addcmul_(same, w, value=-2.0)  # + for negatives, - for positives

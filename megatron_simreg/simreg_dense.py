@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_simreg import simreg as tiled
-from megatron_simreg.simreg import EXP_FLOOR, MASKED, NEGLIGIBLE_WEIGHT, NORM_EPS
+from megatron_simreg.simreg import EXP_FLOOR, MASKED
 
 
 def fits(plan: tiled._Plan) -> bool:
@@ -38,9 +38,7 @@ class _Tokens:
 
     @classmethod
     def of(cls, hidden: torch.Tensor, plan: tiled._Plan) -> "_Tokens":
-        norms = torch.linalg.vector_norm(hidden, dim=-1, dtype=plan.dtype)
-        scale = (norms.clamp_min(NORM_EPS) * math.sqrt(1.0 / plan.inv_temperature)).reciprocal_()
-        short = norms < NORM_EPS
+        scale, short = tiled._token_scales(hidden, plan)
         labels = tiled._kernel_labels(plan.labels).to(plan.dtype)
         if bool(plan.valid.all()):
             bias = None
@@ -106,8 +104,8 @@ class DenseSimRegFunction(torch.autograd.Function):
         with tiled.ieee_fp32_products():
             # G_ij = |grad_i d Lsr_i / d z_ij| (pairs with an invalid token fall to the floor, then to 0), signed;
             # d loss / d units = W units over the symmetric W = G + G^T, + for negatives, - for positives.
-            g = torch.sub(z, shift[..., None]).addcmul_(same, step[..., None]).clamp_min_(EXP_FLOOR).exp_()
-            torch.threshold_(g, NEGLIGIBLE_WEIGHT, 0.0).mul_(sign[..., None])
+            g = tiled._pair_weights(z, same, shift[..., None], step[..., None])
+            g.mul_(sign[..., None])
             w = g + g.transpose(1, 2)
             w.addcmul_(same, w, value=-2.0)
             grad_units = torch.bmm(w, units)
