@@ -814,12 +814,18 @@ def _forward_strip(strip: _Strip, masked, general, pairs: _Pairs, plan: _Plan, s
         partials.pos_max[row_slots], partials.pos_sum[row_slots] = row_sums
         if strip.is_mirrored:
             partials.pos_max[col_slots], partials.pos_sum[col_slots] = _shifted_sums(positives[..., m:], -2)
-    else:  # the largest positive logit of a normalised anchor is its own, 1/tau: one exp for rows and columns
-        terms = z.sub_(plan.inv_temperature).clamp_min_(EXP_FLOOR).exp_().mul_(same)
+    else:  # one exp for rows and columns
+        terms = _positive_terms(z, same, plan, out=z)
         partials.pos_max[row_slots], partials.pos_sum[row_slots] = plan.inv_temperature, _by_block(terms, strip).sum(-1)
         if strip.is_mirrored:
             partials.pos_max[col_slots], partials.pos_sum[col_slots] = plan.inv_temperature, terms[..., m:].sum(-2)
     return angle_sum
+
+
+def _positive_terms(z: torch.Tensor, same: torch.Tensor, plan: _Plan, out: torch.Tensor) -> torch.Tensor:
+    """exp(z - 1/tau) at positive pairs, 0 elsewhere, into `out` (which may be z): the largest positive logit of
+    a normalised anchor is its own, 1/tau, so these are the positives' shifted terms for rows and columns alike."""
+    return torch.sub(z, plan.inv_temperature, out=out).clamp_min_(EXP_FLOOR).exp_().mul_(same)
 
 
 def _shifted_sums(masked: torch.Tensor, dim: int):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_simreg import simreg as tiled
-from megatron_simreg.simreg import EXP_FLOOR, MASKED
+from megatron_simreg.simreg import MASKED
 
 
 def fits(plan: tiled._Plan) -> bool:
@@ -76,9 +76,8 @@ class DenseSimRegFunction(torch.autograd.Function):
 
         neg_max, neg_sum = tiled._shifted_sums(torch.add(z, same, alpha=-MASKED, out=work), -1)
         lse_neg = neg_sum.log_().add_(neg_max)
-        if tokens.short is None:  # the largest positive logit of a normalised anchor is its own, 1/tau
-            terms = torch.sub(z, plan.inv_temperature, out=work).clamp_min_(EXP_FLOOR).exp_()
-            lse_pos = terms.mul_(same).sum(-1).log_().add_(plan.inv_temperature)
+        if tokens.short is None:  # the largest positive logit is 1/tau (see `_positive_terms`)
+            lse_pos = tiled._positive_terms(z, same, plan, out=work).sum(-1).log_().add_(plan.inv_temperature)
         else:  # a zero vector: the positives' maxima, as the negatives'
             positives = torch.add(z, torch.sub(same, 1.0, out=work), alpha=MASKED, out=work)
             pos_max, pos_sum = tiled._shifted_sums(positives, -1)
