@@ -228,12 +228,16 @@ def loss_func(objective: SimRegObjective, loss_mask: torch.Tensor, context: dict
     if context.get("regularizer") is not None:
         terms.append((objective.baseline.weight, context["regularizer"]))
     tokens = num_tokens.float()
+    spread = parallel_state.get_context_parallel_world_size() > 1
     for weight, term in terms:
         weighted = term.token_weighted_sum
-        share = tokens / term.tokens.clamp_min(1.0)  # 1 unless context parallelism spreads the tokens
-        loss = loss + weight * (weighted + (weighted.detach() * share - weighted.detach()))
-        for name, value in term.stats.items():
-            report[name] = torch.stack([value.detach().float() * tokens, tokens])
+        if spread:  # this rank's share of the sequences' tokens
+            share = tokens / term.tokens.clamp_min(1.0)
+            weighted = weighted + (weighted.detach() * share - weighted.detach())
+        loss = loss + weight * weighted
+        if term.stats:  # each statistic as Megatron reports a mean: [value * tokens, tokens]
+            values = torch.stack(list(term.stats.values())).detach().float()
+            report.update(zip(term.stats, torch.stack([values * tokens, tokens.expand_as(values)], dim=-1)))
     return loss, num_tokens, report
 
 
@@ -281,6 +285,8 @@ def _gpt_model(model):
     while not hasattr(model, "decoder"):  # DDP and Float16Module wrap the GPTModel as .module
         model = model.module
     return model
+
+
 @contextlib.contextmanager
 def _baseline_context(model, objective: SimRegObjective, batch: dict, context: dict):
     """What a baseline reads besides the final states: its state module in the model, the hidden states of a
@@ -326,8 +332,6 @@ def update_regularizer_state(model_chunks) -> None:
         state = getattr(gpt, "regularizer_state", None)
         if hasattr(state, "update"):
             state.update(gpt.decoder.final_layernorm.weight)
-
-
 
 
 def reduce_reports(reports: list[dict[str, torch.Tensor]], group=None) -> dict[str, float]:

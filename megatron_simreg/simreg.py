@@ -148,30 +148,27 @@ def simreg_loss(
     valid = run.valid.to(run.lsr.dtype)
     # A group of g anchors gives each 1/g, so its members sum to 1: the weights of a sequence sum to its groups.
     weights = valid / run.positive_count.clamp_min(1) if reduction == "group" else valid
-    sequence_sums = (F.softplus(run.lsr) * weights).sum(-1)  # softplus(-inf) = 0: anchors without a term add nothing
+    terms = F.softplus(run.lsr)  # softplus(-inf) = 0: anchors without a term add nothing
 
     lsr = run.lsr.detach()
     has_term = lsr > -math.inf
     live = lsr >= math.log(live_threshold / (1.0 - live_threshold))  # sigmoid(Lsr_i) >= live_threshold
-    # Per sequence, this rank's share: the normaliser, valid tokens, and the statistics' sums.
-    sums = torch.stack([weights, valid, lsr.nan_to_num(neginf=0.0), has_term, live]).sum(-1)
+    # Per sequence, this rank's share: sum of weighted terms, the normaliser, valid tokens, the statistics' sums.
+    sums = torch.stack([terms.detach() * weights, weights, valid, lsr.nan_to_num(neginf=0.0), has_term, live]).sum(-1)
     angle_sum, angle_count = run.angles
-    global_sums = sequence_sums.detach()
     if process_group is not None:  # a sequence's groups and tokens span the ranks: add up its sums
-        shared = torch.cat([global_sums.double(), sums.double().flatten(), run.angles])
+        shared = torch.cat([sums.double().flatten(), run.angles])
         dist.all_reduce(shared, group=process_group)
-        b = global_sums.shape[0]
-        global_sums = shared[:b].to(global_sums.dtype)
-        sums = shared[b:-2].view_as(sums).to(sums.dtype)
+        sums = shared[:-2].view_as(sums).to(sums.dtype)
         angle_sum, angle_count = shared[-2:]
-    normalizers, sequence_tokens = sums[:2]
-    lsr_sum, with_negatives, live_count = sums[2:].sum(-1)
+    sequence_sums, normalizers, sequence_tokens = sums[:3]
+    lsr_sum, with_negatives, live_count = sums[3:].sum(-1)
 
-    # S_seq * T_seq, summed: each rank differentiates its own share; the value is the global one.
+    # S_seq * T_seq, summed; each rank differentiates its own share: d / d softplus(Lsr_i) = w_i * T_seq / norm_seq.
     scale = sequence_tokens / normalizers.clamp_min(1.0)
-    token_weighted_sum = (sequence_sums * scale).sum()
+    token_weighted_sum = torch.dot(terms.flatten(), (weights * scale[:, None]).flatten())
     if process_group is not None:
-        token_weighted_sum = token_weighted_sum + ((global_sums * scale).sum() - token_weighted_sum).detach()
+        token_weighted_sum = token_weighted_sum + ((sequence_sums * scale).sum() - token_weighted_sum).detach()
     tokens = sequence_tokens.sum()
     anchors = tokens.clamp_min(1.0)
     return SimRegOutput(
@@ -375,12 +372,15 @@ class _SimRegFunction(torch.autograd.Function):
         ctx.pairs = pairs.without_units()  # per-token values only: backward recomputes the units from `hidden`
         ctx.save_for_backward(hidden, lse_pos, lse_neg)
         ctx.mark_non_differentiable(pairs.positive_count, angles)
+        ctx.set_materialize_grads(False)  # no zeros for the non-differentiable outputs' gradients
         return lsr, pairs.positive_count, angles
 
     @staticmethod
     def backward(ctx, grad_lsr, _grad_count, _grad_angles):
         hidden, lse_pos, lse_neg = ctx.saved_tensors
         plan: _Plan = ctx.plan
+        if grad_lsr is None:  # Lsr took no part in what is differentiated
+            return None, None
         grad = _anchor_gradients(grad_lsr, lse_neg, plan.dtype)
         if not grad.any() and plan.gather is None:  # lambda = 0: nothing to recompute
             return torch.zeros_like(hidden), None

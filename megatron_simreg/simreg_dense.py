@@ -7,8 +7,8 @@ blocks, their scratch) costs more than the pairs themselves: 279 dispatched PyTo
 backward of `simreg_loss` at 4 x 128 x 64 against 160 with this kernel, each ~5-10 us on a CPU whatever its
 size at that scale. Same contract as `simreg._SimRegFunction` and the same arithmetic (fp32 math, masks
 from labels, the floors, positives shifted by 1/tau). Unlike the tiles, it keeps the logits and the label
-mask for backward instead of recomputing them: at most block_size^2 values each (1 MiB in fp32 at the
-default 512), the size of the tiles' own scratch.
+mask (and the units) for backward instead of recomputing them: at most block_size^2 values each (1 MiB in fp32
+at the default 512), the size of the tiles' own scratch.
 """
 
 from __future__ import annotations
@@ -66,10 +66,14 @@ class DenseSimRegFunction(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, plan: tiled._Plan):
         tokens = _Tokens.of(hidden, plan)
         with tiled.ieee_fp32_products():
-            z, same = tokens.logits(tokens.units(hidden, plan))
+            units = tokens.units(hidden, plan)
+            z, same = tokens.logits(units)
         positive_count = same.sum(-1)  # of a valid anchor: the valid keys with its label (invalid ones are -1)
-        valid_keys = plan.valid.sum(-1, keepdim=True, dtype=plan.dtype)
-        negative_count = (valid_keys - positive_count) * plan.valid
+        if tokens.bias is None:
+            negative_count = torch.rsub(positive_count, plan.segment)
+        else:
+            valid_keys = plan.valid.sum(-1, keepdim=True, dtype=plan.dtype)
+            negative_count = (valid_keys - positive_count) * plan.valid
         work = torch.empty_like(z)
         valid_pairs = None if tokens.bias is None else (plan.valid, plan.valid)
         angle_sum = tiled._negative_angles(z, same, plan, work, valid_pairs).sum(-1).sum(dtype=torch.float64)
@@ -86,20 +90,22 @@ class DenseSimRegFunction(torch.autograd.Function):
 
         angles = torch.stack([angle_sum * (180.0 / math.pi), negative_count.sum(dtype=torch.float64)])
         ctx.plan, ctx.tokens = plan, tokens
-        ctx.save_for_backward(hidden, lse_pos, lse_neg, z, same)
+        ctx.save_for_backward(hidden, units, lse_pos, lse_neg, z, same)
         ctx.mark_non_differentiable(positive_count, angles)
+        ctx.set_materialize_grads(False)  # no zeros for the non-differentiable outputs' gradients
         return lsr, positive_count, angles
 
     @staticmethod
     def backward(ctx, grad_lsr, _grad_count, _grad_angles):
-        hidden, lse_pos, lse_neg, z, same = ctx.saved_tensors
+        hidden, units, lse_pos, lse_neg, z, same = ctx.saved_tensors
         plan: tiled._Plan = ctx.plan
         tokens: _Tokens = ctx.tokens
+        if grad_lsr is None:  # Lsr took no part in what is differentiated
+            return None, None
         grad = tiled._anchor_gradients(grad_lsr, lse_neg, plan.dtype)
         if not grad.any():  # lambda = 0: no gradient to form
             return torch.zeros_like(hidden), None
         shift, step, sign = tiled._logit_weights(lse_pos, lse_neg, grad)
-        units = tokens.units(hidden, plan)
         with tiled.ieee_fp32_products():
             # G_ij = |grad_i d Lsr_i / d z_ij| (pairs with an invalid token fall to the floor, then to 0), signed;
             # d loss / d units = W units over the symmetric W = G + G^T, + for negatives, - for positives.

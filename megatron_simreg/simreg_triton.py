@@ -91,12 +91,15 @@ class SimRegTritonFunction(torch.autograd.Function):
         ctx.plan, ctx.setup = plan, setup  # per-token values only
         ctx.save_for_backward(hidden, lse_pos, lse_neg)
         ctx.mark_non_differentiable(setup.positive_count, angle_stats)
+        ctx.set_materialize_grads(False)  # no zeros for the non-differentiable outputs' gradients
         return lsr, setup.positive_count, angle_stats
 
     @staticmethod
     def backward(ctx, grad_lsr, _grad_count, _grad_angles):
         hidden, lse_pos, lse_neg = ctx.saved_tensors
         plan, setup = ctx.plan, ctx.setup
+        if grad_lsr is None:  # Lsr took no part in what is differentiated
+            return None, None
         grad = reference_kernel._anchor_gradients(grad_lsr, lse_neg, torch.float32)
         if not grad.any() and plan.gather is None:  # lambda = 0: nothing to recompute
             return torch.zeros_like(hidden), None
