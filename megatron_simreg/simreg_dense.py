@@ -4,11 +4,11 @@ Tiles (`megatron_simreg.simreg`) bound memory for long sequences. When every seg
 one tile, `batch * segment^2 <= block_size^2` (the tiny model's 4 x 128 tokens, chunk-wise SimReg on short
 batches), there is nothing to bound, and the tiles' bookkeeping (strips, partial log-sum-exps, padding to
 blocks, their scratch) costs more than the pairs themselves: 279 dispatched PyTorch operations per forward and
-backward of `simreg_loss` at 4 x 128 x 64 against 160 with this kernel, each ~5-10 us on a CPU whatever its
+backward of `simreg_loss` at 4 x 128 x 64 against 150 with this kernel, each ~5-10 us on a CPU whatever its
 size at that scale. Same contract as `simreg._SimRegFunction` and the same arithmetic (fp32 math, masks
 from labels, the floors, positives shifted by 1/tau). Unlike the tiles, it keeps the logits and the label
-mask (and the units) for backward instead of recomputing them: at most block_size^2 values each (1 MiB in fp32
-at the default 512), the size of the tiles' own scratch.
+mask for backward instead of recomputing them (at most block_size^2 values each, 1 MiB in fp32 at the default
+512, the size of the tiles' own scratch), and the units (the size of the hidden states).
 """
 
 from __future__ import annotations
