@@ -533,7 +533,12 @@ def _kernel_labels(labels: torch.Tensor) -> torch.Tensor:
 def _set_sizes(anchor_ids, key_ids, key_valid, anchor_valid, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """|P_i| and |N_i| per anchor (`dtype`), |N_i| = 0 for invalid anchors: an anchor has a term iff |N_i| > 0."""
     positive = _positive_counts(anchor_ids, key_ids, key_valid).to(dtype)
-    return positive, (key_valid.sum(-1, keepdim=True, dtype=dtype) - positive) * anchor_valid
+    return positive, _negative_counts(positive, key_valid, anchor_valid)
+
+
+def _negative_counts(positive: torch.Tensor, key_valid: torch.Tensor, anchor_valid: torch.Tensor) -> torch.Tensor:
+    """|N_i| from |P_i|: the valid keys not in P_i, 0 for invalid anchors."""
+    return (key_valid.sum(-1, keepdim=True, dtype=positive.dtype) - positive) * anchor_valid
 
 
 def _lsr(lse_pos: torch.Tensor, lse_neg: torch.Tensor, negative_count: torch.Tensor):

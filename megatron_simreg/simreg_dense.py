@@ -4,7 +4,7 @@ Tiles (`megatron_simreg.simreg`) bound memory for long sequences. When every seg
 one tile, `batch * segment^2 <= block_size^2` (the tiny model's 4 x 128 tokens, chunk-wise SimReg on short
 batches), there is nothing to bound, and the tiles' bookkeeping (strips, partial log-sum-exps, padding to
 blocks, their scratch) costs more than the pairs themselves: 279 dispatched PyTorch operations per forward and
-backward of `simreg_loss` at 4 x 128 x 64 against 150 with this kernel, each ~5-10 us on a CPU whatever its
+backward of `simreg_loss` at 4 x 128 x 64 against 152 with this kernel, each ~5-10 us on a CPU whatever its
 size at that scale. Same contract as `simreg._SimRegFunction` and the same arithmetic (fp32 math, masks
 from labels, the floors, positives shifted by 1/tau). Unlike the tiles, it keeps the logits and the label
 mask for backward instead of recomputing them (at most block_size^2 values each, 1 MiB in fp32 at the default
@@ -69,11 +69,7 @@ class DenseSimRegFunction(torch.autograd.Function):
             units = tokens.units(hidden, plan)
             z, same = tokens.logits(units)
         positive_count = same.sum(-1)  # of a valid anchor: the valid keys with its label (invalid ones are -1)
-        if tokens.bias is None:
-            negative_count = torch.rsub(positive_count, plan.segment)
-        else:
-            valid_keys = plan.valid.sum(-1, keepdim=True, dtype=plan.dtype)
-            negative_count = (valid_keys - positive_count) * plan.valid
+        negative_count = tiled._negative_counts(positive_count, plan.valid, plan.valid)
         work = torch.empty_like(z)
         valid_pairs = None if tokens.bias is None else (plan.valid, plan.valid)
         angle_sum = tiled._negative_angles(z, same, plan, work, valid_pairs).sum(-1).sum(dtype=torch.float64)
