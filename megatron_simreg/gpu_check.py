@@ -263,8 +263,8 @@ def _our_logits(cfg, state, tokens):
 def _megatron(args, name: str, overrides: list[str], config: str = "configs/tiny-llama.yaml") -> dict[int, float]:
     """megatron.training on one GPU through the training entry; its logged loss per iteration."""
     settings = TINY + [f"data.prefix={args.data}", f"logging.run_dir={os.path.join(args.work, name)}", *overrides]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--master-addr=127.0.0.1",
-               f"--master-port={_free_port()}", "-m", "megatron_simreg.train", "--config", config]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+               "-m", "megatron_simreg.train", "--config", config]
     out = _run(command + [part for setting in settings for part in ("--set", setting)], timeout=300)
     return {int(i): float(loss) for i, loss in TRAIN_LINE.findall(out)}
 
@@ -309,17 +309,9 @@ def _run(command: list[str], timeout: int, env: dict | None = None) -> str:
                           timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(
-            f"{' '.join(command[:6])} ... exited {done.returncode}:\n{done.stdout[-1500:]}\n{done.stderr[-3000:]}"
+            f"{' '.join(command[:7])} ... exited {done.returncode}:\n{done.stdout[-1500:]}\n{done.stderr[-3000:]}"
         )
     return done.stdout.strip()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":

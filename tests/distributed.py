@@ -7,10 +7,12 @@ traceback is raised in the caller.
 Processes come from a fork server that has imported torch and megatron-core once: each rank still
 starts from a clean interpreter state (nothing a test did in the parent or an earlier rank carries
 over), without paying the ~10 s of imports a spawned process pays.
+
+The ranks meet at a store this process hosts (`rendezvous`), as torchrun's ranks meet at its agent's.
 """
 
+import contextlib
 import os
-import socket
 import tempfile
 import traceback
 from datetime import timedelta
@@ -27,10 +29,10 @@ mp.get_context("forkserver").set_forkserver_preload(PRELOADED)
 
 def run_distributed(fn, world_size, *args, **kwargs):
     """Start `world_size` processes with an initialised gloo group; return their results in rank order."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, rendezvous() as meeting:
         results_dir = os.path.join(tmp, "results")
         os.makedirs(results_dir)
-        worker_args = (world_size, _free_port(), dict(os.environ), results_dir, fn, args, kwargs)
+        worker_args = (world_size, {**os.environ, **meeting}, results_dir, fn, args, kwargs)
         mp.start_processes(_worker, args=worker_args, nprocs=world_size, join=True, start_method="forkserver")
         outcomes = [
             torch.load(os.path.join(results_dir, f"{rank}.pt"), weights_only=False) for rank in range(world_size)
@@ -41,10 +43,22 @@ def run_distributed(fn, world_size, *args, **kwargs):
     return [value for _, value in outcomes]
 
 
-def _worker(rank, world_size, port, environment, results_dir, fn, args, kwargs):
+@contextlib.contextmanager
+def rendezvous():
+    """Host a TCP store here on a port the OS picks as it binds, and yield the environment that makes processes
+    join it as clients (torchrun's agent-store variables). A port found free and bound later by a rank was
+    sometimes taken in between (by another test's connections: EADDRINUSE); this one is held from the start."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    try:
+        yield {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    finally:
+        del store
+
+
+def _worker(rank, world_size, environment, results_dir, fn, args, kwargs):
     os.environ.clear()  # the caller's environment now, not the fork server's from when it started
     os.environ.update(environment)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))
     os.environ.setdefault("LOCAL_RANK", str(rank))
     torch.set_num_threads(1)
     # A rank that fails mid-collective must not leave the others waiting forever.
@@ -62,8 +76,3 @@ def _worker(rank, world_size, port, environment, results_dir, fn, args, kwargs):
             dist.destroy_process_group()
     torch.save(outcome, os.path.join(results_dir, f"{rank}.pt"))
 
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

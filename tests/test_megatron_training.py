@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import pytest
-from distributed import _free_port
+from distributed import rendezvous
 from safetensors.torch import load_file
 from test_training import TINY, corpus, read_metrics  # noqa: F401  (corpus is a fixture)
 
@@ -35,8 +35,8 @@ VALID_LINE = re.compile(r"validation loss at iteration (\d+) \| lm loss value: (
 def torchrun(processes: int, *command: str, succeed=True):
     """Run `command` (a script or `-m module`) under torchrun on this machine; its standard output (or, with
     succeed=False, the finished process)."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
-                "--master-addr=127.0.0.1", f"--master-port={_free_port()}"]
+    # --standalone: torchrun binds its store to a port the OS picks, so runs in parallel never race for one
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1")
     done = subprocess.run(launcher + list(command), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if not succeed:
@@ -205,12 +205,12 @@ def test_megatron_loop_saves_on_sigterm_and_resumes_like_the_uninterrupted_run(r
     folder, _ = runs
     run_dir, data = tmp_path / "megatron", f"data.prefix={corpus}"
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1",
-               RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+               RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     command = [sys.executable, os.path.join(ROOT, "tests", "megatron_training_on_cpu.py"), "configs/tiny-llama.yaml",
                *SETTINGS, f"logging.run_dir={run_dir}", data]  # one process without torchrun: the signal goes to it
     out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
-    with open(out, "w") as stdout, open(err, "w") as stderr:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=stdout, stderr=stderr)
+    with rendezvous() as meeting, open(out, "w") as stdout, open(err, "w") as stderr:
+        process = subprocess.Popen(command, cwd=ROOT, env={**env, **meeting}, stdout=stdout, stderr=stderr)
         deadline = time.time() + 600
         while process.poll() is None and time.time() < deadline and 2 not in megatron_losses(out.read_text()):
             time.sleep(0.05)
