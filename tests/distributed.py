@@ -48,11 +48,8 @@ def rendezvous():
     """Host a TCP store here on a port the OS picks as it binds, and yield the environment that makes processes
     join it as clients (torchrun's agent-store variables). A port found free and bound later by a rank was
     sometimes taken in between (by another test's connections: EADDRINUSE); this one is held from the start."""
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    try:
-        yield {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
-    finally:
-        del store
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # served until the block ends
+    yield {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
 
 
 def _worker(rank, world_size, environment, results_dir, fn, args, kwargs):
