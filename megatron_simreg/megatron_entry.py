@@ -35,6 +35,7 @@ from megatron_simreg.failures import (
 from megatron_simreg.megatron_adagc import AdaGCStateMissing
 from megatron_simreg.model import have_transformer_engine, model_provider
 from megatron_simreg.objective import SimRegObjective, forward_step, update_regularizer_state
+from megatron_simreg.parallel import join_process_group, launched
 from megatron_simreg.resume import accept_changed_settings
 from megatron_simreg.run_plan import RunPlan, plan_run
 
@@ -135,6 +136,8 @@ def pretrain(cfg: Config) -> None:
         sys.exit(f"training stopped: {error}")
     sys.argv = [sys.argv[0]] + megatron_arguments(cfg, plan, transformer_engine=have_transformer_engine())
     args = parse_and_validate_args()
+    if not launched():  # megatron.training would rendezvous at env:// (MASTER_PORT); it joins this group instead
+        join_process_group(args.distributed_backend)
     if int(os.environ.get("RANK", "0")) == 0:
         save_config(cfg, cfg.run_dir)
 

@@ -20,18 +20,8 @@ def initialize(cfg: Config) -> None:
     """Join the process group torchrun set up (or a group of one) and build megatron's parallel groups."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_layout(cfg, world_size)  # before anything is started
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        backend = "nccl"
-    else:  # megatron-core itself needs `cpu_compat()` around this on CPU (the local loop enters it)
-        backend = "gloo"
-    if not dist.is_initialized():
-        if "MASTER_PORT" in os.environ:  # torchrun (or Slurm's launcher) set up the rendezvous
-            dist.init_process_group(backend, timeout=timedelta(minutes=10))
-        else:  # a plain single process: an in-memory store, so concurrent runs on one machine never share a port
-            dist.init_process_group(
-                backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(minutes=10)
-            )
+    # megatron-core itself needs `cpu_compat()` around this on CPU (the local loop enters it)
+    join_process_group("nccl" if torch.cuda.is_available() else "gloo")
     p = cfg.parallel
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor,
@@ -44,6 +34,25 @@ def initialize(cfg: Config) -> None:
     numpy.random.seed(seed)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+
+
+def launched() -> bool:
+    """Whether a launcher (torchrun, also under our Slurm scripts) set this process's rank variables. A MASTER_PORT
+    alone is no launcher: cluster allocations often export it to every shell."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def join_process_group(backend: str) -> None:
+    """Join the launcher's group (env:// rendezvous), or make a group of one on an in-memory store, so that
+    concurrent single-process runs on one machine never share a port."""
+    if dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if launched():
+        dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(minutes=10))
 
 
 def destroy() -> None:

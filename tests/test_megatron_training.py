@@ -15,7 +15,6 @@ import subprocess
 import sys
 
 import pytest
-from distributed import rendezvous
 from safetensors.torch import load_file
 from test_training import TINY, corpus, read_metrics  # noqa: F401  (corpus is a fixture)
 
@@ -198,19 +197,24 @@ def test_megatron_loop_resumes_with_changed_optimizer_settings(corpus, tmp_path)
 
 def test_megatron_loop_saves_on_sigterm_and_resumes_like_the_uninterrupted_run(runs, corpus, tmp_path):  # noqa: F811
     """SIGTERM (a Slurm time limit) mid-run: Megatron's own signal handler finishes the step and saves, one line
-    says so, the exit code is 143 (requeue); run again, every loss equals the local loop's uninterrupted run."""
+    says so, the exit code is 143 (requeue); run again, every loss equals the local loop's uninterrupted run.
+
+    One process without torchrun, so the signal goes to it; its shell exports MASTER_ADDR/MASTER_PORT (a port
+    another process holds) but no rank variables, as in a cluster allocation: it makes a group of one."""
     import signal
+    import socket
     import time
 
     folder, _ = runs
     run_dir, data = tmp_path / "megatron", f"data.prefix={corpus}"
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1",
-               RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     command = [sys.executable, os.path.join(ROOT, "tests", "megatron_training_on_cpu.py"), "configs/tiny-llama.yaml",
-               *SETTINGS, f"logging.run_dir={run_dir}", data]  # one process without torchrun: the signal goes to it
+               *SETTINGS, f"logging.run_dir={run_dir}", data]
     out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
-    with rendezvous() as meeting, open(out, "w") as stdout, open(err, "w") as stderr:
-        process = subprocess.Popen(command, cwd=ROOT, env={**env, **meeting}, stdout=stdout, stderr=stderr)
+    with socket.create_server(("127.0.0.1", 0)) as held, open(out, "w") as stdout, open(err, "w") as stderr:
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+        env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(held.getsockname()[1]))
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=stdout, stderr=stderr)
         deadline = time.time() + 600
         while process.poll() is None and time.time() < deadline and 2 not in megatron_losses(out.read_text()):
             time.sleep(0.05)

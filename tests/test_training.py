@@ -124,21 +124,15 @@ def test_sigterm_and_ctrl_c_save_and_the_resumed_run_equals_an_uninterrupted_one
 
 
 def test_single_process_runs_need_no_port(corpus, tmp_path):
-    """Two CPU runs on one machine must not collide: a plain single-process run opens no rendezvous port
-    (the port torchrun would default to is held here by another listener)."""
+    """Two CPU runs on one machine must not collide: a plain single-process run opens no rendezvous port, also
+    when the shell exports MASTER_ADDR/MASTER_PORT without RANK/WORLD_SIZE, as cluster allocations often do
+    (here that port is held by another listener, so a rendezvous at it could not start)."""
     import socket
     import subprocess
     import sys
 
-    env = single_process_environment()
-    with socket.socket() as held:
-        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            held.bind(("127.0.0.1", 29500))
-        except OSError:
-            pass  # another run holds it already: the condition under test
-        else:
-            held.listen()
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        env = dict(single_process_environment(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(held.getsockname()[1]))
         run = subprocess.run(
             [sys.executable, "-m", "megatron_simreg.train", "--config", "configs/tiny-llama.yaml",
              *(f"--set={o}"
