@@ -39,6 +39,11 @@ from megatron_simreg.parallel import join_process_group, launched
 from megatron_simreg.resume import accept_changed_settings
 from megatron_simreg.run_plan import RunPlan, plan_run
 
+# megatron-core's local layers: without TE, Megatron's RoPE and gradient-accumulation fusions are unavailable, and
+# its fused masked softmax needs a CUDA extension the megatron-core wheel does not build
+LOCAL_LAYER_ARGS = ["--transformer-impl", "local", "--no-rope-fusion", "--no-gradient-accumulation-fusion",
+                    "--no-masked-softmax-fusion"]
+
 
 def megatron_arguments(cfg: Config, plan: RunPlan, *, transformer_engine: bool) -> list[str]:
     """The megatron.training command-line arguments for this config on a node with or without Transformer Engine.
@@ -95,10 +100,8 @@ def megatron_arguments(cfg: Config, plan: RunPlan, *, transformer_engine: bool) 
         args += ["--data-cache-path", cfg.data.cache_dir]
     if transformer_engine:
         args += ["--transformer-impl", "transformer_engine"]
-    else:  # without TE, Megatron's RoPE and gradient-accumulation fusions are unavailable, and its fused masked
-        # softmax needs a CUDA extension the megatron-core wheel does not build
-        args += ["--transformer-impl", "local", "--no-rope-fusion", "--no-gradient-accumulation-fusion",
-                 "--no-masked-softmax-fusion"]
+    else:
+        args += LOCAL_LAYER_ARGS
     args += _failure_handling_arguments(cfg)
     return [str(a) for a in args + cfg.megatron.extra_args]
 

@@ -90,28 +90,6 @@ def test_reproduce_scripts_list_the_jobs(script, jobs, needle):
     assert len({line.split("name=")[1].split()[0] for line in lines}) == jobs  # one run folder per job
 
 
-def test_gpu_check_dry_run_finds_every_piece_on_a_cpu(tmp_path):
-    """The one-shot GPU check is ready before a GPU is lent: on any machine its dry run imports every piece,
-    finds the data and writes the report skeleton (one section per check)."""
-    from megatron_simreg.data import prepare_corpus
-
-    text = tmp_path / "texts.jsonl"
-    text.write_text("".join('{"text": "a short document number %d."}\n' % i for i in range(20)))
-    prefix = str(tmp_path / "corpus_text_document")
-    prepare_corpus([str(text)], prefix, progress=False)
-    report = tmp_path / "gpu-validation.md"
-    env = {k: v for k, v in os.environ.items() if k != "OUT"}
-    done = subprocess.run(["scripts/gpu_check.sh", "--dry-run", "--data", prefix, "--output", str(report)],
-                          env={**env, "PYTHON": sys.executable}, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
-    written = report.read_text()
-    assert written.count("not run (dry run)") == 7 and "every piece imports and the data is there" in written
-    missing = subprocess.run(["scripts/gpu_check.sh", "--dry-run", "--data", str(tmp_path / "none"), "--output",
-                              str(tmp_path / "other.md")], env={**env, "PYTHON": sys.executable}, capture_output=True,
-                             text=True)
-    assert missing.returncode != 0 and "no dataset at" in missing.stdout
-
-
 def test_tiny_table1_lists_six_cpu_runs_with_valid_configs_and_their_comparison():
     from megatron_simreg.config import load_config
 

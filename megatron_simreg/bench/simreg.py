@@ -89,12 +89,9 @@ def peak_extra_bytes(kind, shape, dtype, device, block_size, kernel, embeddings=
     if device == "cuda":
         inputs, step = make_inputs(kind, shape, dtype, device, block_size, kernel=kernel, embeddings=embeddings)
         step()  # allocates the input gradients, which are not extra memory
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        base = reset_peak("cuda")
         step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        return peak_bytes("cuda") - base
     os.environ[MMAP_ENV] = "65536"  # read by glibc when the subprocess starts
     try:
         pool = multiprocessing.get_context("spawn").Pool(1)

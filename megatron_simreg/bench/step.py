@@ -2,11 +2,12 @@
 
 Times full training steps (forward, backward, AdaGC, optimizer) of the same model and batch with SimReg
 off, full and chunk-wise, and measures each step's peak memory growth, then prints both as ratios to the
-run without SimReg. On CPU by default with the tiny LLaMA; pass a config and `--set` to try others.
+run without SimReg. With the tiny LLaMA by default; pass a config and `--set` to try others. On a GPU the
+batch, the model and the memory figures (`torch.cuda.max_memory_allocated`) are the GPU's.
 
 The variants' steps are timed interleaved (one step of each in turn), so a machine that speeds up or
 slows down during the run weighs on all of them alike; the per-round ratios' quartiles show the spread.
-Times come from this process with the normal allocator; memory from a second process whose allocator
+Times come from this process with the normal allocator; on CPU, memory from a second process whose allocator
 returns freed tensors (see `bench.memory`), which would slow the timed steps down.
 """
 
@@ -29,6 +30,8 @@ from megatron_simreg.local_loop import build_model_and_optimizer
 from megatron_simreg.objective import SimRegObjective, forward_step
 from megatron_simreg.run_plan import plan_run
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # megatron-core builds the model there
+
 
 def training_step(cfg):
     """One full training step of a freshly built model on a fixed random batch, as a callable."""
@@ -38,6 +41,7 @@ def training_step(cfg):
     tokens = torch.randint(0, cfg.model.vocab_size, (mbs, seq + 1), generator=torch.Generator().manual_seed(0))
     batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(mbs, seq),
              "position_ids": torch.arange(seq).expand(mbs, seq)}
+    batch = {key: value.to(DEVICE) for key, value in batch.items()}  # where the model is
     objective = SimRegObjective.from_config(cfg)
 
     def step():
@@ -49,6 +53,8 @@ def training_step(cfg):
             num_microbatches=plan.micro_batches, seq_length=seq, micro_batch_size=mbs, forward_only=False,
         )
         optimizer.step()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()  # the step's time is its kernels' time, not the time to queue them
 
     return step
 
@@ -71,9 +77,9 @@ def _measure(config: str, overrides: list[str], variants: dict[str, list[str]], 
         if memory:
             growth = {}
             for name, step in runs.items():
-                base = reset_peak()
+                base = reset_peak(DEVICE)
                 step()
-                growth[name] = peak_bytes() - base
+                growth[name] = peak_bytes(DEVICE) - base
             return growth
         times = {name: [] for name in runs}
         for _ in range(steps):
@@ -110,11 +116,14 @@ def main(argv=None):
     if args.memory_json:
         print(json.dumps(measure(args.config, args.overrides, variants, args.steps, memory=True)))
         return
-    given = argv if argv is not None else sys.argv[1:]
-    memory = json.loads(subprocess.run(
-        [sys.executable, "-m", "megatron_simreg.bench.step", "--memory-json", *given],
-        env={**os.environ, MMAP_ENV: "65536"}, check=True, capture_output=True, text=True,
-    ).stdout.splitlines()[-1])
+    if DEVICE == "cuda":  # the allocator's statistics, in this process
+        memory = measure(args.config, args.overrides, variants, args.steps, memory=True)
+    else:  # resident-set growth, in a process whose allocator returns freed tensors (see bench.memory)
+        given = argv if argv is not None else sys.argv[1:]
+        memory = json.loads(subprocess.run(
+            [sys.executable, "-m", "megatron_simreg.bench.step", "--memory-json", *given],
+            env={**os.environ, MMAP_ENV: "65536"}, check=True, capture_output=True, text=True,
+        ).stdout.splitlines()[-1])
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
     rounds = measure(args.config, args.overrides, variants, args.steps, memory=False, clock=clock)
     seconds = {name: statistics.median(times) for name, times in rounds.items()}
