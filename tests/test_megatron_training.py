@@ -227,3 +227,29 @@ def test_megatron_loop_saves_on_sigterm_and_resumes_like_the_uninterrupted_run(r
     assert sorted(train) == list(range(1, 9))
     for iteration in range(1, 9):
         assert train[iteration] == pytest.approx(expected[iteration], rel=SAME_ARITHMETIC_REL), iteration
+
+
+def test_simreg_on_an_intermediate_layer_trains_under_activation_recompute(corpus, tmp_path):  # noqa: F811
+    """`simreg.layer=0` (Sec. 5.3) with Megatron's activation recompute: selective (attention only) and full
+    (every layer recomputed in backward, its forward run without autograd) train exactly as without recompute,
+    so SimReg's gradient reaches the layer (a term without gradient would train the layer on cross-entropy
+    alone: other losses from iteration 2 on). Full recompute in chunks that end past the layer is refused."""
+    settings = [f"data.prefix={corpus}", "simreg.layer=0", "simreg.weight=1000", "optimizer.lr=0.05",
+                "schedule.warmup_steps=0", "schedule.train_iters=3", "training.eval_interval=100"]
+    runs = {
+        recompute: megatron_losses(megatron_training(tmp_path / str(i), *settings,
+                                                     f"megatron.extra_args=[{', '.join(recompute)}]"))
+        for i, recompute in enumerate([(), ("--recompute-activations",),
+                                       ("--recompute-granularity", "full", "--recompute-method", "uniform",
+                                        "--recompute-num-layers", "1")])
+    }
+    plain = runs.pop(())
+    assert sorted(plain) == [1, 2, 3]
+    for recompute, losses in runs.items():  # the same arithmetic, gradients summed in another order
+        assert sorted(losses) == [1, 2, 3], recompute
+        for iteration, values in losses.items():
+            assert values == pytest.approx(plain[iteration], rel=SAME_ARITHMETIC_REL), (recompute, iteration)
+    refused = megatron_training(tmp_path / "refused", *settings, "megatron.extra_args=[--recompute-granularity, full, "
+                                "--recompute-method, uniform, --recompute-num-layers, 2]", succeed=False)
+    assert refused.returncode != 0
+    assert "simreg.layer=0 is recomputed inside a chunk of 2 layers" in refused.stderr, refused.stderr[-3000:]
