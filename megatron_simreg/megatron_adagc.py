@@ -13,7 +13,9 @@ part's own grad-stats group, counting TP replicas and shared embeddings once, as
 Names are layout-independent: decoder layers carry their global layer number and experts their global
 expert index, so pipeline stages, virtual-pipeline chunks and expert-parallel ranks never share a name
 and AdaGC's checkpointed state (`AdaGC.state_dict()`, keyed by these names) means the same tensors
-whatever the layout.
+whatever the layout. They are independent of the layer implementation too (`implementation_free_name`):
+Transformer Engine's fused norms and grouped experts get the local layers' names, so a run saved with TE
+layers resumes on local ones and back with the same thresholds.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
@@ -122,6 +125,7 @@ def _whole_model_state(adagc: AdaGC) -> dict:
 
 
 def _this_ranks_state(saved: dict, names: set[str]) -> dict:
+    """This rank's thresholds; names saved by earlier versions with Transformer Engine's layers are converted."""
     if "by_rank" in saved:
         world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
         if len(saved["by_rank"]) != world:
@@ -130,15 +134,48 @@ def _this_ranks_state(saved: dict, names: set[str]) -> dict:
                 f"whose thresholds belong to that layout's pieces; resume on {len(saved['by_rank'])} ranks "
                 "with the same layout, or with adagc.load_state=false"
             )
-        return {**saved, "gamma": saved["by_rank"][rank]}
-    return {**saved, "gamma": {name: value for name, value in saved["gamma"].items() if name in names}}
+        return {**saved, "gamma": _implementation_free(saved["by_rank"][rank])}
+    gamma = _implementation_free(saved["gamma"])
+    return {**saved, "gamma": {name: value for name, value in gamma.items() if name in names}}
+
+
+def _implementation_free(gamma: dict[str, float]) -> dict[str, float]:
+    return {implementation_free_name(name): value for name, value in gamma.items()}
+
+
+# megatron-core's local layer spec gives its norms the sharded keys of Transformer Engine's fused layers (the norm
+# inside linear_qkv and linear_fc1); read backwards, it names TE's parameters as the local layers do.
+_TE_TO_LOCAL = {te: local for local, te in get_gpt_layer_local_submodules().sharded_state_dict_keys_map.items()}
+_IN_A_LAYER = re.compile(r"(.*\.layers\.\d+\.)(.*)")
+_GROUPED_EXPERT = re.compile(r"(.*\.experts\.)(linear_fc[12])\.(weight|bias)(\d+)")  # TEGroupedMLP's
+
+
+def implementation_free_name(name: str) -> str:
+    """A parameter's name as the local layers call it, whichever layers hold it.
+
+    TE's fused norms `self_attention.linear_qkv.layer_norm_weight` and `mlp.linear_fc1.layer_norm_weight` become
+    `input_layernorm.weight` and `pre_mlp_layernorm.weight`; TE's grouped experts' `experts.linear_fc1.weight3`
+    becomes `experts.local_experts.3.linear_fc1.weight` (megatron-core checkpoints both as expert 3 of one tensor).
+    Local names stay, so AdaGC states of earlier versions load as saved, TE-named ones converted.
+    """
+    grouped = _GROUPED_EXPERT.fullmatch(name)
+    if grouped:
+        return f"{grouped[1]}local_experts.{grouped[4]}.{grouped[2]}.{grouped[3]}"
+    in_layer = _IN_A_LAYER.fullmatch(name)
+    if in_layer:
+        for te, local in _TE_TO_LOCAL.items():
+            if in_layer[2].startswith(te):
+                return in_layer[1] + local + in_layer[2][len(te):]
+    return name
 
 
 def parameter_names(model_chunks) -> dict[torch.nn.Parameter, str]:
-    """Each parameter's name in the whole model: global layer numbers and expert indices."""
+    """Each parameter's name in the whole model: global layer numbers and expert indices, and the local layers'
+    names whatever the layer implementation (`implementation_free_name`)."""
     names, taken = {}, set()
     for chunk in model_chunks:
         for name, param in _named_parameters(_unwrap(chunk), "", 0):
+            name = implementation_free_name(name)
             if param in names:
                 continue  # tied weights within a chunk: one tensor, one name
             if name in taken:

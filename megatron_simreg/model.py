@@ -22,6 +22,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from megatron_simreg import regularizers
 from megatron_simreg.config import Config
+from megatron_simreg.objective import check_layer_capture
 from megatron_simreg.run_plan import padded_vocab_size
 
 
@@ -150,6 +151,8 @@ def model_provider(
         pg_collection=pg_collection,
         vp_stage=vp_stage,
     )
+    if post_process and cfg.simreg.enabled:
+        check_layer_capture(model, cfg.simreg.layer)
     state = regularizer_state(cfg, config) if post_process else None
     if state is not None:  # in the model, so the optimizer steps it and both checkpoint formats keep it
         model.regularizer_state = state

@@ -265,20 +265,53 @@ def forward_step(objective: SimRegObjective, batch_fn, data_iterator, model):
 
 @contextlib.contextmanager
 def _capture_layer_output(model, objective: SimRegObjective, context: dict):
-    """For `simreg.layer >= 0`: hand that decoder layer's output to the output processor (last stage only,
-    where SimReg runs; `check_layout` made sure the layer lives there)."""
+    """For `simreg.layer >= 0`: hand that decoder layer's output to the output processor (last stage only, where
+    SimReg runs; `check_layout` made sure the layer lives there).
+
+    megatron-core's decoder extracts it (`extract_layer_indices`), so it stays in the autograd graph under full
+    activation recompute too, where the layers run without autograd and only a recompute chunk's output is kept
+    (`check_layer_capture` refuses a chunk that ends past the layer). A hook on the layer itself would see a
+    tensor without gradient there, and lambda would train nothing.
+    """
     module = _gpt_model(model)
     if not objective.enabled or objective.layer < 0 or not module.post_process:
         yield
         return
-    layer = next(layer for layer in module.decoder.layers if layer.layer_number == objective.layer + 1)
-    handle = layer.register_forward_hook(
-        lambda _module, _inputs, output: context.__setitem__("layer_output", output[0])
-    )
+
+    def extract(_decoder, args, kwargs):
+        return args, {**kwargs, "extract_layer_indices": {objective.layer}}
+
+    def keep(_decoder, _args, _kwargs, output):
+        hidden_states, (context["layer_output"],) = output
+        return hidden_states
+
+    handles = [module.decoder.register_forward_pre_hook(extract, with_kwargs=True),
+               module.decoder.register_forward_hook(keep, with_kwargs=True)]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+
+
+def check_layer_capture(model, layer: int) -> None:
+    """Refuse, before training, a full activation recompute that keeps no output of decoder layer `layer`
+    (`simreg.layer`) of this model chunk in the autograd graph: a uniform recompute chunk that ends past it, or
+    `--distribute-saved-activations`, which cuts each chunk's input (the previous chunk's output) in place."""
+    config, layers = model.config, [block.layer_number - 1 for block in model.decoder.layers]
+    if layer not in layers or config.recompute_granularity != "full":
+        return
+    if config.distribute_saved_activations:
+        raise ValueError(f"simreg.layer={layer} needs that layer's output whole, which --distribute-saved-activations "
+                         "cuts under full recompute: drop that flag, or recompute selectively "
+                         "(--recompute-activations)")
+    chunk, index = config.recompute_num_layers, layers.index(layer)
+    if config.recompute_method == "uniform" and (index + 1) % chunk and index != len(layers) - 1:
+        raise ValueError(
+            f"simreg.layer={layer} is recomputed inside a chunk of {chunk} layers (--recompute-method uniform "
+            f"--recompute-num-layers {chunk}), whose output alone keeps its gradient: choose a layer that ends a "
+            "chunk, --recompute-num-layers 1, --recompute-method block, or --recompute-activations"
+        )
 
 
 def _gpt_model(model):

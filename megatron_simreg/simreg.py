@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Literal
@@ -294,25 +296,44 @@ def _unbatched(batched: torch.Tensor, b: int, s: int) -> torch.Tensor:
 
 
 def _kernel_function(kernel: Kernel, hidden: torch.Tensor, plan: _Plan):
-    """The pairwise kernel: the fused Triton one for CUDA tensors when Triton imports ("auto"), else PyTorch's."""
+    """The pairwise kernel: the fused Triton one for CUDA tensors when Triton imports and sets up ("auto"; else
+    PyTorch's, said once), or the one asked for."""
     if kernel not in ("auto", "torch", "triton"):
         raise ValueError(f"simreg kernel must be 'auto', 'torch' or 'triton', got {kernel!r}")
     if kernel == "torch" or (kernel == "auto" and not hidden.is_cuda):
         return _torch_kernel(plan)
-    try:
-        from megatron_simreg import simreg_triton
-    except ImportError as error:
-        if kernel == "auto":
-            return _torch_kernel(plan)
-        raise ValueError(
-            f"simreg kernel 'triton' needs the triton package ({error}); install it or use kernel='torch'"
-        ) from error
+    simreg_triton, problem = _triton()
+    if problem is not None and kernel == "auto":
+        _say_once(f"simreg: the Triton kernel cannot run here ({problem}); using the PyTorch kernel")
+        return _torch_kernel(plan)
+    if problem is not None:
+        raise ValueError(f"simreg.kernel=triton: {problem}; set simreg.kernel=torch or auto")
     if not hidden.is_cuda and not simreg_triton.INTERPRETED:
         raise ValueError(
             "simreg kernel 'triton' runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1, set before "
             "megatron_simreg.simreg_triton is imported); use kernel='torch' or 'auto' on CPU"
         )
     return simreg_triton.SimRegTritonFunction
+
+
+@functools.cache
+def _triton():
+    """(megatron_simreg.simreg_triton, None) once it imports and Triton sets up, else (None, what is missing)."""
+    try:
+        from megatron_simreg import simreg_triton
+
+        simreg_triton.check_setup()
+    except ModuleNotFoundError as error:
+        return None, f"the {error.name} package is not installed"
+    except Exception as error:  # an old or broken Triton fails in its own ways: AttributeError, RuntimeError, ...
+        return None, str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return simreg_triton, None
+
+
+@functools.cache
+def _say_once(line: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(line, file=sys.stderr, flush=True)
 
 
 def _torch_kernel(plan: _Plan):

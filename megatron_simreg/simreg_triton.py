@@ -47,6 +47,9 @@ import triton.language as tl
 
 from megatron_simreg import simreg as reference_kernel
 
+if not hasattr(triton, "knobs"):  # older images ship Triton 3.1 to 3.3
+    raise ImportError(f"triton >= 3.4 needed (triton.knobs), found {triton.__version__}")
+
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 """Whether these kernels run in Triton's interpreter (TRITON_INTERPRET=1 at import): then on CPU tensors."""
 
@@ -66,6 +69,13 @@ inputs, and stays fp32 for fp16 ones (whose range W's small weights would underf
 _MASKED = tl.constexpr(reference_kernel.MASKED)
 _UPCAST = tl.constexpr(INTERPRETED)  # the interpreter multiplies bf16 as raw bits: hand it float32 (exact) instead
 MASKED = reference_kernel.MASKED
+
+
+def check_setup() -> None:
+    """Raise now what would stop the first kernel launch: on a GPU, Triton's driver compiles its launcher with the
+    system's C compiler ("Failed to find C compiler") and needs the CUDA driver."""
+    if not INTERPRETED and torch.cuda.is_available():
+        triton.runtime.driver.active.get_current_target()
 
 
 class SimRegTritonFunction(torch.autograd.Function):

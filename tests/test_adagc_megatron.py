@@ -10,6 +10,7 @@ thresholds. Half-way the AdaGC state goes through a file into a fresh AdaGC, whi
 """
 
 import io
+import re
 import zlib
 
 import pytest
@@ -219,3 +220,61 @@ def test_adagc_skips_the_step_on_a_non_finite_gradient_norm():
         assert updated is False and not torch.isfinite(torch.tensor(norm)) and unchanged and step == 0 and gamma == {}
     updated, norm, unchanged, step, gamma = finite
     assert updated is True and norm > 0 and not unchanged and step == 1 and len(gamma) > 0
+
+
+def transformer_engine_name(name: str, moe: bool) -> str:
+    """The name Transformer Engine's layers give the local layers' parameter `name`, read off megatron-core's TE
+    layer spec (`gpt_layer_specs.get_gpt_layer_with_transformer_engine_submodules`; building it needs TE): there
+    `input_layernorm` and, without experts, `pre_mlp_layernorm` are IdentityOp, their weights held as
+    `layer_norm_weight` by the TELayerNormColumnParallelLinear after them (`linear_qkv`, `mlp.linear_fc1`); with
+    experts `pre_mlp_layernorm` stays a norm (TENorm, `weight`) and, with `moe_grouped_gemm` (configs/base.yaml),
+    TEGroupedMLP holds expert e's weights as `experts.linear_fc1.weight{e}` (its TEGroupedLinear's)."""
+    name = re.sub(r"\.input_layernorm\.weight$", ".self_attention.linear_qkv.layer_norm_weight", name)
+    if moe:
+        return re.sub(r"\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.weight$", r".experts.\2.weight\1", name)
+    return re.sub(r"\.pre_mlp_layernorm\.weight$", ".mlp.linear_fc1.layer_norm_weight", name)
+
+
+def module_tree(shapes: dict[str, torch.Size]) -> torch.nn.Module:
+    """Modules holding parameters of these names and shapes; `layers.<i>` carry their layer number."""
+    root = torch.nn.Module()
+    for name, shape in shapes.items():
+        *path, leaf = name.split(".")
+        module = root
+        for parent, part in zip([""] + path, path):
+            if not hasattr(module, part):
+                child = torch.nn.Module()
+                if parent == "layers":
+                    child.layer_number = int(part) + 1
+                module.add_module(part, child)
+            module = getattr(module, part)
+        module.register_parameter(leaf, torch.nn.Parameter(torch.empty(shape)))
+    return root
+
+
+def local_parameter_shapes_worker(rank, world, name):
+    from megatron_simreg import parallel
+    from megatron_simreg.megatron_adagc import parameter_names
+    from megatron_simreg.model import model_provider
+
+    cfg = load_config(f"configs/{name}.yaml", BASE)
+    parallel.initialize(cfg)
+    try:
+        model = model_provider(cfg)
+        return {name: param.shape for param, name in parameter_names([model]).items()}, dict(
+            (name, param.shape) for name, param in model.named_parameters())
+    finally:
+        parallel.destroy()
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral"])
+def test_adagc_names_tensors_alike_on_transformer_engine_and_local_layers(name):
+    """A model of TE's layers names every tensor as the local layers' model does (same name, same shape), so
+    AdaGC's thresholds saved with either resume on the other."""
+    from megatron_simreg.megatron_adagc import parameter_names
+
+    adagc_names, module_names = run_distributed(local_parameter_shapes_worker, 1, name)[0]
+    te_names = {transformer_engine_name(key, moe=name == "tiny-mixtral"): shape for key, shape in module_names.items()}
+    assert len(set(te_names) - set(module_names)) >= 2  # the norms (and experts) are named otherwise by TE
+    on_te = {name: param.shape for param, name in parameter_names([module_tree(te_names)]).items()}
+    assert on_te == adagc_names

@@ -309,3 +309,54 @@ def test_labels_float32_cannot_tell_apart_still_pair_exactly(offset, block_size)
     torch.testing.assert_close(ours.loss.double(), ref, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(simreg_terms(hidden, shifted, mask, 0.1, block_size=block_size)[mask].double(),
                                reference_terms(hidden.double(), shifted, mask, 0.1)[mask], rtol=1e-5, atol=1e-5)
+
+
+class _OnGpu(torch.Tensor):
+    """CPU tensors that say they are CUDA tensors, so `kernel: auto` looks for Triton as it does on a GPU."""
+
+    is_cuda = True
+
+
+@pytest.fixture
+def old_triton(monkeypatch):
+    """Triton 3.1 as older images ship it: it imports, but has no `triton.knobs` (Triton >= 3.4), which the
+    kernel module reads at import; only this test sees it, and the kernel module is imported afresh."""
+    import sys
+    import types
+
+    import megatron_simreg
+    from megatron_simreg import simreg
+
+    triton = types.ModuleType("triton")
+    triton.__version__, triton.language = "3.1.0", types.ModuleType("triton.language")
+    monkeypatch.setitem(sys.modules, "triton", triton)
+    monkeypatch.setitem(sys.modules, "triton.language", triton.language)
+    monkeypatch.delitem(sys.modules, "megatron_simreg.simreg_triton", raising=False)
+    monkeypatch.delattr(megatron_simreg, "simreg_triton", raising=False)
+    simreg._triton.cache_clear()
+    simreg._say_once.cache_clear()
+    yield
+    simreg._triton.cache_clear()
+
+
+def test_auto_kernel_falls_back_to_pytorch_on_an_old_triton_in_one_line(old_triton, capsys):
+    hidden, labels = clustered(2, 12, 16, dtype=torch.float32)
+    expected = simreg_loss(hidden, labels, kernel="torch").loss
+    for _ in range(2):
+        on_gpu = torch.Tensor._make_subclass(_OnGpu, hidden)
+        assert simreg_loss(on_gpu, labels, kernel="auto").loss.item() == expected.item()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["simreg: the Triton kernel cannot run here (triton >= 3.4 needed (triton.knobs), found 3.1.0); "
+                     "using the PyTorch kernel"]
+    with pytest.raises(ValueError, match=r"^simreg.kernel=triton: triton >= 3.4 needed \(triton.knobs\), found 3.1.0; "
+                                         r"set simreg.kernel=torch or auto$"):
+        simreg_loss(torch.Tensor._make_subclass(_OnGpu, hidden), labels, kernel="triton")
+
+
+def test_triton_kernel_without_triton_names_the_missing_package(old_triton, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if not installed
+    hidden, labels = clustered(2, 12, 16, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"^simreg.kernel=triton: the triton package is not installed; set simreg"):
+        simreg_loss(torch.Tensor._make_subclass(_OnGpu, hidden), labels, kernel="triton")

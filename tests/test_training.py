@@ -61,14 +61,25 @@ def assert_same_training(a_dir, b_dir):
     a, b = read_metrics(a_dir), read_metrics(b_dir)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for iteration in range(1, 7):
-        for key in ("lm loss", "simreg", "grad-norm", "learning-rate", "adagc min coeff"):
+        for key in ("lm loss", "simreg", "grad-norm", "learning-rate", "grad-norm clipped", "adagc min coeff"):
             assert a[iteration][key] == b[iteration][key], (iteration, key)
     assert read_metrics(a_dir, "valid")[6]["lm loss"] == read_metrics(b_dir, "valid")[6]["lm loss"]
 
 
 def test_resume_continues_exactly(corpus, straight, tmp_path):
+    """Also when the checkpoint's AdaGC thresholds are named as Transformer Engine's layers name the tensors (a
+    GPU run's, saved by an earlier version): resumed on local layers, the run clips exactly as the straight one."""
+    import torch
+    from test_adagc_megatron import transformer_engine_name
+
     run_distributed(train_worker, 1, config(corpus, tmp_path / "resumed", "training.exit_interval=3"))
     assert sorted(read_metrics(tmp_path / "resumed")) == [1, 2, 3]  # stopped, as a Slurm time limit would
+    path = tmp_path / "resumed" / "checkpoints" / "iter_0000003" / "mp_rank_00_000" / "model_optim_rng.pt"
+    state = torch.load(path, weights_only=False)
+    adagc = state["optimizer"]["adagc"]
+    adagc["gamma"] = {transformer_engine_name(name, moe=False): value for name, value in adagc["gamma"].items()}
+    assert "decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in adagc["gamma"]
+    torch.save(state, path)
     run_distributed(train_worker, 1, config(corpus, tmp_path / "resumed"))  # picks up at iteration 4
     assert_same_training(straight, tmp_path / "resumed")
     a = read_metrics(straight)
