@@ -59,6 +59,7 @@ fi
 # A stop request goes to the workers as SIGTERM (both training loops finish the step, save and exit 143), not to
 # torchrun: torchrun would forward it and then kill them after its own 30 s, however long the save takes.
 # torchrun and its workers ignore USR1, which Slurm sends to every process of the step.
+echo "launch.sh: node $NODE_RANK of $NNODES, $PROCS_PER_NODE processes, rendezvous at $MASTER_ADDR:$MASTER_PORT" >&2
 TORCHRUN=0
 # shellcheck disable=SC2329  # called by the trap
 stop_workers() {
