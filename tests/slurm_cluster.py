@@ -55,6 +55,13 @@ class Cluster:
         self.env = {**os.environ, "SLURM_CONF": self.conf}
 
     def start(self, timeout: float = 60.0) -> "Cluster":
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> "Cluster":
         f = self.folder
         for sub in ("munge", "state", "spool", "log"):
             os.makedirs(os.path.join(f, sub), mode=0o700, exist_ok=True)
@@ -98,7 +105,7 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             self._daemon([SLURMD, "-D", "-N", name, "-f", self.conf])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            idle = self.run("sinfo", "--noheader", "--states=idle", "--format=%n", check=False).stdout.split()
+            idle = self.run("sinfo", "--Node", "--noheader", "--states=idle", "--format=%N", check=False).stdout.split()
             if sorted(idle) == sorted(self.nodes):
                 return self
             time.sleep(0.5)
