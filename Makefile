@@ -7,7 +7,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-isa demo bench docker clean
+.PHONY: venv test test-isa slurm demo bench docker clean
 
 $(STAMP): requirements.txt setup.py
 	@test -n "$(PYTHON)" || { echo "Python 3.12 not found: install it (pyenv install 3.12) or pass PYTHON=/path/to/python3.12"; exit 1; }
@@ -19,7 +19,15 @@ $(STAMP): requirements.txt setup.py
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# tests/test_slurm.py starts a private Slurm cluster: install it where we can (root with apt), else those tests
+# skip with one line saying why (a failure under CI=true).
+slurm:
+	@command -v slurmctld >/dev/null && command -v munged >/dev/null \
+	|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	     && { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; } \
+	|| echo "make: slurm-wlm and munge not installed (needs root and apt-get): the Slurm tests will skip"; }
+
+test: $(STAMP) slurm
 	$(VENV)/bin/ruff check .
 	$(VPY) -m pytest -q -n 2 --dist loadfile tests
 

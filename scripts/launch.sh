@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Launch training with torchrun on this node: scripts/launch.sh CONFIG [--set key=value ...] [--dry-run]
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT on every node (scripts/slurm/train.sbatch does).
+# GPUS_PER_NODE (default: the GPUs nvidia-smi lists) starts one process per GPU; GPUS_PER_NODE=0 (or no GPU here)
+# starts CPU_PROCS_PER_NODE (default 1) processes over gloo, which run the local loop.
+# USR1 or TERM to this script makes the workers, and only them, finish their step, save and stop.
 set -euo pipefail
 
 CONFIG=${1:-}
@@ -10,14 +13,23 @@ if [[ -z "$CONFIG" || ! -f "$CONFIG" ]]; then
 fi
 shift
 
+DRY_RUN=0
+for arg in "$@"; do
+  [[ "$arg" != "--dry-run" ]] || DRY_RUN=1
+done
+
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 if [[ -z "${GPUS_PER_NODE:-}" ]]; then
   GPUS_PER_NODE=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
-  [[ "$GPUS_PER_NODE" -gt 0 ]] || GPUS_PER_NODE=1
+  if [[ "$GPUS_PER_NODE" -eq 0 && "$DRY_RUN" -eq 1 ]]; then  # a login node: plan for the nodes the job asks for
+    GPUS_PER_NODE=$(sed -n 's/^#SBATCH --gpus-per-node=//p' "$(dirname "$0")/slurm/train.sbatch")
+  fi
 fi
+PROCS_PER_NODE=$GPUS_PER_NODE
+[[ "$GPUS_PER_NODE" -gt 0 ]] || PROCS_PER_NODE=${CPU_PROCS_PER_NODE:-1}
 LOG_DIR=${LOG_DIR:-runs/logs}
 mkdir -p "$LOG_DIR"
 
@@ -30,16 +42,37 @@ export PYTHONUNBUFFERED=1
 DISTRIBUTED_ARGS=(
   --nnodes "$NNODES"
   --node-rank "$NODE_RANK"
-  --nproc-per-node "$GPUS_PER_NODE"
+  --nproc-per-node "$PROCS_PER_NODE"
   --master-addr "$MASTER_ADDR"
   --master-port "$MASTER_PORT"
 )
+# torchrun writes each worker's output to a file under LOG_DIR and copies it to the console: no pipe that a
+# signal can break under the workers while they save.
+LOG_ARGS=(--log-dir "$LOG_DIR" --tee 3)
 TRAINING_ARGS=(--config "$CONFIG" "$@")
 
-for arg in "$@"; do
-  if [[ "$arg" == "--dry-run" ]]; then  # checks the layout for the whole job on CPU, starts nothing
-    exec python -m megatron_simreg.train "${TRAINING_ARGS[@]}" --world-size $((NNODES * GPUS_PER_NODE)) --gpus-per-node "$GPUS_PER_NODE"
-  fi
-done
+if [[ "$DRY_RUN" -eq 1 ]]; then  # checks the layout for the whole job on CPU, starts nothing
+  exec python -m megatron_simreg.train "${TRAINING_ARGS[@]}" --world-size $((NNODES * PROCS_PER_NODE)) \
+    --gpus-per-node "$PROCS_PER_NODE"
+fi
 
-torchrun "${DISTRIBUTED_ARGS[@]}" -m megatron_simreg.train "${TRAINING_ARGS[@]}" 2>&1 | tee -a "$LOG_DIR/node${NODE_RANK}.log"
+# A stop request goes to the workers as SIGTERM (both training loops finish the step, save and exit 143), not to
+# torchrun: torchrun would forward it and then kill them after its own 30 s, however long the save takes.
+# torchrun and its workers ignore USR1, which Slurm sends to every process of the step.
+echo "launch.sh: node $NODE_RANK of $NNODES, $PROCS_PER_NODE processes, rendezvous at $MASTER_ADDR:$MASTER_PORT" >&2
+TORCHRUN=0
+# shellcheck disable=SC2329  # called by the trap
+stop_workers() {
+  echo "launch.sh: asking the workers to finish their step and save" >&2
+  [[ "$TORCHRUN" -eq 0 ]] || pkill -TERM -P "$TORCHRUN" || true
+}
+trap stop_workers USR1 TERM
+(trap '' USR1; exec torchrun "${DISTRIBUTED_ARGS[@]}" "${LOG_ARGS[@]}" -m megatron_simreg.train "${TRAINING_ARGS[@]}") &
+TORCHRUN=$!
+status=0
+wait "$TORCHRUN" || status=$?
+while kill -0 "$TORCHRUN" 2>/dev/null; do  # a trap ended the wait: wait for torchrun itself
+  status=0
+  wait "$TORCHRUN" || status=$?
+done
+exit "$status"
