@@ -3,10 +3,10 @@
 Made for a single lent GPU (H100 or H200, torch and triton there, no network) and at most 9 minutes of wall
 time in all: the checks run in the order of what they prove (the kernel's numbers, then training, then speed),
 each under its own limit and under one overall deadline, and a failing or timed-out check is recorded rather
-than stopping the rest. Every launch runs in a process group of its own, killed whole on timeout (torchrun's
-workers hold the GPU, not torchrun). Each run gets a fresh work folder, so a second run never resumes from the
-first one's checkpoints. The report (Markdown, the device named) is rewritten after every check and goes to
-`--output` (docs/gpu-validation.md by default):
+than stopping the rest. A launch that runs out of time is killed with all its descendants (torchrun's workers,
+which hold the GPU, run in sessions of their own). Each run gets a fresh work folder, so a second run never
+resumes from the first one's checkpoints. The report (Markdown, the device named) is rewritten after every
+check and goes to `--output` (docs/gpu-validation.md by default):
 
 1. SimReg against its float64 evaluation on the GPU: fp32 and bf16 inputs, TF32 allowed and not, each kernel.
 2. Host-device synchronisations during one SimReg forward and backward (`torch.cuda.set_sync_debug_mode`).
@@ -113,7 +113,8 @@ def main(argv=None) -> int:
     ]
     sections = [header(args)]
     if args.dry_run:
-        found, problems = packages(), dry_run_problems(args)
+        needed = needed_distributions()
+        found, problems = packages(needed), dry_run_problems(args, needed)
         sections.append(found)
         summary = "; ".join(problems) if problems else "every piece imports and the data is there"
         sections.append(f"Dry run: {summary}.")
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
         print(found)
         print(f"gpu_check dry run: {len(checks)} checks ready" + (f"; problems: {problems}" if problems else ""))
         return 1 if problems else 0
-    sections.append(packages())
+    sections.append(packages(needed_distributions()))
     failed = run_checks(checks, Deadline(args.deadline), sections, args.output)
     print(f"gpu_check: {len(checks) - failed}/{len(checks)} checks passed; report in {args.output}")
     return 1 if failed else 0
@@ -171,11 +172,11 @@ def header(args) -> str:
 def needed_distributions() -> dict[str, str]:
     """Every distribution the checks need besides torch, triton and their own dependencies, with the version
     installed here ("missing" where it is not): IMPORTED and what they require, transitively."""
-    provided = _closure(PROVIDED)
-    return {name: version for name, version in _closure(IMPORTED).items() if name not in provided}
+    provided = requirement_closure(PROVIDED)
+    return {name: version for name, version in requirement_closure(IMPORTED).items() if name not in provided}
 
 
-def _closure(roots) -> dict[str, str]:
+def requirement_closure(roots) -> dict[str, str]:
     """Canonical name -> version of `roots` and their requirements (extras left out, markers evaluated here)."""
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
@@ -197,8 +198,8 @@ def _closure(roots) -> dict[str, str]:
     return found
 
 
-def packages() -> str:
-    listed = ", ".join(f"{name} {version}" for name, version in sorted(needed_distributions().items()))
+def packages(needed: dict[str, str]) -> str:
+    listed = ", ".join(f"{name} {version}" for name, version in sorted(needed.items()))
     return f"Packages besides torch, triton and their dependencies: {listed}."
 
 
@@ -217,8 +218,8 @@ def write(path: str, sections: list[str]) -> None:
         f.write("\n\n".join(sections).rstrip() + "\n")
 
 
-def dry_run_problems(args) -> list[str]:
-    problems = [f"{name} is not installed" for name, version in needed_distributions().items() if version == "missing"]
+def dry_run_problems(args, needed: dict[str, str]) -> list[str]:
+    problems = [f"{name} is not installed" for name, version in needed.items() if version == "missing"]
     for module in CHECK_MODULES:
         try:
             __import__(module)
@@ -305,9 +306,8 @@ def simreg_host_syncs() -> str:
             simreg_loss(x, labels).loss.backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
-    sources = sorted({f"{os.path.relpath(w.filename, ROOT)}:{w.lineno}" for w in caught
-                      if "synchroniz" in str(w.message)})
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    sources = sorted({f"{os.path.relpath(w.filename, ROOT)}:{w.lineno}" for w in syncs})
     return (f"{len(syncs)} synchronising calls in one forward and backward (kernel auto, bf16, (1, 2048, 1024))"
             + (": " + ", ".join(sources) if sources else ""))
 

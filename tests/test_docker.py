@@ -1,7 +1,7 @@
 """docker/Dockerfile under NGC's pip constraints, without Docker: its own pip lines, read from the file, run in a
 fresh venv where torch is already installed (as in the image) and PIP_CONSTRAINT holds the image's versions
-(docker/ngc-25.10-constraints.txt). SLOW: it installs from PyPI (lm-eval[hf] pulls transformers, datasets,
-pyarrow, ...): 8 min measured on 2 busy cores beside the Slurm tests."""
+(docker/ngc-25.10-constraints.txt). Slow: it installs from PyPI (lm-eval[hf] pulls transformers, datasets,
+pyarrow, ...): 111-144 s in `make test` on 2 cores, with pip's cache warm."""
 
 import importlib.metadata
 import os
@@ -10,33 +10,16 @@ import shutil
 import subprocess
 import sys
 
+from installed_links import link_distributions
+
+from megatron_simreg.gpu_check import requirement_closure
+
 
 def dockerfile_pip_commands(path="docker/Dockerfile") -> list[str]:
     """The `pip install` commands of the Dockerfile's RUN lines, in order."""
     text = re.sub(r"\\\n", " ", open(path).read())
     runs = [line[len("RUN "):] for line in text.splitlines() if line.startswith("RUN ")]
     return [part.strip() for run in runs for part in run.split("&&") if "pip install" in part]
-
-
-def torch_as_the_image_has_it(folder):
-    """A folder holding links to the installed torch and its dependencies only (a .pth puts it on the path)."""
-    os.makedirs(folder)
-    names, seen = ["torch"], set()
-    while names:
-        name = re.split(r"[ ;<>=~!\[]", names.pop())[0].lower().replace("_", "-")
-        if name in seen:
-            continue
-        try:
-            dist = importlib.metadata.distribution(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue  # torch's CUDA wheels: not installed with the CPU build, not needed to import it
-        seen.add(name)
-        names += [r for r in dist.requires or [] if "extra ==" not in r]
-        for top in {f.parts[0] for f in dist.files or [] if f.parts[0] != ".." and not f.parts[0].endswith(".pth")}:
-            source = dist.locate_file(top)
-            if os.path.exists(source) and not os.path.exists(os.path.join(folder, top)):
-                os.symlink(source, os.path.join(folder, top))
-    return seen
 
 
 def test_dockerfile_installs_under_ngc_constraints(tmp_path):
@@ -54,7 +37,8 @@ def test_dockerfile_installs_under_ngc_constraints(tmp_path):
     python = str(venv / "bin" / "python")
     site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    shipped = torch_as_the_image_has_it(str(tmp_path / "image"))
+    # torch as the image has it: links to the installed torch and its dependencies only, on the venv's path
+    shipped = link_distributions(str(tmp_path / "image"), requirement_closure(["torch"]))
     with open(os.path.join(site, "image.pth"), "w") as f:
         f.write(str(tmp_path / "image") + "\n")
     constraints = tmp_path / "constraint.txt"

@@ -9,6 +9,7 @@ import time
 
 import psutil
 import pytest
+from installed_links import link_distributions
 
 from megatron_simreg import gpu_check
 
@@ -54,19 +55,8 @@ def test_the_listed_packages_are_all_the_gpu_machine_needs(small_corpus, tmp_pat
     """A machine with only torch, triton (and their dependencies) and the listed packages, made here from this
     environment's installed files: the bare interpreter, no site-packages but a folder of links to exactly those
     distributions, passes the dry run (every module the checks import imports there)."""
-    import importlib.metadata
-
     machine = tmp_path / "site"
-    machine.mkdir()
-    for name in {*gpu_check.needed_distributions(), *gpu_check._closure(gpu_check.PROVIDED)}:
-        try:
-            distribution = importlib.metadata.distribution(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue  # a dependency this platform does not install (CUDA wheels on a CPU machine)
-        for top in {file.parts[0] for file in distribution.files or [] if not file.parts[0].startswith("..")}:
-            link = machine / top
-            if not link.exists() and (distribution.locate_file(top)).exists():
-                link.symlink_to(distribution.locate_file(top))
+    link_distributions(machine, {*gpu_check.needed_distributions(), *gpu_check.requirement_closure(gpu_check.PROVIDED)})
     script = ("import sys; sys.path[:0] = sys.argv[1:3]; from megatron_simreg import gpu_check; "
               "sys.exit(gpu_check.main(sys.argv[3:]))")
     done = subprocess.run(
