@@ -92,3 +92,27 @@ def test_provider_builds_the_same_model_from_megatrons_config(name, monkeypatch)
     assert ours == theirs
     assert not any(n.endswith(".bias") for n in ours)  # no biases anywhere
     assert "output_layer.weight" in ours  # untied from the embedding
+
+
+def build_refusal(rank, world, cfg, megatron_transformer_config):
+    """What the provider says when megatron.training hands it `megatron_transformer_config`."""
+    from megatron_simreg import parallel
+    from megatron_simreg.model import model_provider
+
+    parallel.initialize(cfg)
+    try:
+        model_provider(cfg, config=megatron_transformer_config)
+    except ValueError as error:
+        return str(error)
+    finally:
+        parallel.destroy()
+
+
+def test_a_recompute_chunk_ending_past_the_simreg_layer_is_refused(monkeypatch):
+    """Full recompute in chunks of 2 layers would run layer 0 without autograd: SimReg there would train nothing.
+    (Recompute that keeps the layer trains like no recompute: tests/test_megatron_training.py.)"""
+    recompute = ("megatron.extra_args=[--recompute-granularity, full, --recompute-method, uniform, "
+                 "--recompute-num-layers, 2]")
+    cfg = load_config("configs/tiny-llama.yaml", ["model.seq_length=32", "simreg.layer=0", recompute])
+    message = run_distributed(build_refusal, 1, cfg, megatron_config(cfg, 1, monkeypatch))[0]
+    assert message is not None and "simreg.layer=0 is recomputed inside a chunk of 2 layers" in message, message
