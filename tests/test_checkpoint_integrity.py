@@ -134,8 +134,8 @@ def test_an_explicit_checkpoint_load_without_a_checkpoint_is_refused_before_any_
 
 def test_a_latest_file_naming_a_missing_iteration_offers_the_intact_one(
         runs, corpus, tmp_path, monkeypatch):  # noqa: F811
-    """The latest folder deleted, or the `latest` file saying 999 or 0: the local loop, megatron.training and export
-    each name the problem and offer iteration 2 in their own words."""
+    """The latest folder deleted, or the `latest` file saying 999 or 0, or gone: the local loop, megatron.training
+    and export each name the problem and offer iteration 2 in their own words."""
     from megatron_simreg.megatron_entry import pretrain
 
     monkeypatch.setattr(sys, "argv", list(sys.argv))
@@ -156,6 +156,10 @@ def test_a_latest_file_naming_a_missing_iteration_offers_the_intact_one(
     failed = export_cli("--checkpoint", str(checkpoints), "--output", str(tmp_path / "hf"))
     assert failed.startswith(f"export_hf: {tracker} names iteration 0, but there is no") and failed.endswith(
         "the latest intact iteration is 2: export it with --iteration 2"), failed
+    tracker.unlink()  # iterations saved but none named the latest: not a run to start from scratch over
+    failed = export_cli("--checkpoint", str(checkpoints), "--output", str(tmp_path / "hf"))
+    assert failed == (f"export_hf: {checkpoints} holds iterations 2 but no latest_checkpointed_iteration.txt naming "
+                      "the latest; the latest intact iteration is 2: export it with --iteration 2"), failed
 
 
 def test_export_lists_the_saved_iterations_and_names_a_missing_folder(runs, tmp_path):
