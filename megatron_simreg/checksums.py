@@ -63,14 +63,10 @@ def recording(folder: str):
 def verify(folder: str, collective: bool) -> list[str] | None:
     """What differs from the manifest, one phrase per file naming it ([]: nothing); None without a manifest.
     Collective (every rank calling, each hashing its share; all get the same answer) or by this process alone."""
-    try:
-        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as f:
-            recorded = {path: (entry["size"], entry["xxh3_64"]) for path, entry in json.load(f)["files"].items()}
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        return [f"its checksum manifest {os.path.join(folder, MANIFEST)} is unreadable ({error})"]
     collective = collective and dist.is_initialized()
+    recorded = _shared(lambda: _recorded(folder)) if collective else _recorded(folder)
+    if recorded is None or isinstance(recorded, str):
+        return None if recorded is None else [recorded]
     problems = {}
     sizes = {path: size for path, (size, _) in recorded.items()}
     for path in _share(sizes) if collective else sizes:
@@ -85,6 +81,18 @@ def verify(folder: str, collective: bool) -> list[str] | None:
     if collective:
         problems = _gathered(problems)
     return [problems[path] for path in sorted(problems)]
+
+
+def _recorded(folder: str) -> dict[str, tuple[int, str]] | str | None:
+    """The manifest: relative path -> (size, hash); None when there is none, a phrase saying why it is unreadable."""
+    path = os.path.join(folder, MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return {name: (entry["size"], entry["xxh3_64"]) for name, entry in json.load(f)["files"].items()}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        return f"checksum file {path} is unreadable ({error})"
 
 
 def _listing(folder: str) -> dict[str, int]:

@@ -230,3 +230,6 @@ def test_checksums_are_split_over_the_ranks_and_every_rank_gets_the_verdict(tmp_
     assert sorted(rank0 + rank1) == ["a/0.bin", "a/1.bin", "b/2.bin", "b/3.bin"] and len(rank0) == len(rank1) == 2
     assert found0 == found1 == [f"checkpoint file {tmp_path / 'b' / '3.bin'} is corrupt (its content differs from "
                                 "the checksum saved with it)"]
+    (tmp_path / checksums.MANIFEST).write_text('{"files": ')  # cut short: the folder is not taken as intact
+    problems = checksums.verify(str(tmp_path), collective=False)
+    assert len(problems) == 1 and problems[0].startswith(f"checksum file {tmp_path / 'checksums.json'} is unreadable")
