@@ -21,6 +21,7 @@ setup(
         "mistral-common",
         "matplotlib",
         "tensorboard",
+        "xxhash",
     ],
     extras_require={
         "data": ["datasets"],

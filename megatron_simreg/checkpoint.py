@@ -1,11 +1,16 @@
 """Checkpoints of the local loop, in Megatron-LM's `torch` layout, written so nothing is ever half there.
 
     <save>/iter_0000100/mp_rank_00_000/model_optim_rng.pt     (one file per model-parallel rank)
+    <save>/iter_0000100/checksums.json                         (each file's size and hash: checksums.py)
     <save>/latest_checkpointed_iteration.txt
 
 Each holds the model, optimizer, LR scheduler and AdaGC states, the RNG states and the data position,
 so a resumed run continues exactly as an uninterrupted one. A checkpoint is written into a temporary
 folder and renamed when every rank has finished; the `latest` file is updated last.
+
+Loading, here and in megatron.training (megatron_entry.py), first checks the files against their checksums;
+a problem (a corrupt file, a `latest` file naming a missing iteration) is one line that offers the latest
+intact iteration, in the words of the entry point (`Choice`: resume, export).
 """
 
 from __future__ import annotations
@@ -14,13 +19,17 @@ import errno
 import os
 import random
 import shutil
+import sys
 import zipfile
+from typing import NamedTuple
 
 import numpy
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+from megatron_simreg import checksums
 
 LATEST = "latest_checkpointed_iteration.txt"
 FILE = "model_optim_rng.pt"
@@ -50,6 +59,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message names the file and what to do."""
 
 
+class Choice(NamedTuple):
+    """How an entry point lets its user choose an iteration ({} stands for it), for messages that offer one."""
+
+    option: str  # the setting that chooses one
+    fix: str  # what to do with an intact iteration offered
+
+
+RESUME = Choice("checkpoint.load_iteration={}", "resume from it with --set checkpoint.load_iteration={}")
+EXPORT = Choice("--iteration {}", "export it with --iteration {}")
+
+
 def save_checkpoint(save: str, iteration: int, state: dict) -> str:
     final = iteration_dir(save, iteration)
     partial = final + ".partial"
@@ -61,6 +81,7 @@ def save_checkpoint(save: str, iteration: int, state: dict) -> str:
         state = {**state, "rng": _rng_state(), "iteration": iteration}
         problem = _write(state, os.path.join(partial, _rank_dir(), FILE))
     _all_written_or_raise(problem, save, iteration, partial)
+    checksums.record(partial)  # inside the folder before its rename: a checkpoint never exists without them
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
@@ -148,29 +169,49 @@ def _filesystem(path: str) -> str:
     return f"{devices[-1]} (mounted at {mount})" if devices else mount
 
 
-def latest_iteration(load: str | None) -> int | None:
+def latest_iteration(load: str | None, choice: Choice = RESUME) -> int | None:
+    """The iteration the `latest` file names (None: there is none)."""
     path = os.path.join(load or "", LATEST)
     if not load or not os.path.isfile(path):
         return None
     with open(path, errors="replace") as f:
         text = f.read().strip()
     if not (text.isascii() and text.isdigit()):
-        saved = ", ".join(str(i) for i in saved_iterations(load)) or "none"
-        raise CheckpointError(
-            f"{path} is corrupt (it holds {text[:20]!r}, not an iteration number): write an iteration into it, or "
-            f"choose one (checkpoint.load_iteration to resume, --iteration to export; saved here: {saved})"
-        )
+        raise CheckpointError(f"{path} is corrupt (it holds {text[:20]!r}, not an iteration number; saved here: "
+                              f"{_listed(saved_iterations(load))}); " + _offer(load, choice))
     return int(text)
 
 
-def chosen_iteration(load: str, wanted: int | None) -> int | None:
-    """The iteration to resume from: `wanted` (checkpoint.load_iteration), which must be saved, else the latest."""
-    if wanted is None:
-        return latest_iteration(load)
-    if wanted not in saved_iterations(load):
-        saved = ", ".join(str(i) for i in saved_iterations(load)) or "none"
-        raise CheckpointError(f"checkpoint.load_iteration={wanted} is not saved in {load} (saved: {saved})")
-    return wanted
+def chosen_iteration(load: str, wanted: int | None, choice: Choice = RESUME) -> int | None:
+    """The iteration to load: `wanted`, else the latest; either must have its folder (None: start from scratch)."""
+    saved = saved_iterations(load)
+    if wanted is not None:
+        if wanted not in saved:
+            raise CheckpointError(f"{choice.option.format(wanted)} is not saved in {load} (saved: {_listed(saved)})")
+        return wanted
+    latest = latest_iteration(load, choice)
+    if latest is None and saved:
+        raise CheckpointError(f"{load} holds iterations {_listed(saved)} but no {LATEST} naming the latest; "
+                              + _offer(load, choice))
+    if latest is not None and latest not in saved:
+        raise CheckpointError(f"{os.path.join(load, LATEST)} names iteration {latest}, but there is no "
+                              f"{iteration_dir(load, latest)} (saved: {_listed(saved)}); " + _offer(load, choice))
+    return latest
+
+
+def check_holds_checkpoint(folder: str | None, name: str) -> None:
+    """Refuse a checkpoint folder named explicitly (`name` is checkpoint.load= or --checkpoint ) that holds no
+    checkpoint: a typo must not start training from scratch."""
+    if folder is None:
+        return
+    if not os.path.isdir(folder):
+        problem = "the folder does not exist" if not os.path.exists(folder) else "it is a file"
+    elif not saved_iterations(folder) and not os.path.isfile(os.path.join(folder, LATEST)):
+        problem = f"it holds no {LATEST} and no iter_* folders"
+    else:
+        return
+    raise FileNotFoundError(f"no checkpoint at {name}{folder}: {problem}; point it at a run's checkpoint folder "
+                            "(RUN/checkpoints)")
 
 
 def saved_iterations(folder: str) -> list[int]:
@@ -181,13 +222,12 @@ def saved_iterations(folder: str) -> list[int]:
 
 def load_checkpoint(load: str, iteration: int) -> dict:
     _check_saved_layout(iteration_dir(load, iteration))
+    verify_checkpoint(load, iteration, RESUME, collective=True)
     path = os.path.join(iteration_dir(load, iteration), _rank_dir(), FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"checkpoint {path} is missing: it was saved with another parallel layout or is incomplete; "
-            "resume with the layout it was saved with, or point checkpoint.load elsewhere"
-        )
-    state = read_checkpoint_file(path, load, iteration, "resume from it with --set checkpoint.load_iteration={}")
+        raise CheckpointError(f"checkpoint file {path} is missing: the checkpoint is incomplete; "
+                              + _offer(load, RESUME, below=iteration))
+    state = read_checkpoint_file(path, load, iteration, RESUME)
     _set_rng_state(state["rng"])
     return state
 
@@ -212,17 +252,51 @@ def _check_saved_layout(folder: str) -> None:
     )
 
 
-def read_checkpoint_file(path: str, folder: str, iteration: int, fix: str) -> dict:
-    """torch.load, or one line naming a corrupt file and the latest earlier iteration whose files are whole
-    (`fix` says how to use it, with {} for the iteration)."""
+def verify_checkpoint(load: str, iteration: int, choice: Choice, collective: bool) -> None:
+    """Before any weight is read: refuse an iteration whose files differ from the checksums saved with them,
+    naming the file and offering the latest earlier intact iteration. Collective: on every rank alike, each
+    hashing its share. A folder saved without checksums (an older run; megatron.training killed between its
+    save and their record) loads unverified, with a line saying so."""
+    folder = iteration_dir(load, iteration)
+    problems = checksums.verify(folder, collective)
+    if problems is None:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"checkpoint {folder} has no {checksums.MANIFEST} (saved without checksums): loading it unverified",
+                  file=sys.stderr, flush=True)
+        return
+    if problems:
+        more = f" (and {len(problems) - 1} more files)" if len(problems) > 1 else ""
+        raise CheckpointError(f"{problems[0]}{more}; " + _offer(load, choice, below=iteration, collective=collective))
+
+
+def read_checkpoint_file(path: str, folder: str, iteration: int, choice: Choice) -> dict:
+    """torch.load, or one line naming a corrupt file and the latest earlier intact iteration."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # truncated or overwritten files fail in zipfile, pickle or torch alike
         cause = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
-        earlier = [i for i in saved_iterations(folder) if i < iteration and _files_are_whole(iteration_dir(folder, i))]
-        offer = f"the latest earlier intact iteration is {earlier[-1]}: " + fix.format(earlier[-1]) if earlier else \
-            "no earlier intact iteration is saved"
-        raise CheckpointError(f"checkpoint file {path} is corrupt ({cause}); {offer}") from None
+        raise CheckpointError(f"checkpoint file {path} is corrupt ({cause}); "
+                              + _offer(folder, choice, below=iteration)) from None
+
+
+def _offer(load: str, choice: Choice, below: int | None = None, collective: bool = False) -> str:
+    """The latest intact iteration (before `below`) and what to do with it."""
+    candidates = [i for i in reversed(saved_iterations(load)) if below is None or i < below]
+    intact = next((i for i in candidates if _is_intact(iteration_dir(load, i), collective)), None)
+    which = "intact iteration" if below is None else "earlier intact iteration"
+    if intact is None:
+        return f"no {which} is saved in {load}"
+    return f"the latest {which} is {intact}: " + choice.fix.format(intact)
+
+
+def _listed(iterations: list[int]) -> str:
+    return ", ".join(map(str, iterations)) or "none"
+
+
+def _is_intact(folder: str, collective: bool) -> bool:
+    """The one test of a saved iteration: its files match their checksums, or, saved without them, open whole."""
+    problems = checksums.verify(folder, collective)
+    return not problems if problems is not None else _files_are_whole(folder)
 
 
 def _files_are_whole(folder: str) -> bool:

@@ -112,9 +112,12 @@ def hugging_face_folder(checkpoint: str, folder: str, config: str | None) -> str
     """The checkpoint itself when it is already a Hugging Face folder, else its export into `folder`."""
     if os.path.isfile(os.path.join(checkpoint, "config.json")):
         return checkpoint
+    from megatron_simreg.checkpoint import Choice
     from megatron_simreg.export_hf import export
 
-    return export(checkpoint, folder, config, overwrite=True)  # our own folder from an earlier evaluation
+    # evaluate scores a run's latest iteration; another one is exported first and evaluated as a Hugging Face folder
+    another = Choice("--iteration {}", "export it with tools/export_hf.py --iteration {} and evaluate its folder")
+    return export(checkpoint, folder, config, overwrite=True, choice=another)  # our folder from an earlier evaluation
 
 
 def run_name(checkpoint: str) -> str:

@@ -23,21 +23,33 @@ import tempfile
 import torch
 import torch.distributed as dist
 
-from megatron_simreg.checkpoint import FILE, iteration_dir, latest_iteration, read_checkpoint_file
+from megatron_simreg.checkpoint import (
+    EXPORT,
+    FILE,
+    Choice,
+    check_holds_checkpoint,
+    chosen_iteration,
+    iteration_dir,
+    read_checkpoint_file,
+    verify_checkpoint,
+)
 from megatron_simreg.config import Config, load_config
 
 COLUMN_PARALLEL = ("linear_qkv.weight", "linear_fc1.weight", "word_embeddings.weight", "output_layer.weight")
 ROW_PARALLEL = ("linear_proj.weight", "linear_fc2.weight")
 
 
-def load_merged_state(checkpoint_dir: str, cfg: Config, iteration: int | None = None) -> dict[str, torch.Tensor]:
-    """One full (TP=1, PP=1, EP=1) GPTModel state dict from the shards of one checkpoint."""
-    iteration = iteration if iteration is not None else latest_iteration(checkpoint_dir)
+def load_merged_state(checkpoint_dir: str, cfg: Config, iteration: int | None = None,
+                      choice: Choice = EXPORT) -> dict[str, torch.Tensor]:
+    """One full (TP=1, PP=1, EP=1) GPTModel state dict from the shards of one checkpoint (`iteration`, else the
+    latest), its files checked against their checksums first; `choice` words the offer of another iteration."""
+    iteration = chosen_iteration(checkpoint_dir, iteration, choice)
     if iteration is None:
         raise FileNotFoundError(
             f"no checkpoint in {checkpoint_dir!r}: expected latest_checkpointed_iteration.txt and iter_NNNNNNN/ "
             "written by `python -m megatron_simreg.train`"
         )
+    verify_checkpoint(checkpoint_dir, iteration, choice, collective=False)
     folder = iteration_dir(checkpoint_dir, iteration)
     if os.path.isfile(os.path.join(folder, "metadata.json")):
         return _load_distributed_checkpoint(folder, cfg)
@@ -53,8 +65,7 @@ def load_merged_state(checkpoint_dir: str, cfg: Config, iteration: int | None = 
                         f"checkpoint shard {path} is missing: the checkpoint is partial, or was saved with another "
                         f"layout than the config's (tensor {p.tensor}, pipeline {p.pipeline}, expert {p.expert})"
                     )
-                fix = "export it with --iteration {}"
-                shards[(tp, pp, ep)] = read_checkpoint_file(path, checkpoint_dir, iteration, fix)["model"]
+                shards[(tp, pp, ep)] = read_checkpoint_file(path, checkpoint_dir, iteration, choice)["model"]
     layers_per_stage = cfg.model.num_layers // p.pipeline
     experts_per_rank = (cfg.model.num_experts or 1) // p.expert
     merged: dict[str, list] = {}
@@ -204,9 +215,10 @@ def hugging_face_config(cfg: Config, vocab_size: int, tokenizer):
 
 
 def export(checkpoint_dir: str, output_dir: str, config_path: str | None = None, iteration: int | None = None,
-           overwrite: bool = False) -> str:
+           overwrite: bool = False, choice: Choice = EXPORT) -> str:
     """Write a Hugging Face model folder (config, safetensors, tokenizer) from one of our checkpoints.
 
+    `choice`: how the caller's user picks another iteration, for messages that offer one.
     The folder is written beside `output_dir` under a temporary name and renamed into place when complete.
     `output_dir` may be new or empty; an earlier export is replaced only with `overwrite` (see `check_output`).
     """
@@ -215,6 +227,7 @@ def export(checkpoint_dir: str, output_dir: str, config_path: str | None = None,
     from megatron_simreg.data import build_tokenizer, default_tokenizer_path
 
     check_output(output_dir, overwrite)
+    check_holds_checkpoint(checkpoint_dir, "--checkpoint ")
     config_path = config_path or os.path.join(os.path.dirname(os.path.abspath(checkpoint_dir)), "config.yaml")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(
@@ -224,7 +237,7 @@ def export(checkpoint_dir: str, output_dir: str, config_path: str | None = None,
     cfg = load_config(config_path)
     tokenizer_path = cfg.data.tokenizer or default_tokenizer_path()
     tokenizer = build_tokenizer(tokenizer_path)
-    state = hugging_face_state(load_merged_state(checkpoint_dir, cfg, iteration), cfg, tokenizer.vocab_size)
+    state = hugging_face_state(load_merged_state(checkpoint_dir, cfg, iteration, choice), cfg, tokenizer.vocab_size)
     with _folder_beside(output_dir) as partial:
         hugging_face_config(cfg, tokenizer.vocab_size, tokenizer).save_pretrained(partial)
         save_file(state, os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})

@@ -24,7 +24,13 @@ from tqdm import tqdm
 from megatron_simreg import parallel
 from megatron_simreg.adagc import AdaGC
 from megatron_simreg.batches import micro_batches, on_this_rank
-from megatron_simreg.checkpoint import chosen_iteration, load_checkpoint, remove_partial_checkpoints, save_checkpoint
+from megatron_simreg.checkpoint import (
+    check_holds_checkpoint,
+    chosen_iteration,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
 from megatron_simreg.config import Config, save_config
 from megatron_simreg.cpu_compat import cpu_compat
 from megatron_simreg.data import build_gpt_datasets, build_tokenizer
@@ -96,6 +102,8 @@ def train(cfg: Config) -> dict:
 
 def _train(cfg: Config, plan: RunPlan, signals: StopSignals) -> dict:
     check_run_folders(cfg.run_dir, plan.save_dir)  # before any work
+    check_holds_checkpoint(cfg.checkpoint.load, "checkpoint.load=")
+    resume_from = chosen_iteration(plan.load_dir, cfg.checkpoint.load_iteration)
     remove_partial_checkpoints(plan.save_dir)
     gbs = cfg.training.global_batch_size
     evals = plan.train_iters // cfg.training.eval_interval + 1
@@ -111,7 +119,6 @@ def _train(cfg: Config, plan: RunPlan, signals: StopSignals) -> dict:
     accept_changed_settings(optimizer, scheduler, gbs)
 
     iteration, consumed = 0, 0
-    resume_from = chosen_iteration(plan.load_dir, cfg.checkpoint.load_iteration)
     if resume_from is not None:
         state = load_checkpoint(plan.load_dir, resume_from)
         parallel_model(model).load_state_dict(state["model"])

@@ -18,9 +18,18 @@ from functools import partial
 
 import torch
 
+from megatron_simreg import checksums
 from megatron_simreg.adagc import AdaGC
 from megatron_simreg.batches import on_this_rank
-from megatron_simreg.checkpoint import CheckpointError, chosen_iteration, latest_iteration
+from megatron_simreg.checkpoint import (
+    RESUME,
+    CheckpointError,
+    check_holds_checkpoint,
+    chosen_iteration,
+    iteration_dir,
+    latest_iteration,
+    verify_checkpoint,
+)
 from megatron_simreg.config import Config, save_config
 from megatron_simreg.data import build_gpt_datasets, build_tokenizer
 from megatron_simreg.failures import (
@@ -133,9 +142,10 @@ def pretrain(cfg: Config) -> None:
     plan = plan_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     try:
         check_run_folders(cfg.run_dir, plan.save_dir)
+        check_holds_checkpoint(cfg.checkpoint.load, "checkpoint.load=")
         latest_iteration(plan.load_dir)  # a garbage tracker file: Megatron would print it and exit with 0
         chosen_iteration(plan.load_dir, cfg.checkpoint.load_iteration)
-    except (UnwritablePath, CheckpointError) as error:
+    except (UnwritablePath, CheckpointError, FileNotFoundError) as error:
         sys.exit(f"training stopped: {error}")
     sys.argv = [sys.argv[0]] + megatron_arguments(cfg, plan, transformer_engine=have_transformer_engine())
     args = parse_and_validate_args()
@@ -156,6 +166,7 @@ def pretrain(cfg: Config) -> None:
         during_the_run.enter_context(_shipped_dataset_helpers())
         during_the_run.enter_context(_replaced(training, "get_megatron_optimizer", partial(_with_our_step, adagc)))
         during_the_run.enter_context(_replaced(training, "save_checkpoint", partial(_saving_only_finite_weights, args)))
+        during_the_run.enter_context(_replaced(training, "load_checkpoint", partial(_verifying_checksums, args)))
         during_the_run.enter_context(_replaced(training, "get_optimizer_param_scheduler",
                                                partial(_accepting_changed_settings, args)))
         during_the_run.enter_context(_stop_in_one_line(args))
@@ -188,7 +199,7 @@ def _stop_in_one_line(args):
     previous = signal.signal(signal.SIGINT, partial(_sigint_as_sigterm, received))
     try:
         yield
-    except (TrainingError, AdaGCStateMissing) as error:
+    except (TrainingError, AdaGCStateMissing, CheckpointError) as error:
         sys.exit(f"training stopped: {error}")
     except RuntimeError as error:
         if not is_non_finite_gradient(error):
@@ -255,13 +266,30 @@ def _accepting_changed_settings(args, build):
 
 
 def _saving_only_finite_weights(args, save):
-    """Refuse a checkpoint of non-finite weights (as the local loop does)."""
+    """Refuse a checkpoint of non-finite weights, and record the checksums of the files saved (as the local
+    loop does; an asynchronous or non-persistent save finishes later or elsewhere, unrecorded)."""
 
     def save_if_finite(iteration, model, *a, **kw):
         check_finite_weights(model, iteration, args.save)
-        return save(iteration, model, *a, **kw)
+        if args.async_save or kw.get("non_persistent_ckpt"):
+            return save(iteration, model, *a, **kw)
+        with checksums.recording(iteration_dir(args.save, iteration)):
+            return save(iteration, model, *a, **kw)
 
     return save_if_finite
+
+
+def _verifying_checksums(args, load):
+    """Check the files of the checkpoint Megatron is about to load against their checksums (as the local loop
+    does), on every rank before any reads a weight."""
+
+    def verify_then_load(*a, **kw):
+        iteration = chosen_iteration(args.load, args.ckpt_step)  # checked by pretrain() before Megatron started
+        if iteration is not None:
+            verify_checkpoint(args.load, iteration, RESUME, collective=True)
+        return load(*a, **kw)
+
+    return verify_then_load
 
 
 def _with_our_step(adagc: AdaGC | None, build):

@@ -5,6 +5,7 @@ import re
 import pytest
 import torch
 
+from megatron_simreg.bench import checksum as bench_checksum
 from megatron_simreg.bench import simreg as bench_simreg
 from megatron_simreg.bench import step as bench_step
 from megatron_simreg.simreg import simreg_loss
@@ -56,3 +57,10 @@ def test_simreg_bench_embeddings_are_the_regimes_they_are_named_after():
                                                       embeddings=embeddings)
         live[embeddings] = float(simreg_loss(hidden.detach(), labels, sequence_first=True).live_fraction)
     assert live == {"random": 0.0, "anisotropic": 1.0}
+
+
+def test_checksum_bench_prints_each_rate_against_the_save(capsys):
+    bench_checksum.main(["--megabytes", "1", "--repeats", "1"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [row[0].split(" (")[0].strip() for row in rows[1:]] == ["torch.save", "xxh3-64", "zlib CRC32"]
+    assert rows[1][2].strip() == "1.00x" and all(float(row[1]) > 0 for row in rows[1:])
