@@ -4,8 +4,8 @@ Another global batch size: the schedule stays in samples, as Megatron counts it 
 end are the config's iterations times the batch the run started with), and one line says so. Other model
 sizes: refused in one line naming each difference, before anything is written.
 
-One saved run per loop (stopped at iteration 2 of 8 with a global batch of 4, so 8 samples consumed) is copied
-into each test.
+One saved run per loop (stopped at iteration 2 of 8 with a global batch of 4, so 8 samples consumed; warm-up 2 x 4
+and decay 8 x 4 samples) is copied into each test.
 """
 
 import math
@@ -15,11 +15,10 @@ import shutil
 import pytest
 from distributed import run_distributed
 from test_megatron_training import SETTINGS, megatron_training
-from test_training import TINY, corpus, read_metrics  # noqa: F401  (corpus is a fixture)
+from test_training import corpus, read_metrics  # noqa: F401  (corpus is a fixture)
 
 from megatron_simreg.config import load_config
 
-LENGTH = "schedule.train_iters=8"  # as test_megatron_training.SETTINGS; 8 x 4 = 32 samples in all; warm-up 2 x 4 = 8 samples
 RESUMED = ["training.global_batch_size=8", "optimizer.lr=1.0e-3"]  # batch doubled, and a lower rate after a stop
 RESUME_LINE = ("resuming from iteration 2 (8 samples) with training.global_batch_size 4 -> 8: the schedule stays in "
                "samples (warm-up 8, decay 32); training ends at iteration 5 (32 samples)")
@@ -53,7 +52,7 @@ def local_worker(rank, world, argv):
 
 
 def local_training(run_dir, corpus, *overrides):  # noqa: F811
-    settings = [*TINY, LENGTH, f"data.prefix={corpus}", f"logging.run_dir={run_dir}", *overrides]
+    settings = [*SETTINGS, f"data.prefix={corpus}", f"logging.run_dir={run_dir}", *overrides]
     argv = ["--config", "configs/tiny-llama.yaml", *(f"--set={setting}" for setting in settings)]
     return run_distributed(local_worker, 1, argv)[0]
 
