@@ -35,26 +35,27 @@ def cosine_in_samples(samples: int) -> float:
     return 1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi * min(samples - 8, 24) / 24))
 
 
-def local_worker(rank, world, argv):
-    """train.main(argv) (the local loop on CPU): the exit message it stops with, or what it printed."""
+def exit_message_or_output(rank, world, run, *args):
+    """run(*args): the message it exits with, or what it printed."""
     import contextlib
     import io
-
-    from megatron_simreg.train import main
 
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):
-            main(argv)
+            run(*args)
     except SystemExit as stop:
         return stop.code
     return printed.getvalue()
 
 
 def local_training(run_dir, corpus, *overrides):  # noqa: F811
+    """`python -m megatron_simreg.train` (the local loop on CPU), in a process of the fork server."""
+    from megatron_simreg.train import main
+
     settings = [*SETTINGS, f"data.prefix={corpus}", f"logging.run_dir={run_dir}", *overrides]
     argv = ["--config", "configs/tiny-llama.yaml", *(f"--set={setting}" for setting in settings)]
-    return run_distributed(local_worker, 1, argv)[0]
+    return run_distributed(exit_message_or_output, 1, main, argv)[0]
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +117,23 @@ def test_local_loop_refuses_other_model_settings_in_one_line(saved, corpus, tmp_
 
 
 def test_megatron_loop_refuses_other_model_settings_in_one_line(saved, corpus, tmp_path):  # noqa: F811
+    """megatron_entry.pretrain refuses before megatron.training starts, so no launch is needed to see it."""
+    from megatron_simreg.megatron_entry import pretrain
+
     run_dir = copy_of(saved, "megatron", tmp_path)
     before = (run_dir / "config.yaml").read_text()
-    done = megatron_training(run_dir, f"data.prefix={corpus}", *RESIZED, succeed=False)
-    assert done.returncode == 1, done.stderr[-3000:]
-    lines = [line for line in done.stderr.splitlines() if line.startswith("training stopped")]
-    assert len(lines) == 1, done.stderr[-3000:]
-    refusal_is_one_line(lines[0], run_dir, before)
-    assert load_config(str(run_dir / "config.yaml")).model.hidden_size == 64
+    cfg = load_config("configs/tiny-llama.yaml", [*SETTINGS, f"data.prefix={corpus}", f"logging.run_dir={run_dir}",
+                                                  *RESIZED])
+    refusal_is_one_line(run_distributed(exit_message_or_output, 1, pretrain, cfg)[0], run_dir, before)
+
+
+def test_dry_run_plans_the_resumed_run_as_both_loops_do(saved, corpus, tmp_path):  # noqa: F811
+    from megatron_simreg.dry_run import report
+    from megatron_simreg.train import main
+
+    run_dir = copy_of(saved, "local", tmp_path)
+    settings = [*SETTINGS, f"data.prefix={corpus}", f"logging.run_dir={run_dir}"]
+    lines = report(load_config("configs/tiny-llama.yaml", [*settings, *RESUMED]), 1).splitlines()
+    assert RESUME_LINE in lines and any(" 5 steps, 0.0B tokens" in line for line in lines)
+    with pytest.raises(SystemExit, match=r"^dry run: checkpoint .* was saved with model.num_layers=2, model.hid"):
+        main(["--config", "configs/tiny-llama.yaml", "--dry-run", *(f"--set={s}" for s in [*settings, *RESIZED])])
