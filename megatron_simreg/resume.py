@@ -129,8 +129,9 @@ def build_scheduler(cfg: Config, optimizer, plan: RunPlan) -> OptimizerParamSche
     """Linear warm-up then cosine to min_lr, counted in samples as Megatron does, the same in both loops.
 
     The sample counts come from the plan (converted from iterations with the batch the run started with), so a
-    resume with another global batch size keeps them; megatron.training's own scheduler would multiply its
-    --lr-warmup-iters and --lr-decay-iters by the current batch instead. Resuming, the config's settings win.
+    resume with another global batch size keeps them. megatron.training's own scheduler, which this one replaces,
+    would multiply --lr-warmup-iters and --lr-decay-iters by the current batch instead (its other --lr-* and
+    weight-decay-increment arguments do not apply either). Resuming, the config's settings win.
     """
     o = cfg.optimizer
     scheduler = OptimizerParamScheduler(

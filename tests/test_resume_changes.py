@@ -8,6 +8,7 @@ One saved run per loop (stopped at iteration 2 of 8 with a global batch of 4, so
 and decay 8 x 4 samples) is copied into each test.
 """
 
+import dataclasses
 import math
 import re
 import shutil
@@ -128,12 +129,24 @@ def test_megatron_loop_refuses_other_model_settings_in_one_line(saved, corpus, t
 
 
 def test_dry_run_plans_the_resumed_run_as_both_loops_do(saved, corpus, tmp_path):  # noqa: F811
+    import torch
+
     from megatron_simreg.dry_run import report
+    from megatron_simreg.run_plan import plan_run
     from megatron_simreg.train import main
 
     run_dir = copy_of(saved, "local", tmp_path)
     settings = [*SETTINGS, f"data.prefix={corpus}", f"logging.run_dir={run_dir}"]
     lines = report(load_config("configs/tiny-llama.yaml", [*settings, *RESUMED]), 1).splitlines()
-    assert RESUME_LINE in lines and any(" 5 steps, 0.0B tokens" in line for line in lines)
+    assert RESUME_LINE in lines and any(" 5 steps, " in line for line in lines)
     with pytest.raises(SystemExit, match=r"^dry run: checkpoint .* was saved with model.num_layers=2, model.hid"):
         main(["--config", "configs/tiny-llama.yaml", "--dry-run", *(f"--set={s}" for s in [*settings, *RESIZED])])
+    # 24 samples left in steps of 10: 3 more iterations, the last one past the end; a checkpoint from before the
+    # batch was recorded gives the same plan (its samples per iteration)
+    cfg = load_config("configs/tiny-llama.yaml", [*settings, "training.global_batch_size=10"])
+    plan = plan_run(cfg, 1)
+    assert (plan.train_iters, plan.train_samples, plan.warmup_samples, plan.decay_samples) == (5, 38, 8, 32)
+    path = run_dir / "checkpoints" / "iter_0000002" / "mp_rank_00_000" / "model_optim_rng.pt"
+    state = torch.load(path, weights_only=False)
+    torch.save({key: value for key, value in state.items() if key not in ("global_batch_size", "model_shape")}, path)
+    assert plan_run(cfg, 1) == dataclasses.replace(plan, resumed=dataclasses.replace(plan.resumed, model=None))
