@@ -156,7 +156,7 @@ def pretrain(cfg: Config) -> None:
         during_the_run.enter_context(_shipped_dataset_helpers())
         during_the_run.enter_context(_replaced(training, "get_megatron_optimizer", partial(_with_our_step, adagc)))
         during_the_run.enter_context(_replaced(training, "save_checkpoint", partial(_saving_only_finite_weights, args)))
-        during_the_run.enter_context(_replaced(training, "get_optimizer_param_scheduler",
+        during_the_run.enter_context(_replaced(training, "get_optimizer_param_scheduler",  # ours, in samples
                                                lambda _: partial(build_scheduler, cfg, plan=plan)))
         during_the_run.enter_context(_stop_in_one_line(args))
         training.pretrain(

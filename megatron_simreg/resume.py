@@ -70,11 +70,11 @@ def saved_progress(load_dir: str, iteration: int | None) -> SavedProgress | None
     if os.path.isfile(os.path.join(folder, "metadata.json")):
         return _megatron_progress(folder)
     files = sorted(glob.glob(os.path.join(folder, "mp_rank_*", FILE)))
-    try:
-        state = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False) if files else None
-    except Exception:  # a truncated or overwritten file fails in zipfile, pickle or torch alike
+    if not files:
         return None
-    if state is None:
+    try:
+        state = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False)  # the weights stay on disk
+    except Exception:  # a truncated or overwritten file fails in zipfile, pickle or torch alike
         return None
     # checkpoints from before the batch size and model were recorded: the batch from the samples per iteration
     batch = state.get("global_batch_size") or state["consumed_samples"] // max(state["iteration"], 1)
@@ -91,9 +91,9 @@ def _megatron_progress(folder: str) -> SavedProgress | None:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             common = dist_checkpointing.load_common_state_dict(folder)
             tensors = dist_checkpointing.load_tensors_metadata(folder)
-    except Exception:  # an unreadable checkpoint: megatron.training's load reports it
+        args = common["args"]
+    except Exception:  # an unreadable checkpoint (or one saved without arguments): megatron.training's load says
         return None
-    args = common["args"]
     model = {
         "model.num_layers": args.num_layers, "model.hidden_size": args.hidden_size,
         "model.ffn_hidden_size": args.ffn_hidden_size, "model.num_attention_heads": args.num_attention_heads,
@@ -141,11 +141,11 @@ def build_scheduler(cfg: Config, optimizer, plan: RunPlan) -> OptimizerParamSche
         wd_incr_steps=plan.decay_samples, wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
     )
-    accept_changed_settings(optimizer, scheduler, plan)
+    _accept_changed_settings(optimizer, scheduler, plan)
     return scheduler
 
 
-def accept_changed_settings(optimizer, scheduler, plan: RunPlan) -> None:
+def _accept_changed_settings(optimizer, scheduler, plan: RunPlan) -> None:
     """Make `optimizer.load_state_dict` and `scheduler.load_state_dict` accept a checkpoint saved with other
     settings (the scheduler must be built with override_opt_param_scheduler=True); loading, say what changed."""
     for part in getattr(optimizer, "chained_optimizers", [optimizer]):
