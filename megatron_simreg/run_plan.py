@@ -78,7 +78,13 @@ def min_lr(cfg: Config) -> float:
 
 
 def plan_run(cfg: Config, world_size: int) -> RunPlan:
-    """The run's derived settings on `world_size` processes; ConfigError names whatever cannot work."""
+    """The run's derived settings on `world_size` processes; ConfigError names whatever cannot work.
+
+    Resuming, the config's iteration counts (warm-up, length) are steps of the global batch the checkpoint's run
+    started with, converted to samples once: a resume with another batch keeps warm-up, decay and the end in samples
+    and takes as many steps of the new batch as the samples left need (the last one may pass the end). Changing
+    schedule.train_iters as well ends the run at train_iters x that first batch samples.
+    """
     from megatron_simreg.checkpoint import chosen_iteration
     from megatron_simreg.data import build_tokenizer, default_tokenizer_path
     from megatron_simreg.data.tokenizer import tokenizer_library
@@ -90,9 +96,7 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     load_dir = cfg.checkpoint.load or save_dir
     resumed = saved_progress(load_dir, chosen_iteration(load_dir, cfg.checkpoint.load_iteration))
     check_same_model(cfg, resumed)
-    # The config's iteration counts are in steps of the batch the run started with: a resume with another one keeps
-    # warm-up, decay and the end in samples (changing schedule.train_iters too ends at train_iters x that batch).
-    batch = resumed.global_batch_size if resumed is not None else t.global_batch_size
+    batch = resumed.global_batch_size if resumed is not None else t.global_batch_size  # the unit of the iterations
     iters = train_iters(cfg, batch)
     if cfg.schedule.warmup_steps >= iters:
         raise ConfigError(

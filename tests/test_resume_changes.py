@@ -117,15 +117,24 @@ def test_local_loop_refuses_other_model_settings_in_one_line(saved, corpus, tmp_
     refusal_is_one_line(local_training(run_dir, corpus, *RESIZED), run_dir, before)
 
 
-def test_megatron_loop_refuses_other_model_settings_in_one_line(saved, corpus, tmp_path):  # noqa: F811
-    """megatron_entry.pretrain refuses before megatron.training starts, so no launch is needed to see it."""
+def pretrain_on_cpu(cfg):
+    """What tests/megatron_training_on_cpu.py runs, in this process."""
+    from megatron_training_on_cpu import megatron_training_on_cpu
+
     from megatron_simreg.megatron_entry import pretrain
 
+    cfg.megatron.extra_args += ["--distributed-backend", "gloo", "--use-cpu-initialization"]
+    megatron_training_on_cpu()
+    pretrain(cfg)
+
+
+def test_megatron_loop_refuses_other_model_settings_in_one_line(saved, corpus, tmp_path):  # noqa: F811
+    """megatron_entry.pretrain refuses before megatron.training starts, so no launch is needed to see it."""
     run_dir = copy_of(saved, "megatron", tmp_path)
     before = (run_dir / "config.yaml").read_text()
     cfg = load_config("configs/tiny-llama.yaml", [*SETTINGS, f"data.prefix={corpus}", f"logging.run_dir={run_dir}",
                                                   *RESIZED])
-    refusal_is_one_line(run_distributed(exit_message_or_output, 1, pretrain, cfg)[0], run_dir, before)
+    refusal_is_one_line(run_distributed(exit_message_or_output, 1, pretrain_on_cpu, cfg)[0], run_dir, before)
 
 
 def test_dry_run_plans_the_resumed_run_as_both_loops_do(saved, corpus, tmp_path):  # noqa: F811
