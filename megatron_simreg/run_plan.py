@@ -83,7 +83,7 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     Resuming, the config's iteration counts (warm-up, length) are steps of the global batch the checkpoint's run
     started with, converted to samples once: a resume with another batch keeps warm-up, decay and the end in samples
     and takes as many steps of the new batch as the samples left need (the last one may pass the end). Changing
-    schedule.train_iters as well ends the run at train_iters x that first batch samples.
+    schedule.train_iters as well ends the run after train_iters x (that first batch) samples.
     """
     from megatron_simreg.checkpoint import chosen_iteration
     from megatron_simreg.data import build_tokenizer, default_tokenizer_path
