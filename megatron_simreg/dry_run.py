@@ -108,7 +108,8 @@ def report(cfg: Config, world_size: int, gpus_per_node: int = 8, gpu_memory_gib:
         f"  total with the {'distributed ' if p.distributed_optimizer else ''}optimizer: {with_optimizer / GIB:.2f} GiB"
         f" of {gpu_memory_gib:.0f}" + ("" if with_optimizer / GIB <= gpu_memory_gib else "  <-- does not fit"),
         f"tokens per step: {plan.tokens_per_iter:,}; FLOPs per step: {flops_per_step(cfg):.3e};"
-        f" {plan.train_iters:,} steps, {plan.train_iters * plan.tokens_per_iter / 1e9:.1f}B tokens",
+        f" {plan.train_iters:,} steps, {plan.train_samples * cfg.model.seq_length / 1e9:.1f}B tokens",
+        *([plan.batch_size_change] if plan.batch_size_change else []),
         f"tokenizer: {plan.tokenizer_path} ({plan.vocab_size:,} tokens;"
         f" embedding padded to {plan.padded_vocab_size:,})",
         f"SimReg: lambda {cfg.regularizer_weight if cfg.regularizer.name == 'simreg' else 0:g}, "

@@ -17,7 +17,6 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from tqdm import tqdm
 
@@ -48,7 +47,7 @@ from megatron_simreg.megatron_adagc import attach_adagc
 from megatron_simreg.metrics import MetricsWriter
 from megatron_simreg.model import model_provider
 from megatron_simreg.objective import SimRegObjective, forward_step, reduce_reports, update_regularizer_state
-from megatron_simreg.resume import accept_changed_settings
+from megatron_simreg.resume import build_scheduler, model_shape
 from megatron_simreg.run_plan import RunPlan, min_lr, plan_run
 
 
@@ -76,18 +75,6 @@ def build_model_and_optimizer(cfg: Config):
     return ddp, optimizer
 
 
-def build_scheduler(cfg: Config, optimizer, plan: RunPlan) -> OptimizerParamScheduler:
-    """Linear warm-up then cosine to min_lr, counted in samples as Megatron does."""
-    o, gbs = cfg.optimizer, cfg.training.global_batch_size
-    return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=plan.min_lr,
-        lr_warmup_steps=cfg.schedule.warmup_steps * gbs, lr_decay_steps=plan.train_iters * gbs,
-        lr_decay_style=cfg.schedule.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-        wd_incr_steps=plan.train_iters * gbs, wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,  # the config wins (resume.py)
-    )
-
-
 def train(cfg: Config) -> dict:
     """Run (or resume) training on this machine's CPU; returns the last logged metrics."""
     plan = plan_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # every check before any process group starts
@@ -109,14 +96,13 @@ def _train(cfg: Config, plan: RunPlan, signals: StopSignals) -> dict:
     evals = plan.train_iters // cfg.training.eval_interval + 1
     train_set, valid_set, _ = build_gpt_datasets(
         cfg.data.prefix, build_tokenizer(plan.tokenizer_path), cfg.model.seq_length,
-        (plan.train_iters * gbs, evals * cfg.training.eval_iters * gbs, 0),
+        (plan.train_samples, evals * cfg.training.eval_iters * gbs, 0),
         split=cfg.data.split, seed=cfg.training.seed, cache_dir=cfg.data.cache_dir,
     )
     model, optimizer = build_model_and_optimizer(cfg)
     if cfg.adagc.enabled:
         attach_adagc(optimizer, [model], AdaGC(cfg.adagc))  # its state rides in the optimizer's checkpoint entry
     scheduler = build_scheduler(cfg, optimizer, plan)
-    accept_changed_settings(optimizer, scheduler, gbs)
 
     iteration, consumed = 0, 0
     if resume_from is not None:
@@ -176,6 +162,7 @@ def _train(cfg: Config, plan: RunPlan, signals: StopSignals) -> dict:
             save_checkpoint(plan.save_dir, iteration, {
                 "model": parallel_model(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "consumed_samples": consumed,
+                "global_batch_size": gbs, "model_shape": model_shape(cfg),  # what a resume checks (resume.py)
             })
         if signalled:
             if logger is not None:

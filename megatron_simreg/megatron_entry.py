@@ -45,7 +45,7 @@ from megatron_simreg.megatron_adagc import AdaGCStateMissing
 from megatron_simreg.model import have_transformer_engine, model_provider
 from megatron_simreg.objective import SimRegObjective, forward_step, update_regularizer_state
 from megatron_simreg.parallel import join_process_group, launched
-from megatron_simreg.resume import accept_changed_settings
+from megatron_simreg.resume import build_scheduler
 from megatron_simreg.run_plan import RunPlan, plan_run
 
 # megatron-core's local layers: without TE, Megatron's RoPE and gradient-accumulation fusions are unavailable, and
@@ -139,12 +139,11 @@ def pretrain(cfg: Config) -> None:
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
-    plan = plan_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     try:
+        plan = plan_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # reads the checkpoint's tracker and record
         check_run_folders(cfg.run_dir, plan.save_dir)
         check_holds_checkpoint(cfg.checkpoint.load, "checkpoint.load=")
         latest_iteration(plan.load_dir)  # a garbage tracker file: Megatron would print it and exit with 0
-        chosen_iteration(plan.load_dir, cfg.checkpoint.load_iteration)
     except (UnwritablePath, CheckpointError, FileNotFoundError) as error:
         sys.exit(f"training stopped: {error}")
     sys.argv = [sys.argv[0]] + megatron_arguments(cfg, plan, transformer_engine=have_transformer_engine())
@@ -156,7 +155,8 @@ def pretrain(cfg: Config) -> None:
 
     def datasets_provider(num_samples, vp_stage=None):  # megatron passes vp_stage with virtual pipelines
         tokenizer = build_tokenizer(plan.tokenizer_path)
-        return build_gpt_datasets(cfg.data.prefix, tokenizer, cfg.model.seq_length, tuple(num_samples),
+        num_samples = (plan.train_samples, *num_samples[1:])  # Megatron asks for its train_iters x today's batch
+        return build_gpt_datasets(cfg.data.prefix, tokenizer, cfg.model.seq_length, num_samples,
                                   split=cfg.data.split, seed=cfg.training.seed, cache_dir=cfg.data.cache_dir)
 
     datasets_provider.is_distributed = True  # every rank reads its own batches (no broadcast)
@@ -167,8 +167,8 @@ def pretrain(cfg: Config) -> None:
         during_the_run.enter_context(_replaced(training, "get_megatron_optimizer", partial(_with_our_step, adagc)))
         during_the_run.enter_context(_replaced(training, "save_checkpoint", partial(_saving_only_finite_weights, args)))
         during_the_run.enter_context(_replaced(training, "load_checkpoint", partial(_verifying_checksums, args)))
-        during_the_run.enter_context(_replaced(training, "get_optimizer_param_scheduler",
-                                               partial(_accepting_changed_settings, args)))
+        during_the_run.enter_context(_replaced(training, "get_optimizer_param_scheduler",  # ours, in samples
+                                               lambda _: partial(build_scheduler, cfg, plan=plan)))
         during_the_run.enter_context(_stop_in_one_line(args))
         training.pretrain(
             pretrain_cfg_container_from_args(args),
@@ -252,17 +252,6 @@ def _replaced(owner, name: str, wrap):
         yield
     finally:
         setattr(owner, name, original)
-
-
-def _accepting_changed_settings(args, build):
-    """A resume with another lr, warm-up, ... works and says what changed, as in the local loop (resume.py)."""
-
-    def build_accepting_changes(optimizer):
-        scheduler = build(optimizer)
-        accept_changed_settings(optimizer, scheduler, args.global_batch_size)
-        return scheduler
-
-    return build_accepting_changes
 
 
 def _saving_only_finite_weights(args, save):

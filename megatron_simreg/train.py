@@ -37,12 +37,13 @@ def main(argv=None):
     except ValueError as error:
         sys.exit(f"config error: {error}")
     if args.dry_run:
+        from megatron_simreg.checkpoint import CheckpointError
         from megatron_simreg.dry_run import report
 
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
         try:
             print(report(cfg, world, args.gpus_per_node))
-        except ValueError as error:
+        except (ValueError, CheckpointError) as error:  # CheckpointError: the run it would resume (run_plan.py)
             sys.exit(f"dry run: {error}")
         return
     with _quiet_megatron_imports():
