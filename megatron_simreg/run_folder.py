@@ -1,0 +1,115 @@
+"""One training run at a time in a run folder (and in a checkpoint folder), in both loops.
+
+A run holds an exclusive `flock` on `.lock` in its run folder and in its checkpoint folder for its whole life,
+so a second run started on either stops before any work instead of writing the same metrics and `iter_*`
+folders. The file names the holder (host, pid, start time) for the refusal's message. The kernel releases a
+lock when its process dies, so a run killed with -9 blocks nothing: the next run takes its lock over and says so.
+A run that ends empties the file; one that still names a holder when its lock is free was left by a killed run.
+
+Under torchrun, global rank 0 takes the locks; in the local loop every rank learns its decision and stops alike,
+in megatron.training (no process group yet) rank 0 exits and torchrun stops the others.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+
+import torch.distributed as dist
+
+from megatron_simreg.failures import TrainingError, check_run_folders
+
+LOCK_FILE = ".lock"
+
+
+class FolderInUse(TrainingError):
+    """Another live run holds the folder."""
+
+
+class RunFolders:
+    """The locks of one run's folders, released on leaving the `with` block (or by `release`)."""
+
+    def __init__(self, run_dir: str, save_dir: str):
+        check_run_folders(run_dir, save_dir)
+        self._files = []
+        refusal = None
+        if _rank() == 0:
+            try:
+                for folder, key in _distinct([(run_dir, "logging.run_dir"), (save_dir, "checkpoint.save")]):
+                    self._files.append(_lock(folder, key))
+            except FolderInUse as error:
+                self.release()
+                refusal = str(error)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            shared = [refusal]
+            dist.broadcast_object_list(shared, src=0)
+            refusal = shared[0]
+        if refusal is not None:
+            raise FolderInUse(refusal)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        for file in reversed(self._files):
+            file.truncate(0)  # a run that ended: the next one has nothing to take over
+            file.close()  # closing the descriptor releases the flock
+        self._files = []
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def _distinct(folders: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    seen, out = set(), []
+    for folder, key in folders:
+        real = os.path.realpath(folder)
+        if real not in seen:
+            seen.add(real)
+            out.append((folder, key))
+    return out
+
+
+def _lock(folder: str, key: str):
+    os.makedirs(folder, exist_ok=True)
+    file = open(os.path.join(folder, LOCK_FILE), "a+", encoding="utf-8")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(file, wait=True)
+        file.close()
+        who = f"pid {holder['pid']} on host {holder['host']} since {holder['started']}" if holder else "another run"
+        raise FolderInUse(f"{key}={folder} is in use by {who}: wait for it, stop it, or set another {key}") from None
+    stale = _holder(file)
+    if stale:
+        print(f"{key}={folder}: taking over the lock of pid {stale['pid']} on host {stale['host']} "
+              f"(since {stale['started']}), which ended without releasing it", file=sys.stderr, flush=True)
+    file.truncate(0)
+    json.dump({"host": socket.gethostname(), "pid": os.getpid(),
+               "started": datetime.datetime.now().isoformat(timespec="seconds")}, file)
+    file.flush()
+    return file
+
+
+def _holder(file, wait: bool = False) -> dict | None:
+    """Who the lock file names; a holder may have the lock a moment before it has written its name."""
+    for _ in range(20 if wait else 1):
+        file.seek(0)
+        try:
+            holder = json.loads(file.read())
+            if {"host", "pid", "started"} <= holder.keys():
+                return holder
+        except (ValueError, AttributeError):
+            pass
+        if wait:
+            time.sleep(0.05)
+    return None
