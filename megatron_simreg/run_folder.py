@@ -1,10 +1,12 @@
 """One training run at a time in a run folder (and in a checkpoint folder), in both loops.
 
-A run holds an exclusive `flock` on `.lock` in its run folder and in its checkpoint folder for its whole life,
-so a second run started on either stops before any work instead of writing the same metrics and `iter_*`
-folders. The file names the holder (host, pid, start time) for the refusal's message. The kernel releases a
-lock when its process dies, so a run killed with -9 blocks nothing: the next run takes its lock over and says so.
-A run that ends empties the file; one that still names a holder when its lock is free was left by a killed run.
+A run holds an exclusive lock on `.lock` in its run folder and in its checkpoint folder for its whole life, so
+a second run started on either stops before any work instead of writing the same metrics and `iter_*` folders.
+The file names the holder (host, pid, start time) for the refusal's message. The kernel releases the lock when
+its process dies, so a run killed with -9 blocks nothing: the next run takes its lock over and says so. A run
+that ends empties the file; one that still names a holder when its lock is free was left by a killed run.
+A POSIX lock (`lockf`), not `flock`: forked children (DataLoader workers) do not inherit it, so they cannot
+hold it after their parent is killed, and it holds across the nodes of an NFS mount.
 
 Under torchrun, global rank 0 takes the locks; in the local loop every rank learns its decision and stops alike,
 in megatron.training (no process group yet) rank 0 exits and torchrun stops the others.
@@ -13,6 +15,7 @@ in megatron.training (no process group yet) rank 0 exits and torchrun stops the 
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -61,7 +64,7 @@ class RunFolders:
     def release(self) -> None:
         for file in reversed(self._files):
             file.truncate(0)  # a run that ended: the next one has nothing to take over
-            file.close()  # closing the descriptor releases the flock
+            file.close()  # closing the descriptor releases the lock
         self._files = []
 
 
@@ -83,8 +86,10 @@ def _lock(folder: str, key: str):
     os.makedirs(folder, exist_ok=True)
     file = open(os.path.join(folder, LOCK_FILE), "a+", encoding="utf-8")
     try:
-        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
         holder = _holder(file, wait=True)
         file.close()
         who = f"pid {holder['pid']} on host {holder['host']} since {holder['started']}" if holder else "another run"
