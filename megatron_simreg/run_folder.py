@@ -8,8 +8,7 @@ that ends empties the file; one that still names a holder when its lock is free 
 A POSIX lock (`lockf`), not `flock`: forked children (DataLoader workers) do not inherit it, so they cannot
 hold it after their parent is killed, and it holds across the nodes of an NFS mount.
 
-Under torchrun, global rank 0 takes the locks; in the local loop every rank learns its decision and stops alike,
-in megatron.training (no process group yet) rank 0 exits and torchrun stops the others.
+Under torchrun, global rank 0 takes the locks and every rank learns its decision, so all of them stop alike.
 """
 
 from __future__ import annotations
@@ -48,10 +47,7 @@ class RunFolders:
             except FolderInUse as error:
                 self.release()
                 refusal = str(error)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            shared = [refusal]
-            dist.broadcast_object_list(shared, src=0)
-            refusal = shared[0]
+        refusal = _rank_zeros(refusal)
         if refusal is not None:
             raise FolderInUse(refusal)
 
@@ -66,6 +62,26 @@ class RunFolders:
             file.truncate(0)  # a run that ended: the next one has nothing to take over
             file.close()  # closing the descriptor releases the lock
         self._files = []
+
+
+def _rank_zeros(refusal: str | None) -> str | None:
+    """Rank 0's decision, on every rank: over the local loop's process group, or, before megatron.training has
+    one, through torchrun's store (the others wait there, not in Megatron's start-up, whose SIGTERM handler
+    would keep them alive 30 s after a refused rank 0 ended the launch)."""
+    if dist.is_initialized():
+        shared = [refusal]
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(shared, src=0)
+        return shared[0]
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return refusal  # rank 0 alone: a refused rank 0 ends the launch
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(minutes=10))
+    key = f"megatron_simreg/run_folders/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if _rank() == 0:
+        store.set(key, refusal or "")
+        return refusal
+    return store.get(key).decode() or None
 
 
 def _rank() -> int:

@@ -122,6 +122,30 @@ def test_a_second_run_is_refused_and_a_killed_runs_lock_is_taken_over(corpus, tm
     assert holder(run_dir) is None
 
 
+def refused_before_a_process_group(rank, world, run_dir):
+    import torch.distributed as dist
+
+    from megatron_simreg.run_folder import FolderInUse, RunFolders
+
+    dist.destroy_process_group()  # as megatron.training's ranks are before Megatron starts: only torchrun's store
+    try:
+        RunFolders(run_dir, os.path.join(run_dir, "checkpoints"))
+    except FolderInUse as error:
+        return str(error)
+    return None
+
+
+def test_every_rank_of_a_refused_megatron_launch_stops_before_megatron_starts(tmp_path):
+    """Rank 0 decides and the others learn it through torchrun's store, so all of them stop at once; a rank left to
+    Megatron's start-up would ignore torchrun's SIGTERM (Megatron's handler) and hold the launch 30 s more."""
+    from megatron_simreg.run_folder import RunFolders
+
+    with RunFolders(str(tmp_path), str(tmp_path / "checkpoints")):
+        messages = run_distributed(refused_before_a_process_group, 2, str(tmp_path))
+    assert messages[0] == messages[1], messages
+    assert messages[0].startswith(f"logging.run_dir={tmp_path} is in use by pid {os.getpid()} on host "), messages
+
+
 def train_worker(rank, world, cfg):
     from megatron_simreg.local_loop import train
 
