@@ -3,6 +3,7 @@ without a checkpoint starts the metrics afresh; log files get plain lines, not p
 (tools/export_hf.py, evaluate's hf/ folders) have the umask's modes, leave no temporary folder when stopped, and
 refuse an output they cannot replace; prepare_data refuses a folder as its output prefix."""
 
+import contextlib
 import fcntl
 import importlib.util
 import json
@@ -29,15 +30,21 @@ def holder(folder) -> dict | None:
         return None
 
 
-def start(command, run_dir, log):
-    """A training process of its own (no torchrun), once it holds the run folder."""
+@contextlib.contextmanager
+def started(command, run_dir, log):
+    """A training process of its own (no torchrun), once it holds the run folder; killed if the test fails."""
     env = dict(single_process_environment(), PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
-    deadline = time.time() + 300
-    while (holder(run_dir) or {}).get("pid") != process.pid:
-        assert process.poll() is None and time.time() < deadline, f"exit code {process.returncode}"
-        time.sleep(0.05)
-    return process
+    try:
+        deadline = time.time() + 300
+        while (holder(run_dir) or {}).get("pid") != process.pid:
+            assert process.poll() is None and time.time() < deadline, f"exit code {process.returncode}"
+            time.sleep(0.05)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
 
 
 def local_command(*settings):
@@ -73,8 +80,7 @@ def test_a_second_run_is_refused_and_a_killed_runs_lock_is_taken_over(corpus, tm
     run_dir, data = tmp_path / "run", f"data.prefix={corpus}"
     settings = [data, f"logging.run_dir={run_dir}", *LONG]
     log = tmp_path / "local.log"
-    with open(log, "w") as stderr:
-        local = start(local_command(*settings), run_dir, stderr)
+    with open(log, "w") as stderr, started(local_command(*settings), run_dir, stderr) as local:
         while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text():
             assert local.poll() is None
             time.sleep(0.05)
