@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 
 import torch
 import torch.distributed as dist
@@ -243,6 +246,7 @@ def export(checkpoint_dir: str, output_dir: str, config_path: str | None = None,
         save_file(state, os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
         _write_tokenizer(tokenizer_path, partial)
         _write_marker(partial, checkpoint_dir, iteration)
+        _with_umask_modes(partial)
         _replace(output_dir, partial)
     return output_dir
 
@@ -252,11 +256,16 @@ EXPORT_MARKER = "megatron_simreg_export.json"  # lists the files an export wrote
 
 def check_output(output_dir: str, overwrite: bool) -> None:
     """Refuse, before any work, an output that would lose files: a non-empty folder that is not one of our
-    exports, an export holding files it did not write, or an earlier export without `overwrite`."""
+    exports, an export holding files it did not write, or an earlier export without `overwrite`; and one the
+    finished export cannot be renamed onto (`_check_replaceable`)."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise FileExistsError(f"--output {output_dir} is a file: give a new or empty folder")
-    if not os.path.isdir(output_dir) or not os.listdir(output_dir):
-        return
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        _check_earlier_export(output_dir, overwrite)
+    _check_replaceable(output_dir)
+
+
+def _check_earlier_export(output_dir: str, overwrite: bool) -> None:
     written = _exported_files(output_dir)
     if written is None:
         raise FileExistsError(
@@ -274,6 +283,20 @@ def check_output(output_dir: str, overwrite: bool) -> None:
                               "another folder")
 
 
+def _check_replaceable(output_dir: str) -> None:
+    """The export is renamed onto `output_dir` when complete: the working directory (or a folder above it) and
+    a mount point (/ among them) cannot be replaced that way."""
+    target, here = os.path.realpath(output_dir), os.path.realpath(os.getcwd())
+    if os.path.commonpath([target, here]) == target:
+        what = "the current directory" if target == here else "a folder above the current directory"
+    elif os.path.ismount(target):
+        what = "a mount point"
+    else:
+        return
+    raise FileExistsError(f"--output {output_dir} is {what}, which an export cannot replace: give a folder inside it, "
+                          f"e.g. --output {os.path.join(output_dir, 'hf')}")
+
+
 def _exported_files(folder: str) -> set[str] | None:
     try:
         with open(os.path.join(folder, EXPORT_MARKER), encoding="utf-8") as f:
@@ -289,19 +312,61 @@ def _write_marker(folder: str, checkpoint_dir: str, iteration: int | None) -> No
         json.dump(record, f, indent=1)
 
 
+class Interrupted(SystemExit):
+    """SIGTERM while the export is written: it unwinds as Ctrl-C does, so the temporary folder is removed."""
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(128 + signum)
+
+
 @contextlib.contextmanager
 def _folder_beside(output_dir: str):
     """A new temporary folder next to `output_dir` (same filesystem, so the final rename is atomic); removed
-    unless it was renamed into place."""
+    unless it was renamed into place, on SIGTERM and Ctrl-C too. It is locked while it is written, so the
+    temporary folders an export killed with -9 left (unlocked) are removed by the next export to `output_dir`."""
     target = os.path.abspath(output_dir)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    folder = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".partial", dir=parent)
+    prefix = f".{os.path.basename(target)}."
+    for name in os.listdir(parent):
+        if name.startswith(prefix) and name.endswith(".partial"):
+            _remove_if_unlocked(os.path.join(parent, name))
+    folder = tempfile.mkdtemp(prefix=prefix, suffix=".partial", dir=parent)
+    lock = os.open(folder, os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         yield folder
     finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
         if os.path.isdir(folder):
             shutil.rmtree(folder)
+        os.close(lock)
+
+
+def _remove_if_unlocked(folder: str) -> None:
+    lock = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return  # another export is writing it
+    finally:
+        os.close(lock)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _with_umask_modes(folder: str) -> None:
+    """The modes a plain mkdir and open give (0755/0644 under umask 022): tempfile makes the folder 0700 and
+    safetensors its file 0600, which colleagues on a shared cluster could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, _, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def _replace(output_dir: str, partial: str) -> None:

@@ -18,13 +18,11 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from tqdm import tqdm
 
 from megatron_simreg import parallel
 from megatron_simreg.adagc import AdaGC
 from megatron_simreg.batches import micro_batches, on_this_rank
 from megatron_simreg.checkpoint import (
-    check_holds_checkpoint,
     chosen_iteration,
     load_checkpoint,
     remove_partial_checkpoints,
@@ -38,7 +36,6 @@ from megatron_simreg.failures import (
     StopSignals,
     TrainingError,
     check_finite_weights,
-    check_run_folders,
     is_non_finite_gradient,
     last_good_checkpoint,
     non_finite_gradient_stop,
@@ -47,7 +44,9 @@ from megatron_simreg.megatron_adagc import attach_adagc
 from megatron_simreg.metrics import MetricsWriter
 from megatron_simreg.model import model_provider
 from megatron_simreg.objective import SimRegObjective, forward_step, reduce_reports, update_regularizer_state
+from megatron_simreg.progress import progress_bar
 from megatron_simreg.resume import build_scheduler, model_shape
+from megatron_simreg.run_folder import RunFolders
 from megatron_simreg.run_plan import RunPlan, min_lr, plan_run
 
 
@@ -81,15 +80,13 @@ def train(cfg: Config) -> dict:
     with cpu_compat():
         parallel.initialize(cfg)
         try:
-            with StopSignals() as signals:
+            with StopSignals() as signals, RunFolders(cfg.run_dir, plan.save_dir):  # checked and locked first
                 return _train(cfg, plan, signals)
         finally:
             parallel.destroy()
 
 
 def _train(cfg: Config, plan: RunPlan, signals: StopSignals) -> dict:
-    check_run_folders(cfg.run_dir, plan.save_dir)  # before any work
-    check_holds_checkpoint(cfg.checkpoint.load, "checkpoint.load=")
     resume_from = chosen_iteration(plan.load_dir, cfg.checkpoint.load_iteration)
     remove_partial_checkpoints(plan.save_dir)
     gbs = cfg.training.global_batch_size
@@ -209,13 +206,13 @@ class _RunLogger:
     def __init__(self, cfg: Config, plan: RunPlan, start: int):
         self.cfg, self.plan = cfg, plan
         save_config(cfg, cfg.run_dir)
-        self.jsonl = MetricsWriter(cfg.run_dir, resumed_at=start or None) if cfg.logging.jsonl else None
+        self.jsonl = MetricsWriter(cfg.run_dir, resumed_at=start) if cfg.logging.jsonl else None
         self.tensorboard = None
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(os.path.join(cfg.run_dir, "tensorboard"))
-        self.bar = tqdm(total=plan.train_iters, initial=start, desc=cfg.name, unit="it")
+        self.bar = progress_bar(total=plan.train_iters, initial=start, desc=cfg.name, unit="it")
         self.window_start = time.perf_counter()
 
     def train_step(self, iteration: int, consumed: int, metrics: dict) -> dict:

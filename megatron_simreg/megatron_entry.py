@@ -24,7 +24,6 @@ from megatron_simreg.batches import on_this_rank
 from megatron_simreg.checkpoint import (
     RESUME,
     CheckpointError,
-    check_holds_checkpoint,
     chosen_iteration,
     iteration_dir,
     latest_iteration,
@@ -36,7 +35,6 @@ from megatron_simreg.failures import (
     TrainingError,
     UnwritablePath,
     check_finite_weights,
-    check_run_folders,
     interrupted_message,
     is_non_finite_gradient,
     non_finite_gradient_stop,
@@ -46,6 +44,7 @@ from megatron_simreg.model import have_transformer_engine, model_provider
 from megatron_simreg.objective import SimRegObjective, forward_step, update_regularizer_state
 from megatron_simreg.parallel import join_process_group, launched
 from megatron_simreg.resume import build_scheduler
+from megatron_simreg.run_folder import FolderInUse, RunFolders
 from megatron_simreg.run_plan import RunPlan, plan_run
 
 # megatron-core's local layers: without TE, Megatron's RoPE and gradient-accumulation fusions are unavailable, and
@@ -134,18 +133,22 @@ def _failure_handling_arguments(cfg: Config) -> list[str]:
 
 def pretrain(cfg: Config) -> None:
     """Run megatron.training's loop for `cfg` (started by torchrun on GPUs)."""
+    try:
+        # reads the checkpoint's tracker (a garbage one: Megatron would print it and exit with 0) and record
+        plan = plan_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        run_folders = RunFolders(cfg.run_dir, plan.save_dir)  # checked and locked (rank 0) before Megatron starts
+    except (UnwritablePath, CheckpointError, FileNotFoundError, FolderInUse) as error:
+        sys.exit(f"training stopped: {error}")
+    with run_folders:
+        _pretrain(cfg, plan)
+
+
+def _pretrain(cfg: Config, plan: RunPlan) -> None:
     from megatron.core.enums import ModelType
     from megatron.training import training
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
-    try:
-        plan = plan_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # reads the checkpoint's tracker and record
-        check_run_folders(cfg.run_dir, plan.save_dir)
-        check_holds_checkpoint(cfg.checkpoint.load, "checkpoint.load=")
-        latest_iteration(plan.load_dir)  # a garbage tracker file: Megatron would print it and exit with 0
-    except (UnwritablePath, CheckpointError, FileNotFoundError) as error:
-        sys.exit(f"training stopped: {error}")
     sys.argv = [sys.argv[0]] + megatron_arguments(cfg, plan, transformer_engine=have_transformer_engine())
     args = parse_and_validate_args()
     if not launched():  # megatron.training would rendezvous at env:// (MASTER_PORT); it joins this group instead

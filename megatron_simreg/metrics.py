@@ -22,8 +22,8 @@ CONFIG_FILE = "config.yaml"
 class MetricsWriter:
     """Appends one JSON line per logged step; flushed at once so a crash loses nothing logged.
 
-    A run resumed at iteration `resumed_at` trains the iterations after it again: their earlier records (logged
-    by a run stopped after its last checkpoint) are dropped first, so each iteration keeps one record.
+    A run resumed at iteration `resumed_at` (0: started afresh) trains the iterations after it again: their earlier
+    records (logged by a run stopped after its last checkpoint) are dropped first, so each iteration keeps one record.
     """
 
     def __init__(self, run_dir: str, resumed_at: int | None = None):

@@ -85,7 +85,7 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     and takes as many steps of the new batch as the samples left need (the last one may pass the end). Changing
     schedule.train_iters as well ends the run after train_iters x (that first batch) samples.
     """
-    from megatron_simreg.checkpoint import chosen_iteration
+    from megatron_simreg.checkpoint import check_holds_checkpoint, chosen_iteration
     from megatron_simreg.data import build_tokenizer, default_tokenizer_path
     from megatron_simreg.data.tokenizer import tokenizer_library
     from megatron_simreg.resume import check_same_model, saved_progress
@@ -94,6 +94,7 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     t = cfg.training
     save_dir = cfg.checkpoint.save or os.path.join(cfg.run_dir, "checkpoints")
     load_dir = cfg.checkpoint.load or save_dir
+    check_holds_checkpoint(cfg.checkpoint.load, "checkpoint.load=")
     resumed = saved_progress(load_dir, chosen_iteration(load_dir, cfg.checkpoint.load_iteration))
     check_same_model(cfg, resumed)
     batch = resumed.global_batch_size if resumed is not None else t.global_batch_size  # the unit of the iterations

@@ -48,9 +48,9 @@ import time
 from dataclasses import dataclass, field
 
 import yaml
-from tqdm import tqdm
 
 from megatron_simreg.config import Config, ConfigError, load_config, resolved_dict
+from megatron_simreg.progress import progress_bar
 from megatron_simreg.run_plan import train_iters
 
 LOCK_FILE = ".study.lock"
@@ -488,8 +488,8 @@ def run_study(study: Study, states: list[CellState], extra: list[str]) -> list[C
     runner = CellRunner()
     previous = signal.signal(signal.SIGTERM, runner.terminate)
     failed = []
-    bar = tqdm(total=len(states), initial=sum(s.finished for s in states), unit="cell", desc=study.name,
-               bar_format="{desc}: {n}/{total} cells done |{bar}| {elapsed} in this session{postfix}")
+    bar = progress_bar(total=len(states), initial=sum(s.finished for s in states), unit="cell", desc=study.name,
+                       bar_format="{desc}: {n}/{total} cells done |{bar}| {elapsed} in this session{postfix}")
     try:
         for state in states:
             if state.finished:
@@ -497,7 +497,11 @@ def run_study(study: Study, states: list[CellState], extra: list[str]) -> list[C
             if state.running_elsewhere:
                 bar.write(f"{state.label}: another process is running it; left alone")
                 continue
-            bar.set_postfix_str(f"running {state.label}, {_time_left(states)}")
+            status = f"running {state.label}, {_time_left(states)}"
+            if bar.disable:  # no bar in a log file: the status as a line of its own
+                bar.write(status)
+            else:
+                bar.set_postfix_str(status)
             command = cell_command(study, state.setting, state.seed, extra)
             returncode = runner.run(state, command)
             if returncode is None:
@@ -513,6 +517,8 @@ def run_study(study: Study, states: list[CellState], extra: list[str]) -> list[C
             else:
                 bar.write(f"{state.label}: {state.describe()}")
     finally:
+        if bar.disable:  # no bar in a log file: where the study got to, as a line
+            print(f"{study.name}: {sum(s.finished for s in states)}/{len(states)} cells done", file=sys.stderr)
         bar.close()
         signal.signal(signal.SIGTERM, previous)
     return failed

@@ -296,4 +296,4 @@ def test_a_resumed_run_keeps_one_metrics_record_per_iteration_and_no_partial_lef
     assert [(r["split"], r["iteration"]) for r in records] == [
         ("train", 1), ("train", 2), ("valid", 2), ("train", 3), ("train", 4), ("valid", 4)]
     assert sorted(p.name for p in checkpoints.iterdir()) == [
-        "iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]
+        ".lock", "iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]

@@ -5,10 +5,11 @@
 """
 
 import argparse
+import signal
 import sys
 
 from megatron_simreg.checkpoint import CheckpointError
-from megatron_simreg.export_hf import export
+from megatron_simreg.export_hf import Interrupted, export
 
 
 def main(argv=None):
@@ -23,6 +24,11 @@ def main(argv=None):
         print(export(args.checkpoint, args.output, args.config, args.iteration, overwrite=args.overwrite))
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, CheckpointError) as error:
         sys.exit(f"export_hf: {error}")
+    except (KeyboardInterrupt, Interrupted) as stop:
+        code = stop.code if isinstance(stop, Interrupted) else 128 + signal.SIGINT
+        print(f"export_hf: interrupted; nothing was written to {args.output} (the partial export was removed)",
+              file=sys.stderr)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

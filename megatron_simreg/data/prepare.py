@@ -13,8 +13,6 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from tqdm import tqdm
-
 from megatron_simreg.data.encoding import DocumentEncoder
 from megatron_simreg.data.indexed import (
     PARTIAL,
@@ -27,6 +25,7 @@ from megatron_simreg.data.indexed import (
 from megatron_simreg.data.sources import SkipCounter, iter_documents, resolve_sources
 from megatron_simreg.data.tokenizer import build_tokenizer, default_tokenizer_path
 from megatron_simreg.failures import check_writable
+from megatron_simreg.progress import progress_bar
 
 
 @dataclass
@@ -69,6 +68,10 @@ def prepare_corpus(
     for name, value in (("max_documents", max_documents), ("max_tokens", max_tokens)):
         if value is not None and value < 1:
             raise ValueError(f"{name}={value}: give a positive limit, or none")
+    if output_prefix.endswith(("/", os.sep)) or os.path.isdir(output_prefix):  # it would write hidden .bin, .idx
+        example = os.path.join(output_prefix, "corpus")
+        raise ValueError(f"--output-prefix={output_prefix} is a folder, not a file prefix: name the files in it, e.g. "
+                         f"--output-prefix={example} (writes {example}.bin, .idx and .stats.json)")
     check_writable(os.path.dirname(os.path.abspath(output_prefix)), "--output-prefix",
                    "give a prefix in a folder you can write to")
     previous = existing_outputs(output_prefix)
@@ -92,7 +95,7 @@ def prepare_corpus(
     start = time.perf_counter()
     try:
         with DocumentEncoder(tokenizer_path, dtype_type, workers) as encode, \
-                tqdm(disable=not progress, total=max_documents, unit=" docs", desc="tokenizing") as bar:
+                progress_bar(progress, total=max_documents, unit=" docs", desc="tokenizing") as bar:
             for size, tokens in encode(documents):
                 writer.add(tokens)
                 stats.documents += 1
