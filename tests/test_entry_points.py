@@ -1,0 +1,192 @@
+"""Every entry point answers a user's mistake, Ctrl-C and SIGTERM in one line (no traceback) with its exit code:
+bad values before anything is written, a folder that is no tokenizer, a broken checkpoint, a study file that is
+no YAML, a stop signal through the launcher (128 + the signal, the checkpoint saved)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from test_training import TINY, corpus  # noqa: F401  (corpus is a fixture)
+
+from megatron_simreg.config import ConfigError, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+
+# What a user could type that was accepted and failed later (or never): the key named, and what to do.
+BAD_VALUES = [
+    ("optimizer.lr=.inf", "optimizer.lr", "finite number"),
+    ("optimizer.lr=.nan", "optimizer.lr", "finite number"),
+    ("model.norm_epsilon=1e999", "model.norm_epsilon", "finite number"),
+    ("simreg.weight=-.inf", "simreg.weight", "finite number"),
+    ("adagc.lambda_rel=.nan", "adagc.lambda_rel", "finite number"),
+    ("regularizer={name: sce, temperature: .inf}", "regularizer.temperature", "finite number"),
+    ("data.prefix=[]", "data.prefix", "e.g. data.prefix=[data/c4/c4-en_text_document]"),
+    ("data.prefix=['']", "data.prefix", "empty path"),
+    ("data.prefix=[0.3, a, b]", "data.prefix", "weight and path pairs"),
+    ("data.prefix=[30, a, b, 70]", "data.prefix", "weight and path pairs"),
+    ("data.prefix=[-1, a, 2, b]", "data.prefix", "weights must be finite and at least 0"),
+    ("data.prefix=[0, a, 0, b]", "data.prefix", "at least one weight must be positive"),
+    ("training.seed=4294967296", "training.seed", "in [0, 2**31)"),
+]
+
+
+@pytest.mark.parametrize("override, key, fix", BAD_VALUES, ids=[case[0] for case in BAD_VALUES])
+def test_a_bad_value_is_refused_at_load_naming_the_key_and_the_fix(override, key, fix):
+    with pytest.raises(ConfigError) as error:
+        load_config("configs/tiny-llama.yaml", [override])
+    message = str(error.value)
+    assert key in message and fix in message and "\n" not in message, message
+
+
+def test_data_prefix_takes_what_megatrons_data_path_takes():
+    for prefix in ("[a]", "[a, b]", "[30, a, 70, b]", "[0.5, a, 0, b]", "a"):
+        load_config("configs/tiny-llama.yaml", [f"data.prefix={prefix}"])
+
+
+def run(*command, cwd=ROOT, **kwargs):
+    return subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def one_line(done, code):
+    """The process's exit code is `code` and its standard error one line (no traceback); that line."""
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == code and len(lines) == 1 and "Traceback" not in done.stderr, (
+        done.returncode, done.stderr[-3000:])
+    return lines[0]
+
+
+@pytest.mark.parametrize("loop", ["local", "megatron"])
+def test_training_refuses_a_non_finite_value_before_writing_anything(loop, tmp_path):
+    run_dir = tmp_path / "run"
+    settings = ["optimizer.lr=.inf", f"logging.run_dir={run_dir}"]
+    if loop == "local":
+        done = run(sys.executable, "-m", "megatron_simreg.train", "--config", "configs/tiny-llama.yaml",
+                   *[part for setting in settings for part in ("--set", setting)])
+    else:
+        done = run(sys.executable, os.path.join("tests", "megatron_training_on_cpu.py"), "configs/tiny-llama.yaml",
+                   *settings)
+    assert "optimizer.lr" in one_line(done, 1) and "finite" in done.stderr
+    assert not run_dir.exists()
+
+
+def test_a_folder_that_is_no_tokenizer_is_named_in_one_line(corpus, tmp_path):  # noqa: F811
+    from megatron_simreg.run_plan import plan_run
+
+    folder = tmp_path / "not-a-tokenizer"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("hello")
+    cfg = load_config("configs/tiny-llama.yaml", [*TINY, f"data.prefix={corpus}", f"data.tokenizer={folder}"])
+    with pytest.raises(ConfigError) as error:
+        plan_run(cfg, 1)
+    message = str(error.value)
+    assert f"data.tokenizer={folder} is neither a sentencepiece model file nor a Hugging Face tokenizer folder" in (
+        message) and "tokenizer.json" in message and "\n" not in message, message
+    text = tmp_path / "words.txt"
+    text.write_text("not a sentencepiece model")
+    cfg.data.tokenizer = str(text)
+    with pytest.raises(ConfigError, match=f"data.tokenizer={text} is neither a sentencepiece model file"):
+        plan_run(cfg, 1)
+
+
+def test_ctrl_c_while_training_starts_up_is_one_line_and_130(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "megatron_simreg.train", "--config", "configs/tiny-llama.yaml",
+         "--set", f"logging.run_dir={tmp_path / 'run'}"],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # importing torch and megatron-core
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    lines = [line for line in err.strip().splitlines() if not line.startswith("megatron-simreg: no GPU")]
+    assert process.returncode == 130 and len(lines) == 1 and "Traceback" not in err, (process.returncode, err)
+    assert "SIGINT" in lines[0]
+
+
+def test_every_tool_answers_a_broken_input_in_one_line(tmp_path):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "latest_checkpointed_iteration.txt").write_text("zz")
+    done = run(sys.executable, "-m", "megatron_simreg.evaluate", "--checkpoint", str(checkpoints), "--tasks",
+               "offline", "--output", str(tmp_path / "eval"))
+    assert one_line(done, 1).startswith("evaluate: ")
+    done = run(sys.executable, os.path.join(ROOT, "tools", "export_hf.py"), "--checkpoint", str(checkpoints),
+               "--output", str(tmp_path / "hf"))
+    assert one_line(done, 1).startswith("export_hf: ")
+    assert not (tmp_path / "hf").exists()
+    study = tmp_path / "broken.yaml"
+    study.write_text("config: configs/tiny-llama.yaml\nseeds: [1, 2\n")
+    done = run(sys.executable, "-m", "megatron_simreg.study", str(study))
+    line = one_line(done, 1)
+    assert line.startswith("study: ") and str(study) in line and "line 3" in line, line
+
+
+def test_the_study_records_the_cells_ctrl_c_and_exits_130(tmp_path):
+    """Ctrl-C to the study's process group: the cell saves and exits 130, the study records that and exits 130."""
+    data = tmp_path / "data"
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"data{suffix}").write_text("")
+    cell = tmp_path / "cell.py"  # stands for a training process: it stops on SIGINT with exit code 130
+    cell.write_text("import signal, sys, time\n"
+                    "signal.signal(signal.SIGINT, lambda *_: sys.exit(130))\n"
+                    "print('ready', flush=True)\n"
+                    "time.sleep(60)\n")
+    study = tmp_path / "study.yaml"
+    study.write_text(json.dumps({"config": "configs/tiny-llama.yaml", "seeds": [1], "out": str(tmp_path / "out"),
+                                 "set": {"data.prefix": str(data)}, "variants": {"simreg": {"simreg.weight": 1}},
+                                 "launcher": f"{{python}} {cell}"}))
+    process = subprocess.Popen([sys.executable, "-m", "megatron_simreg.study", str(study)], cwd=ROOT, env=ENV,
+                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = _wait_for(tmp_path / "out", "train.log", "ready")
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    lines = [line for line in err.strip().splitlines() if "cells done" not in line]
+    assert process.returncode == 130 and len(lines) == 1 and "Traceback" not in err, (process.returncode, err)
+    with open(os.path.join(run_dir, "study.json")) as f:
+        assert [a["returncode"] for a in json.load(f)["attempts"]] == [130]
+
+
+def _wait_for(folder, name, text, timeout=60):
+    """The folder under `folder` whose file `name` says `text`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for root, _, files in os.walk(folder):
+            if name in files and text in open(os.path.join(root, name)).read():
+                return root
+        time.sleep(0.05)
+    raise AssertionError(f"no {name} saying {text!r} under {folder}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_the_launcher_exits_with_128_plus_the_signal_after_the_workers_saved(sig, corpus, tmp_path):  # noqa: F811
+    """SIGTERM to the launcher, or Ctrl-C to its process group, after iteration 1 of two processes."""
+    run_dir = tmp_path / "run"
+    settings = [*TINY, "schedule.train_iters=40", "training.save_interval=100", "parallel.tensor=2",
+                f"data.prefix={corpus}", f"logging.run_dir={run_dir}"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "megatron_simreg.launch", "--standalone", "--nproc-per-node", "2",
+         "-m", "megatron_simreg.train", "--config", "configs/tiny-llama.yaml",
+         *[part for setting in settings for part in ("--set", setting)]],
+        cwd=ROOT, env=ENV, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if " iteration 1/" in line:
+            break
+    if sig == signal.SIGTERM:
+        process.send_signal(sig)
+    else:
+        os.killpg(process.pid, sig)
+    output += process.stdout.readlines()
+    process.wait(timeout=300)
+    text = "".join(output)
+    assert process.returncode == 128 + sig and "Traceback" not in text, (process.returncode, text[-5000:])
+    launcher = [line for line in output if line.startswith("launch:")]
+    assert len(launcher) == 1 and str(128 + sig) in launcher[0], text[-3000:]
+    stopped = [line for line in output if line.startswith("training stopped:")]
+    assert len(stopped) == 1 and signal.Signals(sig).name in stopped[0], text[-3000:]
+    tracker = run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
+    assert tracker.is_file() and int(tracker.read_text()) >= 1
