@@ -59,7 +59,7 @@ def min_lr(cfg: Config) -> float:
 def plan_run(cfg: Config, world_size: int) -> RunPlan:
     """The run's derived settings on `world_size` processes; ConfigError names whatever cannot work."""
     from megatron_simreg.data import build_tokenizer, default_tokenizer_path
-    from megatron_simreg.data.tokenizer import tokenizer_library
+    from megatron_simreg.data.tokenizer import NotATokenizer, tokenizer_library
 
     data_parallel = check_layout(cfg, world_size)
     t = cfg.training
@@ -72,6 +72,8 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     try:
         library = tokenizer_library(tokenizer_path)
         vocab_size = build_tokenizer(tokenizer_path).vocab_size
+    except NotATokenizer as error:
+        raise ConfigError(f"data.tokenizer={error}") from None
     except (FileNotFoundError, ImportError, ValueError) as error:
         raise ConfigError(f"data.tokenizer: {error}") from error
     padded = padded_vocab_size(cfg)

@@ -27,11 +27,24 @@ def default_tokenizer_path() -> str:
     return path
 
 
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+class NotATokenizer(ValueError):
+    """A file or folder that exists but holds no tokenizer; the message starts with its path."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path} is neither a sentencepiece model file nor a Hugging Face tokenizer folder "
+                         f"({' / '.join(HF_TOKENIZER_FILES)}): {reason}")
+
+
 def tokenizer_library(path: str) -> str:
     """'sentencepiece' for a model file, 'huggingface' for a folder; a clear error for anything else."""
     if os.path.isfile(path):
         return "sentencepiece"
     if os.path.isdir(path):
+        if not any(os.path.isfile(os.path.join(path, name)) for name in HF_TOKENIZER_FILES):
+            raise NotATokenizer(path, f"the folder holds neither {' nor '.join(HF_TOKENIZER_FILES)}")
         if importlib.util.find_spec("transformers") is None:
             raise ImportError(
                 f"{path} is a Hugging Face tokenizer folder, which needs `transformers`: "
@@ -50,7 +63,11 @@ def build_tokenizer(path_or_name: str | None = None):
     library = tokenizer_library(path)
     # Hugging Face tokenizers add BOS by default; SentencePiece files do not. Documents are BOS-free here.
     options = {"include_special_tokens": False} if library == "huggingface" else {}
-    tokenizer = MegatronTokenizer.from_pretrained(tokenizer_path=path, metadata_path={"library": library}, **options)
+    try:
+        tokenizer = MegatronTokenizer.from_pretrained(tokenizer_path=path, metadata_path={"library": library},
+                                                      **options)
+    except (RuntimeError, ValueError, OSError) as error:  # sentencepiece's and transformers' own, several lines long
+        raise NotATokenizer(path, str(error).splitlines()[0]) from error
     if tokenizer.eod is None or tokenizer.eod < 0:
         raise ValueError(f"tokenizer {path} has no end-of-document token (eos); pick one that does")
     return tokenizer
