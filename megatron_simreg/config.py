@@ -242,7 +242,7 @@ def load_config(path: str, overrides: list[str] | None = None) -> Config:
         if not sep:
             raise ConfigError(f"override {override!r} is not key=value (e.g. simreg.weight=0)")
         _check_key(key.strip(), source=f"override {override!r}")
-        _set_dotted(raw, key.strip(), _parse_yaml(value, f"override {override!r}"))
+        _set_dotted(raw, key.strip(), parse_yaml(value, f"override {override!r}"))
     config = _build(Config, raw, prefix="", source=path)
     _check_values(config)
     return config
@@ -274,7 +274,7 @@ def _read_with_bases(path: str, seen: tuple[str, ...]) -> dict:
     if real in seen:
         raise ConfigError(f"config {path!r} extends itself through {' -> '.join(seen)}")
     with open(path, encoding="utf-8") as f:
-        data = _parse_yaml(f, f"config file {path!r}") or {}
+        data = parse_yaml(f, f"config file {path!r}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config {path!r} must be a mapping of sections")
     base = data.pop("extends", None)
@@ -284,7 +284,7 @@ def _read_with_bases(path: str, seen: tuple[str, ...]) -> dict:
     return _deep_merge(merged, data)
 
 
-def _parse_yaml(text, source: str):
+def parse_yaml(text, source: str):
     """YAML, or one line naming the place of a syntax error."""
     try:
         return yaml.safe_load(text)
