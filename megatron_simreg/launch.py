@@ -10,18 +10,20 @@ one line. Any worker's failure ends in one line too, naming the rank and its exi
 exits with. The rest is torch.distributed.run itself.
 """
 
-import os
 import signal
 import sys
 
 from megatron_simreg.cli import one_line_errors
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+received = []  # the stop signals passed on, first first
 
 
 def _pass_to_workers(signum, frame) -> None:
     """The workers are this process's children (torchrun's agent runs in it); each one saves and exits 128 + signum."""
     import psutil
+
+    received.append(signum)
 
     workers = psutil.Process().children()
     if not workers:  # before the workers start: stop here
@@ -32,21 +34,26 @@ def _pass_to_workers(signum, frame) -> None:
 
 
 def main(argv=None) -> None:
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"  # SIGTERM and SIGINT are ours (above)
     with one_line_errors("launch"):
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
         from torch.distributed.run import parse_args, run
 
         args = parse_args(argv)
+        args.signals_to_handle = "SIGHUP,SIGQUIT"  # torchrun's own handling; SIGTERM and SIGINT are ours (above)
         for sig in STOP_SIGNALS:
             signal.signal(sig, _pass_to_workers)
         try:
             run(args)
         except ChildFailedError as error:
-            rank, failure = min(error.failures.items())
-            code = failure.exitcode if failure.exitcode >= 0 else 128 - failure.exitcode  # killed: 128 + signal
-            why = "stopped by a signal after saving" if code in (128 + s for s in STOP_SIGNALS) else "failed"
-            print(f"launch: rank {rank} {why} (exit code {code}); its own lines above say more", file=sys.stderr)
+            codes = {rank: f.exitcode if f.exitcode >= 0 else 128 - f.exitcode for rank, f in error.failures.items()}
+            rank, code = min(codes.items())
+            if received and 128 + received[0] in codes.values():  # torchrun sends SIGTERM to those left after one
+                code = 128 + received[0]
+            if code in [128 + s for s in STOP_SIGNALS]:  # a signal to this process, or to the workers (launch.sh)
+                print(f"launch: the workers stopped on {signal.Signals(code - 128).name} after saving; exit code "
+                      f"{code}, run the same command to resume", file=sys.stderr)
+            else:
+                print(f"launch: rank {rank} failed with exit code {code} (its lines above say why)", file=sys.stderr)
             sys.exit(code)
 
 
