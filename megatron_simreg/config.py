@@ -455,6 +455,8 @@ def _number(text: str) -> float | None:
 def _check_values(config: Config) -> None:
     _check_ranges(config)
     _check_data_prefix(config.data.prefix)
+    if not config.name.strip():
+        raise ConfigError("name is empty: it names the run (runs/<name>), e.g. --set name=tiny-llama")
     for key, choices in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)

@@ -32,6 +32,7 @@ BAD_VALUES = [
     ("data.prefix=[-1, a, 2, b]", "data.prefix", "weights must be finite and at least 0"),
     ("data.prefix=[0, a, 0, b]", "data.prefix", "at least one weight must be positive"),
     ("training.seed=4294967296", "training.seed", "in [0, 2**31)"),
+    ("name=''", "name", "--set name=tiny-llama"),
 ]
 
 
@@ -108,23 +109,42 @@ def test_ctrl_c_while_training_starts_up_is_one_line_and_130(tmp_path):
     assert "SIGINT" in lines[0]
 
 
-def test_every_tool_answers_a_broken_input_in_one_line(tmp_path):
+def test_every_tool_answers_a_broken_input_in_one_line(tmp_path, capsys):
+    """In this process (each tool's main), as their own processes would: SystemExit with the one line."""
+    from export_hf_cli import export_cli
+
+    from megatron_simreg import evaluate, study
+
     checkpoints = tmp_path / "run" / "checkpoints"
     checkpoints.mkdir(parents=True)
     save_config(load_config("configs/tiny-llama.yaml"), str(tmp_path / "run"))
     (checkpoints / "latest_checkpointed_iteration.txt").write_text("zz")
-    done = run(sys.executable, "-m", "megatron_simreg.evaluate", "--checkpoint", str(checkpoints), "--tasks",
-               "offline", "--output", str(tmp_path / "eval"))
-    assert "zz" in one_line(done, 1, "evaluate")
-    done = run(sys.executable, os.path.join(ROOT, "tools", "export_hf.py"), "--checkpoint", str(checkpoints),
-               "--output", str(tmp_path / "hf"))
-    assert "zz" in one_line(done, 1, "export_hf")
+    with pytest.raises(SystemExit, match=r"^evaluate: .*zz") as stop:
+        evaluate.main(["--checkpoint", str(checkpoints), "--tasks", "offline", "--output", str(tmp_path / "eval")])
+    assert "\n" not in str(stop.value.code)
+    message = export_cli("--checkpoint", str(checkpoints), "--output", str(tmp_path / "hf"))
+    assert message.startswith("export_hf: ") and "zz" in message and "\n" not in message, message
     assert not (tmp_path / "hf").exists()
-    study = tmp_path / "broken.yaml"
-    study.write_text("config: configs/tiny-llama.yaml\nseeds: [1, 2\n")
-    done = run(sys.executable, "-m", "megatron_simreg.study", str(study))
-    line = one_line(done, 1, "study")
-    assert str(study) in line and "not valid YAML at line 3" in line, line
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("config: configs/tiny-llama.yaml\nseeds: [1, 2\n")
+    with pytest.raises(SystemExit) as stop:
+        study.main([str(broken)])
+    message = str(stop.value.code)
+    assert message.startswith(f"study: study '{broken}' is not valid YAML at line 3") and "\n" not in message
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_ctrl_c_during_an_export_is_one_line_and_130(tmp_path, monkeypatch, capsys):
+    from export_hf_cli import export_cli
+
+    import megatron_simreg.export_hf
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # as Ctrl-C raises it while the weights are written
+
+    monkeypatch.setattr(megatron_simreg.export_hf, "export", interrupted)
+    assert export_cli("--checkpoint", str(tmp_path), "--output", str(tmp_path / "hf")) == "130"
+    assert capsys.readouterr().err == "export_hf: interrupted by SIGINT (exit code 130)\n"
 
 
 def test_the_study_records_the_cells_ctrl_c_and_exits_130(tmp_path):
