@@ -75,12 +75,10 @@ def megatron_training_on_cpu() -> None:
 
 
 if __name__ == "__main__":  # checkpoint saving starts helper processes that import this file again
-    from megatron_simreg.cli import one_line_errors
     from megatron_simreg.config import load_config
     from megatron_simreg.megatron_entry import pretrain
 
-    with one_line_errors("config error"):
-        cfg = load_config(sys.argv[1], sys.argv[2:])
+    cfg = load_config(sys.argv[1], sys.argv[2:])
     # No NCCL without GPUs; weights drawn on the CPU as the local loop draws them, so both loops start alike.
     cfg.megatron.extra_args += ["--distributed-backend", "gloo", "--use-cpu-initialization"]
     with cpu_compat() as active:

@@ -7,8 +7,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+import psutil
 import pytest
 from test_training import TINY, corpus  # noqa: F401  (corpus is a fixture)
 
@@ -63,17 +65,13 @@ def one_line(done, code, program):
     return lines[0]
 
 
-@pytest.mark.parametrize("loop", ["local", "megatron"])
-def test_training_refuses_a_non_finite_value_before_writing_anything(loop, tmp_path):
+def test_training_refuses_a_non_finite_value_before_writing_anything(tmp_path):
+    """Checked when the config loads, before either loop is chosen (megatron.training on GPUs, the local loop)."""
     run_dir = tmp_path / "run"
-    settings = ["optimizer.lr=.inf", f"logging.run_dir={run_dir}"]
-    if loop == "local":
-        done = run(sys.executable, "-m", "megatron_simreg.train", "--config", "configs/tiny-llama.yaml",
-                   *[part for setting in settings for part in ("--set", setting)])
-    else:
-        done = run(sys.executable, os.path.join("tests", "megatron_training_on_cpu.py"), "configs/tiny-llama.yaml",
-                   *settings)
-    assert "optimizer.lr" in one_line(done, 1, "config error") and "finite" in done.stderr
+    done = run(sys.executable, "-m", "megatron_simreg.train", "--config", "configs/tiny-llama.yaml",
+               "--set", "optimizer.lr=.inf", "--set", f"logging.run_dir={run_dir}")
+    assert one_line(done, 1, "config error") == (
+        "config error: config key 'optimizer.lr' must be a finite number, got inf")
     assert not run_dir.exists()
 
 
@@ -147,9 +145,11 @@ def test_ctrl_c_during_an_export_is_one_line_and_130(tmp_path, monkeypatch, caps
     assert capsys.readouterr().err == "export_hf: interrupted by SIGINT (exit code 130)\n"
 
 
-def test_the_study_records_the_cells_ctrl_c_and_exits_130(tmp_path):
-    """Ctrl-C to the study's process group: the cell saves and exits 130, the study records that and exits 130."""
-    data = tmp_path / "data"
+def test_the_study_records_the_cells_ctrl_c_and_exits_130(tmp_path, capsys):
+    """Ctrl-C to the study's process group (here: the study's main in this process, and its cell): the cell saves
+    and exits 130, the study records that and exits 130 in one line."""
+    from megatron_simreg import study
+
     for suffix in (".bin", ".idx"):
         (tmp_path / f"data{suffix}").write_text("")
     cell = tmp_path / "cell.py"  # stands for a training process: it stops on SIGINT with exit code 130
@@ -157,18 +157,30 @@ def test_the_study_records_the_cells_ctrl_c_and_exits_130(tmp_path):
                     "signal.signal(signal.SIGINT, lambda *_: sys.exit(130))\n"
                     "print('ready', flush=True)\n"
                     "time.sleep(60)\n")
-    study = tmp_path / "grid.yaml"
-    study.write_text(json.dumps({"config": "configs/tiny-llama.yaml", "seeds": [1], "out": str(tmp_path / "out"),
-                                 "set": {"data.prefix": str(data)}, "variants": {"simreg": {"simreg.weight": 1}},
-                                 "launcher": f"{{python}} {cell}"}))
-    process = subprocess.Popen([sys.executable, "-m", "megatron_simreg.study", str(study)], cwd=ROOT, env=ENV,
-                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run_dir = _wait_for(tmp_path / "out", "train.log", "ready")
-    os.killpg(process.pid, signal.SIGINT)
-    out, err = process.communicate(timeout=60)
-    line = one_line(subprocess.CompletedProcess(process.args, process.returncode, out, err), 130, "study")
-    assert "interrupted by SIGINT; simreg/seed1 stopped with exit code 130" in line, line
-    with open(os.path.join(run_dir, "study.json")) as f:
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(json.dumps({"config": "configs/tiny-llama.yaml", "seeds": [1], "out": str(tmp_path / "out"),
+                                "set": {"data.prefix": str(tmp_path / "data")},
+                                "variants": {"simreg": {"simreg.weight": 1}}, "launcher": f"{{python}} {cell}"}))
+    found = []
+
+    def ctrl_c():  # as a terminal sends it: to the study and to its cell
+        found.append(_wait_for(tmp_path / "out", "train.log", "ready"))
+        for child in psutil.Process().children():
+            child.send_signal(signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's Ctrl-C, as in a terminal
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    try:
+        with pytest.raises(SystemExit) as stop:
+            study.main([str(grid)])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("study: ")]
+    assert stop.value.code == 130 and lines == [
+        "study: interrupted by SIGINT; simreg/seed1 stopped with exit code 130 (its train.log says why); "
+        "run the same command to resume"], lines
+    with open(os.path.join(found[0], "study.json")) as f:
         assert [a["returncode"] for a in json.load(f)["attempts"]] == [130]
 
 
@@ -183,33 +195,55 @@ def _wait_for(folder, name, text, timeout=60):
     raise AssertionError(f"no {name} saying {text!r} under {folder}")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_the_launcher_exits_with_128_plus_the_signal_after_the_workers_saved(sig, corpus, tmp_path):  # noqa: F811
-    """SIGTERM to the launcher, or Ctrl-C to its process group, after iteration 1 of two processes."""
-    run_dir = tmp_path / "run"
-    settings = [*TINY, "schedule.train_iters=40", "training.save_interval=100", "parallel.tensor=2",
-                f"data.prefix={corpus}", f"logging.run_dir={run_dir}"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "megatron_simreg.launch", "--standalone", "--nproc-per-node", "2",
-         "-m", "megatron_simreg.train", "--config", "configs/tiny-llama.yaml",
-         *[part for setting in settings for part in ("--set", setting)]],
-        cwd=ROOT, env=ENV, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def launch(*command, cwd=ROOT):
+    return subprocess.Popen([sys.executable, "-m", "megatron_simreg.launch", "--standalone", "--nproc-per-node", "2",
+                             *command], cwd=cwd, env=ENV, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def read_until(process, text: str, times: int = 1) -> list[str]:
     output = []
     for line in process.stdout:
         output.append(line)
-        if " iteration 1/" in line:
+        if sum(text in seen for seen in output) == times:
             break
-    if sig == signal.SIGTERM:
-        process.send_signal(sig)
-    else:
-        os.killpg(process.pid, sig)
+    return output
+
+
+def test_sigterm_to_the_launcher_saves_and_exits_143(corpus, tmp_path):  # noqa: F811
+    """Two processes of the local loop; SIGTERM to the launcher (as `kill` or a scheduler sends it) at iteration 1."""
+    run_dir = tmp_path / "run"
+    settings = [*TINY, "schedule.train_iters=40", "training.save_interval=100", "parallel.tensor=2",
+                f"data.prefix={corpus}", f"logging.run_dir={run_dir}"]
+    process = launch("-m", "megatron_simreg.train", "--config", "configs/tiny-llama.yaml",
+                     *[part for setting in settings for part in ("--set", setting)])
+    output = read_until(process, " iteration 1/")
+    process.send_signal(signal.SIGTERM)
     output += process.stdout.readlines()
     process.wait(timeout=300)
     text = "".join(output)
-    assert process.returncode == 128 + sig and "Traceback" not in text, (process.returncode, text[-5000:])
-    launcher = [line for line in output if line.startswith("launch:")]
-    assert len(launcher) == 1 and str(128 + sig) in launcher[0], text[-3000:]
+    assert process.returncode == 143 and "Traceback" not in text, (process.returncode, text[-5000:])
+    assert [line for line in output if line.startswith("launch:")] == [
+        "launch: the workers stopped on SIGTERM after saving; exit code 143, run the same command to resume\n"]
     stopped = [line for line in output if line.startswith("training stopped:")]
-    assert len(stopped) == 1 and signal.Signals(sig).name in stopped[0], text[-3000:]
+    assert len(stopped) == 1 and "received SIGTERM" in stopped[0], text[-3000:]
     tracker = run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
     assert tracker.is_file() and int(tracker.read_text()) >= 1
+
+
+def test_ctrl_c_to_the_launchers_process_group_reaches_the_workers_and_exits_130(tmp_path):
+    """torchrun starts its workers in sessions of their own: Ctrl-C reaches them through the launcher. (A stand-in
+    for training that stops on SIGINT with exit code 130; SIGTERM above trains.)"""
+    worker = tmp_path / "worker.py"
+    worker.write_text("import signal, sys, time\n"
+                      "signal.signal(signal.SIGINT, lambda *_: sys.exit(130))\n"
+                      "print('ready', flush=True)\n"
+                      "time.sleep(60)\n")
+    process = launch(str(worker))
+    output = read_until(process, "ready", times=2)
+    os.killpg(process.pid, signal.SIGINT)
+    output += process.stdout.readlines()
+    process.wait(timeout=60)
+    assert process.returncode == 130 and [line for line in output if line.startswith("launch:")] == [
+        "launch: the workers stopped on SIGINT after saving; exit code 130, run the same command to resume\n"], (
+        process.returncode, "".join(output)[-3000:])
