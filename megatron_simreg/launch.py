@@ -24,7 +24,6 @@ def _pass_to_workers(signum, frame) -> None:
     import psutil
 
     received.append(signum)
-
     workers = psutil.Process().children()
     if not workers:  # before the workers start: stop here
         raise KeyboardInterrupt(f"interrupted by {signal.Signals(signum).name} before the workers started "
@@ -53,7 +52,7 @@ def main(argv=None) -> None:
                 print(f"launch: the workers stopped on {signal.Signals(code - 128).name} after saving; exit code "
                       f"{code}, run the same command to resume", file=sys.stderr)
             else:
-                print(f"launch: rank {rank} failed with exit code {code} (its lines above say why)", file=sys.stderr)
+                print(f"launch: rank {rank} failed with exit code {code} (its own output says why)", file=sys.stderr)
             sys.exit(code)
 
 
