@@ -425,11 +425,13 @@ def _check_ranges(config: Config) -> None:
         raise ConfigError(f"data.split={split!r} gives the training split no share: e.g. 98,1,1")
 
 
+DATA_PREFIX_EXAMPLE = "e.g. data.prefix=[data/c4/c4-en_text_document] or data.prefix=[30, PREFIX_A, 70, PREFIX_B]"
+
+
 def _check_data_prefix(prefix: list[str]) -> None:
-    """What Megatron's --data-path takes: paths, or weight and path pairs (`[30, a, 70, b]`)."""
-    fix = "e.g. data.prefix=[data/c4/c4-en_text_document] or data.prefix=[30, PREFIX_A, 70, PREFIX_B]"
-    if not prefix:
-        raise ConfigError(f"data.prefix is empty: name the indexed dataset(s) to train on, {fix}")
+    """What Megatron's --data-path takes: paths, or weight and path pairs (`[30, a, 70, b]`); none is checked when
+    a run is planned (a config read for an export needs no data)."""
+    fix = DATA_PREFIX_EXAMPLE
     numbers = [_number(item) for item in prefix]
     if any(not item.strip() for item in prefix):
         raise ConfigError(f"data.prefix={prefix} holds an empty path: {fix}")

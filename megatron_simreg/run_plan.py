@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from megatron_simreg.config import Config, ConfigError, check_layout
+from megatron_simreg.config import DATA_PREFIX_EXAMPLE, Config, ConfigError, check_layout
 
 MEGATRON_TOKENIZER_TYPES = {"sentencepiece": "SentencePieceTokenizer", "huggingface": "HuggingFaceTokenizer"}
 
@@ -61,6 +61,8 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     from megatron_simreg.data import build_tokenizer, default_tokenizer_path
     from megatron_simreg.data.tokenizer import NotATokenizer, tokenizer_library
 
+    if not cfg.data.prefix:
+        raise ConfigError(f"data.prefix is empty: name the indexed dataset(s) to train on, {DATA_PREFIX_EXAMPLE}")
     data_parallel = check_layout(cfg, world_size)
     t = cfg.training
     iters = train_iters(cfg)

@@ -27,7 +27,6 @@ BAD_VALUES = [
     ("simreg.weight=-.inf", "simreg.weight", "finite number"),
     ("adagc.lambda_rel=.nan", "adagc.lambda_rel", "finite number"),
     ("regularizer={name: sce, temperature: .inf}", "regularizer.temperature", "finite number"),
-    ("data.prefix=[]", "data.prefix", "e.g. data.prefix=[data/c4/c4-en_text_document]"),
     ("data.prefix=['']", "data.prefix", "empty path"),
     ("data.prefix=[0.3, a, b]", "data.prefix", "weight and path pairs"),
     ("data.prefix=[30, a, b, 70]", "data.prefix", "weight and path pairs"),
@@ -46,9 +45,14 @@ def test_a_bad_value_is_refused_at_load_naming_the_key_and_the_fix(override, key
     assert key in message and fix in message and "\n" not in message, message
 
 
-def test_data_prefix_takes_what_megatrons_data_path_takes():
+def test_data_prefix_takes_what_megatrons_data_path_takes_and_a_run_needs_one():
+    from megatron_simreg.run_plan import plan_run
+
     for prefix in ("[a]", "[a, b]", "[30, a, 70, b]", "[0.5, a, 0, b]", "a"):
         load_config("configs/tiny-llama.yaml", [f"data.prefix={prefix}"])
+    empty = load_config("configs/tiny-llama.yaml", ["data.prefix=[]"])  # fine for an export, which reads no data
+    with pytest.raises(ConfigError, match=r"^data.prefix is empty: .* e.g. data.prefix=\[data/c4/"):
+        plan_run(empty, 1)  # where both loops and the dry run start, before anything is written
 
 
 def run(*command, cwd=ROOT, **kwargs):

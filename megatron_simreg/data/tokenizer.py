@@ -43,13 +43,13 @@ def tokenizer_library(path: str) -> str:
     if os.path.isfile(path):
         return "sentencepiece"
     if os.path.isdir(path):
-        if not any(os.path.isfile(os.path.join(path, name)) for name in HF_TOKENIZER_FILES):
-            raise NotATokenizer(path, f"the folder holds neither {' nor '.join(HF_TOKENIZER_FILES)}")
         if importlib.util.find_spec("transformers") is None:
             raise ImportError(
                 f"{path} is a Hugging Face tokenizer folder, which needs `transformers`: "
                 "pip install 'megatron-simreg[eval]' (or transformers), or pass a SentencePiece .model file"
             )
+        if not any(os.path.isfile(os.path.join(path, name)) for name in HF_TOKENIZER_FILES):
+            raise NotATokenizer(path, f"the folder holds neither {' nor '.join(HF_TOKENIZER_FILES)}")
         return "huggingface"
     raise FileNotFoundError(
         f"tokenizer {path!r} not found: pass a SentencePiece .model file (the LLaMA-2 tokenizer.model), "
