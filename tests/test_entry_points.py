@@ -69,6 +69,27 @@ def one_line(done, code, program):
     return lines[0]
 
 
+def test_one_line_errors_turns_what_a_user_can_fix_into_one_line_and_keeps_a_bugs_traceback(capsys):
+    from megatron_simreg.checkpoint import CheckpointError
+    from megatron_simreg.cli import Stopped, one_line_errors
+    from megatron_simreg.failures import TrainingError
+
+    for error in (ConfigError("a"), FileExistsError("a"), FileNotFoundError("a"), CheckpointError("a"),
+                  TrainingError("a"), ImportError("a")):
+        with pytest.raises(SystemExit) as stop, one_line_errors("tool"):
+            raise error
+        assert stop.value.code == "tool: a", type(error)
+    for interrupt, code, name in ((KeyboardInterrupt(), 130, "SIGINT"), (Stopped(signal.SIGTERM), 143, "SIGTERM")):
+        with pytest.raises(SystemExit) as stop, one_line_errors("tool"):
+            raise interrupt
+        assert stop.value.code == code
+        assert capsys.readouterr().err == f"tool: interrupted by {name} (exit code {code})\n"
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(ZeroDivisionError), one_line_errors("tool"):  # a bug: its traceback stays
+        1 / 0
+    assert signal.getsignal(signal.SIGTERM) is before  # SIGTERM raises Stopped only inside the block
+
+
 def test_training_refuses_a_non_finite_value_before_writing_anything(tmp_path):
     """Checked when the config loads, before either loop is chosen (megatron.training on GPUs, the local loop)."""
     run_dir = tmp_path / "run"
