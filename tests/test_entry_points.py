@@ -132,6 +132,17 @@ def test_ctrl_c_while_training_starts_up_is_one_line_and_130(tmp_path):
     assert "SIGINT" in lines[0]
 
 
+def test_ctrl_c_before_megatron_trainings_signal_handler_is_130_not_143():
+    """megatron.training takes Ctrl-C as SIGTERM once its handler is in place; before, it is Ctrl-C (while
+    one_line_errors has SIGTERM raise, as train.py runs it)."""
+    from megatron_simreg.cli import one_line_errors
+    from megatron_simreg.megatron_entry import _InterruptedEarly, _sigint_as_sigterm
+
+    with one_line_errors("training stopped"), pytest.raises(_InterruptedEarly) as stop:
+        _sigint_as_sigterm([], signal.SIGINT, None)
+    assert stop.value.code == 130
+
+
 def test_every_tool_answers_a_broken_input_in_one_line(tmp_path, capsys):
     """In this process (each tool's main), as their own processes would: SystemExit with the one line."""
     from export_hf_cli import export_cli
