@@ -223,11 +223,12 @@ RANGES = {  # every numeric key's allowed values (None, where a key allows it, i
     "optimizer.adam_beta1": _FRACTION, "optimizer.adam_beta2": _FRACTION, "optimizer.adam_eps": _POSITIVE,
     "optimizer.clip_grad": _AT_LEAST_0,
     "schedule.warmup_steps": _AT_LEAST_0, "schedule.train_iters": _AT_LEAST_1, "schedule.train_tokens": _AT_LEAST_1,
-    "training.micro_batch_size": _AT_LEAST_1, "training.global_batch_size": _AT_LEAST_1, "training.seed": _AT_LEAST_0,
+    "training.micro_batch_size": _AT_LEAST_1, "training.global_batch_size": _AT_LEAST_1,
     "training.log_interval": _AT_LEAST_1, "training.eval_interval": _AT_LEAST_1, "training.eval_iters": _AT_LEAST_1,
     "training.save_interval": _AT_LEAST_1, "training.exit_interval": _AT_LEAST_1,
     "parallel.tensor": _AT_LEAST_1, "parallel.pipeline": _AT_LEAST_1, "parallel.context": _AT_LEAST_1,
     "parallel.expert": _AT_LEAST_1, "checkpoint.load_iteration": _AT_LEAST_1, "regularizer.weight": _AT_LEAST_0,
+    "training.seed": (lambda v: 0 <= v < 2**31, "in [0, 2**31)"),  # Megatron adds rank offsets; numpy takes 32 bits
 }
 _SPLIT = re.compile(r"\s*\d+(\.\d*)?(\s*[,/]\s*\d+(\.\d*)?){0,2}\s*")  # Megatron's "train,valid,test" shares
 
@@ -241,7 +242,7 @@ def load_config(path: str, overrides: list[str] | None = None) -> Config:
         if not sep:
             raise ConfigError(f"override {override!r} is not key=value (e.g. simreg.weight=0)")
         _check_key(key.strip(), source=f"override {override!r}")
-        _set_dotted(raw, key.strip(), _parse_yaml(value, f"override {override!r}"))
+        _set_dotted(raw, key.strip(), parse_yaml(value, f"override {override!r}"))
     config = _build(Config, raw, prefix="", source=path)
     _check_values(config)
     return config
@@ -273,7 +274,7 @@ def _read_with_bases(path: str, seen: tuple[str, ...]) -> dict:
     if real in seen:
         raise ConfigError(f"config {path!r} extends itself through {' -> '.join(seen)}")
     with open(path, encoding="utf-8") as f:
-        data = _parse_yaml(f, f"config file {path!r}") or {}
+        data = parse_yaml(f, f"config file {path!r}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config {path!r} must be a mapping of sections")
     base = data.pop("extends", None)
@@ -283,7 +284,7 @@ def _read_with_bases(path: str, seen: tuple[str, ...]) -> dict:
     return _deep_merge(merged, data)
 
 
-def _parse_yaml(text, source: str):
+def parse_yaml(text, source: str):
     """YAML, or one line naming the place of a syntax error."""
     try:
         return yaml.safe_load(text)
@@ -385,9 +386,10 @@ def _coerce(value, hint, key: str):
     for kind in allowed:
         if kind is type(None) and value is None:
             return None
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if kind is float and isinstance(value, str) and _EXPONENT_ONLY.fullmatch(value):
+        if kind is float and (isinstance(value, (int, float)) and not isinstance(value, bool)
+                              or isinstance(value, str) and _EXPONENT_ONLY.fullmatch(value)):
+            if not math.isfinite(float(value)):  # YAML's .inf and .nan, 1e999: every number must be finite
+                raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
             return float(value)
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -423,8 +425,40 @@ def _check_ranges(config: Config) -> None:
         raise ConfigError(f"data.split={split!r} gives the training split no share: e.g. 98,1,1")
 
 
+DATA_PREFIX_EXAMPLE = "e.g. data.prefix=[data/c4/c4-en_text_document] or data.prefix=[30, PREFIX_A, 70, PREFIX_B]"
+
+
+def _check_data_prefix(prefix: list[str]) -> None:
+    """What Megatron's --data-path takes: paths, or weight and path pairs (`[30, a, 70, b]`); none is checked when
+    a run is planned (a config read for an export needs no data)."""
+    fix = DATA_PREFIX_EXAMPLE
+    numbers = [_number(item) for item in prefix]
+    if any(not item.strip() for item in prefix):
+        raise ConfigError(f"data.prefix={prefix} holds an empty path: {fix}")
+    if not any(number is not None for number in numbers):
+        return
+    weights, paths = numbers[0::2], numbers[1::2]
+    if len(prefix) % 2 or None in weights or any(number is not None for number in paths):
+        raise ConfigError(f"data.prefix={prefix} mixes weights and paths: give only paths, or weight and path pairs, "
+                          + fix)
+    if not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ConfigError(f"data.prefix={prefix}: the weights must be finite and at least 0, {fix}")
+    if not any(w > 0 for w in weights):
+        raise ConfigError(f"data.prefix={prefix}: at least one weight must be positive, {fix}")
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def _check_values(config: Config) -> None:
     _check_ranges(config)
+    _check_data_prefix(config.data.prefix)
+    if not config.name.strip():
+        raise ConfigError("name is empty: it names the run (runs/<name>), e.g. --set name=tiny-llama")
     for key, choices in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)

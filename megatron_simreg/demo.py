@@ -15,6 +15,7 @@ import argparse
 import os
 import shutil
 
+from megatron_simreg.cli import one_line_errors
 from megatron_simreg.compare import markdown_report, plot_runs
 from megatron_simreg.config import load_config
 from megatron_simreg.data import prepare_corpus, write_offline_corpus
@@ -71,4 +72,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors("demo"):
+        main()

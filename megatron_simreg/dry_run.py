@@ -3,8 +3,9 @@
 `python -m megatron_simreg.train --config configs/llama2-7b.yaml --dry-run --world-size 64` resolves the
 config, checks the parallel layout against the GPUs, and prints the parameter count (total and active for
 MoE), the memory each GPU needs (weights, gradients, optimizer state with and without the distributed
-optimizer, activations at the micro-batch size), tokens and FLOPs per step, and the exact torchrun and
-Megatron arguments. An impossible layout raises ConfigError with the reason.
+optimizer, activations at the micro-batch size), tokens and FLOPs per step, the exact launch command
+(megatron_simreg.launch, with torchrun's arguments) and Megatron arguments. An impossible layout raises
+ConfigError with the reason.
 
 The estimates are the usual closed forms: bf16 weights (2 bytes), fp32 gradient buffers (4 bytes), fp32
 main weights plus Adam moments (12 bytes, divided over data-parallel ranks by the distributed optimizer);
@@ -118,9 +119,10 @@ def report(cfg: Config, world_size: int, gpus_per_node: int = 8, gpu_memory_gib:
         *([f"regularizer: {cfg.regularizer.name}, weight {cfg.regularizer_weight:g}, {cfg.regularizer.settings}"]
           if cfg.regularizer.name != "simreg" else []),
         "",
-        "torchrun command (per node):",
-        f"  torchrun --nnodes {nodes} --nproc-per-node {min(world_size, gpus_per_node)} --node-rank $NODE_RANK "
-        f"--master-addr $MASTER_ADDR --master-port $MASTER_PORT -m megatron_simreg.train --config CONFIG",
+        "launch command (per node; torchrun's arguments, and the exit code 143 of a run stopped by SIGTERM):",
+        f"  python -m megatron_simreg.launch --nnodes {nodes} --nproc-per-node {min(world_size, gpus_per_node)} "
+        f"--node-rank $NODE_RANK --master-addr $MASTER_ADDR --master-port $MASTER_PORT "
+        "-m megatron_simreg.train --config CONFIG",
         "Megatron arguments (a GPU node with Transformer Engine):",
         "  " + " ".join(megatron_arguments(cfg, plan, transformer_engine=True)),
     ]

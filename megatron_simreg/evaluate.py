@@ -16,10 +16,10 @@ import argparse
 import difflib
 import json
 import os
-import sys
 
 import yaml
 
+from megatron_simreg.cli import one_line_errors
 from megatron_simreg.eval_tables import paper_table, side_by_side_table
 
 TASK_GROUPS = {
@@ -160,10 +160,8 @@ def main(argv=None) -> dict[str, dict]:
     parser.add_argument("--allow-code-execution", action="store_true", help="needed by humaneval and mbpp")
     args = parser.parse_args(argv)
     args.limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    try:
+    with one_line_errors("evaluate"):
         return run(args)
-    except (EvaluationError, FileNotFoundError, ValueError) as error:
-        sys.exit(f"evaluate: {error}")
 
 
 def run(args) -> dict[str, dict]:

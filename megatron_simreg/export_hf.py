@@ -19,9 +19,7 @@ import json
 import os
 import re
 import shutil
-import signal
 import tempfile
-import threading
 
 import torch
 import torch.distributed as dist
@@ -312,19 +310,12 @@ def _write_marker(folder: str, checkpoint_dir: str, iteration: int | None) -> No
         json.dump(record, f, indent=1)
 
 
-class Interrupted(SystemExit):
-    """SIGTERM while the export is written: it unwinds as Ctrl-C does, so the temporary folder is removed."""
-
-
-def _interrupt(signum, frame):
-    raise Interrupted(128 + signum)
-
-
 @contextlib.contextmanager
 def _folder_beside(output_dir: str):
     """A new temporary folder next to `output_dir` (same filesystem, so the final rename is atomic); removed
-    unless it was renamed into place, on SIGTERM and Ctrl-C too. It is locked while it is written, so the
-    temporary folders an export killed with -9 left (unlocked) are removed by the next export to `output_dir`."""
+    unless it was renamed into place, on Ctrl-C and (under cli.one_line_errors) SIGTERM too. It is locked while
+    it is written, so the temporary folders an export killed with -9 left (unlocked) are removed by the next
+    export to `output_dir`."""
     target = os.path.abspath(output_dir)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
@@ -335,13 +326,12 @@ def _folder_beside(output_dir: str):
     folder = tempfile.mkdtemp(prefix=prefix, suffix=".partial", dir=parent)
     lock = os.open(folder, os.O_RDONLY)
     fcntl.flock(lock, fcntl.LOCK_EX)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         yield folder
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM under cli.one_line_errors: say what became of it
+        stop.args = (f"interrupted; nothing was written to {output_dir} (the partial export was removed)",)
+        raise
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
         if os.path.isdir(folder):
             shutil.rmtree(folder)
         os.close(lock)

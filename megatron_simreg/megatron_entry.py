@@ -226,11 +226,14 @@ def _stop_in_one_line(args):
 
 def _sigint_as_sigterm(received: list, signum, frame) -> None:
     """Ctrl-C does what SIGTERM does: megatron.training's handler takes one signal (SIGTERM)."""
+    from megatron.training.global_vars import get_signal_handler
+
     received.append(signum)
-    handler = signal.getsignal(signal.SIGTERM)
-    if not callable(handler):  # before Megatron's handler is installed: nothing to save yet
-        raise _InterruptedEarly(128 + signum)
-    handler(signal.SIGTERM, frame)
+    try:
+        get_signal_handler()
+    except AssertionError:  # before Megatron's handler is installed: nothing to save yet
+        raise _InterruptedEarly(128 + signum) from None
+    signal.getsignal(signal.SIGTERM)(signal.SIGTERM, frame)
 
 
 class _InterruptedEarly(SystemExit):

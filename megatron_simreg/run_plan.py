@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from megatron_simreg.config import Config, ConfigError, check_layout
+from megatron_simreg.config import DATA_PREFIX_EXAMPLE, Config, ConfigError, check_layout
 
 if TYPE_CHECKING:
     from megatron_simreg.resume import SavedProgress
@@ -87,9 +87,11 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     """
     from megatron_simreg.checkpoint import check_holds_checkpoint, chosen_iteration
     from megatron_simreg.data import build_tokenizer, default_tokenizer_path
-    from megatron_simreg.data.tokenizer import tokenizer_library
+    from megatron_simreg.data.tokenizer import NotATokenizer, tokenizer_library
     from megatron_simreg.resume import check_same_model, saved_progress
 
+    if not cfg.data.prefix:
+        raise ConfigError(f"data.prefix is empty: name the indexed dataset(s) to train on, {DATA_PREFIX_EXAMPLE}")
     data_parallel = check_layout(cfg, world_size)
     t = cfg.training
     save_dir = cfg.checkpoint.save or os.path.join(cfg.run_dir, "checkpoints")
@@ -107,6 +109,8 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     try:
         library = tokenizer_library(tokenizer_path)
         vocab_size = build_tokenizer(tokenizer_path).vocab_size
+    except NotATokenizer as error:
+        raise ConfigError(f"data.tokenizer={error}") from None
     except (FileNotFoundError, ImportError, ValueError) as error:
         raise ConfigError(f"data.tokenizer: {error}") from error
     padded = padded_vocab_size(cfg)

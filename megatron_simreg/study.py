@@ -49,7 +49,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from megatron_simreg.config import Config, ConfigError, load_config, resolved_dict
+from megatron_simreg.cli import one_line_errors
+from megatron_simreg.config import Config, load_config, parse_yaml, resolved_dict
 from megatron_simreg.progress import progress_bar
 from megatron_simreg.run_plan import train_iters
 
@@ -146,7 +147,7 @@ def load_study(path: str) -> Study:
     if not os.path.isfile(path):
         raise StudyError(f"study file {path!r} not found; the shipped ones are in configs/studies/")
     with open(path, encoding="utf-8") as f:
-        raw = yaml.safe_load(f) or {}
+        raw = parse_yaml(f, f"study {path!r}") or {}
     if not isinstance(raw, dict):
         raise StudyError(f"study {path!r} must be a mapping (config, seeds, grid, ...)")
     unknown = sorted(set(raw) - set(STUDY_KEYS))
@@ -268,7 +269,8 @@ def _overrides(value, path: str, key: str) -> dict[str, object]:
     if isinstance(value, dict):
         return {str(k): v for k, v in value.items()}
     if isinstance(value, list) and all(isinstance(item, str) and "=" in item for item in value):
-        return {k.strip(): yaml.safe_load(v) for k, v in (item.split("=", 1) for item in value)}
+        return {k.strip(): parse_yaml(v, f"study {path!r}: {key} {item!r}")
+                for item in value for k, v in [item.split("=", 1)]}
     raise StudyError(f"study {path!r}: {key} must be a mapping {{key: value}} or a list of key=value, got {value!r}")
 
 
@@ -453,6 +455,14 @@ class CellRunner:
                         except subprocess.TimeoutExpired:  # the wall time so far survives a kill of this process
                             attempt["wall_s"] = round(time.perf_counter() - start, 1)
                             _write_record(state.run_dir, record)
+                        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM (cli.Stopped): the cell saves first
+                            signum = getattr(stop, "signum", signal.SIGINT)
+                            self.process.send_signal(signum)  # a signal to the study alone reaches it too
+                            attempt["returncode"] = self.process.wait()
+                            stop.args = (f"interrupted by {signal.Signals(signum).name}; {state.label} stopped with "
+                                         f"exit code {attempt['returncode']} (its {LOG_FILE} says why); run the "
+                                         "same command to resume",)
+                            raise
             finally:
                 if attempt["returncode"] is None and self.process is not None:  # stopped by a signal to this process
                     attempt["returncode"] = self.process.poll()
@@ -460,13 +470,6 @@ class CellRunner:
                 attempt["wall_s"] = round(time.perf_counter() - start, 1)
                 _write_record(state.run_dir, record)
             return attempt["returncode"]
-
-    def terminate(self, signum, _frame) -> None:
-        """SIGTERM: stop the training process too (it keeps its last checkpoint), then exit."""
-        if self.process is not None:
-            self.process.send_signal(signum)
-            self.process.wait()
-        raise SystemExit(128 + signum)
 
 
 def _time_left(states: list[CellState]) -> str:
@@ -486,7 +489,6 @@ def _duration(seconds: float) -> str:
 def run_study(study: Study, states: list[CellState], extra: list[str]) -> list[CellState]:
     """Run every cell not finished, in order; return the cells that failed."""
     runner = CellRunner()
-    previous = signal.signal(signal.SIGTERM, runner.terminate)
     failed = []
     bar = progress_bar(total=len(states), initial=sum(s.finished for s in states), unit="cell", desc=study.name,
                        bar_format="{desc}: {n}/{total} cells done |{bar}| {elapsed} in this session{postfix}")
@@ -520,7 +522,6 @@ def run_study(study: Study, states: list[CellState], extra: list[str]) -> list[C
         if bar.disable:  # no bar in a log file: where the study got to, as a line
             print(f"{study.name}: {sum(s.finished for s in states)}/{len(states)} cells done", file=sys.stderr)
         bar.close()
-        signal.signal(signal.SIGTERM, previous)
     return failed
 
 
@@ -557,9 +558,9 @@ def main(argv=None):
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from the finished cells; run nothing")
     args = parser.parse_args(argv)
-    from megatron_simreg.study_report import write_report
+    with one_line_errors("study"):
+        from megatron_simreg.study_report import write_report
 
-    try:
         study = load_study(args.study)
         states = [_state(study, setting, seed, args.extra) for setting, seed in study.cells()]
         unknown = sorted(set(args.only) - {s.name for s in study.settings})
@@ -577,8 +578,6 @@ def main(argv=None):
             _prepare_data(chosen)
             failed = run_study(study, chosen, args.extra)
         report = write_report(study, states)
-    except (StudyError, ConfigError, FileNotFoundError) as error:
-        sys.exit(f"study: {error}")
     print(f"report: {report}")
     missing = [s for s in states if not s.finished]
     if missing:

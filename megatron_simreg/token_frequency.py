@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy
 
+from megatron_simreg.cli import one_line_errors
 from megatron_simreg.data import dataset_prefixes
 
 DEFAULT_CHUNKS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -162,4 +163,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors("token_frequency"):
+        main()

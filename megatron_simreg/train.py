@@ -12,9 +12,7 @@ import os
 import sys
 import warnings
 
-import torch
-
-from megatron_simreg.config import ConfigError, load_config
+from megatron_simreg.cli import one_line_errors
 
 
 def parse_args(argv=None):
@@ -32,43 +30,32 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ValueError as error:
-        sys.exit(f"config error: {error}")
-    if args.dry_run:
-        from megatron_simreg.checkpoint import CheckpointError
-        from megatron_simreg.dry_run import report
+    with one_line_errors("training stopped"):  # from here on: Ctrl-C while torch and megatron-core load included
+        from megatron_simreg.config import load_config
 
-        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        try:
-            print(report(cfg, world, args.gpus_per_node))
-        except (ValueError, CheckpointError) as error:  # CheckpointError: the run it would resume (run_plan.py)
-            sys.exit(f"dry run: {error}")
-        return
-    with _quiet_megatron_imports():
-        if torch.cuda.is_available():
-            from megatron_simreg.megatron_entry import pretrain as run
-        else:
-            from megatron_simreg.local_loop import train as run
-    from megatron_simreg.checkpoint import CheckpointError
-    from megatron_simreg.failures import Interrupted, TrainingError
-    from megatron_simreg.megatron_adagc import AdaGCStateMissing
+        with one_line_errors("config error"):
+            cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            from megatron_simreg.dry_run import report
 
-    try:
+            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            with one_line_errors("dry run"):
+                print(report(cfg, world, args.gpus_per_node))
+            return
+        with _quiet_megatron_imports() as cuda:
+            if cuda:
+                from megatron_simreg.megatron_entry import pretrain as run
+            else:
+                from megatron_simreg.local_loop import train as run
         run(cfg)
-    except Interrupted as stop:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"training stopped: {stop}", file=sys.stderr)
-        sys.exit(stop.exit_code)
-    except (ConfigError, TrainingError, CheckpointError, AdaGCStateMissing, FileNotFoundError, ValueError) as error:
-        sys.exit(f"training stopped: {error}")
 
 
 @contextlib.contextmanager
 def _quiet_megatron_imports():
     """Import megatron-core without its start-up warnings about missing Transformer Engine and apex; say once,
     in our words, which implementation runs instead."""
+    import torch
+
     cpp_extension = logging.getLogger("torch.utils.cpp_extension")  # "No CUDA runtime is found" on CPU
     level = cpp_extension.level
     cpp_extension.setLevel(logging.ERROR)
@@ -77,7 +64,7 @@ def _quiet_megatron_imports():
             warnings.filterwarnings("ignore", message=r"(Transformer Engine and )?Apex (is|are) not installed")
             from megatron_simreg.model import have_transformer_engine
 
-            yield
+            yield torch.cuda.is_available()
     finally:
         cpp_extension.setLevel(level)
     if not torch.cuda.is_available():

@@ -67,7 +67,9 @@ stop_workers() {
   [[ "$TORCHRUN" -eq 0 ]] || pkill -TERM -P "$TORCHRUN" || true
 }
 trap stop_workers USR1 TERM
-(trap '' USR1; exec torchrun "${DISTRIBUTED_ARGS[@]}" "${LOG_ARGS[@]}" -m megatron_simreg.train "${TRAINING_ARGS[@]}") &
+# megatron_simreg.launch is torchrun that exits 143 (not 1 with a traceback) when the workers stopped on SIGTERM.
+(trap '' USR1; exec python -m megatron_simreg.launch "${DISTRIBUTED_ARGS[@]}" "${LOG_ARGS[@]}" \
+  -m megatron_simreg.train "${TRAINING_ARGS[@]}") &
 TORCHRUN=$!
 status=0
 wait "$TORCHRUN" || status=$?

@@ -7,10 +7,8 @@ convergence speedup of every run over the first: the share of tokens saved to re
 
 import argparse
 import os
-import sys
 
-from megatron_simreg.compare import markdown_report, plot_runs
-from megatron_simreg.metrics import load_run
+from megatron_simreg.cli import one_line_errors
 
 
 def main(argv=None):
@@ -20,15 +18,16 @@ def main(argv=None):
     parser.add_argument("--metric", default="lm loss")
     parser.add_argument("--seq-length", type=int, help="tokens per sample, for TensorBoard logs without config.yaml")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors("compare_runs"):
+        from megatron_simreg.compare import markdown_report, plot_runs
+        from megatron_simreg.metrics import load_run
+
         runs = [load_run(path, args.seq_length) for path in args.runs]
         report = markdown_report(runs, args.metric)
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"compare_runs: {error}")
-    os.makedirs(args.out, exist_ok=True)
-    png = plot_runs(runs, os.path.join(args.out, "comparison.png"))
-    with open(os.path.join(args.out, "comparison.md"), "w", encoding="utf-8") as f:
-        f.write(report + "\n![curves](comparison.png)\n")
+        os.makedirs(args.out, exist_ok=True)
+        png = plot_runs(runs, os.path.join(args.out, "comparison.png"))
+        with open(os.path.join(args.out, "comparison.md"), "w", encoding="utf-8") as f:
+            f.write(report + "\n![curves](comparison.png)\n")
     print(report)
     print(f"plot: {png}")
 

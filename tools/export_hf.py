@@ -5,11 +5,8 @@
 """
 
 import argparse
-import signal
-import sys
 
-from megatron_simreg.checkpoint import CheckpointError
-from megatron_simreg.export_hf import Interrupted, export
+from megatron_simreg.cli import one_line_errors
 
 
 def main(argv=None):
@@ -20,15 +17,10 @@ def main(argv=None):
     parser.add_argument("--iteration", type=int, help="default: the latest")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors("export_hf"):
+        from megatron_simreg.export_hf import export
+
         print(export(args.checkpoint, args.output, args.config, args.iteration, overwrite=args.overwrite))
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError, CheckpointError) as error:
-        sys.exit(f"export_hf: {error}")
-    except (KeyboardInterrupt, Interrupted) as stop:
-        code = stop.code if isinstance(stop, Interrupted) else 128 + signal.SIGINT
-        print(f"export_hf: interrupted; nothing was written to {args.output} (the partial export was removed)",
-              file=sys.stderr)
-        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -8,19 +8,18 @@ in DIR/sdist; a second run finds the corpus already written and returns at once.
 """
 
 import argparse
-import sys
 
-from megatron_simreg.data import write_offline_corpus
+from megatron_simreg.cli import one_line_errors
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", nargs="?", default="data/demo")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors("offline_corpus"):
+        from megatron_simreg.data import write_offline_corpus
+
         print(write_offline_corpus(args.out_dir))
-    except RuntimeError as error:
-        sys.exit(f"offline_corpus: {error}")
 
 
 if __name__ == "__main__":

@@ -15,18 +15,14 @@ what was written so far.
 
 import argparse
 import os
-import signal
-import sys
 
-from megatron_simreg.data import prepare_corpus, write_offline_corpus
-from megatron_simreg.data.sources import DEFAULT_HF_DATASET
+from megatron_simreg.cli import one_line_errors
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--input", nargs="+", default=[DEFAULT_HF_DATASET],
-                        help=f"files, folders, globs, or hf:NAME (default: {DEFAULT_HF_DATASET})")
+    source.add_argument("--input", nargs="+", help="files, folders, globs, or hf:NAME (default: hf:allenai/c4)")
     source.add_argument("--offline-corpus", metavar="DIR", help="write the offline Gutenberg corpus to DIR and use it")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.stats.json")
     parser.add_argument("--tokenizer",
@@ -45,35 +41,24 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _stop_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds like Ctrl-C, so the partial files are removed
-
-
-def _interrupted(args, code: int) -> None:
-    print(f"prepare_data: interrupted; nothing was written under {args.output_prefix} (partial files removed)",
-          file=sys.stderr)
-    sys.exit(code)
-
-
 def main(argv=None):
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    try:
-        sources = [write_offline_corpus(args.offline_corpus)] if args.offline_corpus else args.input
-        stats = prepare_corpus(
-            sources, args.output_prefix, tokenizer=args.tokenizer, workers=args.workers,
-            max_documents=args.max_documents, max_tokens=args.max_tokens, shard_tokens=args.shard_tokens,
-            dtype=args.dtype, text_field=args.text_field, hf_config=args.hf_config, hf_split=args.hf_split,
-            overwrite=args.overwrite, progress=not args.quiet,
-        )
-    except (FileNotFoundError, FileExistsError, ImportError, ValueError, RuntimeError) as error:
-        sys.exit(f"prepare_data: {error}")
-    except KeyboardInterrupt:
-        _interrupted(args, 128 + signal.SIGINT)
-    except SystemExit as stop:
-        if stop.code == 128 + signal.SIGTERM:
-            _interrupted(args, stop.code)
-        raise
+    with one_line_errors("prepare_data"):
+        try:
+            from megatron_simreg.data import prepare_corpus, write_offline_corpus
+            from megatron_simreg.data.sources import DEFAULT_HF_DATASET
+
+            sources = [write_offline_corpus(args.offline_corpus)] if args.offline_corpus else args.input
+            sources = sources or [DEFAULT_HF_DATASET]
+            stats = prepare_corpus(
+                sources, args.output_prefix, tokenizer=args.tokenizer, workers=args.workers,
+                max_documents=args.max_documents, max_tokens=args.max_tokens, shard_tokens=args.shard_tokens,
+                dtype=args.dtype, text_field=args.text_field, hf_config=args.hf_config, hf_split=args.hf_split,
+                overwrite=args.overwrite, progress=not args.quiet,
+            )
+        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: prepare_corpus removed its partial files
+            stop.args = (f"interrupted; nothing was written under {args.output_prefix} (partial files removed)",)
+            raise
     folder = os.path.dirname(args.output_prefix)
     print(
         f"{stats.documents:,} documents, {stats.tokens:,} tokens, {stats.bytes:,} bytes "

