@@ -22,6 +22,7 @@ setup(
         "matplotlib",
         "tensorboard",
         "xxhash",
+        "psutil",  # megatron_simreg.launch passes stop signals to the workers; gpu_check kills process trees
     ],
     extras_require={
         "data": ["datasets"],
