@@ -56,7 +56,7 @@ PRODUCTION_FLAGS = ["--overlap-grad-reduce", "--overlap-param-gather", "--cross-
 # The packages the checks import (their dependencies come along in `needed_distributions`); torch and triton,
 # which the GPU machine's image has, and whatever they need, are not counted.
 IMPORTED = ("megatron-core", "mistral_common", "sentencepiece", "transformers", "safetensors", "PyYAML", "tqdm",
-            "numpy", "psutil")
+            "numpy", "psutil", "xxhash")
 PROVIDED = ("torch", "triton")
 # Every module a check imports, so that a dry run proves they all import here.
 CHECK_MODULES = ("megatron.training", "megatron_simreg.train", "megatron_simreg.megatron_entry",
