@@ -3,7 +3,9 @@ loss and perplexity, the paired difference to the baseline and the tokens saved 
 (compare.py's convergence speedup), and the SimReg statistics; PNGs of the same (a heatmap for a 2-D grid,
 as the paper's Fig. 4) and of the curves with a band of one standard deviation over seeds.
 
-Only finished cells enter the numbers; the others are named in the report with their state.
+Only finished cells enter the numbers; the others are named in the report with their state. The report
+names the code its numbers come from; cells of more than one code (kept by --allow-mixed-code) are marked
+[a], [b], ... in the tables.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from megatron_simreg.compare import comparison_curve, convergence_speedup, plot_seed_bands
 from megatron_simreg.metrics import Run, load_run
 from megatron_simreg.objective import REPORTED_STATS
+from megatron_simreg.provenance import describe
 
 SAVED = "tokens saved"
 
@@ -26,6 +29,7 @@ class SeedResult:
     run: Run
     wall_s: float
     values: dict[str, float | None]  # quantity -> value (None: not reached, or no baseline run of this seed)
+    codes: list[dict]  # the code that made the run (provenance.code_identity), more than one if resumed by other
 
 
 @dataclass
@@ -61,17 +65,17 @@ QUANTITIES = [
 
 def collect(study, states) -> list[SettingResult]:
     """Results of the finished cells, per setting in the study's order (the baseline first)."""
-    runs = {(s.setting, s.seed): (load_run(s.run_dir), s.wall_s) for s in states if s.finished}
+    runs = {(s.setting, s.seed): (load_run(s.run_dir), s.wall_s, s.codes) for s in states if s.finished}
     results = []
     for setting in study.settings:
         seeds = []
         for seed in study.seeds:
             if (setting, seed) not in runs:
                 continue
-            run, wall = runs[(setting, seed)]
+            run, wall, codes = runs[(setting, seed)]
             run.name = f"{setting.name}/seed{seed}"
             baseline = runs.get((study.baseline, seed), (None, 0))[0] if study.baseline else None
-            seeds.append(SeedResult(seed, run, wall, _quantities(run, baseline)))
+            seeds.append(SeedResult(seed, run, wall, _quantities(run, baseline), codes))
         results.append(SettingResult(setting, seeds, len(study.seeds)))
     return results
 
@@ -107,15 +111,33 @@ def _cell(result: SettingResult, quantity: str, spec: str, has_baseline: bool) -
     return f"{text} ({len(values)}{note})"
 
 
+def code_marks(results: list[SettingResult]) -> list[dict]:
+    """The distinct codes of the finished runs, in order of first appearance: [a] is the first."""
+    codes = []
+    for r in (r for result in results for r in result.seeds):
+        codes += [code for code in r.codes if code not in codes]
+    return codes
+
+
+def _marks(seeds: list[SeedResult], codes: list[dict]) -> str:
+    """` [a][b]`: which of the codes made these runs, when there is more than one; else nothing."""
+    if len(codes) < 2:
+        return ""
+    used = [i for i, code in enumerate(codes) if any(code in r.codes for r in seeds)]
+    return " " + "".join(f"[{chr(ord('a') + i)}]" for i in used)
+
+
 def results_table(study, results: list[SettingResult]) -> str:
     columns = [q for q in QUANTITIES if study.baseline or q[0] not in ("loss vs baseline", SAVED)]
+    codes = code_marks(results)
     lines = ["| setting | overrides | seeds | " + " | ".join(title for _, _, title in columns) + " |",
              "|---" * (len(columns) + 3) + "|"]
     for result in results:
         overrides = ", ".join(f"{k}={v}" for k, v in result.setting.overrides) or "-"
         cells = [_cell(result, q, spec, study.baseline is not None) for q, spec, _ in columns]
         seeds_done = f"{len(result.seeds)}/{result.planned}"
-        lines.append(f"| {result.setting.name} | `{overrides}` | {seeds_done} | " + " | ".join(cells) + " |")
+        name = result.setting.name + _marks(result.seeds, codes)
+        lines.append(f"| {name} | `{overrides}` | {seeds_done} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -123,12 +145,14 @@ def seeds_table(results: list[SettingResult]) -> str:
     lines = ["| setting | seed | final valid loss | Δ loss vs baseline | tokens saved | SimReg "
              "| negative angle (°) | wall time |",
              "|---|---|---|---|---|---|---|---|"]
+    codes = code_marks(results)
     for result in results:
         for r in result.seeds:
             saved = _show(r.values, SAVED, ".1%")
             if r.values.get("loss vs baseline") is not None and r.values.get(SAVED) is None:
                 saved = "not reached"
-            lines.append(f"| {result.setting.name} | {r.seed} | {_show(r.values, 'final valid loss', '.4f')} | "
+            name = result.setting.name + _marks([r], codes)
+            lines.append(f"| {name} | {r.seed} | {_show(r.values, 'final valid loss', '.4f')} | "
                          f"{_show(r.values, 'loss vs baseline', '+.4f')} | {saved} | "
                          f"{_show(r.values, 'simreg', '.3g')} | "
                          f"{_show(r.values, 'simreg negative angle', '.1f')} | {r.wall_s / 60:.1f} min |")
@@ -225,10 +249,13 @@ CURVES_EXPLAINED = ("Curves: mean over seeds, band of one standard deviation; tr
                     "(exponential moving average, weight 0.9) before averaging.")
 
 
+def duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
+
+
 def write_report(study, states) -> str:
     """`<out>/report.md` with summary.png, curves.png and (2-D grids) heatmap.png beside it."""
-    from megatron_simreg.study import _duration
-
     os.makedirs(study.out, exist_ok=True)
     results = collect(study, states)
     finished = [s for s in states if s.finished]
@@ -253,9 +280,15 @@ def write_report(study, states) -> str:
         unfinished = ", ".join(f"{s.label} ({s.describe()})" for s in missing)
         lines.append(f"- Not finished (not in the numbers below): {unfinished}")
     if walls:
-        lines.append(f"- Wall time: {_duration(sum(walls))} over {len(walls)} cells, "
-                     f"{_duration(statistics.fmean(walls))} per cell on average")
+        lines.append(f"- Wall time: {duration(sum(walls))} over {len(walls)} cells, "
+                     f"{duration(statistics.fmean(walls))} per cell on average")
     lines += [f"- Machine: {m}" for m in machines]
+    codes = code_marks(results)
+    if len(codes) == 1:
+        lines.append(f"- Code of every number below: {describe(codes[0])}")
+    elif codes:
+        lines.append("- Code: MIXED (kept by --allow-mixed-code), each row marked with the code that made it:")
+        lines += [f"  - [{chr(ord('a') + i)}] {describe(code)}" for i, code in enumerate(codes)]
     lines += ["", "## Results", "", EXPLAINED, "", results_table(study, results), ""]
     if any(r.seeds for r in results):
         summary = plot_summary(study, results, os.path.join(study.out, "summary.png"))
