@@ -151,13 +151,13 @@ class CellState:
         return sum(attempt.get("wall_s", 0.0) for attempt in self.record.get("attempts", []))
 
     def describe(self) -> str:
-        if self.other_code and not self.keep_other_code:
-            theirs = "; ".join(describe(code) for code in self.codes or [{}])
-            return f"made by other code (will rerun): {theirs}"
         if self.finished:
             return "finished"
         if self.running_elsewhere:
             return f"running in another process (iteration {self.iteration} of {train_iters(self.config)} saved)"
+        if self.other_code and not self.keep_other_code:
+            theirs = "; ".join(describe(code) for code in self.codes or [{}])
+            return f"made by other code (will rerun): {theirs}"
         if self.iteration:
             return f"stopped at iteration {self.iteration} of {train_iters(self.config)}"
         failed = [a for a in self.record.get("attempts", []) if a.get("returncode") not in (0, None)]

@@ -8,9 +8,9 @@ import os
 import subprocess
 
 import pytest
-from test_megatron_training import local_training
+from distributed import run_distributed
 from test_study import fake_cell, read, write_study
-from test_training import TINY, corpus  # noqa: F401  (corpus is a fixture)
+from test_training import TINY, config, corpus, train_worker  # noqa: F401  (corpus is a fixture)
 
 from megatron_simreg.provenance import code_identity, describe, source_identity
 from megatron_simreg.study import load_study, main
@@ -123,9 +123,9 @@ def test_a_cell_made_by_other_code_is_rerun_not_reused_and_comes_out_bitwise_the
     assert read(cell, "metrics.jsonl") == first  # one code and config: bitwise the same metrics
 
 
-def test_two_runs_under_torchrun_with_data_parallel_two_give_identical_metrics(corpus, tmp_path):  # noqa: F811
+def test_two_runs_with_data_parallel_two_give_identical_metrics(corpus, tmp_path):  # noqa: F811
     runs = [tmp_path / "first", tmp_path / "second"]
-    for run_dir in runs:
-        local_training(run_dir, f"data.prefix={corpus}", *THREE_ITERATIONS, "training.seed=7", processes=2)
+    for run_dir in runs:  # two ranks, as torchrun starts them
+        run_distributed(train_worker, 2, config(corpus, run_dir, *THREE_ITERATIONS, "training.seed=7"))
     first, second = (read(run_dir, "metrics.jsonl") for run_dir in runs)
     assert first == second and '"split": "valid"' in first
