@@ -55,6 +55,7 @@ QUANTITIES = [
     ("final valid loss", ".4f", "final valid loss"),
     ("valid perplexity", ".2f", "valid perplexity"),
     ("loss vs baseline", "+.4f", "Δ loss vs baseline (same seed)"),
+    ("loss vs baseline", "paired", "Δ loss: 95% CI, paired t-test p"),
     (SAVED, ".1%", "tokens saved to baseline's final loss"),
     ("simreg", ".3g", "SimReg"),
     ("simreg lsr", ".3g", "mean Lsr"),
@@ -97,6 +98,8 @@ def _quantities(run: Run, baseline: Run | None) -> dict[str, float | None]:
 
 def _cell(result: SettingResult, quantity: str, spec: str, has_baseline: bool) -> str:
     values = result.values(quantity)
+    if spec == "paired":
+        return paired_difference(values)
     if quantity == SAVED and has_baseline:
         paired = sum(1 for r in result.seeds if r.values.get("loss vs baseline") is not None)
         if not values:
@@ -125,6 +128,45 @@ def _marks(seeds: list[SeedResult], codes: list[dict]) -> str:
         return ""
     used = [i for i, code in enumerate(codes) if any(code in r.codes for r in seeds)]
     return " " + "".join(f"[{chr(ord('a') + i)}]" for i in used)
+
+
+def t_central(t: float, df: int) -> float:
+    """P(|T| < t) for Student's t with integer degrees of freedom (Abramowitz & Stegun 26.7.3-4), exact
+    without scipy, which this package does not depend on."""
+    theta = math.atan(t / math.sqrt(df))
+    cos2, term, total = math.cos(theta) ** 2, 1.0, 1.0
+    for k in range(2 if df % 2 else 1, df - 1, 2):  # odd df: 2/3 cos², 2·4/(3·5) cos⁴ ...; even: 1/2 cos² ...
+        term *= cos2 * k / (k + 1)
+        total += term
+    if df % 2:
+        return 2 / math.pi * (theta + (math.sin(theta) * math.cos(theta) * total if df > 1 else 0.0))
+    return math.sin(theta) * total
+
+
+def t_quantile(probability: float, df: int) -> float:
+    """The t with P(T < t) = probability (> 0.5), by bisection of t_central."""
+    low, high = 0.0, 1.0
+    while t_central(high, df) < 2 * probability - 1:
+        high *= 2
+    for _ in range(100):
+        middle = (low + high) / 2
+        low, high = (middle, high) if t_central(middle, df) < 2 * probability - 1 else (low, middle)
+    return (low + high) / 2
+
+
+def paired_difference(differences: list[float]) -> str:
+    """The mean paired difference's 95% confidence interval and two-sided paired t-test p; "not resolved" when
+    the interval holds zero: these seeds cannot tell the setting from the baseline."""
+    if len(differences) < 2 or not any(differences):
+        return "-"
+    df = len(differences) - 1
+    mean, error = statistics.fmean(differences), statistics.stdev(differences) / math.sqrt(len(differences))
+    if error == 0:
+        return f"{mean:+.4f} on every seed"
+    half = t_quantile(0.975, df) * error
+    p = 1 - t_central(abs(mean) / error, df)
+    text = f"[{mean - half:+.4f}, {mean + half:+.4f}], p = {p:.2g}"
+    return text + (", not resolved" if mean - half <= 0 <= mean + half else "")
 
 
 def results_table(study, results: list[SettingResult]) -> str:
@@ -243,7 +285,9 @@ EXPLAINED = (
     "The Δ loss and the tokens saved pair every run with the baseline run of the same seed; tokens saved = 1 - "
     "(tokens the run needed to reach the baseline's final validation loss) / (tokens the baseline used), "
     "interpolated between validations; a run that never reached it counts as not reached and the mean is over "
-    "the seeds that did. SimReg statistics are the last validation's."
+    "the seeds that did. The 95% confidence interval of the mean Δ loss and the two-sided p are Student's t over "
+    "the paired seeds (a paired t-test); 'not resolved' when the interval holds zero. SimReg statistics are the "
+    "last validation's."
 )
 CURVES_EXPLAINED = ("Curves: mean over seeds, band of one standard deviation; training curves smoothed per run "
                     "(exponential moving average, weight 0.9) before averaging.")

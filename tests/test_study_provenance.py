@@ -129,3 +129,24 @@ def test_two_runs_with_data_parallel_two_give_identical_metrics(corpus, tmp_path
         run_distributed(train_worker, 2, config(corpus, run_dir, *THREE_ITERATIONS, "training.seed=7"))
     first, second = (read(run_dir, "metrics.jsonl") for run_dir in runs)
     assert first == second and '"split": "valid"' in first
+
+
+def test_the_report_gives_each_difference_a_paired_t_test_and_says_when_it_is_not_resolved(tmp_path):
+    stats = pytest.importorskip("scipy.stats")  # the trusted reference; the package computes t without scipy
+    study = load_study(write_study(
+        tmp_path / "paired.yaml", config="configs/tiny-llama.yaml", set={"schedule.train_iters": 3}, seeds=[1, 2, 3],
+        baseline={"simreg.weight": 0}, grid={"simreg.weight": [1, 2.5]}, out=str(tmp_path / "out"),
+    ))
+    deltas = {"weight=1": [-0.03, 0.02, -0.04], "weight=2.5": [-0.03, -0.02, -0.04]}
+    for seed in (1, 2, 3):
+        fake_cell(study, study.baseline, seed, [6.0, 5.0, 4.0 + 0.1 * seed])
+        for setting in study.settings[1:]:
+            fake_cell(study, setting, seed, [6.0, 5.0, 4.0 + 0.1 * seed + deltas[setting.name][seed - 1]])
+    main([study.path, "--report-only"])
+    report = (tmp_path / "out" / "report.md").read_text()
+    for name, resolved in (("weight=1", False), ("weight=2.5", True)):
+        test = stats.ttest_1samp(deltas[name], 0)
+        interval = test.confidence_interval(0.95)
+        row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
+        expected = f"[{interval.low:+.4f}, {interval.high:+.4f}], p = {test.pvalue:.2g}"
+        assert expected + ("" if resolved else ", not resolved") + " |" in row
