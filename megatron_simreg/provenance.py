@@ -1,6 +1,6 @@
 """Which code made a run, so that numbers of different code are never compared unawares.
 
-The identity is a hash of the package's files (the code that runs) with the versions of torch and
+The identity is a hash of the package's Python source (the code that runs) with the versions of torch and
 megatron-core, not the git commit: a README or test edit makes a new commit but the same numbers, while an
 uncommitted edit of a module makes new numbers under the same commit. The commit (and whether the package
 had uncommitted changes) is recorded beside it for people; an installed package has the package version
@@ -21,12 +21,13 @@ COMPARED = ("source", "torch", "megatron-core")
 
 
 def source_identity(package_dir: str = PACKAGE_DIR) -> dict:
-    """sha256 of the package's files (paths and contents), and the git commit of its checkout if any."""
+    """sha256 of the package's .py files (paths and contents; not an editor's swap file or a cache), and the git
+    commit of its checkout if any."""
     digest = hashlib.sha256()
     for root, dirs, files in os.walk(package_dir):
         dirs[:] = sorted(d for d in dirs if d != "__pycache__")
         for name in sorted(files):
-            if name.endswith(".pyc"):
+            if not name.endswith(".py"):
                 continue
             path = os.path.join(root, name)
             digest.update(os.path.relpath(path, package_dir).encode() + b"\0")
@@ -40,7 +41,10 @@ def source_identity(package_dir: str = PACKAGE_DIR) -> dict:
                                  check=True).stdout
         identity.update(commit=commit.strip(), uncommitted=bool(changes.strip()))
     except (OSError, subprocess.CalledProcessError):  # not a git checkout: an installed package
-        identity["version"] = importlib.metadata.version("megatron-simreg")
+        try:
+            identity["version"] = importlib.metadata.version("megatron-simreg")
+        except importlib.metadata.PackageNotFoundError:
+            identity["version"] = "unknown"
     return identity
 
 

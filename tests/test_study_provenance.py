@@ -31,6 +31,8 @@ def test_the_code_identity_is_the_source_that_runs_with_the_commit_beside_it(tmp
     (package / "model.py").write_text("WIDTH = 64\n")
     (tmp_path / "README.md").write_text("# readme\n")
     (tmp_path / ".gitignore").write_text("__pycache__/\n")  # as this repository's
+    installed = source_identity(str(package))  # outside a git checkout, as an installed wheel
+    assert "commit" not in installed and "version" in installed
     git(tmp_path, "init", "-q")
     git(tmp_path, "add", "-A")
     git(tmp_path, "commit", "-qm", "first")
@@ -40,8 +42,9 @@ def test_the_code_identity_is_the_source_that_runs_with_the_commit_beside_it(tmp
     (tmp_path / "README.md").write_text("# readme, reworded\n")  # a docs edit: the same code
     assert source_identity(str(package)) == first
     (package / "__pycache__").mkdir()
-    (package / "__pycache__" / "model.cpython-312.pyc").write_bytes(b"\0")
-    assert source_identity(str(package)) == first
+    (package / "__pycache__" / "model.cpython-312.pyc").write_bytes(b"\0")  # what Python caches
+    (package / ".model.py.swp").write_bytes(b"\0")  # an editor's
+    assert source_identity(str(package))["source"] == first["source"]
 
     (package / "model.py").write_text("WIDTH = 128\n")  # an uncommitted edit of what runs: other code
     edited = source_identity(str(package))
