@@ -1,7 +1,7 @@
 """Studies: a base config, a grid of overrides and seeds, run cell by cell, reported with error bars.
 
     python -m megatron_simreg.study configs/studies/convergence.yaml [--set key=value] [--only SETTING] [--status]
-                                                                     [--report-only]
+                                                                     [--report-only] [--allow-mixed-code]
 
 A study file (YAML; paths relative to the working directory, as every command of this project):
 
@@ -28,6 +28,12 @@ one resumes from its own checkpoint; one that another process is running (it hol
 alone. Stop the study at any time and start the same command again. A cell folder that holds a run of other
 settings is refused before anything runs. `--set` on this command reaches every cell without changing what
 a cell is (e.g. `--set training.exit_interval=100` to run in slices before a time limit).
+
+Each cell records the code that ran it (provenance.py: a hash of the package's source with the torch and
+megatron-core versions, the commit beside it), the machine and its resolved config. A cell, finished or
+half-finished, made by other code is rerun from the start: its files move to `made-by-<code>/` in its folder
+(`--status` says which will rerun). `--allow-mixed-code` keeps such cells instead; the report names the code
+of its numbers and marks each row when they come from more than one.
 """
 
 from __future__ import annotations
@@ -52,7 +58,9 @@ import yaml
 from megatron_simreg.cli import one_line_errors
 from megatron_simreg.config import Config, load_config, parse_yaml, resolved_dict
 from megatron_simreg.progress import progress_bar
+from megatron_simreg.provenance import code_identity, describe, same_code
 from megatron_simreg.run_plan import train_iters
+from megatron_simreg.study_report import collect, duration, write_report
 
 LOCK_FILE = ".study.lock"
 RECORD_FILE = "study.json"
@@ -113,10 +121,27 @@ class CellState:
     iteration: int  # of the latest checkpoint, 0 if none
     running_elsewhere: bool = False
     record: dict = field(default_factory=dict)
+    keep_other_code: bool = False  # --allow-mixed-code
 
     @property
     def finished(self) -> bool:
-        return self.iteration >= train_iters(self.config)
+        return self.iteration >= train_iters(self.config) and (self.keep_other_code or not self.other_code)
+
+    @property
+    def codes(self) -> list[dict]:
+        """The code of the attempts that made the saved run (those since its last start at iteration 0)."""
+        attempts = self.record.get("attempts", [])
+        starts = [i for i, attempt in enumerate(attempts) if attempt.get("from_iteration") == 0]
+        codes = []
+        for attempt in attempts[starts[-1] if starts else 0:]:
+            if attempt.get("code", {}) not in codes:
+                codes.append(attempt.get("code", {}))
+        return codes
+
+    @property
+    def other_code(self) -> bool:
+        """Saved progress made (in part) by code other than this process's, or by code that was not recorded."""
+        return self.iteration > 0 and not all(same_code(code, code_identity()) for code in self.codes or [{}])
 
     @property
     def label(self) -> str:
@@ -131,6 +156,9 @@ class CellState:
             return "finished"
         if self.running_elsewhere:
             return f"running in another process (iteration {self.iteration} of {train_iters(self.config)} saved)"
+        if self.other_code and not self.keep_other_code:
+            theirs = "; ".join(describe(code) for code in self.codes or [{}])
+            return f"made by other code (will rerun): {theirs}"
         if self.iteration:
             return f"stopped at iteration {self.iteration} of {train_iters(self.config)}"
         failed = [a for a in self.record.get("attempts", []) if a.get("returncode") not in (0, None)]
@@ -215,8 +243,6 @@ def _show(value) -> str:
 
 def _around_best(path: str, name: str, raw: dict) -> Study:
     """The row and column through the best setting of a finished study (lowest mean final validation loss)."""
-    from megatron_simreg.study_report import collect
-
     parent = load_study(str(raw["around_best_of"]))
     if len(parent.grid) < 2:
         raise StudyError(f"around_best_of: {parent.path} has no 2-D grid to take a row and a column from")
@@ -316,14 +342,15 @@ def cell_command(study: Study, setting: Setting, seed: int, extra: list[str]) ->
     return command
 
 
-def _state(study: Study, setting: Setting, seed: int, extra: list[str]) -> CellState:
+def _state(study: Study, setting: Setting, seed: int, extra: list[str], keep_other_code=False) -> CellState:
     try:
         config = load_config(study.config, cell_overrides(study, setting, seed, extra))
     except ValueError as error:
         raise StudyError(f"cell {setting.name}/seed{seed} of {study.path}: {error}") from error
     run_dir = study.run_dir(setting, seed)
     _check_same_settings(config, run_dir, f"{setting.name}/seed{seed}")
-    state = CellState(setting, seed, run_dir, config, 0, running_elsewhere=_locked_elsewhere(run_dir))
+    state = CellState(setting, seed, run_dir, config, 0, running_elsewhere=_locked_elsewhere(run_dir),
+                      keep_other_code=keep_other_code)
     _reload(state)
     return state
 
@@ -376,6 +403,28 @@ def _write_record(run_dir: str, record: dict) -> None:
     os.replace(path + ".partial", path)
 
 
+def _set_aside(state: CellState) -> str:
+    """Move the cell's files (all but its lock) to `made-by-<code>/` in its folder, to start it anew."""
+    checkpoints = state.config.checkpoint.save or os.path.join(state.run_dir, "checkpoints")
+    if os.path.commonpath([os.path.abspath(checkpoints), os.path.abspath(state.run_dir)]) != os.path.abspath(
+            state.run_dir):
+        raise StudyError(f"cell {state.label} was made by other code and saves to {checkpoints}, outside its "
+                         "folder: move that away to rerun it, or keep it with --allow-mixed-code")
+    code = state.codes[-1] if state.codes else {}
+    name = f"made-by-{code['source'][:12]}" if code.get("source") else "made-by-unknown-code"
+    aside = os.path.join(state.run_dir, name)
+    suffix = 1
+    while os.path.exists(aside):
+        suffix += 1
+        aside = os.path.join(state.run_dir, f"{name}-{suffix}")
+    os.makedirs(aside)
+    for entry in os.listdir(state.run_dir):
+        if entry != LOCK_FILE and not entry.startswith("made-by-"):
+            os.replace(os.path.join(state.run_dir, entry), os.path.join(aside, entry))
+    _reload(state)
+    return aside
+
+
 def _locked_elsewhere(run_dir: str) -> bool:
     path = os.path.join(run_dir, LOCK_FILE)
     if not os.path.isfile(path):
@@ -403,6 +452,8 @@ def machine() -> str:
         pass
     shown = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile") if f in flags]
     text = f"{model}, {os.cpu_count()} cores, {' '.join(shown) or 'no AVX2'}"
+    if os.environ.get("OMP_NUM_THREADS"):
+        text += f", OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
     if shutil.which("nvidia-smi"):
         gpus = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                               capture_output=True, text=True, check=False)
@@ -421,7 +472,7 @@ class CellRunner:
     def __init__(self):
         self.process: subprocess.Popen | None = None
 
-    def run(self, state: CellState, command: list[str]) -> int | None:
+    def run(self, state: CellState, command: list[str], say=print) -> int | None:
         """The training process's exit code; None when another process holds the cell."""
         os.makedirs(state.run_dir, exist_ok=True)
         with open(os.path.join(state.run_dir, LOCK_FILE), "a") as lock:
@@ -432,10 +483,15 @@ class CellRunner:
             _reload(state)  # what this process listed may be stale: another one may have run the cell since
             if state.finished:
                 return 0
+            if state.other_code and not state.keep_other_code:
+                aside = _set_aside(state)
+                say(f"{state.label}: made by other code; its files moved to {aside}, rerunning it from the start")
             attempt = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
-                       "command": shlex.join(command), "from_iteration": state.iteration, "returncode": None}
+                       "code": code_identity(), "command": shlex.join(command), "from_iteration": state.iteration,
+                       "returncode": None}
             record = state.record or {"setting": state.setting.name, "seed": state.seed,
-                                      "overrides": dict(state.setting.overrides), "attempts": []}
+                                      "overrides": dict(state.setting.overrides),
+                                      "config": resolved_dict(state.config), "attempts": []}
             record["attempts"].append(attempt)
             state.record = record
             _write_record(state.run_dir, record)
@@ -478,12 +534,7 @@ def _time_left(states: list[CellState]) -> str:
         return "time left unknown until a cell finishes"
     per_cell = sum(done) / len(done)
     left = sum(per_cell * (1 - s.iteration / train_iters(s.config)) for s in states if not s.finished)
-    return f"about {_duration(left)} left"
-
-
-def _duration(seconds: float) -> str:
-    minutes = round(seconds / 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
+    return f"about {duration(left)} left"
 
 
 def run_study(study: Study, states: list[CellState], extra: list[str]) -> list[CellState]:
@@ -505,7 +556,7 @@ def run_study(study: Study, states: list[CellState], extra: list[str]) -> list[C
             else:
                 bar.set_postfix_str(status)
             command = cell_command(study, state.setting, state.seed, extra)
-            returncode = runner.run(state, command)
+            returncode = runner.run(state, command, say=bar.write)
             if returncode is None:
                 bar.write(f"{state.label}: another process took it; left alone")
                 continue
@@ -515,7 +566,7 @@ def run_study(study: Study, states: list[CellState], extra: list[str]) -> list[C
                 bar.write(f"{state.label}: FAILED with exit code {returncode}: {_last_line(state.run_dir)}")
             elif state.finished:
                 bar.update(1)
-                bar.write(f"{state.label}: finished ({_duration(state.wall_s)} in all)")
+                bar.write(f"{state.label}: finished ({duration(state.wall_s)} in all)")
             else:
                 bar.write(f"{state.label}: {state.describe()}")
     finally:
@@ -557,12 +608,12 @@ def main(argv=None):
     parser.add_argument("--status", action="store_true", help="list the cells and their state; run nothing")
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from the finished cells; run nothing")
+    parser.add_argument("--allow-mixed-code", action="store_true",
+                        help="keep cells made by other code instead of rerunning them; the report marks them")
     args = parser.parse_args(argv)
     with one_line_errors("study"):
-        from megatron_simreg.study_report import write_report
-
         study = load_study(args.study)
-        states = [_state(study, setting, seed, args.extra) for setting, seed in study.cells()]
+        states = [_state(study, setting, seed, args.extra, args.allow_mixed_code) for setting, seed in study.cells()]
         unknown = sorted(set(args.only) - {s.name for s in study.settings})
         if unknown:
             known = ", ".join(s.name for s in study.settings)

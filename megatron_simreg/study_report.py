@@ -3,7 +3,9 @@ loss and perplexity, the paired difference to the baseline and the tokens saved 
 (compare.py's convergence speedup), and the SimReg statistics; PNGs of the same (a heatmap for a 2-D grid,
 as the paper's Fig. 4) and of the curves with a band of one standard deviation over seeds.
 
-Only finished cells enter the numbers; the others are named in the report with their state.
+Only finished cells enter the numbers; the others are named in the report with their state. The report
+names the code its numbers come from; cells of more than one code (kept by --allow-mixed-code) are marked
+[a], [b], ... in the tables.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from megatron_simreg.compare import comparison_curve, convergence_speedup, plot_seed_bands
 from megatron_simreg.metrics import Run, load_run
 from megatron_simreg.objective import REPORTED_STATS
+from megatron_simreg.provenance import describe
 
 SAVED = "tokens saved"
 
@@ -26,6 +29,7 @@ class SeedResult:
     run: Run
     wall_s: float
     values: dict[str, float | None]  # quantity -> value (None: not reached, or no baseline run of this seed)
+    codes: list[dict]  # the code that made the run (provenance.code_identity), more than one if resumed by other
 
 
 @dataclass
@@ -51,6 +55,7 @@ QUANTITIES = [
     ("final valid loss", ".4f", "final valid loss"),
     ("valid perplexity", ".2f", "valid perplexity"),
     ("loss vs baseline", "+.4f", "Δ loss vs baseline (same seed)"),
+    ("loss vs baseline", "paired", "Δ loss: 95% CI, paired t-test p"),
     (SAVED, ".1%", "tokens saved to baseline's final loss"),
     ("simreg", ".3g", "SimReg"),
     ("simreg lsr", ".3g", "mean Lsr"),
@@ -61,17 +66,17 @@ QUANTITIES = [
 
 def collect(study, states) -> list[SettingResult]:
     """Results of the finished cells, per setting in the study's order (the baseline first)."""
-    runs = {(s.setting, s.seed): (load_run(s.run_dir), s.wall_s) for s in states if s.finished}
+    runs = {(s.setting, s.seed): (load_run(s.run_dir), s.wall_s, s.codes) for s in states if s.finished}
     results = []
     for setting in study.settings:
         seeds = []
         for seed in study.seeds:
             if (setting, seed) not in runs:
                 continue
-            run, wall = runs[(setting, seed)]
+            run, wall, codes = runs[(setting, seed)]
             run.name = f"{setting.name}/seed{seed}"
             baseline = runs.get((study.baseline, seed), (None, 0))[0] if study.baseline else None
-            seeds.append(SeedResult(seed, run, wall, _quantities(run, baseline)))
+            seeds.append(SeedResult(seed, run, wall, _quantities(run, baseline), codes))
         results.append(SettingResult(setting, seeds, len(study.seeds)))
     return results
 
@@ -93,6 +98,8 @@ def _quantities(run: Run, baseline: Run | None) -> dict[str, float | None]:
 
 def _cell(result: SettingResult, quantity: str, spec: str, has_baseline: bool) -> str:
     values = result.values(quantity)
+    if spec == "paired":
+        return paired_difference(values)
     if quantity == SAVED and has_baseline:
         paired = sum(1 for r in result.seeds if r.values.get("loss vs baseline") is not None)
         if not values:
@@ -107,15 +114,72 @@ def _cell(result: SettingResult, quantity: str, spec: str, has_baseline: bool) -
     return f"{text} ({len(values)}{note})"
 
 
+def code_marks(results: list[SettingResult]) -> list[dict]:
+    """The distinct codes of the finished runs, in order of first appearance: [a] is the first."""
+    codes = []
+    for r in (r for result in results for r in result.seeds):
+        codes += [code for code in r.codes if code not in codes]
+    return codes
+
+
+def _marks(seeds: list[SeedResult], codes: list[dict]) -> str:
+    """` [a][b]`: which of the codes made these runs, when there is more than one; else nothing."""
+    if len(codes) < 2:
+        return ""
+    used = [i for i, code in enumerate(codes) if any(code in r.codes for r in seeds)]
+    return " " + "".join(f"[{chr(ord('a') + i)}]" for i in used)
+
+
+def t_central(t: float, df: int) -> float:
+    """P(|T| < t) for Student's t with integer degrees of freedom (Abramowitz & Stegun 26.7.3-4), exact
+    without scipy, which this package does not depend on."""
+    theta = math.atan(t / math.sqrt(df))
+    cos2, term, total = math.cos(theta) ** 2, 1.0, 1.0
+    for k in range(2 if df % 2 else 1, df - 1, 2):  # odd df: 2/3 cos², 2·4/(3·5) cos⁴ ...; even: 1/2 cos² ...
+        term *= cos2 * k / (k + 1)
+        total += term
+    if df % 2:
+        return 2 / math.pi * (theta + (math.sin(theta) * math.cos(theta) * total if df > 1 else 0.0))
+    return math.sin(theta) * total
+
+
+def t_quantile(probability: float, df: int) -> float:
+    """The t with P(T < t) = probability (> 0.5), by bisection of t_central."""
+    low, high = 0.0, 1.0
+    while t_central(high, df) < 2 * probability - 1:
+        high *= 2
+    for _ in range(100):
+        middle = (low + high) / 2
+        low, high = (middle, high) if t_central(middle, df) < 2 * probability - 1 else (low, middle)
+    return (low + high) / 2
+
+
+def paired_difference(differences: list[float]) -> str:
+    """The mean paired difference's 95% confidence interval and two-sided paired t-test p; "not resolved" when
+    the interval holds zero: these seeds cannot tell the setting from the baseline."""
+    if len(differences) < 2 or not any(differences):
+        return "-"
+    df = len(differences) - 1
+    mean, error = statistics.fmean(differences), statistics.stdev(differences) / math.sqrt(len(differences))
+    if error == 0:
+        return f"{mean:+.4f} on every seed"
+    half = t_quantile(0.975, df) * error
+    p = 1 - t_central(abs(mean) / error, df)
+    text = f"[{mean - half:+.4f}, {mean + half:+.4f}], p = {p:.2g}"
+    return text + (", not resolved" if mean - half <= 0 <= mean + half else "")
+
+
 def results_table(study, results: list[SettingResult]) -> str:
     columns = [q for q in QUANTITIES if study.baseline or q[0] not in ("loss vs baseline", SAVED)]
+    codes = code_marks(results)
     lines = ["| setting | overrides | seeds | " + " | ".join(title for _, _, title in columns) + " |",
              "|---" * (len(columns) + 3) + "|"]
     for result in results:
         overrides = ", ".join(f"{k}={v}" for k, v in result.setting.overrides) or "-"
         cells = [_cell(result, q, spec, study.baseline is not None) for q, spec, _ in columns]
         seeds_done = f"{len(result.seeds)}/{result.planned}"
-        lines.append(f"| {result.setting.name} | `{overrides}` | {seeds_done} | " + " | ".join(cells) + " |")
+        name = result.setting.name + _marks(result.seeds, codes)
+        lines.append(f"| {name} | `{overrides}` | {seeds_done} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -123,12 +187,14 @@ def seeds_table(results: list[SettingResult]) -> str:
     lines = ["| setting | seed | final valid loss | Δ loss vs baseline | tokens saved | SimReg "
              "| negative angle (°) | wall time |",
              "|---|---|---|---|---|---|---|---|"]
+    codes = code_marks(results)
     for result in results:
         for r in result.seeds:
             saved = _show(r.values, SAVED, ".1%")
             if r.values.get("loss vs baseline") is not None and r.values.get(SAVED) is None:
                 saved = "not reached"
-            lines.append(f"| {result.setting.name} | {r.seed} | {_show(r.values, 'final valid loss', '.4f')} | "
+            name = result.setting.name + _marks([r], codes)
+            lines.append(f"| {name} | {r.seed} | {_show(r.values, 'final valid loss', '.4f')} | "
                          f"{_show(r.values, 'loss vs baseline', '+.4f')} | {saved} | "
                          f"{_show(r.values, 'simreg', '.3g')} | "
                          f"{_show(r.values, 'simreg negative angle', '.1f')} | {r.wall_s / 60:.1f} min |")
@@ -219,16 +285,21 @@ EXPLAINED = (
     "The Δ loss and the tokens saved pair every run with the baseline run of the same seed; tokens saved = 1 - "
     "(tokens the run needed to reach the baseline's final validation loss) / (tokens the baseline used), "
     "interpolated between validations; a run that never reached it counts as not reached and the mean is over "
-    "the seeds that did. SimReg statistics are the last validation's."
+    "the seeds that did. The 95% confidence interval of the mean Δ loss and the two-sided p are Student's t over "
+    "the paired seeds (a paired t-test); 'not resolved' when the interval holds zero. SimReg statistics are the "
+    "last validation's."
 )
 CURVES_EXPLAINED = ("Curves: mean over seeds, band of one standard deviation; training curves smoothed per run "
                     "(exponential moving average, weight 0.9) before averaging.")
 
 
+def duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
+
+
 def write_report(study, states) -> str:
     """`<out>/report.md` with summary.png, curves.png and (2-D grids) heatmap.png beside it."""
-    from megatron_simreg.study import _duration
-
     os.makedirs(study.out, exist_ok=True)
     results = collect(study, states)
     finished = [s for s in states if s.finished]
@@ -253,9 +324,15 @@ def write_report(study, states) -> str:
         unfinished = ", ".join(f"{s.label} ({s.describe()})" for s in missing)
         lines.append(f"- Not finished (not in the numbers below): {unfinished}")
     if walls:
-        lines.append(f"- Wall time: {_duration(sum(walls))} over {len(walls)} cells, "
-                     f"{_duration(statistics.fmean(walls))} per cell on average")
+        lines.append(f"- Wall time: {duration(sum(walls))} over {len(walls)} cells, "
+                     f"{duration(statistics.fmean(walls))} per cell on average")
     lines += [f"- Machine: {m}" for m in machines]
+    codes = code_marks(results)
+    if len(codes) == 1:
+        lines.append(f"- Code of every number below: {describe(codes[0])}")
+    elif codes:
+        lines.append("- Code: MIXED (kept by --allow-mixed-code), each row marked with the code that made it:")
+        lines += [f"  - [{chr(ord('a') + i)}] {describe(code)}" for i, code in enumerate(codes)]
     lines += ["", "## Results", "", EXPLAINED, "", results_table(study, results), ""]
     if any(r.seeds for r in results):
         summary = plot_summary(study, results, os.path.join(study.out, "summary.png"))

@@ -16,6 +16,7 @@ from test_training import TINY, corpus  # noqa: F401  (corpus is a fixture)
 
 from megatron_simreg.config import load_config, save_config
 from megatron_simreg.metrics import MetricsWriter
+from megatron_simreg.provenance import code_identity
 from megatron_simreg.study import _state, cell_overrides, load_study, main, run_study
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -114,8 +115,9 @@ def test_study_resumes_after_a_kill_and_reports_mean_and_std(corpus, tmp_path, c
         assert (tmp_path / "out" / png).read_bytes()[:8] == PNG
 
 
-def fake_cell(study, setting, seed, losses, tokens_per_step=100, simreg=0.5):
-    """A finished cell without training: a validation curve, a checkpoint tracker at the last iteration."""
+def fake_cell(study, setting, seed, losses, tokens_per_step=100, simreg=0.5, code=None):
+    """A finished cell without training: a validation curve, a checkpoint tracker at the last iteration, a record
+    of the code that made it (this code unless `code`)."""
     run_dir = study.run_dir(setting, seed)
     writer = MetricsWriter(run_dir)
     for step, loss in enumerate(losses, 1):
@@ -125,6 +127,8 @@ def fake_cell(study, setting, seed, losses, tokens_per_step=100, simreg=0.5):
     os.makedirs(os.path.join(run_dir, "checkpoints"))
     with open(os.path.join(run_dir, TRACKER), "w") as f:
         f.write(str(len(losses)))
+    with open(os.path.join(run_dir, "study.json"), "w") as f:
+        json.dump({"attempts": [{"from_iteration": 0, "returncode": 0, "code": code or code_identity()}]}, f)
 
 
 def grid_study(tmp_path, **extra):
@@ -229,7 +233,7 @@ def test_a_cell_finished_by_another_study_process_meanwhile_is_not_run_again(tmp
 
     fake_cell(study, setting, seed, [6.0, 5.5, 5.2, 5.0])  # meanwhile the other process trains it ...
     record = {"setting": setting.name, "seed": seed, "overrides": dict(setting.overrides),
-              "attempts": [{"from_iteration": 0, "returncode": 0, "wall_s": 1234.5}]}
+              "attempts": [{"from_iteration": 0, "returncode": 0, "wall_s": 1234.5, "code": code_identity()}]}
     with open(os.path.join(study.run_dir(setting, seed), "study.json"), "w") as f:
         json.dump(record, f)  # ... and records it
 
