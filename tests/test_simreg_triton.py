@@ -46,7 +46,7 @@ def interpreter():
 
 
 def interpreted():
-    from megatron_simreg import simreg_triton
+    from megatron_simreg.simreg import triton as simreg_triton
 
     assert simreg_triton.INTERPRETED, "the case must run in the interpreter's process"
 
@@ -255,7 +255,7 @@ def test_kernels_compile_for_hopper():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from megatron_simreg import simreg_triton
+    from megatron_simreg.simreg import triton as simreg_triton
 
     names = {"scale": "*fp32", "key_scale": "*fp32", "labels": "*i32", "key_labels": "*i32", "tile_rows": "*i32",
              "tile_cols": "*i32", "partials": "*fp32", "angles": "*fp32", "stats": "*fp32", "key_stats": "*fp32",

@@ -1,6 +1,6 @@
 """SimReg's pairwise kernel fused in Triton, for CUDA tensors (written by hand: no library fuses this loss).
 
-Same contract as the PyTorch kernel in `megatron_simreg.simreg` (`_SimRegFunction`, the CPU path and the
+Same contract as the PyTorch kernel in `tiles` (`_SimRegFunction`, the CPU path and the
 reference this one is tested against): Lsr per token, |P_i|, the angle statistic, and in backward the
 gradient of the hidden states in their own layout and dtype. Nothing `s x s` is ever in memory.
 
@@ -45,7 +45,9 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_simreg import simreg as reference_kernel
+from megatron_simreg.simreg.base import MASKED, NORM_EPS, _anchor_gradients, _combine, _lsr, _set_sizes
+from megatron_simreg.simreg.exchange import _all_gather_sequence, _local_share, _pairing_partners
+from megatron_simreg.simreg.plan import _batched, _kernel_labels
 
 if not hasattr(triton, "knobs"):  # older images ship Triton 3.1 to 3.3
     raise ImportError(f"triton >= 3.4 needed (triton.knobs), found {triton.__version__}")
@@ -66,9 +68,8 @@ DOT_PRECISION = "tf32x3"
 fp16 inputs are multiplied as they are, accumulating in fp32; in backward W is rounded to bf16 for bf16
 inputs, and stays fp32 for fp16 ones (whose range W's small weights would underflow)."""
 
-_MASKED = tl.constexpr(reference_kernel.MASKED)
+_MASKED = tl.constexpr(MASKED)
 _UPCAST = tl.constexpr(INTERPRETED)  # the interpreter multiplies bf16 as raw bits: hand it float32 (exact) instead
-MASKED = reference_kernel.MASKED
 
 
 def check_setup() -> None:
@@ -79,7 +80,7 @@ def check_setup() -> None:
 
 
 class SimRegTritonFunction(torch.autograd.Function):
-    """`simreg._SimRegFunction`'s contract, computed by the Triton kernels below."""
+    """`tiles._SimRegFunction`'s contract, computed by the Triton kernels below."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, plan):
@@ -93,9 +94,8 @@ class SimRegTritonFunction(torch.autograd.Function):
             SYMMETRIC=setup.symmetric, BLOCK=setup.block, BLOCK_K=BLOCK_K, PRECISION=_precision(hidden),
             num_warps=NUM_WARPS,
         )
-        combine = reference_kernel._combine
-        lse_pos = combine(partials[..., 0], partials[..., 1])
-        lsr, lse_neg = reference_kernel._lsr(lse_pos, combine(partials[..., 2], partials[..., 3]), setup.negative_count)
+        lse_pos = _combine(partials[..., 0], partials[..., 1])
+        lsr, lse_neg = _lsr(lse_pos, _combine(partials[..., 2], partials[..., 3]), setup.negative_count)
         negative_pairs = setup.negative_count.sum(dtype=torch.float64)
         angle_stats = torch.stack([angles.sum(dtype=torch.float64) * (180.0 / math.pi), negative_pairs])
         ctx.plan, ctx.setup = plan, setup  # per-token values only
@@ -110,13 +110,13 @@ class SimRegTritonFunction(torch.autograd.Function):
         plan, setup = ctx.plan, ctx.setup
         if grad_lsr is None:  # Lsr took no part in what is differentiated
             return None, None
-        grad = reference_kernel._anchor_gradients(grad_lsr, lse_neg, torch.float32)
+        grad = _anchor_gradients(grad_lsr, lse_neg, torch.float32)
         if not grad.any() and plan.gather is None:  # lambda = 0: nothing to recompute
             return torch.zeros_like(hidden), None
         hidden, keys = _operands(hidden, plan)
         live = grad != 0  # other rows get shifts that make their exponentials 0
         stats = torch.stack([torch.where(live, lse_pos, MASKED), torch.where(live, lse_neg, MASKED), grad], -1)
-        key_stats = stats if setup.symmetric else reference_kernel._all_gather_sequence(stats, plan.gather)
+        key_stats = stats if setup.symmetric else _all_gather_sequence(stats, plan.gather)
         grad_units = hidden.new_zeros((setup.segments, setup.length, hidden.shape[-1]), dtype=torch.float32)
         _backward_kernel[(setup.tiles, setup.segments)](
             hidden, keys, setup.scale, setup.key_scale, setup.labels, setup.key_labels,
@@ -144,7 +144,7 @@ def _operands(hidden: torch.Tensor, plan):
     if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"the Triton SimReg kernel takes fp32, bf16 or fp16 hidden states, got {hidden.dtype}")
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-    return hidden, hidden if plan.gather is None else reference_kernel._all_gather_sequence(hidden, plan.gather)
+    return hidden, hidden if plan.gather is None else _all_gather_sequence(hidden, plan.gather)
 
 
 class _Setup:
@@ -162,10 +162,10 @@ class _Setup:
         self.symmetric = plan.gather is None
         self.block = max(16, min(BLOCK, triton.next_power_of_2(min(plan.block_size, plan.segment))))
 
-        key_labels, key_valid = reference_kernel._pairing_partners(plan.labels, plan.valid, plan)
-        key_ids = reference_kernel._kernel_labels(key_labels)
-        anchor_ids = reference_kernel._local_share(key_ids, plan)
-        self.positive_count, self.negative_count = reference_kernel._set_sizes(
+        key_labels, key_valid = _pairing_partners(plan.labels, plan.valid, plan)
+        key_ids = _kernel_labels(key_labels)
+        anchor_ids = _local_share(key_ids, plan)
+        self.positive_count, self.negative_count = _set_sizes(
             anchor_ids, key_ids, key_valid, plan.valid, torch.float32
         )
         self.labels = torch.where(plan.valid, anchor_ids, -1).to(torch.int32).contiguous()
@@ -196,9 +196,9 @@ def _scales(hidden: torch.Tensor, temperature: float, segment: int):
     u = h * scale, scale = 1 / (max(|h|, eps) sqrt(tau)), and the radial factor of their backward, tau * scale^2
     (0 where |h| < eps, whose u = h / eps has no radial part)."""
     norms = torch.linalg.vector_norm(hidden, dim=-1, dtype=torch.float32)
-    scale = (norms.clamp_min(reference_kernel.NORM_EPS) * math.sqrt(temperature)).reciprocal_()
-    radial = torch.where(norms < reference_kernel.NORM_EPS, 0.0, temperature * scale * scale)
-    return tuple(reference_kernel._batched(x, segment).contiguous() for x in (scale, radial))
+    scale = (norms.clamp_min(NORM_EPS) * math.sqrt(temperature)).reciprocal_()
+    radial = torch.where(norms < NORM_EPS, 0.0, temperature * scale * scale)
+    return tuple(_batched(x, segment).contiguous() for x in (scale, radial))
 
 
 @triton.jit
