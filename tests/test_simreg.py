@@ -331,6 +331,7 @@ def old_triton(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", triton)
     monkeypatch.setitem(sys.modules, "triton.language", triton.language)
     monkeypatch.delitem(sys.modules, "megatron_simreg.simreg.triton", raising=False)
+    monkeypatch.delitem(sys.modules, "megatron_simreg.simreg.triton_jit", raising=False)
     monkeypatch.delattr(simreg, "triton", raising=False)
     simreg._triton.cache_clear()
     simreg._say_once.cache_clear()

@@ -23,13 +23,15 @@ sequence or context parallelism each rank holds a slice of every sequence; chunk
 activation communication, full SimReg gathers the embeddings, and in both cases loss and gradients equal the
 single-process result (see `simreg_loss`). The package, each module importing only those listed after it:
 
-    __init__  this API: checks the arguments, plans the call, picks the kernel, reduces Lsr to the loss
-    triton    the fused Triton kernel for CUDA tensors (imported on first use: Triton is optional)
-    dense     PyTorch, the whole matrix at once, when all of a call's pairs fit one tile
-    tiles     PyTorch in tiles, flash-style (memory O(block * s)): long sequences
-    base      the constants, precision context and per-token arithmetic the kernels share
-    exchange  the gathers under sequence or context parallelism
-    plan      segments, layouts and labels: which tokens pair with which
+    __init__    this API: checks the arguments, plans the call, picks the kernel, reduces Lsr to the loss
+    triton      the fused Triton kernel for CUDA tensors: setup and launches (imported on first use: Triton is
+                optional)
+    triton_jit  its Triton programs
+    dense       PyTorch, the whole matrix at once, when all of a call's pairs fit one tile
+    tiles       PyTorch in tiles, flash-style (memory O(block * s)): long sequences
+    base        the constants, precision context and per-token arithmetic the kernels share
+    exchange    the gathers under sequence or context parallelism
+    plan        segments, layouts and labels: which tokens pair with which
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ def simreg_terms(
     sequence_layout: SequenceLayout = "contiguous",
     block_size: int = 512,
     kernel: Kernel = "auto",
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Lsr per token, `[b, s]` float32 (-inf where N_i is empty, 0 at masked positions).
 
@@ -106,11 +109,11 @@ def simreg_terms(
     labels, loss_mask: `[b, s]`; loss_mask 1 marks valid tokens (anchors and pair members).
     chunk_size: None for full SimReg; an int for chunk-wise SimReg over that many consecutive tokens;
         "local" for chunks equal to each rank's slice (with a process group) or the whole sequence.
-    process_group, sequence_layout, block_size, kernel: see `simreg_loss`.
+    process_group, sequence_layout, block_size, kernel, deterministic: see `simreg_loss`.
     """
     run = _run(
         hidden, labels, loss_mask, temperature, chunk_size, sequence_first, process_group, sequence_layout, block_size,
-        kernel,
+        kernel, deterministic,
     )
     return torch.where(run.valid, run.lsr, 0.0)
 
@@ -129,6 +132,7 @@ def simreg_loss(
     block_size: int = 512,
     live_threshold: float = 1e-3,
     kernel: Kernel = "auto",
+    deterministic: bool = False,
 ) -> SimRegOutput:
     """The SimReg term (without lambda): per-sequence means of softplus(Lsr_i), token-weighted over sequences.
 
@@ -148,6 +152,10 @@ def simreg_loss(
     triton imports, the PyTorch one otherwise; "torch" or "triton" force one. block_size: the PyTorch
     kernel's tile side in tokens (the Triton kernel's tiles are at most 64); when batch * segment^2 <=
     block_size^2 the PyTorch kernel computes the whole matrix at once (`megatron_simreg.simreg.dense`).
+    deterministic: the same gradient bits from the same inputs on every run; on by itself under torch's
+    deterministic algorithms (`torch.use_deterministic_algorithms`, which Megatron's --deterministic-mode sets).
+    The PyTorch kernels always are; the Triton kernel's backward then runs without atomics, at about twice
+    the tile work.
     """
     if reduction not in ("group", "token"):
         raise ValueError(f"simreg reduction must be 'group' or 'token', got {reduction!r}")
@@ -155,7 +163,7 @@ def simreg_loss(
         raise ValueError(f"simreg live_threshold is a gradient weight sigmoid(Lsr), in (0, 1); got {live_threshold}")
     run = _run(
         hidden, labels, loss_mask, temperature, chunk_size, sequence_first, process_group, sequence_layout, block_size,
-        kernel,
+        kernel, deterministic,
     )
     valid = run.valid.to(run.lsr.dtype)
     # A group of g anchors gives each 1/g, so its members sum to 1: the weights of a sequence sum to its groups.
@@ -202,7 +210,8 @@ class _Run:
 
 
 def _run(
-    hidden, labels, loss_mask, temperature, chunk_size, sequence_first, process_group, layout, block_size, kernel
+    hidden, labels, loss_mask, temperature, chunk_size, sequence_first, process_group, layout, block_size, kernel,
+    deterministic,
 ):
     batch_major = hidden.transpose(0, 1) if sequence_first else hidden
     if batch_major.dim() != 3:
@@ -240,6 +249,7 @@ def _run(
         inv_temperature=1.0 / temperature,
         block_size=block_size,
         dtype=torch.promote_types(hidden.dtype, torch.float32),
+        deterministic=deterministic or torch.are_deterministic_algorithms_enabled(),
     )
     lsr, positive_count, angles = _kernel_function(kernel, hidden, plan).apply(batch_major, plan)
     return _Run(_unbatched(lsr, b, s), _unbatched(positive_count, b, s), valid, angles)

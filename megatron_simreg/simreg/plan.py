@@ -35,6 +35,7 @@ class _Plan:
     inv_temperature: float
     block_size: int
     dtype: torch.dtype  # float32, or float64 for float64 embeddings (gradcheck)
+    deterministic: bool  # the same gradient bits on every run: the Triton backward without atomics
 
 
 def _zigzag_pieces(s: int) -> list[tuple[int, int]]:
