@@ -77,7 +77,6 @@ fp16 inputs are multiplied as they are, accumulating in fp32; in backward W is r
 inputs, and stays fp32 for fp16 ones (whose range W's small weights would underflow)."""
 
 
-
 def check_setup() -> None:
     """Raise now what would stop the first kernel launch: on a GPU, Triton's driver compiles its launcher with the
     system's C compiler ("Failed to find C compiler") and needs the CUDA driver."""
