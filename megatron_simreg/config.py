@@ -60,6 +60,7 @@ class SimRegSection:
     layer: int = -1  # -1: final hidden states; k: output of decoder layer k (Sec. 5.3 ablation)
     block_size: int = 512  # tile size of the pairwise kernel
     kernel: str = "auto"  # "auto" (Triton on CUDA when importable, else PyTorch) | "torch" | "triton"
+    deterministic: bool = False  # Triton backward without atomics (on by itself under Megatron's --deterministic-mode)
 
 
 @dataclass

@@ -58,6 +58,8 @@ class SimRegObjective:
         the paper's Sec. 5.3 ablation.
     kernel: the pairwise kernel, "auto" (the fused Triton kernel for CUDA tensors when triton imports, else
         PyTorch's), "torch" or "triton".
+    deterministic: the same gradient bits on every run (the Triton backward without atomics); also on under
+        torch's deterministic algorithms, which Megatron's --deterministic-mode turns on.
     baseline: a Table 1 regularizer trained instead (on the final hidden states); SimReg's weight is then 0.
     """
 
@@ -70,6 +72,7 @@ class SimRegObjective:
     layer: int = -1
     block_size: int = 512
     kernel: str = "auto"
+    deterministic: bool = False
     baseline: Baseline | None = None
 
     @classmethod
@@ -80,7 +83,7 @@ class SimRegObjective:
         return cls(
             enabled=s.enabled, weight=cfg.regularizer_weight if baseline is None else 0.0, temperature=s.temperature,
             mode=s.mode, chunk_size=s.chunk_size, reduction=s.reduction, layer=s.layer, block_size=s.block_size,
-            kernel=s.kernel, baseline=baseline,
+            kernel=s.kernel, deterministic=s.deterministic, baseline=baseline,
         )
 
     def __post_init__(self):
@@ -134,6 +137,7 @@ class SimRegObjective:
             sequence_layout=layout,
             block_size=self.block_size,
             kernel=self.kernel,
+            deterministic=self.deterministic,
         )
 
     def baseline_inputs(self, hidden_states, labels, loss_mask, context, config, output_layer, output_weight,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from simreg_reference import reference_loss, reference_terms
 
-from megatron_simreg import simreg_dense
+from megatron_simreg.simreg import dense as simreg_dense
 from megatron_simreg.simreg import simreg_loss, simreg_terms
 
 
@@ -33,7 +33,7 @@ def random_mask(b, s, keep=0.8, seed=1):
 
 
 WHOLE = 10_000
-"""A block size whose tile holds every pair of these tests' batches: the whole-matrix kernel (simreg_dense) runs
+"""A block size whose tile holds every pair of these tests' batches: the whole-matrix kernel (simreg.dense) runs
 instead of the tiles; tests parametrised with it and a small block size check both PyTorch kernels."""
 
 
@@ -324,15 +324,15 @@ def old_triton(monkeypatch):
     import sys
     import types
 
-    import megatron_simreg
     from megatron_simreg import simreg
 
     triton = types.ModuleType("triton")
     triton.__version__, triton.language = "3.1.0", types.ModuleType("triton.language")
     monkeypatch.setitem(sys.modules, "triton", triton)
     monkeypatch.setitem(sys.modules, "triton.language", triton.language)
-    monkeypatch.delitem(sys.modules, "megatron_simreg.simreg_triton", raising=False)
-    monkeypatch.delattr(megatron_simreg, "simreg_triton", raising=False)
+    monkeypatch.delitem(sys.modules, "megatron_simreg.simreg.triton", raising=False)
+    monkeypatch.delitem(sys.modules, "megatron_simreg.simreg.triton_jit", raising=False)
+    monkeypatch.delattr(simreg, "triton", raising=False)
     simreg._triton.cache_clear()
     simreg._say_once.cache_clear()
     yield

@@ -9,8 +9,9 @@ import torch
 from test_simreg import clustered
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from megatron_simreg import simreg as simreg_module
 from megatron_simreg.simreg import simreg_loss
+from megatron_simreg.simreg import tiles as simreg_module
+from megatron_simreg.simreg.base import NEGLIGIBLE_WEIGHT
 
 
 class PrecisionRecorder(TorchDispatchMode):
@@ -135,5 +136,5 @@ def test_floored_pair_weights_never_reach_a_product():
         with ProductInputRecorder() as recorder:
             out.loss.backward()
         assert live_fraction is None or float(out.live_fraction) == live_fraction
-        assert recorder.smallest > simreg_module.NEGLIGIBLE_WEIGHT
+        assert recorder.smallest > NEGLIGIBLE_WEIGHT
         assert torch.isfinite(x.grad).all()

@@ -12,6 +12,7 @@ small: the interpreter runs every program of the grid one after the other in num
 import math
 import multiprocessing
 import os
+import re
 import subprocess
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -46,7 +47,7 @@ def interpreter():
 
 
 def interpreted():
-    from megatron_simreg import simreg_triton
+    from megatron_simreg.simreg import triton as simreg_triton
 
     assert simreg_triton.INTERPRETED, "the case must run in the interpreter's process"
 
@@ -209,15 +210,15 @@ def test_statistics_and_lambda_zero(interpreter):
     interpreter(statistics_case)
 
 
-def gathered_keys_worker(rank, world, hidden, labels, mask):
+def gathered_keys_worker(rank, world, hidden, labels, mask, deterministic):
     """Full SimReg over two ranks (a gathered key sequence) with the Triton kernel."""
     interpreted()
     size = hidden.shape[1] // world
     mine = slice(rank * size, (rank + 1) * size)
     local = hidden[:, mine].transpose(0, 1).contiguous().requires_grad_()
     out = simreg_loss(
-        local, labels[:, mine], mask[:, mine], 0.05,
-        sequence_first=True, process_group=dist.group.WORLD, block_size=16, kernel="triton",
+        local, labels[:, mine], mask[:, mine], 0.05, sequence_first=True, process_group=dist.group.WORLD,
+        block_size=16, kernel="triton", deterministic=deterministic,
     )
     out.loss.backward()
     return out.loss.detach(), local.grad.transpose(0, 1)
@@ -228,17 +229,62 @@ def gathered_keys_case():
     hidden, labels = clustered(2, 24, 8, labels=4, dtype=torch.float32)
     mask = random_mask(2, 24, keep=0.85)
     loss, grad = gradients(lambda x: simreg_loss(x, labels, mask, 0.05, block_size=16, kernel="torch").loss, hidden)
-    per_rank = run_distributed(gathered_keys_worker, 2, hidden, labels, mask)
     tolerance = logit_tolerance(8, 0.05)
-    for rank_loss, _ in per_rank:
-        torch.testing.assert_close(rank_loss, loss, rtol=tolerance, atol=0)
-    gathered = torch.cat([rank_grad for _, rank_grad in per_rank], dim=1)
-    torch.testing.assert_close(gathered, grad, rtol=0, atol=tolerance * grad.abs().max().item())
+    for deterministic in (False, True):
+        per_rank = run_distributed(gathered_keys_worker, 2, hidden, labels, mask, deterministic)
+        for rank_loss, _ in per_rank:
+            torch.testing.assert_close(rank_loss, loss, rtol=tolerance, atol=0)
+        gathered = torch.cat([rank_grad for _, rank_grad in per_rank], dim=1)
+        torch.testing.assert_close(gathered, grad, rtol=0, atol=tolerance * grad.abs().max().item())
 
 
 def test_gathered_keys_equal_one_process(interpreter):
-    """Full SimReg under sequence parallelism: local anchors against the gathered sequence, as one process."""
+    """Full SimReg under sequence parallelism: local anchors against the gathered sequence, as one process, with
+    either backward."""
     interpreter(gathered_keys_case)
+
+
+def deterministic_case():
+    interpreted()
+    from triton.runtime.interpreter import interpreter_builder
+
+    hidden, labels = clustered(2, 37, 16, dtype=torch.float32)  # 3 x 3 tiles, the last block 5 tokens long
+    mask = random_mask(2, 37)
+
+    def gradient(**kwargs):
+        return gradients(lambda x: simreg_loss(x, labels, mask, 0.05, block_size=16, kernel="triton", **kwargs).loss,
+                         hidden)[1]
+
+    def in_reverse(x, y, z):  # the interpreter runs the grid's programs one by one: the last first
+        nx, ny, nz = interpreter_builder.grid_dim
+        type(interpreter_builder).set_grid_idx(interpreter_builder, nx - 1 - x, ny - 1 - y, nz - 1 - z)
+
+    atomic, deterministic = gradient(), gradient(deterministic=True)
+    interpreter_builder.set_grid_idx = in_reverse
+    try:
+        atomic_reversed, deterministic_reversed = gradient(), gradient(deterministic=True)
+    finally:
+        del interpreter_builder.set_grid_idx
+    torch.use_deterministic_algorithms(True)
+    try:
+        under_torch_flag = gradient()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+    _, ref = gradients(lambda x: reference_loss(x, labels, mask, 0.05, None, "group"), hidden.double())
+    tolerance = logit_tolerance(16, 0.05) * ref.abs().max().item()
+    for grad in (atomic, deterministic):
+        torch.testing.assert_close(grad.double(), ref, rtol=0, atol=tolerance)
+    torch.testing.assert_close(atomic, deterministic, rtol=0, atol=tolerance)
+    assert not torch.equal(atomic_reversed, atomic), "the reversed order must reorder the atomic sums"
+    assert torch.equal(deterministic_reversed, deterministic) and torch.equal(under_torch_flag, deterministic)
+
+
+def test_deterministic_backward_is_exact_and_independent_of_program_order(interpreter):
+    """The backward without atomics (simreg.deterministic, or torch's deterministic algorithms as Megatron's
+    --deterministic-mode sets them) equals the reference and the atomic backward, and gives the same bits when
+    the programs run in reverse order, which changes the atomic backward's bits."""
+    interpreter(deterministic_case)
 
 
 def test_kernel_must_be_known():
@@ -249,13 +295,14 @@ def test_kernel_must_be_known():
 
 def test_kernels_compile_for_hopper():
     """The GPU build of the kernels (the interpreter accepts code the compiler rejects): Triton lowers them to an
-    sm_90 binary with its bundled ptxas, no GPU needed; bf16 tiles must not spill registers."""
+    sm_90 binary with its bundled ptxas, no GPU needed; bf16 tiles must not spill registers; the backward's
+    atomics are relaxed (not acq_rel, a fence per element) and the deterministic backward has none."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from megatron_simreg import simreg_triton
+    from megatron_simreg.simreg import triton as simreg_triton
 
     names = {"scale": "*fp32", "key_scale": "*fp32", "labels": "*i32", "key_labels": "*i32", "tile_rows": "*i32",
              "tile_cols": "*i32", "partials": "*fp32", "angles": "*fp32", "stats": "*fp32", "key_stats": "*fp32",
@@ -267,6 +314,7 @@ def test_kernels_compile_for_hopper():
             (simreg_triton._forward_kernel, {"SYMMETRIC": True}),
             (simreg_triton._forward_kernel, {"SYMMETRIC": False}),
             (simreg_triton._backward_kernel, {"SYMMETRIC": True}),
+            (simreg_triton._deterministic_backward_kernel, {}),
             (simreg_triton._normalize_backward_kernel, {}),
         ]
         for kernel, extra in kernels:
@@ -277,6 +325,9 @@ def test_kernels_compile_for_hopper():
             source = ASTSource(kernel, signature, constexprs=constexprs)
             options = {"num_warps": simreg_triton.NUM_WARPS}
             compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+            atomics = set(re.findall(r"\b(?:atom|red)\.[\w.]+", compiled.asm["ptx"]))
+            expected = {"atom.global.gpu.relaxed.add.f32"} if kernel is simreg_triton._backward_kernel else set()
+            assert atomics == expected, f"{kernel.__name__}: {sorted(atomics)}"  # relaxed, or none at all
             if dtype == "bf16":
                 assert "STACK:0 " in resource_usage(compiled.asm["cubin"]), f"{kernel.__name__} spills registers"
 
@@ -300,5 +351,8 @@ def test_config_chooses_the_kernel():
     assert load_config("configs/tiny-llama.yaml").simreg.kernel == "auto"
     cfg = load_config("configs/tiny-llama.yaml", ["simreg.kernel=torch"])
     assert SimRegObjective.from_config(cfg).kernel == "torch"
+    assert not SimRegObjective.from_config(cfg).deterministic
+    cfg = load_config("configs/tiny-llama.yaml", ["simreg.deterministic=true"])
+    assert SimRegObjective.from_config(cfg).deterministic
     with pytest.raises(ConfigError, match="simreg.kernel must be one of auto, torch, triton"):
         load_config("configs/tiny-llama.yaml", ["simreg.kernel=cuda"])

@@ -1,6 +1,6 @@
 """Precision of SimReg's products against float64: `python -m megatron_simreg.bench.simreg_precision`.
 
-On any machine it emulates the fused Triton kernel's arithmetic (`megatron_simreg.simreg_triton`) with each
+On any machine it emulates the fused Triton kernel's arithmetic (`megatron_simreg.simreg.triton`) with each
 choice of product precision, rounding the products' inputs as the tensor cores would (TF32: 10-bit mantissa,
 bf16: 7-bit) and computing the rest in float64, for float32 and bf16 hidden states; with `--device cuda` it also
 runs the real kernels (Triton with each `DOT_PRECISION`, the PyTorch path with TF32 forced on globally). Both
@@ -109,8 +109,8 @@ def emulation_table():
 
 
 def device_table(device):
-    from megatron_simreg import simreg_triton
     from megatron_simreg.simreg import simreg_loss
+    from megatron_simreg.simreg import triton as simreg_triton
 
     print(f"| h, s | input | kernel | loss rel. error | gradient rel. error |  ({torch.cuda.get_device_name()})")
     print("|---|---|---|---|---|")

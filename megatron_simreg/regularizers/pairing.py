@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_simreg.simreg import _all_gather_sequence, _batched, _segments, _unbatched, _zigzag_pieces
+from megatron_simreg.simreg.exchange import _all_gather_sequence
+from megatron_simreg.simreg.plan import _batched, _segments, _unbatched, _zigzag_pieces
 
 
 @dataclass

@@ -1,0 +1,212 @@
+"""SimReg's pairwise kernel fused in Triton, for CUDA tensors (written by hand: no library fuses this loss).
+
+Same contract as the PyTorch kernel in `tiles` (`_SimRegFunction`, the CPU path and the
+reference this one is tested against): Lsr per token, |P_i|, the angle statistic, and in backward the
+gradient of the hidden states in their own layout and dtype. Nothing `s x s` is ever in memory.
+
+Forward: one program per (tile pair, segment). It computes the tile z = cos / tau from the hidden states in
+their own dtype (bf16 from Megatron, the sequence-first layout read in place through strides; products
+accumulate in fp32 over the hidden size in `BLOCK_K` slices), its masks from the labels and validity, and per
+row (and, for an off-diagonal tile of a symmetric plan, per column: z is symmetric, so the tile also stands
+for its transpose) a partial (max, sum) for the positives and for the negatives, with one exp per element
+and side: the shift is the row's own maximum over the element's set. Partials are combined per token
+afterwards (a few small PyTorch ops over `[tokens, s / BLOCK]`), like the per-tile partials of the PyTorch path.
+
+Backward: one program per (tile pair, segment) recomputes the tile, forms W = G + G^T (G_ij = g_i dLsr_i/dz_ij,
+from the saved log-sum-exps) and adds W u_J into the anchors' and W^T u_I into the keys' fp32 gradient
+(atomically: every block of rows gets contributions from many tiles, and with h up to 8192 the
+accumulators cannot stay on chip), then a row kernel applies the normalisation's backward and writes the
+gradient in the input's layout and dtype. The atomics are relaxed: each only adds, nothing is read back before
+the kernel ends, so the default acq_rel ordering (a fence per element) buys nothing. Like FlashAttention's dq
+accumulation, the atomic order makes the last bits of the gradient vary from run to run.
+
+The deterministic backward (`plan.deterministic`: `simreg.deterministic: true`, or torch's deterministic
+algorithms, which Megatron's --deterministic-mode turns on) has no atomics, as FlashAttention-2's deterministic
+mode: one program per (block of anchors, segment) walks every key block in order, recomputing each tile (also
+the mirrored ones, so about twice the tile work of the atomic backward), and adds W u_J into rows that no other
+program writes. The same inputs then give the same bits whatever order the programs run in.
+
+Full SimReg under sequence/context parallelism (a gathered key sequence) runs the same kernels unmirrored:
+local anchor rows against all gathered keys, as the PyTorch path does.
+
+The tiling with per-tile (max, sum) partials and recomputation in backward follows FlashAttention and
+Inf-CL's tile-wise contrastive loss; unlike attention (head size 128), SimReg's "head" is the whole hidden
+size, so the gradient accumulators live in global memory rather than in registers.
+
+Precision of the products, against the float64 SimReg (tau = 0.01, anisotropic embeddings, relative errors
+of the loss / of the gradient's norm; `python -m megatron_simreg.bench.simreg_precision`, which emulates the
+roundings on any machine and runs the kernels themselves on a GPU):
+
+    bf16 input, bf16 x bf16 products, fp32 accumulation:  loss exact up to fp32 sums; W rounded to bf16 in
+        backward: gradient 1.5e-4 to 1.6e-4 (W in TF32 would give 2e-5), below the 2^-9 ~ 2e-3 rounding of
+        the bf16 gradient it becomes, so the bf16 tensor-core product is kept.
+    fp32 input, TF32 products: loss 6e-6 to 1.8e-5, gradient 5.3e-4 to 6.0e-4: too coarse for an fp32 run;
+        "tf32x3" (three TF32 products, fp32-level: 1e-9 / 7e-8) is the default, `DOT_PRECISION`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from megatron_simreg.simreg.base import MASKED, NORM_EPS, _anchor_gradients, _combine, _lsr, _set_sizes
+from megatron_simreg.simreg.exchange import _all_gather_sequence, _local_share, _pairing_partners
+from megatron_simreg.simreg.plan import _batched, _kernel_labels
+from megatron_simreg.simreg.triton_jit import (
+    INTERPRETED,
+    _backward_kernel,
+    _deterministic_backward_kernel,
+    _forward_kernel,
+    _normalize_backward_kernel,
+)
+
+BLOCK = 64
+"""Tile side on a GPU (rows and columns). `block_size` below 64 picks a smaller power of two (>= 16)."""
+BLOCK_K = 64
+"""Slice of the hidden size per product step."""
+NUM_WARPS = 8
+"""Warps per tile program: with 4, a 64 x 64 tile's fp32 state spills registers (checked by compiling for sm_90)."""
+NORMALIZE_TOKENS = 16
+"""Tokens per program of the normalisation's backward."""
+DOT_PRECISION = "tf32x3"
+"""How fp32 inputs (and the fp32 W of backward) enter the tensor cores (see the module docstring). bf16 and
+fp16 inputs are multiplied as they are, accumulating in fp32; in backward W is rounded to bf16 for bf16
+inputs, and stays fp32 for fp16 ones (whose range W's small weights would underflow)."""
+
+
+def check_setup() -> None:
+    """Raise now what would stop the first kernel launch: on a GPU, Triton's driver compiles its launcher with the
+    system's C compiler ("Failed to find C compiler") and needs the CUDA driver."""
+    if not INTERPRETED and torch.cuda.is_available():
+        triton.runtime.driver.active.get_current_target()
+
+
+class SimRegTritonFunction(torch.autograd.Function):
+    """`tiles._SimRegFunction`'s contract, computed by the Triton kernels below."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, plan):
+        hidden, keys = _operands(hidden, plan)
+        setup = _Setup.of(hidden, keys, plan)
+        partials = hidden.new_empty((setup.segments, setup.length, setup.key_blocks, 4), dtype=torch.float32)
+        angles = hidden.new_zeros((setup.segments, setup.tiles), dtype=torch.float32)
+        _forward_kernel[(setup.tiles, setup.segments)](
+            hidden, keys, setup.scale, setup.key_scale, setup.labels, setup.key_labels, setup.tile_rows,
+            setup.tile_cols, partials, angles, *setup.shape_args(hidden, keys), setup.key_blocks, setup.temperature,
+            SYMMETRIC=setup.symmetric, BLOCK=setup.block, BLOCK_K=BLOCK_K, PRECISION=_precision(hidden),
+            num_warps=NUM_WARPS,
+        )
+        lse_pos = _combine(partials[..., 0], partials[..., 1])
+        lsr, lse_neg = _lsr(lse_pos, _combine(partials[..., 2], partials[..., 3]), setup.negative_count)
+        negative_pairs = setup.negative_count.sum(dtype=torch.float64)
+        angle_stats = torch.stack([angles.sum(dtype=torch.float64) * (180.0 / math.pi), negative_pairs])
+        ctx.plan, ctx.setup = plan, setup  # per-token values only
+        ctx.save_for_backward(hidden, lse_pos, lse_neg)
+        ctx.mark_non_differentiable(setup.positive_count, angle_stats)
+        ctx.set_materialize_grads(False)  # no zeros for the non-differentiable outputs' gradients
+        return lsr, setup.positive_count, angle_stats
+
+    @staticmethod
+    def backward(ctx, grad_lsr, _grad_count, _grad_angles):
+        hidden, lse_pos, lse_neg = ctx.saved_tensors
+        plan, setup = ctx.plan, ctx.setup
+        if grad_lsr is None:  # Lsr took no part in what is differentiated
+            return None, None
+        grad = _anchor_gradients(grad_lsr, lse_neg, torch.float32)
+        if not grad.any() and plan.gather is None:  # lambda = 0: nothing to recompute
+            return torch.zeros_like(hidden), None
+        hidden, keys = _operands(hidden, plan)
+        live = grad != 0  # other rows get shifts that make their exponentials 0
+        stats = torch.stack([torch.where(live, lse_pos, MASKED), torch.where(live, lse_neg, MASKED), grad], -1)
+        key_stats = stats if setup.symmetric else _all_gather_sequence(stats, plan.gather)
+        grad_units = hidden.new_zeros((setup.segments, setup.length, hidden.shape[-1]), dtype=torch.float32)
+        tokens = (hidden, keys, setup.scale, setup.key_scale, setup.labels, setup.key_labels,
+                  stats.float().contiguous(), key_stats.float().contiguous())
+        constants = dict(BLOCK=setup.block, BLOCK_K=BLOCK_K, PRECISION=_precision(hidden),
+                         DOT_DTYPE=tl.bfloat16 if hidden.dtype == torch.bfloat16 else tl.float32, num_warps=NUM_WARPS)
+        if plan.deterministic:
+            _deterministic_backward_kernel[(triton.cdiv(setup.length, setup.block), setup.segments)](
+                *tokens, grad_units, *setup.shape_args(hidden, keys), setup.key_blocks, **constants,
+            )
+        else:
+            _backward_kernel[(setup.tiles, setup.segments)](
+                *tokens, setup.tile_rows, setup.tile_cols, grad_units, *setup.shape_args(hidden, keys),
+                SYMMETRIC=setup.symmetric, **constants,
+            )
+        grad_hidden = torch.empty_like(hidden)
+        b, s, h = hidden.shape
+        _normalize_backward_kernel[(triton.cdiv(b * s, NORMALIZE_TOKENS),)](
+            hidden, grad_units, setup.scale, setup.radial, grad_hidden, s, h, setup.length, setup.chunks, b * s,
+            hidden.stride(0), hidden.stride(1), grad_hidden.stride(0), grad_hidden.stride(1),
+            BLOCK_T=NORMALIZE_TOKENS, BLOCK_K=BLOCK_K,
+        )
+        return grad_hidden, None
+
+
+def _precision(hidden: torch.Tensor) -> str | None:
+    return DOT_PRECISION if hidden.dtype == torch.float32 else None  # half inputs: products are exact anyway
+
+
+def _operands(hidden: torch.Tensor, plan):
+    """The hidden states as the kernels read them (any layout with contiguous rows), and the keys' (gathered)."""
+    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"the Triton SimReg kernel takes fp32, bf16 or fp16 hidden states, got {hidden.dtype}")
+    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+    return hidden, hidden if plan.gather is None else _all_gather_sequence(hidden, plan.gather)
+
+
+class _Setup:
+    """The kernels' per-token inputs (scales, label ranks, set sizes) and their tile list."""
+
+    @classmethod
+    def of(cls, hidden: torch.Tensor, keys: torch.Tensor, plan) -> "_Setup":
+        self = cls()
+        b = hidden.shape[0]
+        self.length = plan.segment  # tokens per segment (the anchors' side)
+        self.key_length = keys.shape[1] if plan.gather is not None else plan.segment
+        self.chunks = plan.labels.shape[0] // b
+        self.segments = plan.labels.shape[0]
+        self.temperature = 1.0 / plan.inv_temperature
+        self.symmetric = plan.gather is None
+        self.block = max(16, min(BLOCK, triton.next_power_of_2(min(plan.block_size, plan.segment))))
+
+        key_labels, key_valid = _pairing_partners(plan.labels, plan.valid, plan)
+        key_ids = _kernel_labels(key_labels)
+        anchor_ids = _local_share(key_ids, plan)
+        self.positive_count, self.negative_count = _set_sizes(
+            anchor_ids, key_ids, key_valid, plan.valid, torch.float32
+        )
+        self.labels = torch.where(plan.valid, anchor_ids, -1).to(torch.int32).contiguous()
+        self.scale, self.radial = _scales(hidden, self.temperature, self.length)
+        if self.symmetric:
+            self.key_scale, self.key_labels = self.scale, self.labels
+        else:
+            self.key_scale = _scales(keys, self.temperature, self.key_length)[0]
+            self.key_labels = torch.where(key_valid, key_ids, -1).to(torch.int32).contiguous()
+
+        row_blocks = triton.cdiv(self.length, self.block)
+        self.key_blocks = triton.cdiv(self.key_length, self.block)
+        pairs = [(i, j) for i in range(row_blocks) for j in range(self.key_blocks) if not self.symmetric or j >= i]
+        index = torch.tensor(pairs, dtype=torch.int32).T.contiguous().to(hidden.device)
+        self.tile_rows, self.tile_cols = index[0], index[1]
+        self.tiles = len(pairs)
+        return self
+
+    def shape_args(self, hidden: torch.Tensor, keys: torch.Tensor):
+        return (
+            hidden.shape[-1], self.length, self.key_length, self.chunks, hidden.shape[1], keys.shape[1],
+            hidden.stride(0), hidden.stride(1), keys.stride(0), keys.stride(1),
+        )
+
+
+def _scales(hidden: torch.Tensor, temperature: float, segment: int):
+    """Per token, batched into segments like the plan (the tail padded with 0): the scale of the unit vectors
+    u = h * scale, scale = 1 / (max(|h|, eps) sqrt(tau)), and the radial factor of their backward, tau * scale^2
+    (0 where |h| < eps, whose u = h / eps has no radial part)."""
+    norms = torch.linalg.vector_norm(hidden, dim=-1, dtype=torch.float32)
+    scale = (norms.clamp_min(NORM_EPS) * math.sqrt(temperature)).reciprocal_()
+    radial = torch.where(norms < NORM_EPS, 0.0, temperature * scale * scale)
+    return tuple(_batched(x, segment).contiguous() for x in (scale, radial))
