@@ -19,17 +19,19 @@ from dataclasses import dataclass
 import numpy
 
 from megatron_simreg.cli import one_line_errors
-from megatron_simreg.data import dataset_prefixes
+from megatron_simreg.data import check_indexed_dataset, dataset_prefixes
 
 DEFAULT_CHUNKS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
-def read_labels(data_prefix, max_tokens: int) -> numpy.ndarray:
-    """The first `max_tokens` tokens of the dataset (all of its shards or blended parts, in order), as int64."""
+def read_labels(data_prefix, max_tokens: int, tokenizer) -> numpy.ndarray:
+    """The first `max_tokens` tokens of the dataset (all of its shards or blended parts, in order), as int64;
+    each part checked as training checks it (files there and whole, ids within the tokenizer's vocabulary)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     pieces, left = [], max_tokens
     for prefix in dataset_prefixes(data_prefix)[0]:
+        check_indexed_dataset(prefix, tokenizer)
         dataset = IndexedDataset(prefix, mmap=True)
         count = min(int(dataset.sequence_lengths.sum()), left)
         pieces.append(numpy.asarray(dataset.bin_reader.read(dataset.index.dtype, count, 0), dtype=numpy.int64))
@@ -127,12 +129,18 @@ def main(argv=None):
     parser.add_argument("--max-tokens", type=int, default=100_000_000, help="read at most this many tokens")
     parser.add_argument("--tokenizer", default=None, help="to show the most frequent labels (default: the project's)")
     args = parser.parse_args(argv)
+    with one_line_errors("token_frequency"):
+        write_report(args)
+
+
+def write_report(args) -> None:
+    """token_frequency.md and its PNG for the parsed command line."""
     from megatron_simreg.data import build_tokenizer
 
-    tokens = read_labels(args.data, args.max_tokens)
+    tokenizer = build_tokenizer(args.tokenizer)
+    tokens = read_labels(args.data, args.max_tokens, tokenizer)
     if len(tokens) < args.seq_length + 1:
         raise SystemExit(f"token_frequency: {len(tokens)} tokens, fewer than one sequence of {args.seq_length} + 1")
-    tokenizer = build_tokenizer(args.tokenizer)
     labels = tokens[1:]  # next-token labels
     counts = numpy.bincount(labels, minlength=tokenizer.vocab_size)
     sizes = args.chunk_sizes or [c for c in DEFAULT_CHUNKS if c <= args.seq_length and args.seq_length % c == 0]
@@ -163,5 +171,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    with one_line_errors("token_frequency"):
-        main()
+    main()

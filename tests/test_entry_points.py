@@ -147,7 +147,7 @@ def test_every_tool_answers_a_broken_input_in_one_line(tmp_path, capsys):
     """In this process (each tool's main), as their own processes would: SystemExit with the one line."""
     from export_hf_cli import export_cli
 
-    from megatron_simreg import evaluate, study
+    from megatron_simreg import evaluate, study, token_frequency
 
     checkpoints = tmp_path / "run" / "checkpoints"
     checkpoints.mkdir(parents=True)
@@ -165,6 +165,11 @@ def test_every_tool_answers_a_broken_input_in_one_line(tmp_path, capsys):
         study.main([str(broken)])
     message = str(stop.value.code)
     assert message.startswith(f"study: study '{broken}' is not valid YAML at line 3") and "\n" not in message
+    with pytest.raises(SystemExit) as stop:  # the data check training makes, for a tool reading data too
+        token_frequency.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "frequencies")])
+    message = str(stop.value.code)
+    assert message.startswith(f"token_frequency: data {tmp_path / 'missing'}.bin") and "not found" in message, message
+    assert "\n" not in message and not (tmp_path / "frequencies").exists()
     assert "Traceback" not in capsys.readouterr().err
 
 
