@@ -85,7 +85,7 @@ def test_trained_loss_is_cross_entropy_plus_lambda_simreg(tmp_path, simreg, temp
     expected = reference(tiny_llama(), temperature, chunk_size, reduction)
     run.train()
     logged = run.state.log_history[0]
-    weight = run.simreg_weight
+    weight = run.objective.weight
     tolerance = simreg_tolerance(weight, temperature)
     assert expected["simreg"] * weight > 100 * tolerance, "SimReg should weigh in this loss"
     # the cross-entropy in fp32 over 128-entry rows: relative error a few eps, far below 1e-5
@@ -121,8 +121,8 @@ def test_gradient_accumulation_does_not_change_the_step(tmp_path):
 
 
 def test_lambda_auto_and_settings(tmp_path):
-    assert trainer(tmp_path).simreg_weight == pytest.approx(10 * math.sqrt(HIDDEN / 1024))
-    assert trainer(tmp_path, {"weight": 0.5, "temperature": 0.05}).simreg_weight == 0.5
+    assert trainer(tmp_path).objective.weight == pytest.approx(10 * math.sqrt(HIDDEN / 1024))
+    assert trainer(tmp_path, {"weight": 0.5, "temperature": 0.05}).objective.weight == 0.5
 
 
 @pytest.mark.parametrize("settings, message", [
