@@ -137,3 +137,18 @@ def test_bad_settings_are_one_line(tmp_path, settings, message):
     with pytest.raises(ConfigError) as error:
         trainer(tmp_path, settings)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_what_cannot_work_is_refused_in_one_line(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(ValueError, match="GPT2LMHeadModel has no final norm at model.get_decoder\\(\\).norm"):
+        final_norm(GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32)))
+    with pytest.raises(ValueError, match="pass no compute_loss_func"):
+        SimRegTrainer(model=tiny_llama(), args=TrainingArguments(str(tmp_path), report_to=[]),
+                      compute_loss_func=lambda *args, **kwargs: 0.0)
+    run = trainer(tmp_path)
+    run.data_collator = lambda batch: {key: value for key, value in pad(batch).items() if key != "labels"}
+    with pytest.raises(ValueError, match="SimRegTrainer needs `labels` in each batch") as error:
+        run.train()
+    assert "\n" not in str(error.value)
