@@ -244,7 +244,13 @@ def load_config(path: str, overrides: list[str] | None = None) -> Config:
             raise ConfigError(f"override {override!r} is not key=value (e.g. simreg.weight=0)")
         _check_key(key.strip(), source=f"override {override!r}")
         _set_dotted(raw, key.strip(), parse_yaml(value, f"override {override!r}"))
-    config = _build(Config, raw, prefix="", source=path)
+    return build_config(raw, source=path)
+
+
+def build_config(raw: dict, source: str) -> Config:
+    """A checked config from its sections as a mapping (a YAML file's, after `extends`); `source` names it in
+    errors."""
+    config = _build(Config, raw, prefix="", source=source)
     _check_values(config)
     return config
 

@@ -121,23 +121,20 @@ class SimRegObjective:
         group, layout, position = _sequence_sharding(sequence_parallel)
         local = hidden_states.shape[0]
         positions = slice(position * local, (position + 1) * local)
+        return self.loss(hidden_states, labels[:, positions], None if loss_mask is None else loss_mask[:, positions],
+                         sequence_first=True, process_group=group, sequence_layout=layout)
+
+    def loss(self, hidden_states, labels, loss_mask, **layout) -> SimRegOutput:
+        """`simreg_loss` with these settings; `layout`: its `sequence_first`, `process_group`, `sequence_layout`
+        (megatron_simreg.hf calls it with none: batch-first states, one process per sequence)."""
         if self.mode == "full":
             chunk_size = None
         else:
             chunk_size = "local" if self.chunk_size is None else self.chunk_size
         return simreg_loss(
-            hidden_states,
-            labels[:, positions],
-            None if loss_mask is None else loss_mask[:, positions],
-            temperature=self.temperature,
-            chunk_size=chunk_size,
-            reduction=self.reduction,
-            sequence_first=True,
-            process_group=group,
-            sequence_layout=layout,
-            block_size=self.block_size,
-            kernel=self.kernel,
-            deterministic=self.deterministic,
+            hidden_states, labels, loss_mask, temperature=self.temperature, chunk_size=chunk_size,
+            reduction=self.reduction, block_size=self.block_size, kernel=self.kernel,
+            deterministic=self.deterministic, **layout,
         )
 
     def baseline_inputs(self, hidden_states, labels, loss_mask, context, config, output_layer, output_weight,
