@@ -54,6 +54,7 @@ import triton.language as tl
 
 from megatron_simreg.simreg.base import MASKED, NORM_EPS, _anchor_gradients, _combine, _lsr, _set_sizes
 from megatron_simreg.simreg.exchange import _all_gather_sequence, _local_share, _pairing_partners
+from megatron_simreg.simreg.launch import Launch
 from megatron_simreg.simreg.plan import _batched, _kernel_labels
 from megatron_simreg.simreg.triton_jit import (
     INTERPRETED,
@@ -72,9 +73,13 @@ NUM_WARPS = 8
 NORMALIZE_TOKENS = 16
 """Tokens per program of the normalisation's backward."""
 DOT_PRECISION = "tf32x3"
-"""How fp32 inputs (and the fp32 W of backward) enter the tensor cores (see the module docstring). bf16 and
+"""How fp32 inputs (and the fp32 W of their backward) enter the tensor cores (see the module docstring). bf16 and
 fp16 inputs are multiplied as they are, accumulating in fp32; in backward W is rounded to bf16 for bf16
-inputs, and stays fp32 for fp16 ones (whose range W's small weights would underflow)."""
+inputs, and to TF32 for fp16 ones (`FP16_W_PRECISION`)."""
+FP16_W_PRECISION = "tf32"
+"""fp16 inputs' backward: W in fp32 (fp16's range would flush its small weights to 0) against the fp16 hidden
+states, which TF32 holds exactly (10-bit mantissa, wider exponent): only W is rounded, to 2^-11 as the fp16
+gradient it becomes (measured in the module docstring)."""
 
 
 def check_setup() -> None:
@@ -91,13 +96,14 @@ class SimRegTritonFunction(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, plan):
         hidden, keys = _operands(hidden, plan)
         setup = _Setup.of(hidden, keys, plan)
-        partials = hidden.new_empty((setup.segments, setup.length, setup.key_blocks, 4), dtype=torch.float32)
-        angles = hidden.new_zeros((setup.segments, setup.tiles), dtype=torch.float32)
-        _forward_kernel[(setup.tiles, setup.segments)](
-            hidden, keys, setup.scale, setup.key_scale, setup.labels, setup.key_labels, setup.tile_rows,
-            setup.tile_cols, partials, angles, *setup.shape_args(hidden, keys), setup.key_blocks, setup.temperature,
-            SYMMETRIC=setup.symmetric, BLOCK=setup.block, BLOCK_K=BLOCK_K, PRECISION=_precision(hidden),
-            num_warps=NUM_WARPS,
+        launch = setup.launch(hidden, keys)
+        partials = hidden.new_empty(launch.partials_shape, dtype=torch.float32)
+        angles = hidden.new_empty(launch.programs["forward"], dtype=torch.float32)
+        _forward_kernel[launch.grid("forward")](
+            hidden, keys, setup.scale, setup.key_scale, setup.labels, setup.key_labels, partials, angles,
+            *setup.shape_args(hidden, keys), launch.row_blocks, launch.key_blocks, launch.splits,
+            launch.programs["forward"], setup.temperature,
+            BLOCK=setup.block, BLOCK_K=BLOCK_K, PRECISION=_precision(hidden.dtype), num_warps=NUM_WARPS,
         )
         lse_pos = _combine(partials[..., 0], partials[..., 1])
         lsr, lse_neg = _lsr(lse_pos, _combine(partials[..., 2], partials[..., 3]), setup.negative_count)
@@ -125,29 +131,40 @@ class SimRegTritonFunction(torch.autograd.Function):
         grad_units = hidden.new_zeros((setup.segments, setup.length, hidden.shape[-1]), dtype=torch.float32)
         tokens = (hidden, keys, setup.scale, setup.key_scale, setup.labels, setup.key_labels,
                   stats.float().contiguous(), key_stats.float().contiguous())
-        constants = dict(BLOCK=setup.block, BLOCK_K=BLOCK_K, PRECISION=_precision(hidden),
-                         DOT_DTYPE=tl.bfloat16 if hidden.dtype == torch.bfloat16 else tl.float32, num_warps=NUM_WARPS)
+        launch = setup.launch(hidden, keys)
+        dot_dtype, precision = _backward_products(hidden.dtype)
+        constants = dict(BLOCK=setup.block, BLOCK_K=BLOCK_K, PRECISION=precision, DOT_DTYPE=dot_dtype,
+                         num_warps=NUM_WARPS)
         if plan.deterministic:
-            _deterministic_backward_kernel[(triton.cdiv(setup.length, setup.block), setup.segments)](
-                *tokens, grad_units, *setup.shape_args(hidden, keys), setup.key_blocks, **constants,
+            _deterministic_backward_kernel[launch.grid("deterministic_backward")](
+                *tokens, grad_units, *setup.shape_args(hidden, keys), launch.row_blocks, launch.key_blocks,
+                launch.programs["deterministic_backward"], **constants,
             )
         else:
-            _backward_kernel[(setup.tiles, setup.segments)](
-                *tokens, setup.tile_rows, setup.tile_cols, grad_units, *setup.shape_args(hidden, keys),
-                SYMMETRIC=setup.symmetric, **constants,
+            _backward_kernel[launch.grid("backward")](
+                *tokens, setup.tile_rows, setup.tile_cols, grad_units, *setup.shape_args(hidden, keys), launch.tiles,
+                launch.programs["backward"], SYMMETRIC=setup.symmetric, **constants,
             )
         grad_hidden = torch.empty_like(hidden)
         b, s, h = hidden.shape
-        _normalize_backward_kernel[(triton.cdiv(b * s, NORMALIZE_TOKENS),)](
+        _normalize_backward_kernel[launch.grid("normalize_backward")](
             hidden, grad_units, setup.scale, setup.radial, grad_hidden, s, h, setup.length, setup.chunks, b * s,
-            hidden.stride(0), hidden.stride(1), grad_hidden.stride(0), grad_hidden.stride(1),
-            BLOCK_T=NORMALIZE_TOKENS, BLOCK_K=BLOCK_K,
+            launch.programs["normalize_backward"], hidden.stride(0), hidden.stride(1), grad_hidden.stride(0),
+            grad_hidden.stride(1), BLOCK_T=NORMALIZE_TOKENS, BLOCK_K=BLOCK_K,
         )
         return grad_hidden, None
 
 
-def _precision(hidden: torch.Tensor) -> str | None:
-    return DOT_PRECISION if hidden.dtype == torch.float32 else None  # half inputs: products are exact anyway
+def _precision(dtype: torch.dtype) -> str | None:
+    """The forward's: half inputs' products are exact in fp32 whatever the setting."""
+    return DOT_PRECISION if dtype == torch.float32 else None
+
+
+def _backward_products(dtype: torch.dtype):
+    """The backward's W u products: (the type both factors enter the dot in, the dot's precision)."""
+    if dtype == torch.bfloat16:
+        return tl.bfloat16, None
+    return tl.float32, FP16_W_PRECISION if dtype == torch.float16 else DOT_PRECISION
 
 
 def _operands(hidden: torch.Tensor, plan):
@@ -194,6 +211,12 @@ class _Setup:
         self.tile_rows, self.tile_cols = index[0], index[1]
         self.tiles = len(pairs)
         return self
+
+    def launch(self, hidden: torch.Tensor, keys: torch.Tensor) -> Launch:
+        return Launch(
+            hidden.shape[0] * hidden.shape[1], hidden.shape[-1], self.segments, self.length, self.key_length,
+            self.block, BLOCK_K, NORMALIZE_TOKENS, self.symmetric,
+        )
 
     def shape_args(self, hidden: torch.Tensor, keys: torch.Tensor):
         return (
