@@ -4,13 +4,16 @@ Same contract as the PyTorch kernel in `tiles` (`_SimRegFunction`, the CPU path 
 reference this one is tested against): Lsr per token, |P_i|, the angle statistic, and in backward the
 gradient of the hidden states in their own layout and dtype. Nothing `s x s` is ever in memory.
 
-Forward: one program per (tile pair, segment). It computes the tile z = cos / tau from the hidden states in
-their own dtype (bf16 from Megatron, the sequence-first layout read in place through strides; products
-accumulate in fp32 over the hidden size in `BLOCK_K` slices), its masks from the labels and validity, and per
-row (and, for an off-diagonal tile of a symmetric plan, per column: z is symmetric, so the tile also stands
-for its transpose) a partial (max, sum) for the positives and for the negatives, with one exp per element
-and side: the shift is the row's own maximum over the element's set. Partials are combined per token
-afterwards (a few small PyTorch ops over `[tokens, s / BLOCK]`), like the per-tile partials of the PyTorch path.
+Forward: one program per (block of anchors, split, segment) walks the key blocks `split`, `split + splits`, ...
+(at most `launch.KEY_SPLITS` splits, enough programs to fill a GPU) in order, as FlashAttention's forward. For
+each it computes the tile z = cos / tau from the hidden states in their own dtype (bf16 from Megatron, the
+sequence-first layout read in place through strides; products accumulate in fp32 over the hidden size in
+`BLOCK_K` slices) and its masks from the labels and validity, and extends each row's running (max, sum of
+exp(z - max)) for the positives and for the negatives, one exp per element (the shift is the row's running
+maximum over the element's set). It stores them once: partials `[segments, length, splits, 4]`, linear in s,
+combined per token afterwards by a few small PyTorch ops. A symmetric plan's forward so computes each
+off-diagonal tile from both sides (twice the products of the triangle, which one partial per tile would need
+as s^2 / BLOCK memory); the backward keeps the triangle.
 
 Backward: one program per (tile pair, segment) recomputes the tile, forms W = G + G^T (G_ij = g_i dLsr_i/dz_ij,
 from the saved log-sum-exps) and adds W u_J into the anchors' and W^T u_I into the keys' fp32 gradient
@@ -25,6 +28,10 @@ algorithms, which Megatron's --deterministic-mode turns on) has no atomics, as F
 mode: one program per (block of anchors, segment) walks every key block in order, recomputing each tile (also
 the mirrored ones, so about twice the tile work of the atomic backward), and adds W u_J into rows that no other
 program writes. The same inputs then give the same bits whatever order the programs run in.
+
+Launch: `launch.Launch` computes every grid, program count and buffer size from the shapes alone; each kernel
+numbers its programs on one flat int64 axis folded onto CUDA's grid (x < 2^31, y <= 65,535), so s = 131,072
+and hundreds of thousands of segments fit, and no offset overflows int32.
 
 Full SimReg under sequence/context parallelism (a gathered key sequence) runs the same kernels unmirrored:
 local anchor rows against all gathered keys, as the PyTorch path does.
@@ -74,12 +81,12 @@ NORMALIZE_TOKENS = 16
 """Tokens per program of the normalisation's backward."""
 DOT_PRECISION = "tf32x3"
 """How fp32 inputs (and the fp32 W of their backward) enter the tensor cores (see the module docstring). bf16 and
-fp16 inputs are multiplied as they are, accumulating in fp32; in backward W is rounded to bf16 for bf16
-inputs, and to TF32 for fp16 ones (`FP16_W_PRECISION`)."""
+fp16 inputs are multiplied as they are, exactly, accumulating in fp32; in backward W is rounded to nearest bf16
+for bf16 inputs, and to nearest TF32 for fp16 ones (`FP16_W_PRECISION`)."""
 FP16_W_PRECISION = "tf32"
-"""fp16 inputs' backward: W in fp32 (fp16's range would flush its small weights to 0) against the fp16 hidden
-states, which TF32 holds exactly (10-bit mantissa, wider exponent): only W is rounded, to 2^-11 as the fp16
-gradient it becomes (measured in the module docstring)."""
+"""fp16 inputs' backward, like bf16's: W rounded to nearest TF32 (`triton_jit._backward_operand`; fp16's own range
+would flush W's small weights to 0) times the fp16 hidden states, which TF32 holds exactly, on the tensor cores
+(errors in the module docstring)."""
 
 
 def check_setup() -> None:

@@ -1,7 +1,8 @@
-"""The Triton programs of SimReg's fused kernel: tiles, partials, the two backwards and the normalisation's.
+"""The Triton programs of SimReg's fused kernel: tiles, running partials, the two backwards and the normalisation's.
 
 What they compute, and how `megatron_simreg.simreg.triton` launches them, is described there; here are the
-programs alone, each taking plain pointers and sizes.
+programs alone, each taking plain pointers and sizes. Each finds its work from one flat program index in int64
+(`_program`, the grid `launch.Launch.grid` folds), so every offset derived from it is int64 too.
 """
 
 from __future__ import annotations
@@ -43,6 +44,16 @@ def _dot(a, b, PRECISION: tl.constexpr):
     if _UPCAST:
         a, b = a.to(tl.float32), b.to(tl.float32)
     return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _backward_operand(w, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """W as the backward's dot takes it, rounded to nearest: `.to(bf16)` rounds so, but TF32 tensor cores truncate
+    fp32's mantissa (`tl.dot`'s warning: a bias toward 0), so for "tf32" W is rounded to TF32 here, by its bits."""
+    if PRECISION == "tf32":
+        bits = w.to(tl.int32, bitcast=True)
+        return ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+    return w.to(DOT_DTYPE)
 
 
 @triton.jit
@@ -179,8 +190,8 @@ def _backward_kernel(
     w = _weights(z, same, different, stats, key_stats, seg, rows, cols, length, key_length)
 
     # d loss / d u_I += W u_J and d loss / d u_J += W^T u_I, with u_j = h_j * scale_j and h as stored.
-    w_rows = (w * col_scale[None, :]).to(DOT_DTYPE)
-    w_cols = tl.trans(w * row_scale[:, None]).to(DOT_DTYPE)
+    w_rows = _backward_operand(w * col_scale[None, :], DOT_DTYPE, PRECISION)
+    w_cols = _backward_operand(tl.trans(w * row_scale[:, None]), DOT_DTYPE, PRECISION)
     mirrored = (col_block > row_block) & SYMMETRIC
     row_ptr = hidden + sample * stride_b + (start + rows)[:, None] * stride_s
     col_ptr = keys + sample * key_stride_b + (start + cols)[:, None] * key_stride_s
@@ -218,7 +229,7 @@ def _deterministic_backward_kernel(
             key_stride_s, BLOCK, BLOCK_K, PRECISION,
         )
         w = _weights(z, same, different, stats, key_stats, seg, rows, cols, length, key_length)
-        w_rows = (w * col_scale[None, :]).to(DOT_DTYPE)
+        w_rows = _backward_operand(w * col_scale[None, :], DOT_DTYPE, PRECISION)
         col_ptr = keys + sample * key_stride_b + (start + cols)[:, None] * key_stride_s
         row_out = grad_units + (seg * length + rows)[:, None] * hidden_size
         for k in range(0, hidden_size, BLOCK_K):
