@@ -57,8 +57,8 @@ def test_launch_fits_cuda_limits_at_long_context(b, chunk, gathered):
         x, y = plan.grid(kernel)
         assert x <= MAX_GRID_X and y <= MAX_GRID_Y, kernel
         assert x * (y - 1) < programs <= x * y, kernel  # all covered, spare programs in the last row only
-    assert all(value < 2**31 for value in plan.int32_offsets.values())
-    assert all(value < 2**63 for value in plan.int64_offsets.values())
+    # What stays int32 in the kernels: positions within a segment (a tile past its end included) or a hidden vector.
+    assert max(plan.length, plan.key_length) + plan.block < 2**31 and plan.hidden_size + plan.block_k < 2**31
     assert plan.programs["forward"] >= 4096, "enough programs to fill a GPU"
 
     partial_bytes = math.prod(plan.partials_shape) * 4
@@ -67,10 +67,14 @@ def test_launch_fits_cuda_limits_at_long_context(b, chunk, gathered):
     assert math.prod(doubled.partials_shape) <= 2 * math.prod(plan.partials_shape)
 
 
-def test_launch_arithmetic_needs_its_int64_offsets_and_folding():
-    """The cases above reach past int32 offsets and past a grid's y axis: an int32 kernel would overflow there."""
-    many = launch(4096, LONG, 8192, 1024)
-    assert many.int64_offsets["partials"] >= 2**31 and many.segments > 65_535
+def test_long_contexts_need_int64_offsets_and_folded_grids():
+    """Why the kernels take int64 offsets and fold their grids: two sequences of 131,072 tokens at h = 8,192 put the
+    gradient of the units (fp32, one row a token) past int32, and a grid of segments on its own axis would pass y's
+    limit; the old per-tile partials passed int32 at two such sequences too."""
+    two = launch(2, LONG, 8192)
+    assert two.tokens * two.hidden_size >= 2**31
+    assert two.tokens * two.key_blocks * 4 >= 2**31 > math.prod(two.partials_shape)
+    assert launch(4096, LONG, 8192, 1024).segments > 65_535
     assert launch(1100, LONG, 8192).grid("backward")[1] == 2
 
 
@@ -105,7 +109,7 @@ def long_case():
         fused, fused_grad = run("triton")
     tiled, tiled_grad = run("torch")
     tolerance = logit_tolerance(16, 0.05)  # relative: the loss and its gradient move with the logits' errors
-    assert 0.1 < tiled.lsr_mean.abs() < 20 and 0.5 < tiled.live_fraction < 0.9
+    assert 1 < tiled.lsr_mean < 20  # of order one: the tolerance below is relative
     torch.testing.assert_close(fused.loss, tiled.loss, rtol=tolerance, atol=0)
     torch.testing.assert_close(fused.lsr_mean, tiled.lsr_mean, rtol=tolerance, atol=0)
     assert torch.equal(fused.live_fraction, tiled.live_fraction)

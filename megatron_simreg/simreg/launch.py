@@ -4,7 +4,7 @@ Pure integers, so a test checks long contexts (s = 131,072, many segments) witho
 2^31 - 1 programs on a grid's x axis but 65,535 on y: every kernel numbers its programs on one flat,
 segment-major axis (`triton_jit._program`), folded onto (x, y) only past x's limit, the programs beyond the end
 returning at once. The kernels turn the program index into int64 before any multiplication, so offsets into the
-batch (`int64_offsets`) cannot overflow; what stays int32 is a position within one segment or hidden vector.
+batch cannot overflow; what stays int32 is a position within one segment or hidden vector.
 """
 
 from __future__ import annotations
@@ -73,24 +73,3 @@ class Launch:
     def partials_shape(self) -> tuple[int, int, int, int]:
         """(max, sum) of positives and negatives per anchor and split: linear in s."""
         return (self.segments, self.length, self.splits, 4)
-
-    @property
-    def int64_offsets(self) -> dict[str, int]:
-        """The largest element offset the kernels form into each batched buffer (int64 in the kernels)."""
-        rows = self.segments * self.length
-        return {
-            "partials": rows * self.splits * 4,
-            "angles": self.programs["forward"],
-            "tile list": self.programs["backward"],
-            "stats": rows * 3,
-            "gradient of the units": rows * self.hidden_size,
-            "tokens": self.tokens + self.normalize_tokens,
-        }
-
-    @property
-    def int32_offsets(self) -> dict[str, int]:
-        """The largest int32 values the kernels form: positions within a segment or a hidden vector."""
-        return {
-            "position in a segment": max(self.length, self.key_length) + self.block,
-            "position in a hidden vector": self.hidden_size + self.block_k,
-        }

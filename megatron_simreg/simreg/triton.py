@@ -31,12 +31,12 @@ program writes. The same inputs then give the same bits whatever order the progr
 
 Launch: `launch.Launch` computes every grid, program count and buffer size from the shapes alone; each kernel
 numbers its programs on one flat int64 axis folded onto CUDA's grid (x < 2^31, y <= 65,535), so s = 131,072
-and hundreds of thousands of segments fit, and no offset overflows int32.
+and hundreds of thousands of segments fit, and offsets past 2^31 elements stay exact (int64).
 
 Full SimReg under sequence/context parallelism (a gathered key sequence) runs the same kernels unmirrored:
 local anchor rows against all gathered keys, as the PyTorch path does.
 
-The tiling with per-tile (max, sum) partials and recomputation in backward follows FlashAttention and
+The tiling with running (max, sum) per row and recomputation in backward follows FlashAttention and
 Inf-CL's tile-wise contrastive loss; unlike attention (head size 128), SimReg's "head" is the whole hidden
 size, so the gradient accumulators live in global memory rather than in registers.
 
