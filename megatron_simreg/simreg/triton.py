@@ -47,6 +47,10 @@ roundings on any machine and runs the kernels themselves on a GPU):
     bf16 input, bf16 x bf16 products, fp32 accumulation:  loss exact up to fp32 sums; W rounded to bf16 in
         backward: gradient 1.5e-4 to 1.6e-4 (W in TF32 would give 2e-5), below the 2^-9 ~ 2e-3 rounding of
         the bf16 gradient it becomes, so the bf16 tensor-core product is kept.
+    fp16 input, fp16 x fp16 products (exact in fp32), fp32 accumulation: loss exact up to fp32 sums; W rounded
+        to nearest TF32 in backward (fp16 would flush its small weights) against the fp16 hidden states, which
+        TF32 holds exactly: gradient 1.9e-5 to 2.1e-5, below the 2^-11 ~ 5e-4 rounding of the fp16 gradient it
+        becomes. Left to the tensor cores, which truncate an fp32 operand, W would give 3.5e-4 (a bias).
     fp32 input, TF32 products: loss 6e-6 to 1.8e-5, gradient 5.3e-4 to 6.0e-4: too coarse for an fp32 run;
         "tf32x3" (three TF32 products, fp32-level: 1e-9 / 7e-8) is the default, `DOT_PRECISION`.
 """
