@@ -12,8 +12,8 @@ sequence-first layout read in place through strides; products accumulate in fp32
 exp(z - max)) for the positives and for the negatives, one exp per element (the shift is the row's running
 maximum over the element's set). It stores them once: partials `[segments, length, splits, 4]`, linear in s,
 combined per token afterwards by a few small PyTorch ops. A symmetric plan's forward so computes each
-off-diagonal tile from both sides (twice the products of the triangle, which one partial per tile would need
-as s^2 / BLOCK memory); the backward keeps the triangle.
+off-diagonal tile from both sides, twice the triangle's products: the mirrored columns' partials would take
+one per tile, s^2 / BLOCK per sequence, quadratic in s. The backward keeps the triangle.
 
 Backward: one program per (tile pair, segment) recomputes the tile, forms W = G + G^T (G_ij = g_i dLsr_i/dz_ij,
 from the saved log-sum-exps) and adds W u_J into the anchors' and W^T u_I into the keys' fp32 gradient
