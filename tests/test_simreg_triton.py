@@ -296,7 +296,8 @@ def test_kernel_must_be_known():
 def test_kernels_compile_for_hopper():
     """The GPU build of the kernels (the interpreter accepts code the compiler rejects): Triton lowers them to an
     sm_90 binary with its bundled ptxas, no GPU needed; bf16 tiles must not spill registers; the backward's
-    atomics are relaxed (not acq_rel, a fence per element) and the deterministic backward has none."""
+    atomics are relaxed (not acq_rel, a fence per element) and the deterministic backward has none; fp16's backwards
+    (W rounded to TF32) build too."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -307,20 +308,22 @@ def test_kernels_compile_for_hopper():
     names = {"scale": "*fp32", "key_scale": "*fp32", "labels": "*i32", "key_labels": "*i32", "tile_rows": "*i32",
              "tile_cols": "*i32", "partials": "*fp32", "angles": "*fp32", "stats": "*fp32", "key_stats": "*fp32",
              "grad_units": "*fp32", "radial": "*fp32", "temperature": "fp32"}
-    for dtype, precision in (("bf16", None), ("fp32", simreg_triton.DOT_PRECISION)):
+    kernels = [
+        (simreg_triton._forward_kernel, {}),
+        (simreg_triton._backward_kernel, {"SYMMETRIC": True}),
+        (simreg_triton._deterministic_backward_kernel, {}),
+        (simreg_triton._normalize_backward_kernel, {}),
+    ]
+    # fp16: the backwards' W rounded to TF32 by its bits, with a program count past 2^31 (an i64 argument).
+    for dtype, precision, chosen in (("bf16", None, kernels), ("fp32", simreg_triton.DOT_PRECISION, kernels),
+                                     ("fp16", simreg_triton.FP16_W_PRECISION, kernels[1:3])):
         constants = {"BLOCK": simreg_triton.BLOCK, "BLOCK_K": simreg_triton.BLOCK_K, "PRECISION": precision,
                      "DOT_DTYPE": tl.bfloat16 if dtype == "bf16" else tl.float32, "BLOCK_T": 16}
-        kernels = [
-            (simreg_triton._forward_kernel, {"SYMMETRIC": True}),
-            (simreg_triton._forward_kernel, {"SYMMETRIC": False}),
-            (simreg_triton._backward_kernel, {"SYMMETRIC": True}),
-            (simreg_triton._deterministic_backward_kernel, {}),
-            (simreg_triton._normalize_backward_kernel, {}),
-        ]
-        for kernel, extra in kernels:
+        for kernel, extra in chosen:
             signature = {name: "constexpr" if i in kernel.constexprs else names.get(name, "i32") for i, name in
                          enumerate(kernel.arg_names)}
             signature.update({name: f"*{dtype}" for name in ("hidden", "keys", "grad_hidden") if name in signature})
+            signature["programs"] = "i64" if dtype == "fp16" else "i32"
             constexprs = {name: value for name, value in {**constants, **extra}.items() if name in signature}
             source = ASTSource(kernel, signature, constexprs=constexprs)
             options = {"num_warps": simreg_triton.NUM_WARPS}

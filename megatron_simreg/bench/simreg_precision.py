@@ -2,10 +2,10 @@
 
 On any machine it emulates the fused Triton kernel's arithmetic (`megatron_simreg.simreg.triton`) with each
 choice of product precision, rounding the products' inputs as the tensor cores would (TF32: 10-bit mantissa,
-bf16: 7-bit) and computing the rest in float64, for float32 and bf16 hidden states; with `--device cuda` it also
-runs the real kernels (Triton with each `DOT_PRECISION`, the PyTorch path with TF32 forced on globally). Both
+bf16: 7-bit) and computing the rest in float64, for float32, bf16 and fp16 hidden states; with `--device cuda` it
+also runs the real kernels (Triton with each `DOT_PRECISION`, the PyTorch path with TF32 forced on globally). Both
 print the relative error of the loss and of its gradient (norm of the difference over the norm) against the
-float64 SimReg of the same hidden states (after their rounding to bf16, for bf16 input): what a choice costs.
+float64 SimReg of the same hidden states (after their rounding to bf16 or fp16): what a choice costs.
 
 Data as trained final layers look (a shared direction, per-label directions, noise), tau = 0.01, 200 labels,
 token reduction; the shapes of the handed-over probe (docs/performance.md has the figures).
@@ -29,16 +29,18 @@ def anisotropic(h, s, seed=0):
     return hidden, labels
 
 
-def tf32(x):
-    """Round float32 to TF32 (10-bit mantissa), to nearest."""
+def tf32(x, to_nearest=True):
+    """Round float32 to TF32 (10-bit mantissa): to nearest, or truncated as tensor cores read an fp32 operand."""
     bits = x.float().view(torch.int32)
-    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+    return ((bits + 0x1000 * to_nearest) & ~0x1FFF).view(torch.float32)
 
 
 ROUNDING = {
     "fp32": lambda x: x.float().double(),
     "tf32": lambda x: tf32(x).double(),
+    "tf32, truncated": lambda x: tf32(x, to_nearest=False).double(),
     "bf16": lambda x: x.bfloat16().double(),
+    "fp16": lambda x: x.half().double(),
 }
 
 
@@ -93,6 +95,9 @@ EMULATED = {
     ("bf16", "W in bf16"): ("fp32", "bf16", "fp32"),
     ("bf16", "W in tf32"): ("fp32", "tf32", "fp32"),
     ("bf16", "W in fp32"): ("fp32", "fp32", "fp32"),
+    ("fp16", "W in tf32"): ("fp32", "tf32", "fp32"),
+    ("fp16", "W in tf32, truncated"): ("fp32", "tf32, truncated", "fp32"),
+    ("fp16", "W in fp32"): ("fp32", "fp32", "fp32"),
 }
 
 
@@ -102,7 +107,7 @@ def emulation_table():
     for h, s in SHAPES:
         exact, labels = anisotropic(h, s)
         for (dtype, choice), rounding in EMULATED.items():
-            hidden = exact if dtype == "fp32" else ROUNDING["bf16"](exact)
+            hidden = exact if dtype == "fp32" else ROUNDING[dtype](exact)
             ref_loss, ref_grad = reference(hidden, labels)
             loss, grad = emulated(hidden, labels, *(ROUNDING[r] for r in rounding))
             print(f"| {h}, {s} | {dtype} | {choice} | %.1e | %.1e |" % relative_errors(loss, grad, ref_loss, ref_grad))
@@ -118,7 +123,7 @@ def device_table(device):
     try:
         for h, s in SHAPES:
             exact, labels = anisotropic(h, s)
-            for dtype in (torch.float32, torch.bfloat16):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 hidden = exact.to(dtype)
                 ref_loss, ref_grad = reference(hidden.double(), labels)
                 variants = [("torch, TF32 forced on", "torch", None, "tf32")]

@@ -4,13 +4,16 @@ Same contract as the PyTorch kernel in `tiles` (`_SimRegFunction`, the CPU path 
 reference this one is tested against): Lsr per token, |P_i|, the angle statistic, and in backward the
 gradient of the hidden states in their own layout and dtype. Nothing `s x s` is ever in memory.
 
-Forward: one program per (tile pair, segment). It computes the tile z = cos / tau from the hidden states in
-their own dtype (bf16 from Megatron, the sequence-first layout read in place through strides; products
-accumulate in fp32 over the hidden size in `BLOCK_K` slices), its masks from the labels and validity, and per
-row (and, for an off-diagonal tile of a symmetric plan, per column: z is symmetric, so the tile also stands
-for its transpose) a partial (max, sum) for the positives and for the negatives, with one exp per element
-and side: the shift is the row's own maximum over the element's set. Partials are combined per token
-afterwards (a few small PyTorch ops over `[tokens, s / BLOCK]`), like the per-tile partials of the PyTorch path.
+Forward: one program per (block of anchors, split, segment) walks the key blocks `split`, `split + splits`, ...
+(at most `launch.KEY_SPLITS` splits, enough programs to fill a GPU) in order, as FlashAttention's forward. For
+each it computes the tile z = cos / tau from the hidden states in their own dtype (bf16 from Megatron, the
+sequence-first layout read in place through strides; products accumulate in fp32 over the hidden size in
+`BLOCK_K` slices) and its masks from the labels and validity, and extends each row's running (max, sum of
+exp(z - max)) for the positives and for the negatives, one exp per element (the shift is the row's running
+maximum over the element's set). It stores them once: partials `[segments, length, splits, 4]`, linear in s,
+combined per token afterwards by a few small PyTorch ops. A symmetric plan's forward so computes each
+off-diagonal tile from both sides, twice the triangle's products: the mirrored columns' partials would take
+one per tile, s^2 / BLOCK per sequence, quadratic in s. The backward keeps the triangle.
 
 Backward: one program per (tile pair, segment) recomputes the tile, forms W = G + G^T (G_ij = g_i dLsr_i/dz_ij,
 from the saved log-sum-exps) and adds W u_J into the anchors' and W^T u_I into the keys' fp32 gradient
@@ -26,10 +29,14 @@ mode: one program per (block of anchors, segment) walks every key block in order
 the mirrored ones, so about twice the tile work of the atomic backward), and adds W u_J into rows that no other
 program writes. The same inputs then give the same bits whatever order the programs run in.
 
+Launch: `launch.Launch` computes every grid, program count and buffer size from the shapes alone; each kernel
+numbers its programs on one flat int64 axis folded onto CUDA's grid (x < 2^31, y <= 65,535), so s = 131,072
+and hundreds of thousands of segments fit, and offsets past 2^31 elements stay exact (int64).
+
 Full SimReg under sequence/context parallelism (a gathered key sequence) runs the same kernels unmirrored:
 local anchor rows against all gathered keys, as the PyTorch path does.
 
-The tiling with per-tile (max, sum) partials and recomputation in backward follows FlashAttention and
+The tiling with running (max, sum) per row and recomputation in backward follows FlashAttention and
 Inf-CL's tile-wise contrastive loss; unlike attention (head size 128), SimReg's "head" is the whole hidden
 size, so the gradient accumulators live in global memory rather than in registers.
 
@@ -40,6 +47,10 @@ roundings on any machine and runs the kernels themselves on a GPU):
     bf16 input, bf16 x bf16 products, fp32 accumulation:  loss exact up to fp32 sums; W rounded to bf16 in
         backward: gradient 1.5e-4 to 1.6e-4 (W in TF32 would give 2e-5), below the 2^-9 ~ 2e-3 rounding of
         the bf16 gradient it becomes, so the bf16 tensor-core product is kept.
+    fp16 input, fp16 x fp16 products (exact in fp32), fp32 accumulation: loss exact up to fp32 sums; W rounded
+        to nearest TF32 in backward (fp16 would flush its small weights) against the fp16 hidden states, which
+        TF32 holds exactly: gradient 1.9e-5 to 2.1e-5, below the 2^-11 ~ 5e-4 rounding of the fp16 gradient it
+        becomes. Left to the tensor cores, which truncate an fp32 operand, W would give 3.5e-4 (a bias).
     fp32 input, TF32 products: loss 6e-6 to 1.8e-5, gradient 5.3e-4 to 6.0e-4: too coarse for an fp32 run;
         "tf32x3" (three TF32 products, fp32-level: 1e-9 / 7e-8) is the default, `DOT_PRECISION`.
 """
@@ -54,6 +65,7 @@ import triton.language as tl
 
 from megatron_simreg.simreg.base import MASKED, NORM_EPS, _anchor_gradients, _combine, _lsr, _set_sizes
 from megatron_simreg.simreg.exchange import _all_gather_sequence, _local_share, _pairing_partners
+from megatron_simreg.simreg.launch import Launch
 from megatron_simreg.simreg.plan import _batched, _kernel_labels
 from megatron_simreg.simreg.triton_jit import (
     INTERPRETED,
@@ -72,9 +84,13 @@ NUM_WARPS = 8
 NORMALIZE_TOKENS = 16
 """Tokens per program of the normalisation's backward."""
 DOT_PRECISION = "tf32x3"
-"""How fp32 inputs (and the fp32 W of backward) enter the tensor cores (see the module docstring). bf16 and
-fp16 inputs are multiplied as they are, accumulating in fp32; in backward W is rounded to bf16 for bf16
-inputs, and stays fp32 for fp16 ones (whose range W's small weights would underflow)."""
+"""How fp32 inputs (and the fp32 W of their backward) enter the tensor cores (see the module docstring). bf16 and
+fp16 inputs are multiplied as they are, exactly, accumulating in fp32; in backward W is rounded to nearest bf16
+for bf16 inputs, and to nearest TF32 for fp16 ones (`FP16_W_PRECISION`)."""
+FP16_W_PRECISION = "tf32"
+"""fp16 inputs' backward, like bf16's: W rounded to nearest TF32 (`triton_jit._backward_operand`; fp16's own range
+would flush W's small weights to 0) times the fp16 hidden states, which TF32 holds exactly, on the tensor cores
+(errors in the module docstring)."""
 
 
 def check_setup() -> None:
@@ -91,13 +107,14 @@ class SimRegTritonFunction(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, plan):
         hidden, keys = _operands(hidden, plan)
         setup = _Setup.of(hidden, keys, plan)
-        partials = hidden.new_empty((setup.segments, setup.length, setup.key_blocks, 4), dtype=torch.float32)
-        angles = hidden.new_zeros((setup.segments, setup.tiles), dtype=torch.float32)
-        _forward_kernel[(setup.tiles, setup.segments)](
-            hidden, keys, setup.scale, setup.key_scale, setup.labels, setup.key_labels, setup.tile_rows,
-            setup.tile_cols, partials, angles, *setup.shape_args(hidden, keys), setup.key_blocks, setup.temperature,
-            SYMMETRIC=setup.symmetric, BLOCK=setup.block, BLOCK_K=BLOCK_K, PRECISION=_precision(hidden),
-            num_warps=NUM_WARPS,
+        launch = setup.launch(hidden, keys)
+        partials = hidden.new_empty(launch.partials_shape, dtype=torch.float32)
+        angles = hidden.new_empty(launch.programs["forward"], dtype=torch.float32)
+        _forward_kernel[launch.grid("forward")](
+            hidden, keys, setup.scale, setup.key_scale, setup.labels, setup.key_labels, partials, angles,
+            *setup.shape_args(hidden, keys), launch.row_blocks, launch.key_blocks, launch.splits,
+            launch.programs["forward"], setup.temperature,
+            BLOCK=setup.block, BLOCK_K=BLOCK_K, PRECISION=_precision(hidden.dtype), num_warps=NUM_WARPS,
         )
         lse_pos = _combine(partials[..., 0], partials[..., 1])
         lsr, lse_neg = _lsr(lse_pos, _combine(partials[..., 2], partials[..., 3]), setup.negative_count)
@@ -125,29 +142,40 @@ class SimRegTritonFunction(torch.autograd.Function):
         grad_units = hidden.new_zeros((setup.segments, setup.length, hidden.shape[-1]), dtype=torch.float32)
         tokens = (hidden, keys, setup.scale, setup.key_scale, setup.labels, setup.key_labels,
                   stats.float().contiguous(), key_stats.float().contiguous())
-        constants = dict(BLOCK=setup.block, BLOCK_K=BLOCK_K, PRECISION=_precision(hidden),
-                         DOT_DTYPE=tl.bfloat16 if hidden.dtype == torch.bfloat16 else tl.float32, num_warps=NUM_WARPS)
+        launch = setup.launch(hidden, keys)
+        dot_dtype, precision = _backward_products(hidden.dtype)
+        constants = dict(BLOCK=setup.block, BLOCK_K=BLOCK_K, PRECISION=precision, DOT_DTYPE=dot_dtype,
+                         num_warps=NUM_WARPS)
         if plan.deterministic:
-            _deterministic_backward_kernel[(triton.cdiv(setup.length, setup.block), setup.segments)](
-                *tokens, grad_units, *setup.shape_args(hidden, keys), setup.key_blocks, **constants,
+            _deterministic_backward_kernel[launch.grid("deterministic_backward")](
+                *tokens, grad_units, *setup.shape_args(hidden, keys), launch.row_blocks, launch.key_blocks,
+                launch.programs["deterministic_backward"], **constants,
             )
         else:
-            _backward_kernel[(setup.tiles, setup.segments)](
-                *tokens, setup.tile_rows, setup.tile_cols, grad_units, *setup.shape_args(hidden, keys),
-                SYMMETRIC=setup.symmetric, **constants,
+            _backward_kernel[launch.grid("backward")](
+                *tokens, setup.tile_rows, setup.tile_cols, grad_units, *setup.shape_args(hidden, keys), launch.tiles,
+                launch.programs["backward"], SYMMETRIC=setup.symmetric, **constants,
             )
         grad_hidden = torch.empty_like(hidden)
         b, s, h = hidden.shape
-        _normalize_backward_kernel[(triton.cdiv(b * s, NORMALIZE_TOKENS),)](
+        _normalize_backward_kernel[launch.grid("normalize_backward")](
             hidden, grad_units, setup.scale, setup.radial, grad_hidden, s, h, setup.length, setup.chunks, b * s,
-            hidden.stride(0), hidden.stride(1), grad_hidden.stride(0), grad_hidden.stride(1),
-            BLOCK_T=NORMALIZE_TOKENS, BLOCK_K=BLOCK_K,
+            launch.programs["normalize_backward"], hidden.stride(0), hidden.stride(1), grad_hidden.stride(0),
+            grad_hidden.stride(1), BLOCK_T=NORMALIZE_TOKENS, BLOCK_K=BLOCK_K,
         )
         return grad_hidden, None
 
 
-def _precision(hidden: torch.Tensor) -> str | None:
-    return DOT_PRECISION if hidden.dtype == torch.float32 else None  # half inputs: products are exact anyway
+def _precision(dtype: torch.dtype) -> str | None:
+    """The forward's: half inputs' products are exact in fp32 whatever the setting."""
+    return DOT_PRECISION if dtype == torch.float32 else None
+
+
+def _backward_products(dtype: torch.dtype):
+    """The backward's W u products: (the type both factors enter the dot in, the dot's precision)."""
+    if dtype == torch.bfloat16:
+        return tl.bfloat16, None
+    return tl.float32, FP16_W_PRECISION if dtype == torch.float16 else DOT_PRECISION
 
 
 def _operands(hidden: torch.Tensor, plan):
@@ -194,6 +222,12 @@ class _Setup:
         self.tile_rows, self.tile_cols = index[0], index[1]
         self.tiles = len(pairs)
         return self
+
+    def launch(self, hidden: torch.Tensor, keys: torch.Tensor) -> Launch:
+        return Launch(
+            hidden.shape[0] * hidden.shape[1], hidden.shape[-1], self.segments, self.length, self.key_length,
+            self.block, BLOCK_K, NORMALIZE_TOKENS, self.symmetric,
+        )
 
     def shape_args(self, hidden: torch.Tensor, keys: torch.Tensor):
         return (

@@ -1,7 +1,8 @@
-"""The Triton programs of SimReg's fused kernel: tiles, partials, the two backwards and the normalisation's.
+"""The Triton programs of SimReg's fused kernel: tiles, running partials, the two backwards and the normalisation's.
 
 What they compute, and how `megatron_simreg.simreg.triton` launches them, is described there; here are the
-programs alone, each taking plain pointers and sizes.
+programs alone, each taking plain pointers and sizes. Each finds its work from one flat program index in int64
+(`_program`, the grid `launch.Launch.grid` folds), so every offset derived from it is int64 too.
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _backward_operand(w, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """W as the backward's dot takes it, rounded to nearest: `.to(bf16)` rounds so, but TF32 tensor cores truncate
+    fp32's mantissa (`tl.dot`'s warning: a bias toward 0), so for "tf32" W is rounded to TF32 here, by its bits."""
+    if PRECISION == "tf32":
+        bits = w.to(tl.int32, bitcast=True)
+        return ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+    return w.to(DOT_DTYPE)
+
+
+@triton.jit
 def _tile(
     hidden, keys, scale, key_scale, labels, key_labels, seg, row_block, col_block,
     hidden_size, length, key_length, chunks, sequence, key_sequence,
@@ -54,7 +65,7 @@ def _tile(
 ):
     """The tile of anchors `row_block` and keys `col_block`: logits z = cos / tau, the same-label and different-label
     masks of valid pairs, and where it is."""
-    sample = (seg // chunks).to(tl.int64)
+    sample = seg // chunks  # seg is int64 (`_program`), and all that derives from it
     start = (seg % chunks) * length  # the segment's first position in the sequence (0 when keys are gathered)
     rows = row_block * BLOCK + tl.arange(0, BLOCK)
     cols = col_block * BLOCK + tl.arange(0, BLOCK)
@@ -65,8 +76,8 @@ def _tile(
     row_scale = tl.load(scale + seg * length + rows, mask=rows < length, other=0.0)
     col_scale = tl.load(key_scale + seg * key_length + cols, mask=cols < key_length, other=0.0)
 
-    row_ptr = hidden + sample * stride_b + (start + rows).to(tl.int64)[:, None] * stride_s
-    col_ptr = keys + sample * key_stride_b + (start + cols).to(tl.int64)[:, None] * key_stride_s
+    row_ptr = hidden + sample * stride_b + (start + rows)[:, None] * stride_s
+    col_ptr = keys + sample * key_stride_b + (start + cols)[:, None] * key_stride_s
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for k in range(0, hidden_size, BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
@@ -83,51 +94,60 @@ def _tile(
 
 
 @triton.jit
-def _partials(z, same, different, AXIS: tl.constexpr):
-    """Per row (AXIS 1) or column (AXIS 0) of the tile: (max, sum of exp(z - max)) over its positives and over its
-    negatives, one exp per element (its own set's max as the shift)."""
-    top_pos = tl.maximum(tl.max(tl.where(same, z, -_MASKED), AXIS), -_MASKED / 2)
-    top_neg = tl.maximum(tl.max(tl.where(different, z, -_MASKED), AXIS), -_MASKED / 2)
-    shift = tl.where(same, tl.expand_dims(top_pos, AXIS), tl.expand_dims(top_neg, AXIS))
-    terms = tl.exp(tl.minimum(z - shift, 0.0))
-    return top_pos, tl.sum(tl.where(same, terms, 0.0), AXIS), top_neg, tl.sum(tl.where(different, terms, 0.0), AXIS)
+def _program(programs):
+    """This program's index on the flat, segment-major axis `launch.Launch.grid` folds onto (x, y), in int64; -1
+    past the end."""
+    pid = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
+    return tl.where(pid < programs, pid, -1)
 
 
 @triton.jit
-def _store_partials(partials, at, parts, block, ok, top_pos, sum_pos, top_neg, sum_neg):
-    where = (at * parts + block) * 4
-    tl.store(partials + where, top_pos, mask=ok)
-    tl.store(partials + where + 1, sum_pos, mask=ok)
-    tl.store(partials + where + 2, top_neg, mask=ok)
-    tl.store(partials + where + 3, sum_neg, mask=ok)
+def _running_sums(z, same, different, top_pos, sum_pos, top_neg, sum_neg):
+    """Each row's running (max, sum of exp(z - max)) over its positives and over its negatives, extended by the
+    tile: one exp per element (its own set's new max as the shift), the old sums rescaled to the new max."""
+    new_pos = tl.maximum(top_pos, tl.max(tl.where(same, z, -_MASKED), 1))
+    new_neg = tl.maximum(top_neg, tl.max(tl.where(different, z, -_MASKED), 1))
+    terms = tl.exp(tl.minimum(z - tl.where(same, new_pos[:, None], new_neg[:, None]), 0.0))
+    sum_pos = sum_pos * tl.exp(top_pos - new_pos) + tl.sum(tl.where(same, terms, 0.0), 1)
+    sum_neg = sum_neg * tl.exp(top_neg - new_neg) + tl.sum(tl.where(different, terms, 0.0), 1)
+    return new_pos, sum_pos, new_neg, sum_neg
 
 
 @triton.jit
 def _forward_kernel(
-    hidden, keys, scale, key_scale, labels, key_labels, tile_rows, tile_cols, partials, angles,
+    hidden, keys, scale, key_scale, labels, key_labels, partials, angles,
     hidden_size, length, key_length, chunks, sequence, key_sequence, stride_b, stride_s, key_stride_b, key_stride_s,
-    parts, temperature,
-    SYMMETRIC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    row_blocks, key_blocks, splits, programs, temperature,
+    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    seg = tl.program_id(1)
-    row_block = tl.load(tile_rows + t)
-    col_block = tl.load(tile_cols + t)
-    z, same, different, rows, cols, row_ok, col_ok, _, _, _, _ = _tile(
-        hidden, keys, scale, key_scale, labels, key_labels, seg, row_block, col_block,
-        hidden_size, length, key_length, chunks, sequence, key_sequence, stride_b, stride_s, key_stride_b, key_stride_s,
-        BLOCK, BLOCK_K, PRECISION,
-    )
-    radians = tl.sum(tl.sum(tl.where(different, _acos(tl.minimum(tl.maximum(z * temperature, -1.0), 1.0)), 0.0), 1), 0)
-    mirrored = (col_block > row_block) & SYMMETRIC  # the tile also stands for its transpose
-    tl.store(angles + seg * tl.num_programs(0) + t, tl.where(mirrored, 2.0, 1.0) * radians)
-
-    top_pos, sum_pos, top_neg, sum_neg = _partials(z, same, different, 1)
-    _store_partials(partials, seg * length + rows, parts, col_block, rows < length, top_pos, sum_pos, top_neg, sum_neg)
-    if mirrored:  # its columns are anchors too
-        top_pos, sum_pos, top_neg, sum_neg = _partials(z, same, different, 0)
-        at = seg * length + cols
-        _store_partials(partials, at, parts, row_block, cols < length, top_pos, sum_pos, top_neg, sum_neg)
+    """Anchors `row_block` against key blocks `split`, `split + splits`, ... in order, each row's (max, sum) for
+    positives and negatives kept running in registers and stored once, as FlashAttention's forward."""
+    pid = _program(programs)
+    if pid < 0:
+        return
+    seg = pid // (row_blocks * splits)
+    row_block = ((pid // splits) % row_blocks).to(tl.int32)
+    split = (pid % splits).to(tl.int32)
+    floor = tl.full((BLOCK,), -_MASKED / 2, tl.float32)  # an empty set keeps a finite max
+    top_pos, sum_pos, top_neg, sum_neg = floor, tl.zeros((BLOCK,), tl.float32), floor, tl.zeros((BLOCK,), tl.float32)
+    radians = 0.0
+    for col_block in range(split, key_blocks, splits):
+        z, same, different, _, _, _, _, _, _, _, _ = _tile(
+            hidden, keys, scale, key_scale, labels, key_labels, seg, row_block, col_block,
+            hidden_size, length, key_length, chunks, sequence, key_sequence, stride_b, stride_s, key_stride_b,
+            key_stride_s, BLOCK, BLOCK_K, PRECISION,
+        )
+        radians += tl.sum(tl.sum(tl.where(different, _acos(tl.minimum(tl.maximum(z * temperature, -1.0), 1.0)), 0.0),
+                                 1), 0)
+        top_pos, sum_pos, top_neg, sum_neg = _running_sums(z, same, different, top_pos, sum_pos, top_neg, sum_neg)
+    tl.store(angles + pid, radians)
+    rows = row_block * BLOCK + tl.arange(0, BLOCK)
+    where = ((seg * length + rows) * splits + split) * 4
+    ok = rows < length
+    tl.store(partials + where, top_pos, mask=ok)
+    tl.store(partials + where + 1, sum_pos, mask=ok)
+    tl.store(partials + where + 2, top_neg, mask=ok)
+    tl.store(partials + where + 3, sum_neg, mask=ok)
 
 
 @triton.jit
@@ -151,11 +171,15 @@ def _weights(z, same, different, stats, key_stats, seg, rows, cols, length, key_
 def _backward_kernel(
     hidden, keys, scale, key_scale, labels, key_labels, stats, key_stats, tile_rows, tile_cols, grad_units,
     hidden_size, length, key_length, chunks, sequence, key_sequence, stride_b, stride_s, key_stride_b, key_stride_s,
+    tiles, programs,
     SYMMETRIC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    seg = tl.program_id(1)
+    pid = _program(programs)
+    if pid < 0:
+        return
+    seg = pid // tiles
+    t = pid % tiles
     row_block = tl.load(tile_rows + t)
     col_block = tl.load(tile_cols + t)
     z, same, different, rows, cols, row_ok, col_ok, row_scale, col_scale, sample, start = _tile(
@@ -166,13 +190,13 @@ def _backward_kernel(
     w = _weights(z, same, different, stats, key_stats, seg, rows, cols, length, key_length)
 
     # d loss / d u_I += W u_J and d loss / d u_J += W^T u_I, with u_j = h_j * scale_j and h as stored.
-    w_rows = (w * col_scale[None, :]).to(DOT_DTYPE)
-    w_cols = tl.trans(w * row_scale[:, None]).to(DOT_DTYPE)
+    w_rows = _backward_operand(w * col_scale[None, :], DOT_DTYPE, PRECISION)
+    w_cols = _backward_operand(tl.trans(w * row_scale[:, None]), DOT_DTYPE, PRECISION)
     mirrored = (col_block > row_block) & SYMMETRIC
-    row_ptr = hidden + sample * stride_b + (start + rows).to(tl.int64)[:, None] * stride_s
-    col_ptr = keys + sample * key_stride_b + (start + cols).to(tl.int64)[:, None] * key_stride_s
-    row_out = grad_units + (seg * length + rows).to(tl.int64)[:, None] * hidden_size
-    col_out = grad_units + (seg * length + cols).to(tl.int64)[:, None] * hidden_size
+    row_ptr = hidden + sample * stride_b + (start + rows)[:, None] * stride_s
+    col_ptr = keys + sample * key_stride_b + (start + cols)[:, None] * key_stride_s
+    row_out = grad_units + (seg * length + rows)[:, None] * hidden_size
+    col_out = grad_units + (seg * length + cols)[:, None] * hidden_size
     for k in range(0, hidden_size, BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
         in_k = (ks < hidden_size)[None, :]
@@ -189,12 +213,15 @@ def _backward_kernel(
 def _deterministic_backward_kernel(
     hidden, keys, scale, key_scale, labels, key_labels, stats, key_stats, grad_units,
     hidden_size, length, key_length, chunks, sequence, key_sequence, stride_b, stride_s, key_stride_b, key_stride_s,
-    key_blocks,
+    row_blocks, key_blocks, programs,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """d loss / d u_I = sum over every key block J, in order, of W_IJ u_J: this program's rows alone, no atomics."""
-    row_block = tl.program_id(0)
-    seg = tl.program_id(1)
+    pid = _program(programs)
+    if pid < 0:
+        return
+    seg = pid // row_blocks
+    row_block = (pid % row_blocks).to(tl.int32)
     for col_block in range(0, key_blocks):
         z, same, different, rows, cols, row_ok, col_ok, _, col_scale, sample, start = _tile(
             hidden, keys, scale, key_scale, labels, key_labels, seg, row_block, col_block,
@@ -202,9 +229,9 @@ def _deterministic_backward_kernel(
             key_stride_s, BLOCK, BLOCK_K, PRECISION,
         )
         w = _weights(z, same, different, stats, key_stats, seg, rows, cols, length, key_length)
-        w_rows = (w * col_scale[None, :]).to(DOT_DTYPE)
-        col_ptr = keys + sample * key_stride_b + (start + cols).to(tl.int64)[:, None] * key_stride_s
-        row_out = grad_units + (seg * length + rows).to(tl.int64)[:, None] * hidden_size
+        w_rows = _backward_operand(w * col_scale[None, :], DOT_DTYPE, PRECISION)
+        col_ptr = keys + sample * key_stride_b + (start + cols)[:, None] * key_stride_s
+        row_out = grad_units + (seg * length + rows)[:, None] * hidden_size
         for k in range(0, hidden_size, BLOCK_K):
             ks = k + tl.arange(0, BLOCK_K)
             in_k = (ks < hidden_size)[None, :]
@@ -216,21 +243,24 @@ def _deterministic_backward_kernel(
 
 @triton.jit
 def _normalize_backward_kernel(
-    hidden, grad_units, scale, radial, grad_hidden, sequence, hidden_size, length, chunks, tokens,
+    hidden, grad_units, scale, radial, grad_hidden, sequence, hidden_size, length, chunks, tokens, programs,
     stride_b, stride_s, out_stride_b, out_stride_s, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Per token: d loss / d h = scale * (g - tau scale^2 (h . g) h) for u = h * scale (the radial factor is 0
     where |h| < eps); g = d loss / d u from the tiles, in the batched layout. BLOCK_T tokens per program."""
-    token = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    pid = _program(programs)
+    if pid < 0:
+        return
+    token = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     ok = token < tokens
-    sample = (token // sequence).to(tl.int64)
+    sample = token // sequence
     position = token % sequence
     at = (sample * chunks + position // length) * length + position % length  # the batched row
     s = tl.load(scale + at, mask=ok, other=0.0)
     factor = tl.load(radial + at, mask=ok, other=0.0)
-    h_ptr = hidden + (sample * stride_b + position.to(tl.int64) * stride_s)[:, None]
+    h_ptr = hidden + (sample * stride_b + position * stride_s)[:, None]
     g_ptr = grad_units + (at * hidden_size)[:, None]
-    out_ptr = grad_hidden + (sample * out_stride_b + position.to(tl.int64) * out_stride_s)[:, None]
+    out_ptr = grad_hidden + (sample * out_stride_b + position * out_stride_s)[:, None]
     dot = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     for k in range(0, hidden_size, BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
