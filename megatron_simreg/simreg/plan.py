@@ -110,16 +110,16 @@ def _segment_parts(per_token: torch.Tensor, segment: int) -> list[tuple[torch.Te
 
 
 FLOAT32_EXACT_LABELS = 2**24
-"""Integers below this are exact float32 numbers (and int32 ones): the PyTorch tiles compare labels as float32
-numbers, the Triton ones as int32."""
+"""Integers below this are exact float32 numbers (and int32 ones): the PyTorch tiles compare labels (their ranks,
+below a call's token count) as float32 numbers, the Triton ones as int32."""
 
 
 def _kernel_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Labels as both kernels compare them: themselves when every one is in [0, 2^24), as token ids of any
-    vocabulary are; otherwise their ranks among those present (a sort, skipped in the common case)."""
-    if labels.numel() == 0:
-        return labels
-    low, high = torch.stack(torch.aminmax(labels)).tolist()
-    if low >= 0 and high < FLOAT32_EXACT_LABELS:
-        return labels
-    return torch.unique(labels, return_inverse=True)[1]
+    """Labels as both kernels compare them: each one's rank among the call's labels (where its first occurrence
+    sorts), equal exactly where the labels are, in [0, tokens), whatever int64 values the labels hold. A sort and
+    a binary search on the labels' device: nothing is read back to the host to decide whether ranks are needed,
+    so on a GPU no call waits for the kernels before it."""
+    if labels.numel() > FLOAT32_EXACT_LABELS:
+        raise ValueError(f"simreg pairs at most 2^24 tokens per call, got {labels.numel()}; use smaller micro-batches")
+    flat = labels.flatten()  # contiguous, as searchsorted wants (gathered labels are not)
+    return torch.searchsorted(torch.sort(flat).values, flat).view(labels.shape)
