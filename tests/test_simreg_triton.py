@@ -295,25 +295,34 @@ TENSOR_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__
 TORCH_READS = ("tensor", "as_tensor", "nonzero", "unique", "equal", "allclose", "masked_select")
 
 
+def reads_the_device(name, args, kwargs) -> bool:
+    """Whether a call of `name` waits for a CUDA tensor's value: `.to` only when it names the host, as "cpu" (here
+    every tensor is on the host, so `.to(hidden.device)`, which moves nothing on a GPU, must not count), indexing
+    only with a boolean mask (its size is read back), any other listed call always."""
+    if name == "to":
+        return "cpu" in [a for a in (*args[1:], kwargs.get("device")) if isinstance(a, str)]
+    if name == "__getitem__":
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        return any(getattr(part, "dtype", None) == torch.bool for part in index)
+    return True
+
+
 @contextlib.contextmanager
 def host_syncs():
     """Records the calls made by megatron_simreg's own code that, on CUDA tensors, stall the host until the GPU's
     queue drains: a value read back (item, tolist, bool(), int(), nonzero, unique's size, boolean indexing) or a
     copy between host and device (cpu(), numpy(), `.to("cpu")`, a tensor made from Python data). Only calls whose
-    caller is megatron_simreg's code count, so the Triton interpreter's own copies do not. `.to(device)` counts
-    with "cpu" written out only: `.to(hidden.device)` moves nothing when the tensor is on that device already."""
+    caller is megatron_simreg's code count, so the Triton interpreter's own copies do not."""
     calls = []
 
     def counted(owner, name):
         original = getattr(owner, name)
 
         def call(*args, **kwargs):
-            caller = sys._getframe(1).f_globals.get("__name__", "")
-            reads = {"to": lambda: "cpu" in [a for a in (*args[1:], kwargs.get("device")) if isinstance(a, str)],
-                     "__getitem__": lambda: any(getattr(index, "dtype", None) == torch.bool for index in
-                                                (args[1] if isinstance(args[1], tuple) else (args[1],)))}
-            if caller.startswith("megatron_simreg") and reads.get(name, lambda: True)():
-                calls.append(f"{name} from {caller}:{sys._getframe(1).f_lineno}")
+            caller = sys._getframe(1)
+            module = caller.f_globals.get("__name__", "")
+            if module.startswith("megatron_simreg") and reads_the_device(name, args, kwargs):
+                calls.append(f"{name} from {module}:{caller.f_lineno}")
             return original(*args, **kwargs)
 
         return mock.patch.object(owner, name, call)

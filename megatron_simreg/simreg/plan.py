@@ -111,15 +111,14 @@ def _segment_parts(per_token: torch.Tensor, segment: int) -> list[tuple[torch.Te
 
 FLOAT32_EXACT_LABELS = 2**24
 """Integers below this are exact float32 numbers (and int32 ones): the PyTorch tiles compare labels (their ranks,
-below a call's token count) as float32 numbers, the Triton ones as int32."""
+below a segment's key count) as float32 numbers, the Triton ones as int32."""
 
 
 def _kernel_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Labels as both kernels compare them: each one's rank among the call's labels (where its first occurrence
-    sorts), equal exactly where the labels are, in [0, tokens), whatever int64 values the labels hold. A sort and
-    a binary search on the labels' device: nothing is read back to the host to decide whether ranks are needed,
-    so on a GPU no call waits for the kernels before it."""
-    if labels.numel() > FLOAT32_EXACT_LABELS:
-        raise ValueError(f"simreg pairs at most 2^24 tokens per call, got {labels.numel()}; use smaller micro-batches")
-    flat = labels.flatten()  # contiguous, as searchsorted wants (gathered labels are not)
-    return torch.searchsorted(torch.sort(flat).values, flat).view(labels.shape)
+    """Labels `[batch, tokens]` as every kernel compares them: each one's rank in its row (where its first
+    occurrence sorts), equal exactly where the labels are, in [0, tokens) whatever int64 values they hold. Tokens
+    pair only within a row, so ranks per row suffice. A sort and a binary search on the labels' device, for every
+    call: deciding whether ranks are needed would read the labels back to the host, making each call wait for the
+    GPU's queue."""
+    labels = labels.contiguous()  # as searchsorted wants (gathered labels are not)
+    return torch.searchsorted(torch.sort(labels, dim=-1).values, labels)

@@ -77,8 +77,6 @@ class _SimRegFunction(torch.autograd.Function):
         if grad_lsr is None:  # Lsr took no part in what is differentiated
             return None, None
         grad = _anchor_gradients(grad_lsr, lse_neg, plan.dtype)
-        if not grad.any() and plan.gather is None:  # lambda = 0: nothing to recompute
-            return torch.zeros_like(hidden), None
         with ieee_fp32_products():
             pairs = ctx.pairs.with_units(hidden, _keys(hidden, plan, kept), plan)
             grad_units = _backward_tiles(pairs, plan, _logit_weights(lse_pos, lse_neg, grad))
