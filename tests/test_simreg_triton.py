@@ -335,18 +335,24 @@ def host_syncs():
 
 
 def host_syncs_case(chunk_size):
+    """Labels that int32 (and float32) cannot tell apart, all alike modulo 2^32 and one negative, whose ranking was
+    once decided on the host: no sync either, and they pair as the integers do."""
     interpreted()
     hidden, labels = clustered(2, 37, 16, dtype=torch.float32)
     mask = random_mask(2, 37)
 
     def forward_and_backward():
         x = hidden.clone().requires_grad_()
-        simreg_loss(x, labels, mask, 0.05, chunk_size, block_size=16, kernel="triton").loss.backward()
+        out = simreg_loss(x, labels * 2**32 - 3, mask, 0.05, chunk_size, block_size=16, kernel="triton")
+        out.loss.backward()
+        return out.loss.detach()
 
     forward_and_backward()  # the first call builds what is cached per shape
     with host_syncs() as calls:
-        forward_and_backward()
+        loss = forward_and_backward()
     assert not calls, calls
+    tiled = simreg_loss(hidden, labels, mask, 0.05, chunk_size, block_size=16, kernel="torch").loss
+    torch.testing.assert_close(loss, tiled, rtol=logit_tolerance(16, 0.05), atol=0)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 10])
