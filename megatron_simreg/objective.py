@@ -50,7 +50,8 @@ class Baseline:
 class SimRegObjective:
     """SimReg's settings as the step needs them (from the config's `simreg` section).
 
-    weight: lambda, already resolved (0 computes and logs SimReg without training on it).
+    weight: lambda, already resolved (0 computes and logs SimReg without training on it: from detached hidden
+        states, so SimReg's backward, and under SP/CP its collectives there, never run).
     mode: "full" (pairs across the whole sequence; gathers embeddings under SP/CP) or "chunk".
     chunk_size: chunk-wise only; None means the rank's own slice under SP/CP (no communication),
         the whole sequence otherwise.
@@ -118,6 +119,7 @@ class SimRegObjective:
 
     def simreg(self, hidden_states, labels, loss_mask, sequence_parallel: bool) -> SimRegOutput:
         """SimReg on this rank's slice `[s_local, b, h]` of the sequences whose labels are `[b, s]`."""
+        hidden_states = hidden_states if self.weight else hidden_states.detach()  # lambda = 0: nothing to train
         group, layout, position = _sequence_sharding(sequence_parallel)
         local = hidden_states.shape[0]
         positions = slice(position * local, (position + 1) * local)

@@ -1,5 +1,9 @@
 """SimReg under sequence and context parallelism (gloo, CPU) equals the single-process computation."""
 
+import collections
+import contextlib
+from unittest import mock
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -96,3 +100,79 @@ def chunk_straddling_ranks_worker(rank, world):
 
 def test_chunk_that_straddles_ranks_is_refused():
     assert all(run_distributed(chunk_straddling_ranks_worker, 2))
+
+
+COLLECTIVES = ("all_gather_into_tensor", "all_gather", "all_reduce", "reduce_scatter_tensor", "broadcast",
+               "all_to_all_single")
+
+
+@contextlib.contextmanager
+def counted_collectives():
+    """Counts the calls of torch.distributed's collectives inside: `counts["all_reduce"]`, ..."""
+    counts = collections.Counter()
+
+    def counting(name, collective):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return collective(*args, **kwargs)
+
+        return mock.patch.object(dist, name, call)
+
+    with contextlib.ExitStack() as patches:
+        for name in COLLECTIVES:
+            patches.enter_context(counting(name, getattr(dist, name)))
+        yield counts
+
+
+def collectives_worker(rank, world, hidden, labels, mask):
+    """Full SimReg through the objective's call (Megatron's sequence parallelism: this rank's contiguous slice) at
+    lambda 1 and 0, and with the gathered keys gathered again in backward: the collectives of forward and
+    backward, and the gradient reaching this rank's hidden states."""
+    from megatron_simreg import objective as objective_module
+    from megatron_simreg.simreg import exchange
+
+    size = S // world
+    local = hidden[:, rank * size : (rank + 1) * size].transpose(0, 1).contiguous()
+    sp_slice = (dist.group.WORLD, "contiguous", rank)
+    sharding = mock.patch.object(objective_module, "_sequence_sharding", lambda _: sp_slice)
+    results = {}
+    for name, weight, keep_up_to in (("kept", 1.0, exchange.KEEP_GATHERED_KEYS_UP_TO), ("gathered again", 1.0, 1),
+                                     ("lambda 0", 0.0, exchange.KEEP_GATHERED_KEYS_UP_TO)):
+        objective = objective_module.SimRegObjective(weight=weight, temperature=TEMPERATURE, kernel="torch")
+        x = local.clone().requires_grad_()
+        with sharding, mock.patch.object(exchange, "KEEP_GATHERED_KEYS_UP_TO", keep_up_to):
+            with counted_collectives() as forward:
+                out = objective.simreg(x, labels, mask, sequence_parallel=True)
+            with counted_collectives() as backward:
+                (x.square().sum() + weight * out.loss).backward()
+        results[name] = dict(forward=dict(forward), backward=dict(backward), grad=x.grad.transpose(0, 1),
+                             loss=out.loss.detach())
+    return results
+
+
+def test_full_simreg_collectives_per_micro_batch():
+    """Forward: one gather of labels and validity together, one of the hidden states, one all-reduce of the
+    loss's sums; backward: one gather of the keys' weights, reusing forward's gathered hidden states (a second
+    gather only for groups beyond KEEP_GATHERED_KEYS_UP_TO); at lambda 0 no backward collective at all. The
+    gradients equal one process's in each case."""
+    world = 2
+    hidden, labels = clustered(2, S, 8, labels=4, seed=5)
+    mask = random_mask(2, S, keep=0.85, seed=5)
+    per_rank = run_distributed(collectives_worker, world, hidden, labels, mask)
+    x = hidden.clone().requires_grad_()
+    single = simreg_loss(x, labels, mask, TEMPERATURE)
+    (x.square().sum() + single.loss).backward()
+    forward = {"all_gather_into_tensor": 2, "all_reduce": 1}
+    expected = {"kept": (forward, {"all_gather_into_tensor": 1}),
+                "gathered again": (forward, {"all_gather_into_tensor": 2}),
+                "lambda 0": (forward, {})}
+    for name, (forward_counts, backward_counts) in expected.items():
+        for rank_result in per_rank:
+            counts = rank_result[name]["forward"], rank_result[name]["backward"]
+            assert counts == (forward_counts, backward_counts), name
+            torch.testing.assert_close(rank_result[name]["loss"], single.loss.detach(), rtol=1e-12, atol=1e-14)
+        grad = torch.cat([rank_result[name]["grad"] for rank_result in per_rank], dim=1)
+        if name == "lambda 0":  # SimReg adds nothing, not even zeros: the other term's gradient, bit for bit
+            assert torch.equal(grad, 2 * hidden), name
+        else:  # float64: ranks add their partial sums in another order than one process (see above)
+            torch.testing.assert_close(grad, x.grad, rtol=1e-10, atol=1e-14, msg=name)

@@ -9,13 +9,16 @@ log-sum-exps inherit that absolute error, the loss and gradients a relative erro
 small: the interpreter runs every program of the grid one after the other in numpy.
 """
 
+import contextlib
 import math
 import multiprocessing
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from unittest import mock
 
 import pytest
 import torch
@@ -285,6 +288,77 @@ def test_deterministic_backward_is_exact_and_independent_of_program_order(interp
     --deterministic-mode sets them) equals the reference and the atomic backward, and gives the same bits when
     the programs run in reverse order, which changes the atomic backward's bits."""
     interpreter(deterministic_case)
+
+
+TENSOR_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy", "to",
+                "__getitem__", "equal")
+TORCH_READS = ("tensor", "as_tensor", "nonzero", "unique", "equal", "allclose", "masked_select")
+
+
+def reads_the_device(name, args, kwargs) -> bool:
+    """Whether a call of `name` waits for a CUDA tensor's value: `.to` only when it names the host, as "cpu" (here
+    every tensor is on the host, so `.to(hidden.device)`, which moves nothing on a GPU, must not count), indexing
+    only with a boolean mask (its size is read back), any other listed call always."""
+    if name == "to":
+        return "cpu" in [a for a in (*args[1:], kwargs.get("device")) if isinstance(a, str)]
+    if name == "__getitem__":
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        return any(getattr(part, "dtype", None) == torch.bool for part in index)
+    return True
+
+
+@contextlib.contextmanager
+def host_syncs():
+    """Records the calls made by megatron_simreg's own code that, on CUDA tensors, stall the host until the GPU's
+    queue drains: a value read back (item, tolist, bool(), int(), nonzero, unique's size, boolean indexing) or a
+    copy between host and device (cpu(), numpy(), `.to("cpu")`, a tensor made from Python data). Only calls whose
+    caller is megatron_simreg's code count, so the Triton interpreter's own copies do not."""
+    calls = []
+
+    def counted(owner, name):
+        original = getattr(owner, name)
+
+        def call(*args, **kwargs):
+            caller = sys._getframe(1)
+            module = caller.f_globals.get("__name__", "")
+            if module.startswith("megatron_simreg") and reads_the_device(name, args, kwargs):
+                calls.append(f"{name} from {module}:{caller.f_lineno}")
+            return original(*args, **kwargs)
+
+        return mock.patch.object(owner, name, call)
+
+    with contextlib.ExitStack() as patches:
+        for owner, names in ((torch.Tensor, TENSOR_READS), (torch, TORCH_READS)):
+            for name in names:
+                patches.enter_context(counted(owner, name))
+        yield calls
+
+
+def host_syncs_case(chunk_size):
+    """Labels that int32 (and float32) cannot tell apart, all alike modulo 2^32 and one negative, whose ranking was
+    once decided on the host: no sync either, and they pair as the integers do."""
+    interpreted()
+    hidden, labels = clustered(2, 37, 16, dtype=torch.float32)
+    mask = random_mask(2, 37)
+
+    def forward_and_backward():
+        x = hidden.clone().requires_grad_()
+        out = simreg_loss(x, labels * 2**32 - 3, mask, 0.05, chunk_size, block_size=16, kernel="triton")
+        out.loss.backward()
+        return out.loss.detach()
+
+    forward_and_backward()  # the first call builds what is cached per shape
+    with host_syncs() as calls:
+        loss = forward_and_backward()
+    assert not calls, calls
+    tiled = simreg_loss(hidden, labels, mask, 0.05, chunk_size, block_size=16, kernel="torch").loss
+    torch.testing.assert_close(loss, tiled, rtol=logit_tolerance(16, 0.05), atol=0)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 10])
+def test_no_host_sync_on_the_triton_path(interpreter, chunk_size):
+    """`kernel: auto` on a GPU runs this path: nothing in SimReg's forward and backward waits for the device."""
+    interpreter(host_syncs_case, chunk_size)
 
 
 def test_kernel_must_be_known():

@@ -155,7 +155,9 @@ def simreg_loss(
     deterministic: the same gradient bits from the same inputs on every run; on by itself under torch's
     deterministic algorithms (`torch.use_deterministic_algorithms`, which Megatron's --deterministic-mode sets).
     The PyTorch kernels always are; the Triton kernel's backward then runs without atomics, at about twice
-    the tile work.
+    the tile work. On CUDA tensors the Triton path reads nothing back from the GPU (no host synchronisation);
+    a caller that logs SimReg without training on it (lambda = 0) passes `hidden.detach()`, so no backward
+    runs, nor, with a process group, its collective.
     """
     if reduction not in ("group", "token"):
         raise ValueError(f"simreg reduction must be 'group' or 'token', got {reduction!r}")

@@ -115,8 +115,6 @@ class DenseSimRegFunction(torch.autograd.Function):
         if grad_lsr is None:  # Lsr took no part in what is differentiated
             return None, None
         grad = _anchor_gradients(grad_lsr, lse_neg, plan.dtype)
-        if not grad.any():  # lambda = 0: no gradient to form
-            return torch.zeros_like(hidden), None
         shift, step, sign = _logit_weights(lse_pos, lse_neg, grad)
         with ieee_fp32_products():
             # G_ij = |grad_i d Lsr_i / d z_ij| (pairs with an invalid token fall to the floor, then to 0), signed;

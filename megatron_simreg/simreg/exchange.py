@@ -1,8 +1,12 @@
 """What ranks exchange under sequence or context parallelism: the gathered sequence and per-token scalars.
 
-Full SimReg pairs each rank's anchors with the whole sequence, so its keys (embeddings, labels, validity and, in
-backward, the keys' per-token weights) are all-gathered along the sequence; chunk-wise SimReg exchanges nothing
-here. With no process group every function returns the local values as they are.
+Full SimReg pairs each rank's anchors with the whole sequence, so its keys (embeddings, labels and validity in one
+gather, and, in backward, the keys' per-token weights) are all-gathered along the sequence; chunk-wise SimReg
+exchanges nothing here. With no process group every function returns the local values as they are.
+
+Forward keeps the gathered embeddings for backward while the group is small (`KEEP_GATHERED_KEYS_UP_TO`), so a
+micro-batch's full SimReg costs three collectives in forward (labels and validity, embeddings, the loss's sums)
+and one in backward (the keys' weights).
 """
 
 from __future__ import annotations
@@ -12,12 +16,37 @@ import torch.distributed as dist
 
 from megatron_simreg.simreg.plan import _Plan
 
+KEEP_GATHERED_KEYS_UP_TO = 16
+"""The largest group whose gathered embeddings forward keeps for backward; larger groups gather them again there.
+
+The trade: world * s_local * b * h values held from forward to backward (per micro-batch in flight, like every
+activation), against one all-gather of that size in backward. The gathered keys are `world` copies of the rank's
+own hidden states, while one transformer layer under sequence parallelism saves about 17 of them in 16-bit
+training (34 s b h / t bytes, Korthikanti et al. 2022, with the attention scores recomputed): up to 16 ranks the
+keys cost less than one more layer of the model's activations, a few percent of them at 24 layers or more."""
+
 
 def _pairing_partners(labels: torch.Tensor, valid: torch.Tensor, plan: _Plan):
-    """The keys' labels and validity: the anchors' own, or the gathered sequence's."""
+    """The keys' labels and validity: the anchors' own, or the gathered sequence's (one gather for both)."""
     if plan.gather is None:
         return labels, valid
-    return _all_gather_sequence(labels, plan.gather), _all_gather_sequence(valid, plan.gather)
+    gathered = _all_gather_sequence(torch.stack([labels, valid.to(labels.dtype)], dim=-1), plan.gather)
+    return gathered[..., 0], gathered[..., 1].bool()
+
+
+def _keys(hidden: torch.Tensor, plan: _Plan, kept: torch.Tensor | None = None) -> torch.Tensor:
+    """The keys' hidden states: the anchors' own, the gathered ones forward kept (`_kept_keys`), or gathered now."""
+    if plan.gather is None:
+        return hidden
+    return kept if kept is not None else _all_gather_sequence(hidden, plan.gather)
+
+
+def _kept_keys(keys: torch.Tensor, plan: _Plan) -> torch.Tensor | None:
+    """What forward saves of the gathered keys for backward: them up to KEEP_GATHERED_KEYS_UP_TO ranks, else
+    None (backward gathers them again); None without a gather (the keys are the anchors, saved anyway)."""
+    if plan.gather is None or dist.get_world_size(plan.gather) > KEEP_GATHERED_KEYS_UP_TO:
+        return None
+    return keys
 
 
 def _local_share(gathered: torch.Tensor, plan: _Plan) -> torch.Tensor:

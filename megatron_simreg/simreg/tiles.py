@@ -33,7 +33,7 @@ from megatron_simreg.simreg.base import (
     _token_scales,
     ieee_fp32_products,
 )
-from megatron_simreg.simreg.exchange import _all_gather_sequence, _gather_scalars, _local_share, _pairing_partners
+from megatron_simreg.simreg.exchange import _gather_scalars, _kept_keys, _keys, _local_share, _pairing_partners
 from megatron_simreg.simreg.plan import _batched, _blocks, _kernel_labels, _padded_length, _padding, _Plan
 
 
@@ -57,29 +57,28 @@ class _SimRegFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, plan: _Plan):
+        keys = _keys(hidden, plan)
         with ieee_fp32_products():
-            pairs = _Pairs.of(hidden, plan)
+            pairs = _Pairs.of(hidden, keys, plan)
             lse_pos, lse_neg, angle_sum = _forward_tiles(pairs, plan)
         lsr, lse_neg = _lsr(lse_pos, lse_neg, pairs.negative_count)
         angles = torch.stack([angle_sum, pairs.negative_count.sum(dtype=torch.float64)])
         ctx.plan = plan
         ctx.pairs = pairs.without_units()  # per-token values only: backward recomputes the units from `hidden`
-        ctx.save_for_backward(hidden, lse_pos, lse_neg)
+        ctx.save_for_backward(hidden, lse_pos, lse_neg, _kept_keys(keys, plan))
         ctx.mark_non_differentiable(pairs.positive_count, angles)
         ctx.set_materialize_grads(False)  # no zeros for the non-differentiable outputs' gradients
         return lsr, pairs.positive_count, angles
 
     @staticmethod
     def backward(ctx, grad_lsr, _grad_count, _grad_angles):
-        hidden, lse_pos, lse_neg = ctx.saved_tensors
+        hidden, lse_pos, lse_neg, kept = ctx.saved_tensors
         plan: _Plan = ctx.plan
         if grad_lsr is None:  # Lsr took no part in what is differentiated
             return None, None
         grad = _anchor_gradients(grad_lsr, lse_neg, plan.dtype)
-        if not grad.any() and plan.gather is None:  # lambda = 0: nothing to recompute
-            return torch.zeros_like(hidden), None
         with ieee_fp32_products():
-            pairs = ctx.pairs.with_units(hidden, plan)
+            pairs = ctx.pairs.with_units(hidden, _keys(hidden, plan, kept), plan)
             grad_units = _backward_tiles(pairs, plan, _logit_weights(lse_pos, lse_neg, grad))
             _drop_radial_part_(grad_units, pairs.anchors.units, pairs.anchors.short, plan)
         del pairs  # the units: the gradient in the input's layout takes their place
@@ -112,7 +111,8 @@ class _Pairs:
     tiling: tuple | None = None  # (strips, strips holding invalid tokens, strips holding short vectors), once known
 
     @classmethod
-    def of(cls, hidden: torch.Tensor, plan: _Plan) -> "_Pairs":
+    def of(cls, hidden: torch.Tensor, keys: torch.Tensor, plan: _Plan) -> "_Pairs":
+        """The anchors' side from `hidden`, the keys' from `keys` (`exchange._keys`: the anchors' own or gathered)."""
         key_labels, key_valid = _pairing_partners(plan.labels, plan.valid, plan)
         key_ids = _kernel_labels(key_labels)
         anchor_ids = _local_share(key_ids, plan)
@@ -120,9 +120,8 @@ class _Pairs:
         anchors = _side(hidden, plan.segment, anchor_ids, plan.valid, plan)
         if plan.gather is None:
             return cls(anchors, anchors, positive_count, negative_count, symmetric=True)
-        gathered = _all_gather_sequence(hidden, plan.gather)
-        keys = _side(gathered, gathered.shape[1], key_ids, key_valid, plan)
-        return cls(anchors, keys, positive_count, negative_count, symmetric=False)
+        return cls(anchors, _side(keys, keys.shape[1], key_ids, key_valid, plan), positive_count, negative_count,
+                   symmetric=False)
 
     def strips(self, plan: _Plan) -> tuple[list[_Strip], list[bool], list[bool]]:
         """The strips, and which of them hold invalid tokens or zero vectors (their general path)."""
@@ -138,11 +137,11 @@ class _Pairs:
         keys = anchors if self.symmetric else dataclasses.replace(self.keys, units=None)
         return dataclasses.replace(self, anchors=anchors, keys=keys)
 
-    def with_units(self, hidden: torch.Tensor, plan: _Plan) -> "_Pairs":
+    def with_units(self, hidden: torch.Tensor, keys: torch.Tensor, plan: _Plan) -> "_Pairs":
         anchors = dataclasses.replace(self.anchors, units=_units(hidden, self.anchors, plan))
         if self.symmetric:
             return dataclasses.replace(self, anchors=anchors, keys=anchors)
-        keys = dataclasses.replace(self.keys, units=_units(_all_gather_sequence(hidden, plan.gather), self.keys, plan))
+        keys = dataclasses.replace(self.keys, units=_units(keys, self.keys, plan))
         return dataclasses.replace(self, anchors=anchors, keys=keys)
 
 

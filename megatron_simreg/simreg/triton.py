@@ -57,6 +57,7 @@ roundings on any machine and runs the kernels themselves on a GPU):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -64,7 +65,7 @@ import triton
 import triton.language as tl
 
 from megatron_simreg.simreg.base import MASKED, NORM_EPS, _anchor_gradients, _combine, _lsr, _set_sizes
-from megatron_simreg.simreg.exchange import _all_gather_sequence, _local_share, _pairing_partners
+from megatron_simreg.simreg.exchange import _all_gather_sequence, _kept_keys, _keys, _local_share, _pairing_partners
 from megatron_simreg.simreg.launch import Launch
 from megatron_simreg.simreg.plan import _batched, _kernel_labels
 from megatron_simreg.simreg.triton_jit import (
@@ -121,21 +122,21 @@ class SimRegTritonFunction(torch.autograd.Function):
         negative_pairs = setup.negative_count.sum(dtype=torch.float64)
         angle_stats = torch.stack([angles.sum(dtype=torch.float64) * (180.0 / math.pi), negative_pairs])
         ctx.plan, ctx.setup = plan, setup  # per-token values only
-        ctx.save_for_backward(hidden, lse_pos, lse_neg)
+        ctx.save_for_backward(hidden, lse_pos, lse_neg, _kept_keys(keys, plan))
         ctx.mark_non_differentiable(setup.positive_count, angle_stats)
         ctx.set_materialize_grads(False)  # no zeros for the non-differentiable outputs' gradients
         return lsr, setup.positive_count, angle_stats
 
     @staticmethod
     def backward(ctx, grad_lsr, _grad_count, _grad_angles):
-        hidden, lse_pos, lse_neg = ctx.saved_tensors
+        hidden, lse_pos, lse_neg, kept = ctx.saved_tensors
         plan, setup = ctx.plan, ctx.setup
         if grad_lsr is None:  # Lsr took no part in what is differentiated
             return None, None
+        # No shortcut for a zero gradient: knowing one would read it back from the GPU. A caller that trains
+        # SimReg at weight 0 passes detached hidden states (as the objective does), and no backward runs.
         grad = _anchor_gradients(grad_lsr, lse_neg, torch.float32)
-        if not grad.any() and plan.gather is None:  # lambda = 0: nothing to recompute
-            return torch.zeros_like(hidden), None
-        hidden, keys = _operands(hidden, plan)
+        hidden, keys = _operands(hidden, plan, kept)
         live = grad != 0  # other rows get shifts that make their exponentials 0
         stats = torch.stack([torch.where(live, lse_pos, MASKED), torch.where(live, lse_neg, MASKED), grad], -1)
         key_stats = stats if setup.symmetric else _all_gather_sequence(stats, plan.gather)
@@ -178,12 +179,12 @@ def _backward_products(dtype: torch.dtype):
     return tl.float32, FP16_W_PRECISION if dtype == torch.float16 else DOT_PRECISION
 
 
-def _operands(hidden: torch.Tensor, plan):
-    """The hidden states as the kernels read them (any layout with contiguous rows), and the keys' (gathered)."""
+def _operands(hidden: torch.Tensor, plan, kept: torch.Tensor | None = None):
+    """The hidden states as the kernels read them (any layout with contiguous rows), and the keys' (`_keys`)."""
     if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"the Triton SimReg kernel takes fp32, bf16 or fp16 hidden states, got {hidden.dtype}")
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-    return hidden, hidden if plan.gather is None else _all_gather_sequence(hidden, plan.gather)
+    return hidden, _keys(hidden, plan, kept)
 
 
 class _Setup:
@@ -215,12 +216,9 @@ class _Setup:
             self.key_scale = _scales(keys, self.temperature, self.key_length)[0]
             self.key_labels = torch.where(key_valid, key_ids, -1).to(torch.int32).contiguous()
 
-        row_blocks = triton.cdiv(self.length, self.block)
         self.key_blocks = triton.cdiv(self.key_length, self.block)
-        pairs = [(i, j) for i in range(row_blocks) for j in range(self.key_blocks) if not self.symmetric or j >= i]
-        index = torch.tensor(pairs, dtype=torch.int32).T.contiguous().to(hidden.device)
+        index = _tile_index(triton.cdiv(self.length, self.block), self.key_blocks, self.symmetric, hidden.device)
         self.tile_rows, self.tile_cols = index[0], index[1]
-        self.tiles = len(pairs)
         return self
 
     def launch(self, hidden: torch.Tensor, keys: torch.Tensor) -> Launch:
@@ -234,6 +232,14 @@ class _Setup:
             hidden.shape[-1], self.length, self.key_length, self.chunks, hidden.shape[1], keys.shape[1],
             hidden.stride(0), hidden.stride(1), keys.stride(0), keys.stride(1),
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_index(row_blocks: int, key_blocks: int, symmetric: bool, device: torch.device) -> torch.Tensor:
+    """The (row block, key block) of each tile program, `[2, tiles]` int32 in row-major order: every pair once in
+    a symmetric plan (key block >= row block), all pairs otherwise. Made on the device once per shape and kept,
+    so no call copies an index from the host (a copy that would wait for the GPU's queue)."""
+    return torch.triu_indices(row_blocks, key_blocks, 0 if symmetric else -row_blocks, dtype=torch.int32, device=device)
 
 
 def _scales(hidden: torch.Tensor, temperature: float, segment: int):
