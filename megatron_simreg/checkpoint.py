@@ -220,7 +220,8 @@ def saved_iterations(folder: str) -> list[int]:
     return sorted(int(name[5:]) for name in names if name.startswith("iter_") and name[5:].isdigit())
 
 
-def load_checkpoint(load: str, iteration: int) -> dict:
+def load_checkpoint(load: str, iteration: int, weights_only: bool = False) -> dict:
+    """This rank's file of a saved iteration, checked first; the RNG states restored unless `weights_only`."""
     _check_saved_layout(iteration_dir(load, iteration))
     verify_checkpoint(load, iteration, RESUME, collective=True)
     path = os.path.join(iteration_dir(load, iteration), _rank_dir(), FILE)
@@ -228,7 +229,8 @@ def load_checkpoint(load: str, iteration: int) -> dict:
         raise CheckpointError(f"checkpoint file {path} is missing: the checkpoint is incomplete; "
                               + _offer(load, RESUME, below=iteration))
     state = read_checkpoint_file(path, load, iteration, RESUME)
-    _set_rng_state(state["rng"])
+    if not weights_only:
+        _set_rng_state(state["rng"])
     return state
 
 
