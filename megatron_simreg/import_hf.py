@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import glob
 import json
 import os
@@ -46,13 +45,12 @@ from typing import NamedTuple
 import torch
 
 from megatron_simreg.cli import one_line_errors
+from megatron_simreg.export_hf import COLUMN_PARALLEL, ROW_PARALLEL
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
 INDEX = "model.safetensors.index.json"
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")  # not copied with the tokenizer
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # a buffer older transformers saved, recomputed from rope_theta
-COLUMN_PARALLEL = ("linear_qkv.weight", "word_embeddings.weight", "output_layer.weight")
-ROW_PARALLEL = ("linear_proj.weight", "linear_fc2.weight")
 LINEAR = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")  # megatron-core's, each with an `_extra_state`
 
 
@@ -308,7 +306,7 @@ def global_keys(cfg) -> list[str]:
 
 def _tensor_parallel_piece(key: str, tensor: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
     """This rank's shard: the inverse of export_hf._merge_tensor_parallel."""
-    if tp == 1 or ".router." in key or not key.endswith(COLUMN_PARALLEL + ROW_PARALLEL + ("linear_fc1.weight",)):
+    if tp == 1 or ".router." in key or not key.endswith(COLUMN_PARALLEL + ROW_PARALLEL):
         return tensor
     if key.endswith(ROW_PARALLEL):
         return tensor.chunk(tp, dim=1)[rank]
@@ -352,7 +350,7 @@ def rank_state(cfg, read: _Reader, tp: int, pp: int, ep: int, padded_vocab: int)
 
 def write_torch_layout(cfg, read: _Reader, folder: str) -> None:
     """The local loop's files, rank by rank (checkpoint.py's names and entries, iteration 0)."""
-    from megatron_simreg.checkpoint import FILE
+    from megatron_simreg.checkpoint import FILE, rank_dir_name
     from megatron_simreg.resume import model_shape
     from megatron_simreg.run_plan import padded_vocab_size
 
@@ -360,7 +358,7 @@ def write_torch_layout(cfg, read: _Reader, folder: str) -> None:
     for tp in range(p.tensor):
         for pp in range(p.pipeline):
             for ep in range(p.expert):
-                name = f"mp_rank_{tp:02d}_{pp:03d}" + (f"_{ep:03d}" if p.expert > 1 else "")
+                name = rank_dir_name(tp, pp, ep, p.expert)
                 state = {"model": rank_state(cfg, read, tp, pp, ep, padded_vocab_size(cfg)), "iteration": 0,
                          "consumed_samples": 0, "global_batch_size": cfg.training.global_batch_size,
                          "model_shape": model_shape(cfg)}
@@ -370,36 +368,25 @@ def write_torch_layout(cfg, read: _Reader, folder: str) -> None:
 
 
 def write_torch_dist(cfg, read: _Reader, folder: str) -> None:
-    """megatron.training's layout: our model built once on one process (megatron-core's local layers, which
-    write the sharded keys Transformer Engine's read), filled, and saved by dist_checkpointing."""
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing, parallel_state
+    """megatron.training's layout: our whole model built once on one process (export_hf.model_on_one_process),
+    filled weight by weight from the shards, and saved by megatron-core's dist_checkpointing, which reshards it
+    onto the config's layout when training loads it."""
+    from megatron.core import dist_checkpointing
 
-    from megatron_simreg.model import model_provider, transformer_config_from
+    from megatron_simreg.cpu_compat import cpu_compat
+    from megatron_simreg.export_hf import model_on_one_process, one_process_config
     from megatron_simreg.run_plan import padded_vocab_size
 
-    p = cfg.parallel
-    single = dataclasses.replace(  # the vocabulary padded as the config's tensor-parallel run pads it
-        cfg, model=dataclasses.replace(cfg.model, make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by
-                                       * p.tensor),
-        parallel=dataclasses.replace(p, tensor=1, pipeline=1, context=1, expert=1, sequence_parallel=False))
-    config = dataclasses.replace(transformer_config_from(single), transformer_impl="local",
-                                 use_cpu_initialization=True, perform_initialization=False)
-    if dist.is_initialized():
-        raise RuntimeError("write a torch_dist import in a process of its own: torch.distributed is in use here")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # a group of one, no port
-    try:
-        parallel_state.initialize_model_parallel()
-        model = model_provider(single, config=config)
-        model.load_state_dict({key: full_tensor(key, read, single, padded_vocab_size(single))
-                               for key in global_keys(single)}, strict=False)  # the `_extra_state`s stay as built
+    single = one_process_config(cfg)
+    with model_on_one_process(cfg, "write a torch_dist import") as model, torch.no_grad():
+        weights = model.state_dict(keep_vars=True)  # the `_extra_state`s stay as built
+        for key in global_keys(single):
+            weights[key].copy_(full_tensor(key, read, single, padded_vocab_size(single)))
         metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}  # megatron.training's
         os.makedirs(folder)
-        dist_checkpointing.save({"model": model.sharded_state_dict(metadata=metadata), "iteration": 0,
-                                 "checkpoint_version": 3.0}, folder, content_metadata=metadata)
-    finally:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+        with cpu_compat():  # without CUDA, megatron-core's writer would synchronise a GPU
+            dist_checkpointing.save({"model": model.sharded_state_dict(metadata=metadata), "iteration": 0,
+                                     "checkpoint_version": 3.0}, folder, content_metadata=metadata)
 
 
 def import_folder(input_dir: str, output: str, config_path: str | None = None, overrides: list[str] | None = None,

@@ -207,7 +207,7 @@ def test_folders_the_importer_cannot_take_get_one_line(folders, tmp_path):
     del index["weight_map"]["model.layers.1.mlp.down_proj.weight"]
     (partial / "model.safetensors.index.json").write_text(json.dumps(index))
     gpt2 = tmp_path / "gpt2"
-    transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(gpt2)
+    transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(gpt2)
     cases = [
         ((str(partial),), "is missing weights: model.layers.1.mlp.down_proj.weight"),
         ((str(gpt2),), "is a GPT2LMHeadModel (gpt2); the importer reads LlamaForCausalLM, MistralForCausalLM, "
