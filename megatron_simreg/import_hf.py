@@ -24,11 +24,13 @@ embedding is padded with zero rows to the padded vocabulary; tensor-parallel sha
 export_hf._merge_tensor_parallel joins them. Written by hand (megatron-core ships no converter; Megatron-LM's
 lives outside the package and Megatron-Bridge pulls a large dependency tree).
 
-Memory: tensors are read lazily from the safetensors shards (memory-mapped, `safe_open`) as each is needed,
-so the whole Hugging Face model is never in memory. The `torch` layout holds one rank's file at a time (its
-state dict is pickled at once): about model size / (tensor x pipeline x expert ranks), in the config's
-precision. `torch_dist` builds the model once on one process and lets megatron-core write it: about the model
-size. Measured on a 2-core VM (the report in the module's tests' docstring).
+Memory: tensors are read from the safetensors shards (`safe_open`, memory-mapped) one at a time, as each is
+needed. The `torch` layout holds one rank's file at a time (torch.save pickles a whole state dict): about
+model size / (tensor x pipeline x expert ranks) in the config's precision. `torch_dist` builds the whole model
+once on one process, fills it weight by weight and lets megatron-core write it: about the model size.
+Measured (2-core VM, a random 383 MB bf16 Llama in 5 shards of 100 MB, TP = 1): peak resident memory 0.89 GB
+(`torch`) and 0.95 GB (`torch_dist`) above the 0.95 GB of the imported libraries, i.e. about 2.4x the model,
+the shards' mapped pages counted; not the "two shards" a layer-by-layer writer would need.
 """
 
 from __future__ import annotations
