@@ -89,8 +89,9 @@ def _load_distributed_checkpoint(folder: str, cfg: Config) -> dict[str, torch.Te
     from torch.distributed.checkpoint.api import CheckpointException
 
     with model_on_one_process(cfg, "export a torch_dist checkpoint") as model:
-        sharded = model.sharded_state_dict(metadata=dist_checkpointing.load_content_metadata(folder))
-        try:  # weights only: the layers' `_extra_state` (FP8 metadata with TE, nothing locally) differ between the two
+        try:  # reading the content metadata opens the shards too
+            sharded = model.sharded_state_dict(metadata=dist_checkpointing.load_content_metadata(folder))
+            # weights only: the layers' `_extra_state` (FP8 metadata with TE, nothing locally) differ between the two
             loaded = dist_checkpointing.load({k: v for k, v in sharded.items() if not k.endswith("_extra_state")},
                                              folder)
         except (CheckpointingException, CheckpointException) as error:

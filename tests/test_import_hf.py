@@ -190,6 +190,34 @@ def test_the_imported_checkpoint_trains_in_megatron_training(folders, corpus, tm
     assert (tmp_path / "run" / "checkpoints" / "iter_0000002" / "metadata.json").is_file()
 
 
+def test_finetune_starts_from_the_import_once_then_resumes_the_runs_own_checkpoints(imported, corpus, tmp_path):  # noqa: F811
+    """Both loops' plan: the import's weights at iteration 0 (Megatron's --finetune, --load the import) until the
+    run has saved; a relaunch then resumes its own checkpoint (--load its save folder, no --finetune)."""
+    from megatron_simreg.config import ConfigError
+    from megatron_simreg.megatron_entry import megatron_arguments
+    from megatron_simreg.run_plan import plan_run
+
+    config = os.path.join(os.path.dirname(imported["llama"]), "config.yaml")
+    settings = TWO_STEPS + [f"data.prefix={corpus}", f"logging.run_dir={tmp_path}"]
+
+    def plan_and_arguments():
+        cfg = load_config(config, settings)
+        plan = plan_run(cfg, 1)
+        args = megatron_arguments(cfg, plan, transformer_engine=False)
+        return plan, args[args.index("--load") + 1], "--finetune" in args
+
+    plan, load, finetune = plan_and_arguments()
+    assert (plan.finetune, plan.resumed, load, finetune) == (True, None, imported["llama"], True)
+    shutil.copytree(imported["llama"], tmp_path / "checkpoints")  # as if the run had saved
+    plan, load, finetune = plan_and_arguments()
+    assert (plan.finetune, load, finetune) == (False, str(tmp_path / "checkpoints"), False)
+    assert plan.resumed is not None and plan.resumed.iteration == 0
+    with pytest.raises(ConfigError, match="also where it would save"):
+        plan_run(load_config(config, settings + [f"checkpoint.save={imported['llama']}"]), 1)
+    with pytest.raises(ConfigError, match="checkpoint.finetune is set but checkpoint.load is not"):
+        load_config(config, settings + ["checkpoint.load=null"])
+
+
 def import_message(*argv) -> str | None:
     """tools/import_hf.py's exit message, or None when it succeeded."""
     try:
