@@ -94,6 +94,21 @@ def test_import_then_export_gives_the_same_tensors_and_config(name, folders, imp
     assert ours["architectures"] == (["MixtralForCausalLM"] if name == "mixtral" else ["LlamaForCausalLM"])
 
 
+def test_an_import_split_over_tensor_pipeline_and_expert_ranks_exports_back_the_same_tensors(folders, tmp_path):
+    """Each rank's file of the `torch` layout holds its slice (TP = PP = EP = 2): merged back by the export, the
+    Mixtral's tensors are the folder's."""
+    from megatron_simreg.export_hf import export
+
+    layout = ["parallel.tensor=2", "parallel.pipeline=2", "parallel.expert=2", "model.rotary_base=1000000"]
+    checkpoints = import_folder(folders["mixtral"], str(tmp_path / "imported"), CONFIGS["mixtral"], FP32 + layout,
+                                "torch")
+    assert len([name for name in os.listdir(os.path.join(checkpoints, "iter_0000000")) if name.startswith("mp_")]) == 8
+    back = tensors(export(checkpoints, str(tmp_path / "hf")))
+    original = tensors(folders["mixtral"])
+    assert sorted(back) == sorted(original)
+    assert all(torch.equal(back[key], value) for key, value in original.items())
+
+
 def our_logits(rank, world, config_path, tokens, overrides):
     """This rank's logits of the model built from the imported config, loaded from the imported checkpoint."""
     from megatron.core import parallel_state
