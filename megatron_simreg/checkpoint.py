@@ -39,12 +39,17 @@ def iteration_dir(save: str, iteration: int) -> str:
     return os.path.join(save, f"iter_{iteration:07d}")
 
 
-def _rank_dir() -> str:
-    tp = parallel_state.get_tensor_model_parallel_rank()
-    pp = parallel_state.get_pipeline_model_parallel_rank()
-    ep = parallel_state.get_expert_model_parallel_rank()
+def rank_dir_name(tp: int, pp: int, ep: int, expert_ranks: int) -> str:
+    """The folder of one tensor/pipeline/expert rank's file (Megatron's names; the expert rank only with EP > 1)."""
     name = f"mp_rank_{tp:02d}_{pp:03d}"
-    return name if parallel_state.get_expert_model_parallel_world_size() == 1 else f"{name}_{ep:03d}"
+    return name if expert_ranks == 1 else f"{name}_{ep:03d}"
+
+
+def _rank_dir() -> str:
+    return rank_dir_name(parallel_state.get_tensor_model_parallel_rank(),
+                         parallel_state.get_pipeline_model_parallel_rank(),
+                         parallel_state.get_expert_model_parallel_rank(),
+                         parallel_state.get_expert_model_parallel_world_size())
 
 
 def _writes_checkpoint() -> bool:
@@ -220,7 +225,8 @@ def saved_iterations(folder: str) -> list[int]:
     return sorted(int(name[5:]) for name in names if name.startswith("iter_") and name[5:].isdigit())
 
 
-def load_checkpoint(load: str, iteration: int) -> dict:
+def load_checkpoint(load: str, iteration: int, weights_only: bool = False) -> dict:
+    """This rank's file of a saved iteration, checked first; the RNG states restored unless `weights_only`."""
     _check_saved_layout(iteration_dir(load, iteration))
     verify_checkpoint(load, iteration, RESUME, collective=True)
     path = os.path.join(iteration_dir(load, iteration), _rank_dir(), FILE)
@@ -228,7 +234,8 @@ def load_checkpoint(load: str, iteration: int) -> dict:
         raise CheckpointError(f"checkpoint file {path} is missing: the checkpoint is incomplete; "
                               + _offer(load, RESUME, below=iteration))
     state = read_checkpoint_file(path, load, iteration, RESUME)
-    _set_rng_state(state["rng"])
+    if not weights_only:
+        _set_rng_state(state["rng"])
     return state
 
 
@@ -237,8 +244,7 @@ def _check_saved_layout(folder: str) -> None:
     layout = (parallel_state.get_tensor_model_parallel_world_size(),
               parallel_state.get_pipeline_model_parallel_world_size(),
               parallel_state.get_expert_model_parallel_world_size())
-    expert = "_{:03d}" if layout[2] > 1 else ""
-    wanted = {f"mp_rank_{tp:02d}_{pp:03d}" + expert.format(ep)
+    wanted = {rank_dir_name(tp, pp, ep, layout[2])
               for tp in range(layout[0]) for pp in range(layout[1]) for ep in range(layout[2])}
     saved = {name for name in (os.listdir(folder) if os.path.isdir(folder) else []) if name.startswith("mp_rank_")}
     if not saved or saved == wanted:

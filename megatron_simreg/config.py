@@ -143,6 +143,10 @@ class CheckpointConfig:
     save: str | None = None  # None = <run_dir>/checkpoints
     load: str | None = None  # None = resume from `save` when it holds a checkpoint
     load_iteration: int | None = None  # resume from this saved iteration instead of the latest
+    # start from the weights of `load` only (iteration 0, fresh optimizer, schedule and RNG), as Megatron-LM's
+    # --finetune: continued pretraining of an imported model (import_hf.py); the run saves into `save`, and
+    # resumes from there once it holds a checkpoint
+    finetune: bool = False
 
 
 @dataclass
@@ -491,6 +495,8 @@ def _check_values(config: Config) -> None:
         )
     if config.schedule.train_iters is None and config.schedule.train_tokens is None:
         raise ConfigError("set schedule.train_iters or schedule.train_tokens")
+    if config.checkpoint.finetune and not config.checkpoint.load:
+        raise ConfigError("checkpoint.finetune is set but checkpoint.load is not: name the checkpoint to start from")
 
 
 def check_layout(config: Config, world_size: int) -> int:

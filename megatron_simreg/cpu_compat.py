@@ -20,8 +20,9 @@ On a machine without CUDA, `cpu_compat()` points exactly those at the CPU:
   bf16 training and the distributed optimizer (reduce-scatter/all-gather over gloo) work on CPU.
 
 `with cpu_compat():` applies these remaps and undoes every one of them on exit (nested uses stack); nothing
-changes where CUDA is available. Only the CPU training entry (the local loop) and the tests enter it: export,
-evaluation and anything else that runs beside them never see a patched torch or megatron.
+changes where CUDA is available. Only the CPU training entry (the local loop), the importer's `torch_dist`
+writer and the tests enter it: export, evaluation and anything else that runs beside them never see a patched
+torch or megatron.
 """
 
 import contextlib

@@ -31,6 +31,7 @@ from megatron_simreg.checkpoint import (
     check_holds_checkpoint,
     chosen_iteration,
     iteration_dir,
+    rank_dir_name,
     read_checkpoint_file,
     verify_checkpoint,
 )
@@ -59,8 +60,7 @@ def load_merged_state(checkpoint_dir: str, cfg: Config, iteration: int | None = 
     for tp in range(p.tensor):
         for pp in range(p.pipeline):
             for ep in range(p.expert):
-                name = f"mp_rank_{tp:02d}_{pp:03d}" + (f"_{ep:03d}" if p.expert > 1 else "")
-                path = os.path.join(folder, name, FILE)
+                path = os.path.join(folder, rank_dir_name(tp, pp, ep, p.expert), FILE)
                 if not os.path.isfile(path):
                     raise FileNotFoundError(
                         f"checkpoint shard {path} is missing: the checkpoint is partial, or was saved with another "
@@ -83,39 +83,60 @@ def load_merged_state(checkpoint_dir: str, cfg: Config, iteration: int | None = 
 
 
 def _load_distributed_checkpoint(folder: str, cfg: Config) -> dict[str, torch.Tensor]:
-    """megatron.training's `torch_dist` checkpoint, resharded by megatron-core onto a TP=1/PP=1/EP=1 model.
-
-    The model is built on the CPU with megatron-core's local layers, whatever the node has (a GPU, Transformer
-    Engine): their sharded keys are the ones Transformer Engine's layers write (the fused norms are
-    `linear_qkv.layer_norm_weight` and `linear_fc1.layer_norm_weight` in both), and our weight names stay local.
-    """
-    from megatron.core import dist_checkpointing, parallel_state
+    """megatron.training's `torch_dist` checkpoint, resharded by megatron-core onto a TP=1/PP=1/EP=1 model."""
+    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from torch.distributed.checkpoint.api import CheckpointException
 
+    with model_on_one_process(cfg, "export a torch_dist checkpoint") as model:
+        try:  # reading the content metadata opens the shards too
+            sharded = model.sharded_state_dict(metadata=dist_checkpointing.load_content_metadata(folder))
+            # weights only: the layers' `_extra_state` (FP8 metadata with TE, nothing locally) differ between the two
+            loaded = dist_checkpointing.load({k: v for k, v in sharded.items() if not k.endswith("_extra_state")},
+                                             folder)
+        except (CheckpointingException, CheckpointException) as error:
+            cause = str(error).strip().splitlines()[-1]  # torch's message ends with the failing rank's error
+            raise ValueError(f"checkpoint {folder} is incomplete or not of this config's model ({cause}); "
+                             "export another iteration (--iteration) or pass the run's --config") from error
+    return {key: value.cpu() for key, value in loaded.items() if torch.is_tensor(value)}
+
+
+def one_process_config(cfg: Config) -> Config:
+    """`cfg` as one process holds the whole model (TP = PP = CP = EP = 1), the vocabulary still padded as the
+    config's tensor-parallel run pads it, so its embedding has the rows a `torch_dist` checkpoint of the run has."""
+    m, p = cfg.model, cfg.parallel
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(m, make_vocab_size_divisible_by=m.make_vocab_size_divisible_by * p.tensor),
+        parallel=dataclasses.replace(p, tensor=1, pipeline=1, context=1, expert=1, sequence_parallel=False,
+                                     distributed_optimizer=False))
+
+
+@contextlib.contextmanager
+def model_on_one_process(cfg: Config, purpose: str):
+    """The whole model of `one_process_config(cfg)`, built on the CPU in a gloo group of one process, to read or
+    write a `torch_dist` checkpoint of any layout (megatron-core reshards).
+
+    megatron-core's local layers are used whatever the node has (a GPU, Transformer Engine): their sharded keys
+    are the ones Transformer Engine's layers write (the fused norms are `linear_qkv.layer_norm_weight` and
+    `linear_fc1.layer_norm_weight` in both), and our weight names stay local. The weights are left
+    uninitialised: the checkpoint (or the caller) fills them.
+    """
+    from megatron.core import parallel_state
+
     from megatron_simreg.model import model_provider, transformer_config_from
 
-    single = dataclasses.replace(cfg, parallel=dataclasses.replace(
-        cfg.parallel, tensor=1, pipeline=1, context=1, expert=1, sequence_parallel=False, distributed_optimizer=False))
+    single = one_process_config(cfg)
     config = dataclasses.replace(transformer_config_from(single), transformer_impl="local",
-                                 use_cpu_initialization=True, perform_initialization=False)  # the checkpoint fills it
+                                 use_cpu_initialization=True, perform_initialization=False)
     if dist.is_initialized():
-        raise RuntimeError("export a torch_dist checkpoint in a process of its own: torch.distributed is in use here")
+        raise RuntimeError(f"{purpose} in a process of its own: torch.distributed is in use here")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # a group of one, no port
     try:
         parallel_state.initialize_model_parallel()
-        model = model_provider(single, config=config)
-        sharded = model.sharded_state_dict(metadata=dist_checkpointing.load_content_metadata(folder))
-        # Weights only: the layers' `_extra_state` (FP8 metadata with TE, nothing locally) differ between the two
-        loaded = dist_checkpointing.load({k: v for k, v in sharded.items() if not k.endswith("_extra_state")}, folder)
-    except (CheckpointingException, CheckpointException) as error:
-        cause = str(error).strip().splitlines()[-1]  # torch's message ends with the failing rank's error
-        raise ValueError(f"checkpoint {folder} is incomplete or not of this config's model ({cause}); "
-                         "export another iteration (--iteration) or pass the run's --config") from error
+        yield model_provider(single, config=config)
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
-    return {key: value.cpu() for key, value in loaded.items() if torch.is_tensor(value)}
 
 
 def _global_key(key: str, layer_offset: int, expert_offset: int) -> str:

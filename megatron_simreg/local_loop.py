@@ -103,11 +103,16 @@ def _train(cfg: Config, plan: RunPlan, signals: StopSignals) -> dict:
 
     iteration, consumed = 0, 0
     if resume_from is not None:
-        state = load_checkpoint(plan.load_dir, resume_from)
+        state = load_checkpoint(plan.load_dir, resume_from, weights_only=plan.finetune)
         parallel_model(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        iteration, consumed = state["iteration"], state["consumed_samples"]
+        if plan.finetune:  # weights only, as Megatron's --finetune: fresh optimizer state and schedule
+            optimizer.reload_model_params()  # bf16: the optimizer's fp32 main copies of the weights
+            if parallel.is_logging_rank():
+                print(plan.finetune_start, flush=True)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            iteration, consumed = state["iteration"], state["consumed_samples"]
 
     logger = _RunLogger(cfg, plan, start=iteration) if parallel.is_logging_rank() else None
     step = partial(forward_step, SimRegObjective.from_config(cfg), lambda it: on_this_rank(next(it)))

@@ -83,6 +83,8 @@ def megatron_arguments(cfg: Config, plan: RunPlan, *, transformer_engine: bool) 
     ]
     if t.exit_interval:
         args += ["--exit-interval", t.exit_interval]
+    if plan.finetune:  # checkpoint.finetune: the weights of --load only; iteration 0, no optimizer, RNG or schedule
+        args += ["--finetune"]
     if m.num_query_groups and m.num_query_groups != m.num_attention_heads:
         args += ["--group-query-attention", "--num-query-groups", m.num_query_groups]
     if m.untie_embeddings_and_output_weights:
@@ -155,6 +157,8 @@ def _pretrain(cfg: Config, plan: RunPlan) -> None:
         join_process_group(args.distributed_backend)
     if int(os.environ.get("RANK", "0")) == 0:
         save_config(cfg, cfg.run_dir)
+        if plan.finetune:
+            print(plan.finetune_start, flush=True)
 
     def datasets_provider(num_samples, vp_stage=None):  # megatron passes vp_stage with virtual pipelines
         tokenizer = build_tokenizer(plan.tokenizer_path)

@@ -43,6 +43,7 @@ class RunPlan:
     save_dir: str
     load_dir: str
     resumed: SavedProgress | None  # the checkpoint this run resumes from
+    finetune: bool = False  # this launch loads only the weights of load_dir (checkpoint.finetune) and starts at 0
 
     @property
     def megatron_tokenizer_type(self) -> str:
@@ -58,6 +59,11 @@ class RunPlan:
                 f"{r.global_batch_size} -> {self.global_batch_size}: the schedule stays in samples (warm-up "
                 f"{self.warmup_samples}, decay {self.decay_samples}); training ends at iteration {self.train_iters} "
                 f"({self.train_samples} samples)")
+
+    @property
+    def finetune_start(self) -> str | None:
+        """One line for a run that starts from another checkpoint's weights."""
+        return f"starting from the weights of {self.load_dir} (finetune)" if self.finetune else None
 
 
 def padded_vocab_size(cfg: Config) -> int:
@@ -97,8 +103,16 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     save_dir = cfg.checkpoint.save or os.path.join(cfg.run_dir, "checkpoints")
     load_dir = cfg.checkpoint.load or save_dir
     check_holds_checkpoint(cfg.checkpoint.load, "checkpoint.load=")
+    finetune = cfg.checkpoint.finetune and chosen_iteration(save_dir, None) is None  # else resume its own saves
+    if cfg.checkpoint.finetune and os.path.abspath(save_dir) == os.path.abspath(load_dir):
+        raise ConfigError(f"checkpoint.finetune starts a new run from checkpoint.load={load_dir}, which is also where "
+                          "it would save: set logging.run_dir (or checkpoint.save) to another folder")
+    if cfg.checkpoint.finetune and not finetune:
+        load_dir = save_dir
     resumed = saved_progress(load_dir, chosen_iteration(load_dir, cfg.checkpoint.load_iteration))
     check_same_model(cfg, resumed)
+    if finetune:
+        resumed = None  # weights only: the schedule and the data start from 0
     batch = resumed.global_batch_size if resumed is not None else t.global_batch_size  # the unit of the iterations
     iters = train_iters(cfg, batch)
     if cfg.schedule.warmup_steps >= iters:
@@ -140,4 +154,5 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
         save_dir=save_dir,
         load_dir=load_dir,
         resumed=resumed,
+        finetune=finetune,
     )
