@@ -45,6 +45,10 @@ def model_with_shared_weights(cfg, checkpoint, save):
         sharded = {k: v for k, v in model.module.sharded_state_dict().items() if not k.startswith(STATE)}
         loaded = model.module.load_state_dict(dist_checkpointing.load(sharded, checkpoint), strict=False)
         assert not loaded.unexpected_keys and all(k.startswith(STATE) for k in loaded.missing_keys), loaded
+        state = getattr(model.module, "regularizer_state", None)
+        if hasattr(state, "encoder"):  # SCE's momentum encoder starts as a copy of the model: of the shared weights
+            own = {k: v for k, v in model.module.state_dict().items() if not k.startswith(STATE)}
+            state.encoder.load_state_dict(own)
     return model, optimizer
 
 
@@ -79,18 +83,20 @@ def forward_backward(cfg, model, seed=0, masked=True):
 
 
 def gathered_grads(model):
-    """Every parameter's gradient as the single-process model would name and shape it."""
-    return gathered(model, lambda param: param.main_grad)
+    """Every trained parameter's gradient as the single-process model would name and shape it."""
+    return gathered(model, lambda param: param.main_grad if param.requires_grad else None)
 
 
 def gathered(model, tensor_of):
-    """`tensor_of(param)` for every parameter, as the single-process model would name and shape it."""
+    """`tensor_of(param)` for every parameter (where not None), as the single-process model would name and shape it."""
     from megatron.core import parallel_state
 
     out = {}
     tp_group = parallel_state.get_tensor_model_parallel_group()
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     for name, param in model.named_parameters():
+        if tensor_of(param) is None:
+            continue
         grad = tensor_of(param).detach().clone()
         if getattr(param, "tensor_model_parallel", False) and parallel_state.get_tensor_model_parallel_world_size() > 1:
             pieces = [torch.empty_like(grad) for _ in range(dist.get_world_size(tp_group))]

@@ -136,7 +136,7 @@ def resumed_runs(corpus, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.parametrize("name, state", [("cpretrain", "regularizer_state.log_scale"),
-                                         ("sce", "regularizer_state.ema_norm_weight")])
+                                         ("sce", "regularizer_state.encoder.decoder.final_layernorm.weight")])
 def test_resume_is_exact_with_the_regularizers_state(resumed_runs, name, state):
     straight, resumed = resumed_runs[name]
     a, b = read_metrics(straight), read_metrics(resumed)
@@ -170,14 +170,17 @@ def test_megatron_training_moves_the_ema_after_each_successful_step():
     gpt = torch.nn.Module()
     gpt.decoder = torch.nn.Module()
     gpt.decoder.final_layernorm = torch.nn.RMSNorm(3)
-    gpt.regularizer_state = SCEState(SCESettings(target="ema", momentum=0.5), 3)
+    encoder = torch.nn.Module()
+    encoder.decoder = torch.nn.Module()
+    encoder.decoder.final_layernorm = torch.nn.RMSNorm(3)
+    gpt.regularizer_state = SCEState(SCESettings(momentum=0.5), gpt, encoder)
     with torch.no_grad():
         gpt.decoder.final_layernorm.weight.fill_(3.0)
     outcomes = iter([(False, None, None), (True, 1.0, None)])
     built = SimpleNamespace(step=lambda: next(outcomes))
     optimizer = _with_our_step(None, lambda config, model_chunks: built)(None, [gpt])  # as get_megatron_optimizer
-    assert optimizer.step()[0] is False and torch.equal(gpt.regularizer_state.ema_norm_weight, torch.ones(3))
-    assert optimizer.step()[0] is True and torch.equal(gpt.regularizer_state.ema_norm_weight, torch.full((3,), 2.0))
+    assert optimizer.step()[0] is False and torch.equal(encoder.decoder.final_layernorm.weight, torch.ones(3))
+    assert optimizer.step()[0] is True and torch.equal(encoder.decoder.final_layernorm.weight, torch.full((3,), 2.0))
 
 
 CPRETRAIN_VALUE = re.compile(r"iteration +(\d+)/ +\d+ \|.*?\| lm loss: (\S+) \| simreg: (\S+) \|"
