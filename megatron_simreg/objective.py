@@ -350,17 +350,19 @@ def _final_states(model, batch: dict) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _dropout(gpt, p: float):
-    """Hidden and attention dropout p in every decoder layer, restored on leaving: megatron-core's layers read
-    `hidden_dropout` at each forward, and its attention applies its `torch.nn.Dropout` modules (Transformer
-    Engine's keep the probability as a float `attention_dropout`)."""
+    """Dropout p wherever megatron-core's `hidden_dropout` and `attention_dropout` put it (the embedding's output,
+    each layer's attention probabilities and residual branches), as BERT's dropout in SimCSE; restored on leaving.
+    The layers read `hidden_dropout` at each forward, the embedding and the local attention apply
+    `torch.nn.Dropout` modules, Transformer Engine's attention keeps its probability as a float
+    `attention_dropout`. Bitwise as layers built with both dropouts p (tested)."""
+    parts = [part for part in (getattr(gpt, "embedding", None), gpt.decoder) if part is not None]
     saved = []
-    for layer in gpt.decoder.layers:
-        saved.append((layer, "hidden_dropout", layer.hidden_dropout))
-        for module in layer.self_attention.core_attention.modules():
-            if isinstance(module, torch.nn.Dropout):
-                saved.append((module, "p", module.p))
-            elif isinstance(getattr(module, "attention_dropout", None), float):
-                saved.append((module, "attention_dropout", module.attention_dropout))
+    for module in (module for part in parts for module in part.modules()):
+        if isinstance(module, torch.nn.Dropout):
+            saved.append((module, "p", module.p))
+        for name in ("hidden_dropout", "attention_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                saved.append((module, name, getattr(module, name)))
     for owner, name, _ in saved:
         setattr(owner, name, p)
     try:

@@ -55,8 +55,9 @@ def model_with_shared_weights(cfg, checkpoint, save):
 STATE = "regularizer_state."
 
 
-def forward_backward(cfg, model, seed=0, masked=True):
-    """One global batch through megatron's schedule; this rank's share of it; the reduced report."""
+def forward_backward(cfg, model, seed=0, masked=True, forward_only=False):
+    """One global batch through megatron's schedule (forward only: as evaluation runs it); this rank's share of
+    it; the reduced report."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -75,7 +76,7 @@ def forward_backward(cfg, model, seed=0, masked=True):
             SimRegObjective.from_config(cfg), lambda i: on_this_rank(next(i)), it, m
         ),
         data_iterator=iter(micro), model=[model], num_microbatches=plan.micro_batches,
-        seq_length=cfg.model.seq_length, micro_batch_size=mbs, forward_only=False,
+        seq_length=cfg.model.seq_length, micro_batch_size=mbs, forward_only=forward_only,
     )
     return (
         reduce_reports(reports, parallel_state.get_data_parallel_group(with_context_parallel=True)) if reports else None
@@ -95,9 +96,10 @@ def gathered(model, tensor_of):
     tp_group = parallel_state.get_tensor_model_parallel_group()
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     for name, param in model.named_parameters():
-        if tensor_of(param) is None:
+        tensor = tensor_of(param)
+        if tensor is None:
             continue
-        grad = tensor_of(param).detach().clone()
+        grad = tensor.detach().clone()
         if getattr(param, "tensor_model_parallel", False) and parallel_state.get_tensor_model_parallel_world_size() > 1:
             pieces = [torch.empty_like(grad) for _ in range(dist.get_world_size(tp_group))]
             dist.all_gather(pieces, grad.contiguous(), group=tp_group)

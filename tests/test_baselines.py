@@ -3,13 +3,15 @@ over gloo), vocabulary-parallel Jensen-Shannon, a few steps that lower each one'
 their state (CPretrain's temperature, SCE's EMA) in the local loop, megatron.training's loop on CPU, the
 Hugging Face export leaving their state out, and the config's errors."""
 
+import contextlib
+import copy
 import math
 import re
 
 import pytest
 import torch
 from distributed import run_distributed
-from layout_steps import BASE, forward_backward
+from layout_steps import BASE, batch_for, forward_backward
 from test_batch_layouts import LAYOUTS, assert_same_step, layout_steps
 from test_megatron_training import local_training, megatron_training
 from test_training import config, corpus, read_metrics, train_worker  # noqa: F401  (corpus is a fixture)
@@ -108,13 +110,88 @@ def own_term_worker(rank, world, runs, steps):
 
 
 def test_training_lowers_each_baselines_own_term():
-    """With the default views (dropout 0.1 on the final states), and SimCSE with a second forward's views."""
+    """At the defaults (SimCSE's second forward with dropout 0.1, SCE's momentum encoder), and the cheap options
+    (dropout views of the final states, SCE's target another such view)."""
     runs = {name: [o for o in overrides if "dropout" not in o] for name, overrides in BASELINES.items()}
-    runs["simcse, views forward"] = ["regularizer.name=simcse", "regularizer.views=forward"]
+    runs["simcse, views dropout"] = ["regularizer.name=simcse", "regularizer.views=dropout"]
+    runs["sce, target view"] = ["regularizer.name=sce", "regularizer.target=view"]
     values, = run_distributed(own_term_worker, 1, runs, 8)
     for name, curve in values.items():
         assert all(math.isfinite(v) for v in curve), name
         assert curve[-1] < 0.9 * curve[0], (name, curve)
+
+
+def dropout_worker(rank, world, runs):
+    """Each run's baseline value on one batch, twice with the model in training and twice in evaluation (as both
+    loops' `evaluate` put it); and SimCSE's second forward beside a model built with megatron-core's own hidden
+    and attention dropout (the same weights and RNG state), and the one it ran on afterwards."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_simreg import parallel
+    from megatron_simreg.local_loop import build_model_and_optimizer
+    from megatron_simreg.model import model_provider, transformer_config_from
+    from megatron_simreg.objective import _dropout, _final_states
+
+    values = {}
+    for label, overrides in runs.items():
+        cfg = load_config("configs/tiny-llama.yaml", BASE + overrides)
+        parallel.initialize(cfg)
+        try:
+            model, _ = build_model_and_optimizer(cfg)
+            for mode in ("train", "eval"):
+                getattr(model, mode)()
+                values[label, mode] = [forward_backward(cfg, model, forward_only=True)[cfg.regularizer.name]
+                                       for _ in range(2)]
+        finally:
+            parallel.destroy()
+
+    cfg = load_config("configs/tiny-llama.yaml", BASE + ["regularizer.name=simcse"])
+    parallel.initialize(cfg)
+    try:
+        config = transformer_config_from(cfg)
+        ours = model_provider(cfg, config=config)
+        dropped = copy.copy(config)
+        dropped.hidden_dropout = dropped.attention_dropout = 0.1
+        theirs = model_provider(cfg, config=dropped)
+        theirs.load_state_dict(ours.state_dict())
+        batch = {k: v[:2] for k, v in batch_for().items()}
+        states = {}
+        for name, model in (("ours", ours), ("theirs", theirs)):
+            torch.manual_seed(1)
+            model_parallel_cuda_manual_seed(1)
+            with _dropout(ours, 0.1) if name == "ours" else contextlib.nullcontext():
+                states[name] = _final_states(model, batch).detach()
+        states["after"] = _final_states(ours, batch).detach()
+        states["none"] = _final_states(theirs.eval(), batch).detach()
+    finally:
+        parallel.destroy()
+    return values, states
+
+
+@pytest.fixture(scope="module")
+def dropout_runs():
+    runs = {name: [f"regularizer.name={name}"] for name in ("simcse", "creg", "sce")}  # views: forward, dropout
+    (values, states), = run_distributed(dropout_worker, 1, runs)
+    return values, states
+
+
+def test_evaluation_takes_no_dropout_view(dropout_runs):
+    """At the defaults, SimCSE's second forward, CReg's dropout views and SCE's (beside its momentum encoder's)
+    differ from step to step in training; in evaluation the same weights give the same value every time."""
+    values, _ = dropout_runs
+    for label in {label for label, _ in values}:
+        train, evaluation = values[label, "train"], values[label, "eval"]
+        assert train[0] != train[1], label
+        assert evaluation[0] == evaluation[1], label
+
+
+def test_second_forward_drops_out_as_megatron_core_configured_with_that_dropout(dropout_runs):
+    """SimCSE's second view: dropout p after the embedding and on every layer's attention and residual branches,
+    bitwise as megatron-core's model built with hidden and attention dropout p; no dropout afterwards."""
+    _, states = dropout_runs
+    assert torch.equal(states["ours"], states["theirs"])
+    assert not torch.equal(states["ours"], states["none"])
+    assert torch.equal(states["after"], states["none"])
 
 
 RESUMED = ["schedule.train_iters=4", "training.eval_interval=100", "training.save_interval=100"]
