@@ -13,7 +13,7 @@ import torch
 from distributed import run_distributed
 from layout_steps import BASE, batch_for, forward_backward
 from test_batch_layouts import LAYOUTS, assert_same_step, layout_steps
-from test_megatron_training import local_training, megatron_training
+from test_megatron_training import SETTINGS, local_training, megatron_training
 from test_training import config, corpus, read_metrics, train_worker  # noqa: F401  (corpus is a fixture)
 
 from megatron_simreg.config import ConfigError, load_config
@@ -199,11 +199,11 @@ RESUMED = ["schedule.train_iters=4", "training.eval_interval=100", "training.sav
 
 @pytest.fixture(scope="module")
 def resumed_runs(corpus, tmp_path_factory):  # noqa: F811
-    """CPretrain and SCE (EMA target) in the local loop: straight to 4, and stopped at 2 then resumed."""
+    """CPretrain and SCE (at its defaults) in the local loop: straight to 4, and stopped at 2 then resumed."""
     folder = tmp_path_factory.mktemp("resume")
     runs = {}
     for name in ("cpretrain", "sce"):
-        overrides = BASELINES[name][:1] + (["regularizer.target=ema"] if name == "sce" else []) + RESUMED
+        overrides = [f"regularizer.name={name}", *RESUMED]
         run_distributed(train_worker, 1, config(corpus, folder / f"{name}-straight", *overrides))
         stopped = config(corpus, folder / f"{name}-resumed", *overrides, "training.exit_interval=2")
         run_distributed(train_worker, 1, stopped)
@@ -260,8 +260,26 @@ def test_megatron_training_moves_the_ema_after_each_successful_step():
     assert optimizer.step()[0] is True and torch.equal(encoder.decoder.final_layernorm.weight, torch.full((3,), 2.0))
 
 
-CPRETRAIN_VALUE = re.compile(r"iteration +(\d+)/ +\d+ \|.*?\| lm loss: (\S+) \| simreg: (\S+) \|"
-                             r".*?\| cpretrain: (\S+) \|")
+def assert_megatron_log_matches(log, local_run, name, restarts=(1, 3)):
+    """Megatron's logged lm loss, SimReg and `name` at iterations 1-4, (re)started at `restarts`, are the local
+    loop's."""
+    line = re.compile(rf"iteration +(\d+)/ +\d+ \|.*?\| lm loss: (\S+) \| simreg: (\S+) \|.*?\| {name}: (\S+) \|")
+    train = {int(i): tuple(map(float, values)) for i, *values in line.findall(log)}
+    local = {i: (m["lm loss"], m["simreg"], m[name]) for i, m in read_metrics(local_run).items()}
+    for first in restarts:  # Megatron's line after each (re)start averages its first two iterations
+        local[first + 1] = tuple((x + y) / 2 for x, y in zip(local[first], local[first + 1]))
+    assert sorted(train) == [1, 2, 3, 4]
+    for iteration in train:
+        assert train[iteration] == pytest.approx(local[iteration], rel=2e-6), iteration
+
+
+def regularizer_states(runs, cfg_run):
+    """Each run's `regularizer_state.*` tensors, read from its last checkpoint (torch_dist or legacy)."""
+    from megatron_simreg.export_hf import load_merged_state
+
+    cfg = load_config(str(cfg_run / "config.yaml"))
+    states = [load_merged_state(str(run / "checkpoints"), cfg) for run in runs]
+    return [{k: v for k, v in state.items() if k.startswith("regularizer_state.")} for state in states]
 
 
 def test_cpretrain_through_megatron_training_matches_the_local_loop(corpus, tmp_path):  # noqa: F811
@@ -270,20 +288,27 @@ def test_cpretrain_through_megatron_training_matches_the_local_loop(corpus, tmp_
     log = megatron_training(tmp_path / "megatron", *settings, "training.exit_interval=2")
     log += megatron_training(tmp_path / "megatron", *settings)
     local_training(tmp_path / "local", *settings)
-    train = {int(i): tuple(map(float, values)) for i, *values in CPRETRAIN_VALUE.findall(log)}
-    local = {i: (m["lm loss"], m["simreg"], m["cpretrain"]) for i, m in read_metrics(tmp_path / "local").items()}
-    for first in (1, 3):  # Megatron's line after each (re)start averages its first two iterations
-        local[first + 1] = tuple((x + y) / 2 for x, y in zip(local[first], local[first + 1]))
-    assert sorted(train) == [1, 2, 3, 4]
-    for iteration in train:
-        assert train[iteration] == pytest.approx(local[iteration], rel=2e-6), iteration
-    from megatron_simreg.export_hf import load_merged_state
-
-    cfg = load_config(str(tmp_path / "local" / "config.yaml"))
-    temperatures = [load_merged_state(str(tmp_path / run / "checkpoints"), cfg)["regularizer_state.log_scale"]
-                    for run in ("megatron", "local")]
+    assert_megatron_log_matches(log, tmp_path / "local", "cpretrain")
+    ours, theirs = regularizer_states([tmp_path / "megatron", tmp_path / "local"], tmp_path / "local")
+    temperatures = ours["regularizer_state.log_scale"], theirs["regularizer_state.log_scale"]
     torch.testing.assert_close(temperatures[0], temperatures[1], rtol=1e-6, atol=0)
     assert temperatures[0].item() != pytest.approx(math.log(1 / 0.07), abs=1e-6)
+
+
+def test_sce_through_megatron_training_matches_the_local_loop(corpus, tmp_path):  # noqa: F811
+    """SCE's momentum encoder under megatron.training: moved after each step as the local loop moves it (every
+    logged value the same; views without dropout, as the two loops' dropout masks come from other RNG states),
+    and saved whole in Megatron's torch_dist checkpoint."""
+    settings = [f"data.prefix={corpus}", "regularizer.name=sce", "regularizer.dropout=0",
+                "regularizer.target_dropout=0", *RESUMED]
+    log = megatron_training(tmp_path / "megatron", *settings)
+    local = load_config("configs/tiny-llama.yaml", SETTINGS + [f"logging.run_dir={tmp_path / 'local'}", *settings])
+    run_distributed(train_worker, 1, local)
+    assert_megatron_log_matches(log, tmp_path / "local", "sce", restarts=(1,))
+    ours, theirs = regularizer_states([tmp_path / "megatron", tmp_path / "local"], tmp_path / "local")
+    assert sorted(ours) == sorted(theirs) and "regularizer_state.encoder.decoder.final_layernorm.weight" in ours
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=0, msg=key)
 
 
 @pytest.mark.parametrize("overrides, message", [
