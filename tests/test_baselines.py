@@ -1,7 +1,7 @@
 """The Table 1 baselines in training: the same step in every batch and parallel layout (DP=2, TP=2 + SP, CP=2
-over gloo), vocabulary-parallel Jensen-Shannon, a few steps that lower each one's own term, exact resume with
-their state (CPretrain's temperature, SCE's EMA) in the local loop, megatron.training's loop on CPU, the
-Hugging Face export leaving their state out, and the config's errors."""
+over gloo), vocabulary-parallel Jensen-Shannon, a few steps that lower each one's own term, dropout in training
+only, exact resume with their state (CPretrain's temperature, SCE's momentum encoder) in the local loop,
+megatron.training's loop on CPU, the Hugging Face export leaving their state out, and the config's errors."""
 
 import contextlib
 import copy
@@ -318,6 +318,8 @@ def test_sce_through_megatron_training_matches_the_local_loop(corpus, tmp_path):
     (["regularizer.name=simcse", "regularizer.views=twice"], "regularizer.views must be one of dropout, forward"),
     (["regularizer.name=creg", "regularizer.temperature=0"], "regularizer.temperature must be positive"),
     (["regularizer.name=simcse", "regularizer.views=forward", "parallel.pipeline=2"], "needs parallel.pipeline=1"),
+    (["regularizer.name=sce", "parallel.pipeline=2"], "it needs parallel.pipeline=1 (or target=view)"),
+    (["regularizer.name=sce", "model.num_experts=4"], "regularizer.target=ema is not supported with experts"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     from megatron_simreg.config import check_layout

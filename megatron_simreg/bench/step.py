@@ -2,8 +2,9 @@
 
 Times full training steps (forward, backward, AdaGC, optimizer) of the same model and batch with SimReg
 off, full and chunk-wise (and with `--baselines` each Table 1 baseline at its defaults and its cheap
-options), and measures each step's peak memory growth, then prints both as ratios to the run without SimReg. With the tiny LLaMA by default; pass a config and `--set` to try others. On a GPU the
-batch, the model and the memory figures (`torch.cuda.max_memory_allocated`) are the GPU's.
+options), and measures each step's peak memory growth, then prints both as ratios to the run without SimReg.
+With the tiny LLaMA by default; pass a config and `--set` to try others. On a GPU the batch, the model and the
+memory figures (`torch.cuda.max_memory_allocated`) are the GPU's.
 
 The variants' steps are timed interleaved (one step of each in turn), so a machine that speeds up or
 slows down during the run weighs on all of them alike; the per-round ratios' quartiles show the spread.

@@ -9,9 +9,10 @@ z_ij = scale * <q_i, k_j> (+ bias). Three reductions over a row's pairs are offe
 - `pair_softmax_average`: sum_j softmax_j(z_ij) v_j, no gradient (SCE's target).
 
 Pairs are the valid keys of the row's segment, restricted by `kind`: "all", "other_label" (another label),
-"other_label_once" (another label, each label once: its first key) or "not_self". Nothing of size n x m is kept: forward works in `block x block` tiles and saves per-row
-scalars; backward recomputes the tiles. Written by hand because torch offers no masked, tiled
-log-sum-exp with its gradient; the math runs in the inputs' dtype (fp32, or fp64 for gradcheck).
+"other_label_once" (another label, each label once: its first key) or "not_self". Nothing of size n x m is
+kept: forward works in `block x block` tiles and saves per-row scalars; backward recomputes the tiles. Written
+by hand because torch offers no masked, tiled log-sum-exp with its gradient; the math runs in the inputs' dtype
+(fp32, or fp64 for gradcheck).
 """
 
 from __future__ import annotations
