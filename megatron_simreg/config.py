@@ -564,7 +564,8 @@ def check_layout(config: Config, world_size: int) -> int:
 
 
 def _regularizer_layout_problems(config: Config) -> list[str]:
-    """A baseline's chunks must not straddle ranks; a second forward (views: forward) needs one pipeline stage."""
+    """A baseline's chunks must not straddle ranks; a second forward (views: forward) and SCE's momentum encoder
+    (target: ema) need one pipeline stage, and the encoder a dense model."""
     settings, p, m = config.regularizer.settings, config.parallel, config.model
     if settings is None:
         return []
@@ -572,6 +573,12 @@ def _regularizer_layout_problems(config: Config) -> list[str]:
     if getattr(settings, "views", None) == "forward" and p.pipeline > 1:
         problems.append("regularizer.views=forward runs a second forward inside the last stage's step: "
                         "it needs parallel.pipeline=1 (or views=dropout)")
+    if getattr(settings, "target", None) == "ema" and p.pipeline > 1:
+        problems.append("regularizer.target=ema runs the whole momentum encoder inside the last stage's step, which "
+                        "holds only its own layers: it needs parallel.pipeline=1 (or target=view)")
+    if getattr(settings, "target", None) == "ema" and m.num_experts:
+        problems.append("regularizer.target=ema is not supported with experts (a momentum encoder's routers, their "
+                        "load-balancing losses and expert-parallel dispatch are untested): use target=view")
     if settings.mode == "chunk" and settings.chunk_size and (p.sequence_parallel or p.context > 1):
         local = m.seq_length // (p.tensor if p.sequence_parallel else 1) // (2 * p.context if p.context > 1 else 1)
         if local % settings.chunk_size:

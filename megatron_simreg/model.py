@@ -12,6 +12,7 @@ round: their sharded keys are the same.
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -138,7 +139,19 @@ def model_provider(
     """
     if config is None:
         config = transformer_config_from(cfg)
-    model = GPTModel(
+    build = partial(_gpt_model, cfg, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
+                    pg_collection=pg_collection)
+    model = build(config)
+    if post_process and cfg.simreg.enabled:
+        check_layer_capture(model, cfg.simreg.layer)
+    state = regularizer_state(cfg, model, lambda: build(_fp32_twin(config))) if post_process else None
+    if state is not None:  # in the model, so the optimizer steps it and both checkpoint formats keep it
+        model.regularizer_state = state
+    return model
+
+
+def _gpt_model(cfg: Config, config: TransformerConfig, pre_process, post_process, vp_stage, pg_collection) -> GPTModel:
+    return GPTModel(
         config=config,
         transformer_layer_spec=block_spec(config, vp_stage),
         vocab_size=padded_vocab_size(cfg),
@@ -151,17 +164,19 @@ def model_provider(
         pg_collection=pg_collection,
         vp_stage=vp_stage,
     )
-    if post_process and cfg.simreg.enabled:
-        check_layer_capture(model, cfg.simreg.layer)
-    state = regularizer_state(cfg, config) if post_process else None
-    if state is not None:  # in the model, so the optimizer steps it and both checkpoint formats keep it
-        model.regularizer_state = state
-    return model
 
 
-def regularizer_state(cfg: Config, config: TransformerConfig) -> torch.nn.Module | None:
-    """The trained baseline's state (CPretrain's learnable temperature, SCE's EMA target), or None."""
+def _fp32_twin(config: TransformerConfig) -> TransformerConfig:
+    """`config` for an fp32 copy of the model whose weights are copied in, not initialised (SCE's momentum
+    encoder: an EMA needs fp32, and an fp32 model keeps Megatron's bf16 casts out of its forward)."""
+    twin = copy.copy(config)
+    twin.bf16, twin.fp16, twin.params_dtype, twin.perform_initialization = False, False, torch.float32, False
+    return twin
+
+
+def regularizer_state(cfg: Config, model: GPTModel, twin) -> torch.nn.Module | None:
+    """The trained baseline's state (CPretrain's learnable temperature, SCE's momentum encoder), or None."""
     r = cfg.regularizer
     if r.settings is None:
         return None
-    return regularizers.get(r.name).state(r.settings, config.hidden_size, config.params_dtype, config.sequence_parallel)
+    return regularizers.get(r.name).state(r.settings, model, twin)

@@ -143,7 +143,7 @@ class SimRegObjective:
                         runtime_gather_output, scale_logits) -> RegularizerInputs:
         """What the baseline reads: this rank's slice of the final states and labels, and on demand the labels'
         output-layer rows, the output layer's (vocabulary-parallel) logits, the second forward's states and the
-        final norm's input (both captured by `forward_step`)."""
+        momentum encoder's (both run by `forward_step`)."""
         group, layout, position = _sequence_sharding(config.sequence_parallel)
         local = hidden_states.shape[0]
         positions = slice(position * local, (position + 1) * local)
@@ -168,7 +168,7 @@ class SimRegObjective:
             vocab_group=tensor_group if split_vocabulary else None,
             # in evaluation (no dropout in the layers) a second forward would repeat the first
             second_view=context.get("second_view", hidden_states) if "second_view" in needs else None,
-            pre_norm=context.get("pre_norm"), norm_epsilon=config.layernorm_epsilon,
+            target_view=context.get("target_view"), training=context.get("training", True),
         )
 
 
@@ -325,49 +325,59 @@ def _gpt_model(model):
 
 @contextlib.contextmanager
 def _baseline_context(model, objective: SimRegObjective, batch: dict, context: dict):
-    """What a baseline reads besides the final states: its state module in the model, the hidden states of a
-    second forward with hidden dropout (views: forward, training only), the final norm's input (a hook)."""
-    if objective.baseline is None:
-        yield
-        return
-    gpt = _gpt_model(model)
-    context["regularizer_state"] = getattr(gpt, "regularizer_state", None)
-    needs = objective.baseline.needs
-    if "second_view" in needs and gpt.training:
-        context["second_view"] = _second_view(model, gpt, batch, objective.baseline.settings.dropout)
-    handle, norm = None, getattr(gpt.decoder, "final_layernorm", None)  # the final norm is on the last stage
-    if "pre_norm" in needs and norm is not None:
-        handle = norm.register_forward_pre_hook(
-            lambda _module, args: context.__setitem__("pre_norm", args[0]))
+    """What a baseline reads besides the final states: its state module in the model, whether the model is in
+    training (evaluation drops nothing out), the final states of a second forward with dropout (views: forward,
+    training only) and of SCE's momentum encoder (without gradient)."""
+    if objective.baseline is not None:
+        gpt = _gpt_model(model)
+        state, needs = getattr(gpt, "regularizer_state", None), objective.baseline.needs
+        context.update(regularizer_state=state, training=gpt.training)
+        if "second_view" in needs and gpt.training:
+            with _dropout(gpt, objective.baseline.settings.dropout):
+                context["second_view"] = _final_states(model, batch)
+        if "target_view" in needs:
+            with torch.no_grad():
+                context["target_view"] = _final_states(state.encoder, batch)
+    yield
+
+
+def _final_states(model, batch: dict) -> torch.Tensor:
+    """Final hidden states `[s, b, h]` (after the final norm) of a forward of `model` on the batch."""
+    return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
+                 loss_mask=batch["loss_mask"], output_processor=lambda hidden_states, **_: hidden_states)
+
+
+@contextlib.contextmanager
+def _dropout(gpt, p: float):
+    """Dropout p wherever megatron-core's `hidden_dropout` and `attention_dropout` put it (the embedding's output,
+    each layer's attention probabilities and residual branches), as BERT's dropout in SimCSE; restored on leaving.
+    The layers read `hidden_dropout` at each forward, the embedding and the local attention apply
+    `torch.nn.Dropout` modules, Transformer Engine's attention keeps its probability as a float
+    `attention_dropout`. Bitwise as layers built with both dropouts p (tested)."""
+    parts = [part for part in (getattr(gpt, "embedding", None), gpt.decoder) if part is not None]
+    saved = []
+    for module in (module for part in parts for module in part.modules()):
+        if isinstance(module, torch.nn.Dropout):
+            saved.append((module, "p", module.p))
+        for name in ("hidden_dropout", "attention_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                saved.append((module, name, getattr(module, name)))
+    for owner, name, _ in saved:
+        setattr(owner, name, p)
     try:
         yield
     finally:
-        if handle is not None:
-            handle.remove()
-
-
-def _second_view(model, gpt, batch: dict, dropout: float) -> torch.Tensor:
-    """Final hidden states `[s, b, h]` of a second forward of the batch with hidden dropout p in every decoder
-    layer (megatron-core's layers read `hidden_dropout` at each forward; it is restored right after)."""
-    layers = list(gpt.decoder.layers)
-    saved = [layer.hidden_dropout for layer in layers]
-    for layer in layers:
-        layer.hidden_dropout = dropout
-    try:
-        return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
-                     loss_mask=batch["loss_mask"], output_processor=lambda hidden_states, **_: hidden_states)
-    finally:
-        for layer, p in zip(layers, saved):
-            layer.hidden_dropout = p
+        for owner, name, value in saved:
+            setattr(owner, name, value)
 
 
 def update_regularizer_state(model_chunks) -> None:
-    """After each optimizer step that updated the weights: SCE's EMA target follows the final norm's weight."""
+    """After each optimizer step that updated the weights: SCE's momentum encoder follows the model."""
     for chunk in model_chunks:
         gpt = _gpt_model(chunk)
         state = getattr(gpt, "regularizer_state", None)
         if hasattr(state, "update"):
-            state.update(gpt.decoder.final_layernorm.weight)
+            state.update(gpt)
 
 
 def reduce_reports(reports: list[dict[str, torch.Tensor]], group=None) -> dict[str, float]:

@@ -178,12 +178,23 @@ def results_table(study, results: list[SettingResult]) -> str:
         overrides = ", ".join(f"{k}={v}" for k, v in result.setting.overrides) or "-"
         cells = [_cell(result, q, spec, study.baseline is not None) for q, spec, _ in columns]
         seeds_done = f"{len(result.seeds)}/{result.planned}"
-        name = result.setting.name + _marks(result.seeds, codes)
+        name = result.setting.name + reconstruction_mark(study, result.setting) + _marks(result.seeds, codes)
         lines.append(f"| {name} | `{overrides}` | {seeds_done} | " + " | ".join(cells) + " |")
+    if any(reconstruction_mark(study, r.setting) for r in results):
+        lines += ["", RECONSTRUCTION]
     return "\n".join(lines)
 
 
-def seeds_table(results: list[SettingResult]) -> str:
+RECONSTRUCTION = ("† CReg is this project's reconstruction from the paper's one-line summary and the original's "
+                  "abstract (no public code or full text): see docs/baselines.md.")
+
+
+def reconstruction_mark(study, setting) -> str:
+    """"†" for a setting that trains CReg (docs/baselines.md: our reconstruction, not the original's code)."""
+    return "†" if {**study.shared, **dict(setting.overrides)}.get("regularizer.name") == "creg" else ""
+
+
+def seeds_table(study, results: list[SettingResult]) -> str:
     lines = ["| setting | seed | final valid loss | Δ loss vs baseline | tokens saved | SimReg "
              "| negative angle (°) | wall time |",
              "|---|---|---|---|---|---|---|---|"]
@@ -193,7 +204,7 @@ def seeds_table(results: list[SettingResult]) -> str:
             saved = _show(r.values, SAVED, ".1%")
             if r.values.get("loss vs baseline") is not None and r.values.get(SAVED) is None:
                 saved = "not reached"
-            name = result.setting.name + _marks([r], codes)
+            name = result.setting.name + reconstruction_mark(study, result.setting) + _marks([r], codes)
             lines.append(f"| {name} | {r.seed} | {_show(r.values, 'final valid loss', '.4f')} | "
                          f"{_show(r.values, 'loss vs baseline', '+.4f')} | {saved} | "
                          f"{_show(r.values, 'simreg', '.3g')} | "
@@ -343,7 +354,7 @@ def write_report(study, states) -> str:
         groups = {r.setting.name: [s.run for s in r.seeds] for r in results if r.seeds}
         curves = plot_seed_bands(groups, os.path.join(study.out, "curves.png"), study.plots, train_smoothing=0.9)
         lines += [CURVES_EXPLAINED, "", f"![curves]({os.path.basename(curves)})", "",
-                  "## Per seed", "", seeds_table(results), ""]
+                  "## Per seed", "", seeds_table(study, results), ""]
     path = os.path.join(study.out, "report.md")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))

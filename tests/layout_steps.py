@@ -45,14 +45,19 @@ def model_with_shared_weights(cfg, checkpoint, save):
         sharded = {k: v for k, v in model.module.sharded_state_dict().items() if not k.startswith(STATE)}
         loaded = model.module.load_state_dict(dist_checkpointing.load(sharded, checkpoint), strict=False)
         assert not loaded.unexpected_keys and all(k.startswith(STATE) for k in loaded.missing_keys), loaded
+        state = getattr(model.module, "regularizer_state", None)
+        if hasattr(state, "encoder"):  # SCE's momentum encoder starts as a copy of the model: of the shared weights
+            own = {k: v for k, v in model.module.state_dict().items() if not k.startswith(STATE)}
+            state.encoder.load_state_dict(own)
     return model, optimizer
 
 
 STATE = "regularizer_state."
 
 
-def forward_backward(cfg, model, seed=0, masked=True):
-    """One global batch through megatron's schedule; this rank's share of it; the reduced report."""
+def forward_backward(cfg, model, seed=0, masked=True, forward_only=False):
+    """One global batch through megatron's schedule (forward only: as evaluation runs it); this rank's share of
+    it; the reduced report."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -71,7 +76,7 @@ def forward_backward(cfg, model, seed=0, masked=True):
             SimRegObjective.from_config(cfg), lambda i: on_this_rank(next(i)), it, m
         ),
         data_iterator=iter(micro), model=[model], num_microbatches=plan.micro_batches,
-        seq_length=cfg.model.seq_length, micro_batch_size=mbs, forward_only=False,
+        seq_length=cfg.model.seq_length, micro_batch_size=mbs, forward_only=forward_only,
     )
     return (
         reduce_reports(reports, parallel_state.get_data_parallel_group(with_context_parallel=True)) if reports else None
@@ -79,19 +84,22 @@ def forward_backward(cfg, model, seed=0, masked=True):
 
 
 def gathered_grads(model):
-    """Every parameter's gradient as the single-process model would name and shape it."""
-    return gathered(model, lambda param: param.main_grad)
+    """Every trained parameter's gradient as the single-process model would name and shape it."""
+    return gathered(model, lambda param: param.main_grad if param.requires_grad else None)
 
 
 def gathered(model, tensor_of):
-    """`tensor_of(param)` for every parameter, as the single-process model would name and shape it."""
+    """`tensor_of(param)` for every parameter (where not None), as the single-process model would name and shape it."""
     from megatron.core import parallel_state
 
     out = {}
     tp_group = parallel_state.get_tensor_model_parallel_group()
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     for name, param in model.named_parameters():
-        grad = tensor_of(param).detach().clone()
+        tensor = tensor_of(param)
+        if tensor is None:
+            continue
+        grad = tensor.detach().clone()
         if getattr(param, "tensor_model_parallel", False) and parallel_state.get_tensor_model_parallel_world_size() > 1:
             pieces = [torch.empty_like(grad) for _ in range(dist.get_world_size(tp_group))]
             dist.all_gather(pieces, grad.contiguous(), group=tp_group)

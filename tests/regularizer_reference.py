@@ -42,15 +42,20 @@ def simcse(a, b, mask, temperature, chunk_size=None):
 
 
 def cpretrain(h, e, labels, mask, scale, chunk_size=None):
-    """Symmetric InfoNCE between tokens and their label embeddings; same-label partners are not negatives."""
+    """Symmetric InfoNCE between tokens and their label embeddings; same-label partners are not negatives.
+    Token -> labels: each other label of the segment once (its embedding e is a function of the label);
+    label -> tokens: every other-label token."""
     s = h.shape[1]
     losses = []
     for x, i in _anchors(mask):
         positive = scale * _cos(h[x, i], e[x, i])
+        others = [j for j in _segment(i, s, chunk_size) if mask[x, j] and labels[x, j] != labels[x, i]]
+        first_of_label = {}
+        for j in others:
+            first_of_label.setdefault(int(labels[x, j]), j)
         directions = []
-        for anchor, partner in ((h, e), (e, h)):
-            negatives = [scale * _cos(anchor[x, i], partner[x, j]) for j in _segment(i, s, chunk_size)
-                         if mask[x, j] and labels[x, j] != labels[x, i]]
+        for anchor, partner, keys in ((h, e, list(first_of_label.values())), (e, h, others)):
+            negatives = [scale * _cos(anchor[x, i], partner[x, j]) for j in keys]
             directions.append(torch.logsumexp(torch.stack([positive] + negatives), 0) - positive)
         losses.append((directions[0] + directions[1]) / 2)
     return _mean(losses, mask)
@@ -109,8 +114,9 @@ def sce(online, target, mask, temperature, target_temperature, mix, chunk_size=N
     return _mean(losses, mask)
 
 
-def rms_norm(x, weight, epsilon):
-    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + epsilon) * weight
+def ema(average, weight, momentum):
+    """The momentum encoder's update (SCE's `_update_weights`): momentum * average + (1 - momentum) * weight."""
+    return momentum * average + (1 - momentum) * weight
 
 
 def log_scale(temperature):

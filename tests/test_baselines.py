@@ -1,17 +1,19 @@
 """The Table 1 baselines in training: the same step in every batch and parallel layout (DP=2, TP=2 + SP, CP=2
-over gloo), vocabulary-parallel Jensen-Shannon, a few steps that lower each one's own term, exact resume with
-their state (CPretrain's temperature, SCE's EMA) in the local loop, megatron.training's loop on CPU, the
-Hugging Face export leaving their state out, and the config's errors."""
+over gloo), vocabulary-parallel Jensen-Shannon, a few steps that lower each one's own term, dropout in training
+only, exact resume with their state (CPretrain's temperature, SCE's momentum encoder) in the local loop,
+megatron.training's loop on CPU, the Hugging Face export leaving their state out, and the config's errors."""
 
+import contextlib
+import copy
 import math
 import re
 
 import pytest
 import torch
 from distributed import run_distributed
-from layout_steps import BASE, forward_backward
+from layout_steps import BASE, batch_for, forward_backward
 from test_batch_layouts import LAYOUTS, assert_same_step, layout_steps
-from test_megatron_training import local_training, megatron_training
+from test_megatron_training import SETTINGS, local_training, megatron_training
 from test_training import config, corpus, read_metrics, train_worker  # noqa: F401  (corpus is a fixture)
 
 from megatron_simreg.config import ConfigError, load_config
@@ -108,13 +110,88 @@ def own_term_worker(rank, world, runs, steps):
 
 
 def test_training_lowers_each_baselines_own_term():
-    """With the default views (dropout 0.1 on the final states), and SimCSE with a second forward's views."""
+    """At the defaults (SimCSE's second forward with dropout 0.1, SCE's momentum encoder), and the cheap options
+    (dropout views of the final states, SCE's target another such view)."""
     runs = {name: [o for o in overrides if "dropout" not in o] for name, overrides in BASELINES.items()}
-    runs["simcse, views forward"] = ["regularizer.name=simcse", "regularizer.views=forward"]
+    runs["simcse, views dropout"] = ["regularizer.name=simcse", "regularizer.views=dropout"]
+    runs["sce, target view"] = ["regularizer.name=sce", "regularizer.target=view"]
     values, = run_distributed(own_term_worker, 1, runs, 8)
     for name, curve in values.items():
         assert all(math.isfinite(v) for v in curve), name
         assert curve[-1] < 0.9 * curve[0], (name, curve)
+
+
+def dropout_worker(rank, world, runs):
+    """Each run's baseline value on one batch, twice with the model in training and twice in evaluation (as both
+    loops' `evaluate` put it); and SimCSE's second forward beside a model built with megatron-core's own hidden
+    and attention dropout (the same weights and RNG state), and the one it ran on afterwards."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_simreg import parallel
+    from megatron_simreg.local_loop import build_model_and_optimizer
+    from megatron_simreg.model import model_provider, transformer_config_from
+    from megatron_simreg.objective import _dropout, _final_states
+
+    values = {}
+    for label, overrides in runs.items():
+        cfg = load_config("configs/tiny-llama.yaml", BASE + overrides)
+        parallel.initialize(cfg)
+        try:
+            model, _ = build_model_and_optimizer(cfg)
+            for mode in ("train", "eval"):
+                getattr(model, mode)()
+                values[label, mode] = [forward_backward(cfg, model, forward_only=True)[cfg.regularizer.name]
+                                       for _ in range(2)]
+        finally:
+            parallel.destroy()
+
+    cfg = load_config("configs/tiny-llama.yaml", BASE + ["regularizer.name=simcse"])
+    parallel.initialize(cfg)
+    try:
+        config = transformer_config_from(cfg)
+        ours = model_provider(cfg, config=config)
+        dropped = copy.copy(config)
+        dropped.hidden_dropout = dropped.attention_dropout = 0.1
+        theirs = model_provider(cfg, config=dropped)
+        theirs.load_state_dict(ours.state_dict())
+        batch = {k: v[:2] for k, v in batch_for().items()}
+        states = {}
+        for name, model in (("ours", ours), ("theirs", theirs)):
+            torch.manual_seed(1)
+            model_parallel_cuda_manual_seed(1)
+            with _dropout(ours, 0.1) if name == "ours" else contextlib.nullcontext():
+                states[name] = _final_states(model, batch).detach()
+        states["after"] = _final_states(ours, batch).detach()
+        states["none"] = _final_states(theirs.eval(), batch).detach()
+    finally:
+        parallel.destroy()
+    return values, states
+
+
+@pytest.fixture(scope="module")
+def dropout_runs():
+    runs = {name: [f"regularizer.name={name}"] for name in ("simcse", "creg", "sce")}  # views: forward, dropout
+    (values, states), = run_distributed(dropout_worker, 1, runs)
+    return values, states
+
+
+def test_evaluation_takes_no_dropout_view(dropout_runs):
+    """At the defaults, SimCSE's second forward, CReg's dropout views and SCE's (beside its momentum encoder's)
+    differ from step to step in training; in evaluation the same weights give the same value every time."""
+    values, _ = dropout_runs
+    for label in {label for label, _ in values}:
+        train, evaluation = values[label, "train"], values[label, "eval"]
+        assert train[0] != train[1], label
+        assert evaluation[0] == evaluation[1], label
+
+
+def test_second_forward_drops_out_as_megatron_core_configured_with_that_dropout(dropout_runs):
+    """SimCSE's second view: dropout p after the embedding and on every layer's attention and residual branches,
+    bitwise as megatron-core's model built with hidden and attention dropout p; no dropout afterwards."""
+    _, states = dropout_runs
+    assert torch.equal(states["ours"], states["theirs"])
+    assert not torch.equal(states["ours"], states["none"])
+    assert torch.equal(states["after"], states["none"])
 
 
 RESUMED = ["schedule.train_iters=4", "training.eval_interval=100", "training.save_interval=100"]
@@ -122,11 +199,11 @@ RESUMED = ["schedule.train_iters=4", "training.eval_interval=100", "training.sav
 
 @pytest.fixture(scope="module")
 def resumed_runs(corpus, tmp_path_factory):  # noqa: F811
-    """CPretrain and SCE (EMA target) in the local loop: straight to 4, and stopped at 2 then resumed."""
+    """CPretrain and SCE (at its defaults) in the local loop: straight to 4, and stopped at 2 then resumed."""
     folder = tmp_path_factory.mktemp("resume")
     runs = {}
     for name in ("cpretrain", "sce"):
-        overrides = BASELINES[name][:1] + (["regularizer.target=ema"] if name == "sce" else []) + RESUMED
+        overrides = [f"regularizer.name={name}", *RESUMED]
         run_distributed(train_worker, 1, config(corpus, folder / f"{name}-straight", *overrides))
         stopped = config(corpus, folder / f"{name}-resumed", *overrides, "training.exit_interval=2")
         run_distributed(train_worker, 1, stopped)
@@ -136,7 +213,7 @@ def resumed_runs(corpus, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.parametrize("name, state", [("cpretrain", "regularizer_state.log_scale"),
-                                         ("sce", "regularizer_state.ema_norm_weight")])
+                                         ("sce", "regularizer_state.encoder.decoder.final_layernorm.weight")])
 def test_resume_is_exact_with_the_regularizers_state(resumed_runs, name, state):
     straight, resumed = resumed_runs[name]
     a, b = read_metrics(straight), read_metrics(resumed)
@@ -170,18 +247,39 @@ def test_megatron_training_moves_the_ema_after_each_successful_step():
     gpt = torch.nn.Module()
     gpt.decoder = torch.nn.Module()
     gpt.decoder.final_layernorm = torch.nn.RMSNorm(3)
-    gpt.regularizer_state = SCEState(SCESettings(target="ema", momentum=0.5), 3)
+    encoder = torch.nn.Module()
+    encoder.decoder = torch.nn.Module()
+    encoder.decoder.final_layernorm = torch.nn.RMSNorm(3)
+    gpt.regularizer_state = SCEState(SCESettings(momentum=0.5), gpt, encoder)
     with torch.no_grad():
         gpt.decoder.final_layernorm.weight.fill_(3.0)
     outcomes = iter([(False, None, None), (True, 1.0, None)])
     built = SimpleNamespace(step=lambda: next(outcomes))
     optimizer = _with_our_step(None, lambda config, model_chunks: built)(None, [gpt])  # as get_megatron_optimizer
-    assert optimizer.step()[0] is False and torch.equal(gpt.regularizer_state.ema_norm_weight, torch.ones(3))
-    assert optimizer.step()[0] is True and torch.equal(gpt.regularizer_state.ema_norm_weight, torch.full((3,), 2.0))
+    assert optimizer.step()[0] is False and torch.equal(encoder.decoder.final_layernorm.weight, torch.ones(3))
+    assert optimizer.step()[0] is True and torch.equal(encoder.decoder.final_layernorm.weight, torch.full((3,), 2.0))
 
 
-CPRETRAIN_VALUE = re.compile(r"iteration +(\d+)/ +\d+ \|.*?\| lm loss: (\S+) \| simreg: (\S+) \|"
-                             r".*?\| cpretrain: (\S+) \|")
+def assert_megatron_log_matches(log, local_run, name, restarts=(1, 3)):
+    """Megatron's logged lm loss, SimReg and `name` at iterations 1-4, (re)started at `restarts`, are the local
+    loop's."""
+    line = re.compile(rf"iteration +(\d+)/ +\d+ \|.*?\| lm loss: (\S+) \| simreg: (\S+) \|.*?\| {name}: (\S+) \|")
+    train = {int(i): tuple(map(float, values)) for i, *values in line.findall(log)}
+    local = {i: (m["lm loss"], m["simreg"], m[name]) for i, m in read_metrics(local_run).items()}
+    for first in restarts:  # Megatron's line after each (re)start averages its first two iterations
+        local[first + 1] = tuple((x + y) / 2 for x, y in zip(local[first], local[first + 1]))
+    assert sorted(train) == [1, 2, 3, 4]
+    for iteration in train:
+        assert train[iteration] == pytest.approx(local[iteration], rel=2e-6), iteration
+
+
+def regularizer_states(runs, cfg_run):
+    """Each run's `regularizer_state.*` tensors, read from its last checkpoint (torch_dist or legacy)."""
+    from megatron_simreg.export_hf import load_merged_state
+
+    cfg = load_config(str(cfg_run / "config.yaml"))
+    states = [load_merged_state(str(run / "checkpoints"), cfg) for run in runs]
+    return [{k: v for k, v in state.items() if k.startswith("regularizer_state.")} for state in states]
 
 
 def test_cpretrain_through_megatron_training_matches_the_local_loop(corpus, tmp_path):  # noqa: F811
@@ -190,20 +288,27 @@ def test_cpretrain_through_megatron_training_matches_the_local_loop(corpus, tmp_
     log = megatron_training(tmp_path / "megatron", *settings, "training.exit_interval=2")
     log += megatron_training(tmp_path / "megatron", *settings)
     local_training(tmp_path / "local", *settings)
-    train = {int(i): tuple(map(float, values)) for i, *values in CPRETRAIN_VALUE.findall(log)}
-    local = {i: (m["lm loss"], m["simreg"], m["cpretrain"]) for i, m in read_metrics(tmp_path / "local").items()}
-    for first in (1, 3):  # Megatron's line after each (re)start averages its first two iterations
-        local[first + 1] = tuple((x + y) / 2 for x, y in zip(local[first], local[first + 1]))
-    assert sorted(train) == [1, 2, 3, 4]
-    for iteration in train:
-        assert train[iteration] == pytest.approx(local[iteration], rel=2e-6), iteration
-    from megatron_simreg.export_hf import load_merged_state
-
-    cfg = load_config(str(tmp_path / "local" / "config.yaml"))
-    temperatures = [load_merged_state(str(tmp_path / run / "checkpoints"), cfg)["regularizer_state.log_scale"]
-                    for run in ("megatron", "local")]
+    assert_megatron_log_matches(log, tmp_path / "local", "cpretrain")
+    ours, theirs = regularizer_states([tmp_path / "megatron", tmp_path / "local"], tmp_path / "local")
+    temperatures = ours["regularizer_state.log_scale"], theirs["regularizer_state.log_scale"]
     torch.testing.assert_close(temperatures[0], temperatures[1], rtol=1e-6, atol=0)
     assert temperatures[0].item() != pytest.approx(math.log(1 / 0.07), abs=1e-6)
+
+
+def test_sce_through_megatron_training_matches_the_local_loop(corpus, tmp_path):  # noqa: F811
+    """SCE's momentum encoder under megatron.training: moved after each step as the local loop moves it (every
+    logged value the same; views without dropout, as the two loops' dropout masks come from other RNG states),
+    and saved whole in Megatron's torch_dist checkpoint."""
+    settings = [f"data.prefix={corpus}", "regularizer.name=sce", "regularizer.dropout=0",
+                "regularizer.target_dropout=0", *RESUMED]
+    log = megatron_training(tmp_path / "megatron", *settings)
+    local = load_config("configs/tiny-llama.yaml", SETTINGS + [f"logging.run_dir={tmp_path / 'local'}", *settings])
+    run_distributed(train_worker, 1, local)
+    assert_megatron_log_matches(log, tmp_path / "local", "sce", restarts=(1,))
+    ours, theirs = regularizer_states([tmp_path / "megatron", tmp_path / "local"], tmp_path / "local")
+    assert sorted(ours) == sorted(theirs) and "regularizer_state.encoder.decoder.final_layernorm.weight" in ours
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=0, msg=key)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -213,6 +318,8 @@ def test_cpretrain_through_megatron_training_matches_the_local_loop(corpus, tmp_
     (["regularizer.name=simcse", "regularizer.views=twice"], "regularizer.views must be one of dropout, forward"),
     (["regularizer.name=creg", "regularizer.temperature=0"], "regularizer.temperature must be positive"),
     (["regularizer.name=simcse", "regularizer.views=forward", "parallel.pipeline=2"], "needs parallel.pipeline=1"),
+    (["regularizer.name=sce", "parallel.pipeline=2"], "it needs parallel.pipeline=1 (or target=view)"),
+    (["regularizer.name=sce", "model.num_experts=4"], "regularizer.target=ema is not supported with experts"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     from megatron_simreg.config import check_layout

@@ -50,7 +50,7 @@ def one_step_worker(rank, world, layout, checkpoint, save, objectives=None):
             metrics = forward_backward(cfg, model, masked=False)
             grads = gathered_grads(model.module)
             optimizer.step()
-            results[name] = metrics, grads, gathered(model.module, lambda param: param)
+            results[name] = metrics, grads, gathered(model.module, lambda param: param if param.requires_grad else None)
     finally:
         parallel.destroy()
     return results

@@ -64,3 +64,15 @@ def test_checksum_bench_prints_each_rate_against_the_save(capsys):
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert [row[0].split(" (")[0].strip() for row in rows[1:]] == ["torch.save", "xxh3-64", "zlib CRC32"]
     assert rows[1][2].strip() == "1.00x" and all(float(row[1]) > 0 for row in rows[1:])
+
+
+def test_step_bench_baselines_are_the_settings_their_rows_name():
+    """`--baselines` rows name the regularizer and the option they time ("SimCSE (views: forward)" must be what
+    the config gives, the default when the overrides leave it out)."""
+    from megatron_simreg.config import load_config
+
+    for row, overrides in bench_step.BASELINES.items():
+        regularizer = load_config("configs/tiny-llama.yaml", overrides).regularizer
+        assert regularizer.name == row.split(" ")[0].lower(), row
+        option = re.search(r"\((\w+): (\w+)\)", row)
+        assert option is None or getattr(regularizer.settings, option[1]) == option[2], row

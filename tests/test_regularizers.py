@@ -25,20 +25,20 @@ def data():
     gen = torch.Generator().manual_seed(5)
     return dict(hidden=hidden, second=0.5 * hidden + second, labels=labels % V, mask=random_mask(B, S, keep=0.75),
                 table=torch.randn(V, H, generator=gen, dtype=torch.float64),
-                pre_norm=torch.randn(B, S, H, generator=gen, dtype=torch.float64) * 3)
+                target=torch.randn(B, S, H, generator=gen, dtype=torch.float64) * 3)
 
 
 def seq_first(x):
     return x.transpose(0, 1)
 
 
-def inputs_for(d, hidden, second=None, table=None, pre_norm=None):
+def inputs_for(d, hidden, second=None, table=None, target=None, training=True):
     return RegularizerInputs(
         hidden=seq_first(hidden), labels=d["labels"], loss_mask=d["mask"].double(),
         second_view=None if second is None else seq_first(second),
         label_embeddings=None if table is None else (lambda: seq_first(table[d["labels"]])),
         logits=None if table is None else (lambda x: x @ table.T),
-        pre_norm=None if pre_norm is None else seq_first(pre_norm), norm_epsilon=1e-5,
+        target_view=None if target is None else seq_first(target), training=training,
     )
 
 
@@ -103,32 +103,72 @@ def test_creg_matches_reference(data, mode, chunk):
 @pytest.mark.parametrize("mode, chunk", CHUNKS)
 @pytest.mark.parametrize("target", ["view", "ema"])
 def test_sce_matches_reference(data, mode, chunk, target):
+    """The original's tau and tau_m by default; the target is the momentum encoder's states (ema) or the
+    cross-entropy pass's (view), detached either way."""
     settings = regularizers.SCESettings(mode=mode, chunk_size=chunk, views="forward", target=target, target_dropout=0.0,
                                         block_size=4)
-    state = SCEState(settings, H)
-    state.ema_norm_weight.copy_(torch.rand(H, generator=torch.Generator().manual_seed(2)) + 0.5)
+    assert (settings.temperature, settings.target_temperature, settings.momentum) == (0.1, 0.07, 0.99)
 
     def theirs(h, h2):
-        goal = ref.rms_norm(data["pre_norm"], state.ema_norm_weight.double(), 1e-5) if target == "ema" else h
-        return ref.sce(h2, goal, data["mask"], 0.1, 0.05, 0.5, chunk)
+        return ref.sce(h2, data["target"] if target == "ema" else h, data["mask"], 0.1, 0.07, 0.5, chunk)
 
     assert_same_value_and_gradients(
-        lambda h, h2: regularizers.sce_loss(inputs_for(data, h, h2, pre_norm=data["pre_norm"]), settings, state).loss,
+        lambda h, h2: regularizers.sce_loss(inputs_for(data, h, h2, target=data["target"]), settings).loss,
         theirs, [data["hidden"], data["second"]],
     )
+
+
+def test_sce_momentum_encoder_is_an_fp32_ema_of_every_weight():
+    """Starts as a copy of the model, stays fp32 when the model is cast to bf16, and after each update equals
+    the float64 EMA of the weights it was handed."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.RMSNorm(3))
+    settings = regularizers.SCESettings(momentum=0.9)
+    model.regularizer_state = SCEState(settings, model, torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.RMSNorm(3)))
+    encoder = model.regularizer_state.encoder
+    model.bfloat16()
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in encoder.parameters())
+    expected = {name: p.detach().double() for name, p in model[:2].named_parameters()}
+    for name, p in encoder.named_parameters():
+        assert torch.equal(p.double(), expected[name])
+    for step in range(3):
+        with torch.no_grad():
+            for p in model[:2].parameters():
+                p.add_(torch.randn(p.shape).to(p.dtype))
+        model.regularizer_state.update(model)
+        for name, p in model[:2].named_parameters():
+            expected[name] = ref.ema(expected[name], p.detach().double(), 0.9)
+    for name, p in encoder.named_parameters():
+        torch.testing.assert_close(p.double(), expected[name], rtol=1e-6, atol=1e-7)  # fp32 rounding, 3 steps
 
 
 def test_dropout_views_are_two_independent_masks(data):
     """With views "dropout" SimCSE compares two dropout draws of the final states; seeded alike, the reference
     on the same two draws gives the same value."""
     hidden = data["hidden"]
-    settings = regularizers.SimCSESettings(dropout=0.3)
+    settings = regularizers.SimCSESettings(dropout=0.3, views="dropout")
     torch.manual_seed(7)
     ours = regularizers.simcse_loss(inputs_for(data, hidden), settings).loss
     torch.manual_seed(7)
     a, b = (seq_first(torch.nn.functional.dropout(seq_first(hidden), 0.3, training=True)) for _ in range(2))
     torch.testing.assert_close(ours, ref.simcse(a, b, data["mask"], 0.05), rtol=1e-9, atol=0)
     assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name, settings", [
+    ("simcse", regularizers.SimCSESettings(dropout=0.3, views="dropout")),
+    ("sce", regularizers.SCESettings(dropout=0.3, target="view")),
+])
+def test_evaluation_drops_nothing_out(data, name, settings):
+    """In evaluation the views are the final states themselves: the value is the reference's on them, on every
+    call (validation values are deterministic)."""
+    loss = getattr(regularizers, f"{name}_loss")
+    values = [loss(inputs_for(data, data["hidden"], training=False), settings).loss for _ in range(2)]
+    h = data["hidden"]
+    want = (ref.simcse(h, h, data["mask"], 0.05) if name == "simcse"
+            else ref.sce(h, h, data["mask"], 0.1, 0.07, 0.5))
+    assert torch.equal(values[0], values[1])
+    torch.testing.assert_close(values[0], want, rtol=1e-9, atol=0)
 
 
 def test_empty_pair_sets_give_zero_and_no_nan():
@@ -140,7 +180,8 @@ def test_empty_pair_sets_give_zero_and_no_nan():
     table = torch.randn(3, 8, dtype=torch.float64)
     leaf = hidden.clone().requires_grad_()
     inputs = RegularizerInputs(seq_first(leaf), labels, mask, label_embeddings=lambda: seq_first(table[labels]),
-                               second_view=seq_first(leaf * 1.1), logits=lambda x: x @ table.T)
+                               second_view=seq_first(leaf * 1.1), target_view=seq_first(hidden * 0.9),
+                               logits=lambda x: x @ table.T)
     outputs = {
         "simcse": regularizers.simcse_loss(inputs, regularizers.SimCSESettings(views="forward")),
         "cpretrain": regularizers.cpretrain_loss(inputs, regularizers.CPretrainSettings(learnable=False), None),
@@ -200,9 +241,9 @@ def test_regularizer_gradcheck(data, name):
     gets no gradient by design)."""
     entry = regularizers.get(name)
     views = {"views": "forward"} if name != "cpretrain" else {}
-    target = {"target_dropout": 0.0} if name == "sce" else {}
+    target = {"target_dropout": 0.0, "target": "view"} if name == "sce" else {}
     settings = entry.settings(mode="chunk", chunk_size=5, block_size=3, **views, **target)
-    state = entry.state(settings, H, torch.float64, False)
+    state = CPretrainState(settings, torch.float64) if name == "cpretrain" else None
     h, h2, table = leaves(data["hidden"][:1, :8], data["second"][:1, :8], data["table"])
     labels, mask = data["labels"][:1, :8], data["mask"][:1, :8]
     if name == "sce":

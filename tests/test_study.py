@@ -240,3 +240,20 @@ def test_a_cell_finished_by_another_study_process_meanwhile_is_not_run_again(tmp
     assert run_study(study, states, []) == []
     assert attempts(study.run_dir(setting, seed)) == record["attempts"]
     assert states[0].finished and states[0].wall_s == 1234.5
+
+
+def test_every_creg_row_is_marked_as_our_reconstruction(tmp_path):
+    """docs/baselines.md: CReg is rebuilt from a one-line summary, not the original's code; each of its rows (the
+    settings table and per seed) says so with the footnote, and no other row does."""
+    study = load_study(write_study(
+        tmp_path / "baselines.yaml", config="configs/tiny-llama.yaml", set={"schedule.train_iters": 4}, seeds=[1],
+        baseline={"simreg.weight": 0}, out=str(tmp_path / "out"),
+        variants={"creg": {"regularizer.name": "creg"}, "simcse": {"regularizer.name": "simcse"}},
+    ))
+    for setting in study.settings:
+        fake_cell(study, setting, 1, [6.0, 5.0, 4.0, 3.0])
+    main([study.path, "--report-only"])
+    report = (tmp_path / "out" / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| setting")]
+    assert [row.split(" |")[0] for row in rows] == ["| baseline", "| creg†", "| simcse"] * 2
+    assert report.count("† CReg is this project's reconstruction") == 1

@@ -1,9 +1,10 @@
-"""Training-step cost of SimReg: `python -m megatron_simreg.bench.step [--config ...]`.
+"""Training-step cost of SimReg: `python -m megatron_simreg.bench.step [--config ...] [--baselines]`.
 
 Times full training steps (forward, backward, AdaGC, optimizer) of the same model and batch with SimReg
-off, full and chunk-wise, and measures each step's peak memory growth, then prints both as ratios to the
-run without SimReg. With the tiny LLaMA by default; pass a config and `--set` to try others. On a GPU the
-batch, the model and the memory figures (`torch.cuda.max_memory_allocated`) are the GPU's.
+off, full and chunk-wise (and with `--baselines` each Table 1 baseline at its defaults and its cheap
+options), and measures each step's peak memory growth, then prints both as ratios to the run without SimReg.
+With the tiny LLaMA by default; pass a config and `--set` to try others. On a GPU the batch, the model and the
+memory figures (`torch.cuda.max_memory_allocated`) are the GPU's.
 
 The variants' steps are timed interleaved (one step of each in turn), so a machine that speeds up or
 slows down during the run weighs on all of them alike; the per-round ratios' quartiles show the spread.
@@ -92,6 +93,16 @@ def _measure(config: str, overrides: list[str], variants: dict[str, list[str]], 
         parallel.destroy()
 
 
+BASELINES = {  # each at its defaults, then its cheap option
+    "SimCSE (views: forward)": ["regularizer.name=simcse"],
+    "SimCSE (views: dropout)": ["regularizer.name=simcse", "regularizer.views=dropout"],
+    "CPretrain": ["regularizer.name=cpretrain"],
+    "CReg": ["regularizer.name=creg"],
+    "SCE (target: ema)": ["regularizer.name=sce"],
+    "SCE (target: view)": ["regularizer.name=sce", "regularizer.target=view"],
+}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tiny-llama.yaml")
@@ -102,6 +113,7 @@ def main(argv=None):
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
                         help="thread: this thread's CPU time, with one torch thread (OMP_NUM_THREADS=1) on a CPU; "
                              "other jobs on a shared machine do not inflate it as they do wall time")
+    parser.add_argument("--baselines", action="store_true", help="also time the baselines (docs/baselines.md)")
     parser.add_argument("--memory-json", action="store_true", help=argparse.SUPPRESS)  # the memory process
     args = parser.parse_args(argv)
     if args.clock == "thread" and (torch.cuda.is_available() or torch.get_num_threads() != 1):
@@ -113,6 +125,8 @@ def main(argv=None):
         "full SimReg": ["simreg.mode=full"],
         f"chunk-wise SimReg ({chunk})": ["simreg.mode=chunk", f"simreg.chunk_size={chunk}"],
     }
+    if args.baselines:
+        variants.update(BASELINES)
     if args.memory_json:
         print(json.dumps(measure(args.config, args.overrides, variants, args.steps, memory=True)))
         return

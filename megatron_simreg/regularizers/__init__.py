@@ -31,9 +31,10 @@ class Regularizer:
     """A registered regularizer.
 
     default_weight(hidden_size): its weight when the config says `auto` (or nothing, for the baselines).
-    state(settings, hidden_size, dtype, sequence_parallel): the module it keeps in the model, or None.
+    state(settings, model, twin): the module it keeps in `model` (a megatron-core GPTModel, whose `config` is its
+    TransformerConfig), or None; `twin()` builds another model of the same layers in fp32 (SCE's momentum encoder).
     needs: what the objective must provide besides the final hidden states ("label_embeddings", "logits",
-    "pre_norm", "second_view").
+    "second_view", "target_view").
     """
 
     name: str
@@ -55,7 +56,9 @@ REGISTRY: dict[str, Regularizer] = {
     "simcse": Regularizer("simcse", SimCSESettings, simcse_loss, default_weight=lambda hidden: 1.0, needs=_views),
     "cpretrain": Regularizer(
         "cpretrain", CPretrainSettings, cpretrain_loss, default_weight=lambda hidden: 1.0,
-        state=lambda settings, hidden, dtype, sp: CPretrainState(settings, dtype, sp) if settings.learnable else None,
+        state=lambda settings, model, twin: (CPretrainState(settings, model.config.params_dtype,
+                                                            model.config.sequence_parallel)
+                                             if settings.learnable else None),
         needs=lambda settings: frozenset({"label_embeddings"}),
     ),
     "creg": Regularizer(
@@ -64,8 +67,8 @@ REGISTRY: dict[str, Regularizer] = {
     ),
     "sce": Regularizer(
         "sce", SCESettings, sce_loss, default_weight=lambda hidden: 1.0,
-        state=lambda settings, hidden, dtype, sp: SCEState(settings, hidden) if settings.target == "ema" else None,
-        needs=lambda settings: _views(settings) | ({"pre_norm"} if settings.target == "ema" else set()),
+        state=lambda settings, model, twin: SCEState(settings, model, twin()) if settings.target == "ema" else None,
+        needs=lambda settings: _views(settings) | ({"target_view"} if settings.target == "ema" else set()),
     ),
 }
 

@@ -33,8 +33,10 @@ class RegularizerInputs:
     logits(x): vocabulary-parallel logits `[s_logits, b, v]` of hidden states `x` `[s, b, h]` through the output
         layer; `logit_mask` `[b, s_logits]` marks their valid tokens, `logit_group` the ranks holding the other
         tokens of those sequences (context parallelism), `vocab_group` the ranks holding the other vocabulary parts.
-    second_view: `[s, b, h]` final hidden states of a second forward with hidden dropout (views "forward").
-    pre_norm: `[s, b, h]` the final norm's input; `norm_epsilon` its epsilon (SCE's EMA target).
+    second_view: `[s, b, h]` final hidden states of a second forward with hidden and attention dropout
+        (views "forward").
+    target_view: `[s, b, h]` final hidden states of the momentum encoder, no gradient (SCE's target "ema").
+    training: False in evaluation, where no view is dropped out (validation values are deterministic).
     """
 
     hidden: torch.Tensor
@@ -48,8 +50,8 @@ class RegularizerInputs:
     logit_group: dist.ProcessGroup | None = None
     vocab_group: dist.ProcessGroup | None = None
     second_view: torch.Tensor | None = None
-    pre_norm: torch.Tensor | None = None
-    norm_epsilon: float = 1e-5
+    target_view: torch.Tensor | None = None
+    training: bool = True
 
     @property
     def valid(self) -> torch.Tensor:
@@ -128,15 +130,21 @@ def units(x: torch.Tensor) -> torch.Tensor:
 def two_views(inputs: RegularizerInputs, views: str, dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Two views `[s, b, h]` of the final hidden states.
 
-    "dropout": dropout p applied twice (independent masks) to the final hidden states, the cheap default.
-    "forward": the cross-entropy pass's states and those of a second model forward with hidden dropout
-    (`inputs.second_view`, run by the objective), the faithful and twice as costly option.
+    "forward": the cross-entropy pass's states and those of a second model forward with hidden and attention
+    dropout (`inputs.second_view`, run by the objective), the faithful and twice as costly option.
+    "dropout": dropout p applied twice (independent masks) to the final hidden states, the cheap option.
+    In evaluation neither drops anything out: both views are the final states.
     """
     if views == "forward":
         if inputs.second_view is None:
             raise ValueError("regularizer.views=forward needs the second forward's hidden states (inputs.second_view)")
         return inputs.hidden, inputs.second_view
-    return F.dropout(inputs.hidden, dropout, training=True), F.dropout(inputs.hidden, dropout, training=True)
+    return dropped_out(inputs, inputs.hidden, dropout), dropped_out(inputs, inputs.hidden, dropout)
+
+
+def dropped_out(inputs: RegularizerInputs, x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout p on `x` in training; `x` itself in evaluation."""
+    return F.dropout(x, p, training=inputs.training)
 
 
 def global_sum(local: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:

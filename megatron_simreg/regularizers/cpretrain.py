@@ -8,11 +8,14 @@ at 100 as CLIP does.
 
 Adapted: the pair of a token is its final hidden state h_i and the embedding e_i of its next-token label
 (the output layer's row y_i, so the positive is the class the token is trained to predict); the batch is the
-sequence (or chunk). Tokens with the same label share that embedding, so they are not negatives of each other:
+sequence (or chunk). This pairing is our change of method: cpt-text pairs two texts and never sees a label.
+Tokens with the same label share that embedding, so they are not negatives of each other, and a label that
+several tokens have is one column, counted once:
 
     z_ij = s * cos(h_i, e_j),   s = min(exp(t), max_scale),   N_i = {valid j : y_j != y_i}
-    row_i = softplus(log sum_{j in N_i} exp(z_ij) - z_ii)            (token -> labels)
-    col_i = softplus(log sum_{j in N_i} exp(s * cos(e_i, h_j)) - z_ii)  (label -> tokens)
+    Y_i = the distinct labels of N_i (each taken at its first token)
+    row_i = softplus(log sum_{y in Y_i} exp(s * cos(h_i, e_y)) - z_ii)   (token -> labels)
+    col_i = softplus(log sum_{j in N_i} exp(s * cos(e_i, h_j)) - z_ii)  (label -> tokens: every token counts)
     L_i = (row_i + col_i) / 2
 
 (softplus(lse_N - z_ii) = -log softmax of the positive against the negatives). t lives in the model
@@ -76,7 +79,8 @@ def cpretrain_loss(inputs: RegularizerInputs, settings: CPretrainSettings,
         scale = torch.tensor(1.0 / settings.init_temperature, dtype=hidden.dtype, device=hidden.device)
     rows_h, rows_e = pairs.rows(hidden), pairs.rows(targets)
     positive = (rows_h * rows_e).sum(-1) * scale.to(hidden.dtype)
-    token_to_labels = pair_logsumexp(rows_h, pairs.keys(targets), scale, pairs, "other_label", settings.block_size)
+    token_to_labels = pair_logsumexp(rows_h, pairs.keys(targets), scale, pairs, "other_label_once",
+                                     settings.block_size)
     label_to_tokens = pair_logsumexp(rows_e, pairs.keys(hidden), scale, pairs, "other_label", settings.block_size)
     per_token = (F.softplus(token_to_labels - positive) + F.softplus(label_to_tokens - positive)) / 2
     per_token = torch.where(pairs.row_valid, per_token, 0.0)

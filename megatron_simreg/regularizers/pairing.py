@@ -5,7 +5,8 @@ into each rank's slice under sequence/context parallelism. Segments of all sampl
 `[B, n, ...]` of rows (this rank's tokens); their keys are the same segments, or, for full pairing under
 SP/CP, the gathered sequence (all-gather forward, its gradient summed back to the owning rank). Each token
 carries its index in its segment (or in the gathered sequence), so "not itself" can be told from
-"same label".
+"same label", and each key whether it is its label's first valid occurrence among the keys, so a label can
+be counted once.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Pairs:
     key_labels: torch.Tensor
     key_valid: torch.Tensor
     key_index: torch.Tensor
+    key_first: torch.Tensor
 
     def rows(self, per_token: torch.Tensor) -> torch.Tensor:
         return _batched(per_token, self.segment)
@@ -70,7 +72,16 @@ def pairs_for(labels: torch.Tensor, valid: torch.Tensor, chunk_size, group: dist
         gathered = _all_gather_sequence(labels, gather)
         keys = dict(key_labels=gathered, key_valid=_all_gather_sequence(valid, gather),
                     key_index=torch.arange(gathered.shape[1], device=valid.device).expand_as(gathered))
+    keys["key_first"] = first_occurrence(keys["key_labels"], keys["key_valid"])
     return Pairs(b, s, segment, group if distributed else None, gather, row_index=index, **rows, **keys)
+
+
+def first_occurrence(labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`[B, m]` bool: the valid entries whose label no earlier valid entry of the row has."""
+    ordered, order = torch.sort(torch.where(valid, labels, -1), dim=-1, stable=True)
+    first = torch.ones_like(valid)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    return torch.zeros_like(valid).scatter(-1, order, first) & valid
 
 
 class _GatherSequence(torch.autograd.Function):

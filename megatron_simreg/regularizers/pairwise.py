@@ -8,10 +8,11 @@ z_ij = scale * <q_i, k_j> (+ bias). Three reductions over a row's pairs are offe
   differentiable in q and k (positives: same label, not itself; negatives: another label);
 - `pair_softmax_average`: sum_j softmax_j(z_ij) v_j, no gradient (SCE's target).
 
-Pairs are the valid keys of the row's segment, restricted by `kind`: "all", "other_label" (another label)
-or "not_self". Nothing of size n x m is kept: forward works in `block x block` tiles and saves per-row
-scalars; backward recomputes the tiles. Written by hand because torch offers no masked, tiled
-log-sum-exp with its gradient; the math runs in the inputs' dtype (fp32, or fp64 for gradcheck).
+Pairs are the valid keys of the row's segment, restricted by `kind`: "all", "other_label" (another label),
+"other_label_once" (another label, each label once: its first key) or "not_self". Nothing of size n x m is
+kept: forward works in `block x block` tiles and saves per-row scalars; backward recomputes the tiles. Written
+by hand because torch offers no masked, tiled log-sum-exp with its gradient; the math runs in the inputs' dtype
+(fp32, or fp64 for gradcheck).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from megatron_simreg.regularizers.pairing import Pairs
 
-KINDS = ("all", "other_label", "not_self")
+KINDS = ("all", "other_label", "other_label_once", "not_self")
 
 
 def pair_logsumexp(q, k, scale, pairs: Pairs, kind: str, block_size: int = 512) -> torch.Tensor:
@@ -77,8 +78,10 @@ def _tiles(pairs: Pairs, rows: int, keys: int, block: int):
 def _mask(pairs: Pairs, kind: str, bs, rs, ks) -> torch.Tensor:
     """`[nb, nr, nk]` bool: valid row, valid key, and the kind's restriction."""
     mask = pairs.row_valid[bs, rs, None] & pairs.key_valid[bs, None, ks]
-    if kind == "other_label":
+    if kind in ("other_label", "other_label_once"):
         mask = mask & (pairs.row_labels[bs, rs, None] != pairs.key_labels[bs, None, ks])
+    if kind == "other_label_once":
+        mask = mask & pairs.key_first[bs, None, ks]
     elif kind == "not_self":
         mask = mask & (pairs.row_index[bs, rs, None] != pairs.key_index[bs, None, ks])
     return mask

@@ -11,12 +11,14 @@ is trained to match it:
     L_i   = - sum_k w_ik log p_ik          (lambda 0.5, tau 0.1, tau_m 0.05; momentum 0.999)
 
 Adapted: instances are a sequence's (or chunk's) tokens, with cosine similarities of final hidden states. The
-online view is dropout on the final states (or a second forward with hidden dropout); the target view, with
-no gradient, is the other dropout view (`target: view`, the default; or the cross-entropy pass's states with
-views "forward") or the final norm with an exponential moving average of its weight applied to the norm's
-input (`target: ema`, the original's momentum encoder restricted to the last module; the EMA lives in the
-model). With sum_k w_ik = 1, L_i = lse_i - lambda z_ii - (1 - lambda) <z1_i, o_i> / tau where
-o_i = sum_k s2_ik z2_k; a token with no other valid token has w = one-hot (the original's L1 renormalisation).
+online view is the cross-entropy pass's final states with dropout (or a second forward with hidden and attention
+dropout, views "forward"); the target view, with no gradient, comes from the momentum encoder (`target: ema`,
+the default): an exponential moving average of the whole model, in fp32, run forward on the same tokens
+(`SCEState`). The original's momentum and target temperature are those of its ImageNet run (CEA-LIST/SCE,
+`resnet50_imagenet.yaml`: momentum 0.99, tau_m 0.07; its momentum then rises to 1 along a cosine, ours stays).
+`target: view` is the cheap option: another dropout view of the model's own states, detached. With
+sum_k w_ik = 1, L_i = lse_i - lambda z_ii - (1 - lambda) <z1_i, o_i> / tau where o_i = sum_k s2_ik z2_k; a
+token with no other valid token has w = one-hot (the original's L1 renormalisation).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from megatron_simreg.regularizers import base
 from megatron_simreg.regularizers.base import PairingSettings, RegularizerInputs, RegularizerOutput
@@ -35,12 +36,12 @@ from megatron_simreg.regularizers.pairwise import pair_logsumexp, pair_softmax_a
 @dataclass
 class SCESettings(PairingSettings):
     temperature: float = 0.1  # tau, the original's
-    target_temperature: float = 0.05  # tau_m, the original's
+    target_temperature: float = 0.07  # tau_m, the original's (its ImageNet run)
     mix: float = 0.5  # lambda, the original's
     dropout: float = 0.1  # the online view's
-    target_dropout: float = 0.1  # the target view's (0: the final states as they are)
-    target: str = "view"  # "view": another view, detached; "ema": the final norm with an EMA weight
-    momentum: float = 0.999  # target "ema": the original's momentum
+    target_dropout: float = 0.1  # the target view's (0: the target's final states as they are)
+    target: str = "ema"  # "ema": the momentum encoder; "view": the model's own states, detached
+    momentum: float = 0.99  # target "ema": the original's (its ImageNet run)
     views: str = "dropout"  # "dropout" on the final states, or "forward": a second forward is the online view
 
     def __post_init__(self):
@@ -51,51 +52,55 @@ class SCESettings(PairingSettings):
         base.check_fraction("dropout", self.dropout)
         base.check_fraction("target_dropout", self.target_dropout)
         base.check_fraction("momentum", self.momentum)
-        base.check_choice("target", self.target, ("view", "ema"))
+        base.check_choice("target", self.target, ("ema", "view"))
         base.check_choice("views", self.views, ("dropout", "forward"))
 
 
 class SCEState(torch.nn.Module):
-    """The momentum target's final-norm weight: an EMA of the model's, updated after every optimizer step.
+    """The momentum encoder: `encoder`, a copy of the model (built by the caller, same layers and parallel
+    layout, so each rank holds the EMA of its own shard) whose weights follow the model's by
+    ema <- momentum * ema + (1 - momentum) * weight after every optimizer step, run forward without gradient.
 
-    Kept in fp32 whatever the model's dtype (Megatron's Float16Module casts the model to bf16; an EMA at momentum
-    0.999 needs more than bf16's 8 bits).
+    Kept in fp32 whatever the model's dtype: Megatron's Float16Module casts the whole model to bf16, and an
+    update of (1 - momentum) times a step's change is below bf16's resolution. Its weights are buffers in
+    effect (no gradient): the optimizer and DDP skip them; both checkpoint formats keep them.
     """
 
-    def __init__(self, settings: SCESettings, hidden_size: int):
+    def __init__(self, settings: SCESettings, model: torch.nn.Module, encoder: torch.nn.Module):
         super().__init__()
         self.momentum = settings.momentum
-        self.register_buffer("ema_norm_weight", torch.ones(hidden_size, dtype=torch.float32))
+        self.encoder = encoder.requires_grad_(False).float()
+        self.encoder.load_state_dict(model.state_dict())
 
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self.ema_norm_weight = self.ema_norm_weight.float()
-        return self
+        return super()._apply(lambda t: fn(t).float() if t.is_floating_point() else fn(t), recurse)
 
     @torch.no_grad()
-    def update(self, norm_weight: torch.Tensor) -> None:
-        self.ema_norm_weight.mul_(self.momentum).add_(norm_weight.float(), alpha=1.0 - self.momentum)
+    def update(self, model: torch.nn.Module) -> None:
+        """One EMA step towards `model`'s weights (`model` holds this state; its own names match the encoder's)."""
+        for name, ema in self.encoder.named_parameters():
+            ema.mul_(self.momentum).add_(model.get_parameter(name).float(), alpha=1.0 - self.momentum)
 
-    def target(self, pre_norm: torch.Tensor, epsilon: float) -> torch.Tensor:
-        """RMSNorm of the norm's input with the EMA weight (the model's final norm is an RMSNorm)."""
-        x = pre_norm.to(torch.promote_types(pre_norm.dtype, torch.float32))
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + epsilon) * self.ema_norm_weight.to(x.dtype)
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """Megatron's distributed checkpoint: the encoder's shards, keyed and split as the model's own."""
+        return self.encoder.sharded_state_dict(prefix=f"{prefix}encoder.", sharded_offsets=sharded_offsets,
+                                               metadata=metadata)
 
 
-def sce_loss(inputs: RegularizerInputs, settings: SCESettings, state: SCEState | None) -> RegularizerOutput:
+def sce_loss(inputs: RegularizerInputs, settings: SCESettings, state: SCEState | None = None) -> RegularizerOutput:
     pairs = pairs_for(inputs.labels, inputs.valid, settings.chunk(), inputs.sequence_group, inputs.sequence_layout)
     if settings.views == "forward":
         if inputs.second_view is None:
             raise ValueError("regularizer.views=forward needs the second forward's hidden states (inputs.second_view)")
         online, target = inputs.second_view, inputs.hidden
     else:
-        online, target = F.dropout(inputs.hidden, settings.dropout, training=True), inputs.hidden
+        online, target = base.dropped_out(inputs, inputs.hidden, settings.dropout), inputs.hidden
     if settings.target == "ema":
-        if state is None or inputs.pre_norm is None:
-            raise ValueError("sce with target=ema needs its EMA state in the model and the final norm's input")
-        target = state.target(inputs.pre_norm, inputs.norm_epsilon)
+        if inputs.target_view is None:
+            raise ValueError("sce with target=ema needs the momentum encoder's final states (inputs.target_view)")
+        target = inputs.target_view
     with torch.no_grad():
-        target = base.units(base.batch_major(F.dropout(target, settings.target_dropout, training=True)))
+        target = base.units(base.batch_major(base.dropped_out(inputs, target, settings.target_dropout)))
         target_rows, target_keys = pairs.rows(target), pairs.keys(target)
         average, target_lse = pair_softmax_average(target_rows, target_keys, target_keys,
                                                    1.0 / settings.target_temperature, pairs, "not_self",

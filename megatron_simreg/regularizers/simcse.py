@@ -8,7 +8,8 @@ Adapted: a "sentence" is a token's final hidden state and the "batch" is its seq
 
     L_i = log sum_{j valid} exp(cos(a_i, b_j) / tau) - cos(a_i, b_i) / tau
 
-with a, b two views (`base.two_views`: dropout on the final states, or a second forward with hidden dropout);
+with a, b two views (`base.two_views`): by default the cross-entropy pass's final states and those of a second
+forward with the original's dropout (hidden and attention, p = 0.1); `views: dropout` is the cheap option;
 every other token of the sequence is a negative, whatever its label (SimCSE has no labels). A sequence's
 value is the mean of L_i over its valid tokens.
 """
@@ -28,8 +29,8 @@ from megatron_simreg.regularizers.pairwise import pair_logsumexp
 @dataclass
 class SimCSESettings(PairingSettings):
     temperature: float = 0.05  # the original's
-    dropout: float = 0.1  # the original's (BERT's hidden dropout)
-    views: str = "dropout"  # "dropout": twice on the final states; "forward": a second forward with hidden dropout
+    dropout: float = 0.1  # the original's (BERT's hidden and attention dropout)
+    views: str = "forward"  # a second forward with hidden and attention dropout; "dropout": twice on the final states
 
     def __post_init__(self):
         super().__post_init__()
