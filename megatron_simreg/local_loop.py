@@ -41,7 +41,7 @@ from megatron_simreg.failures import (
     non_finite_gradient_stop,
 )
 from megatron_simreg.megatron_adagc import attach_adagc
-from megatron_simreg.metrics import MetricsWriter
+from megatron_simreg.metrics import TENSORBOARD_SUFFIXES, MetricsWriter
 from megatron_simreg.model import model_provider
 from megatron_simreg.objective import SimRegObjective, forward_step, reduce_reports, update_regularizer_state
 from megatron_simreg.progress import progress_bar
@@ -90,11 +90,16 @@ def _train(cfg: Config, plan: RunPlan, signals: StopSignals) -> dict:
     resume_from = chosen_iteration(plan.load_dir, cfg.checkpoint.load_iteration)
     remove_partial_checkpoints(plan.save_dir)
     gbs = cfg.training.global_batch_size
-    evals = plan.train_iters // cfg.training.eval_interval + 1
-    train_set, valid_set, _ = build_gpt_datasets(
+    evaluation = cfg.training.eval_iters * gbs  # samples one evaluation scores: the first of its set, every time
+    # Megatron's numbers of samples (so both loops draw the same batches), except for a held-out validation set:
+    # one evaluation's worth, a single epoch, so no sequence is scored twice (Megatron's loop asks for one per
+    # evaluation, walks on through them, and repeats the set in reshuffled epochs)
+    evals = 1 if cfg.data.valid_prefix else plan.train_iters // cfg.training.eval_interval + 1
+    train_set, valid_set, test_set = build_gpt_datasets(
         cfg.data.prefix, build_tokenizer(plan.tokenizer_path), cfg.model.seq_length,
-        (plan.train_samples, evals * cfg.training.eval_iters * gbs, 0),
+        (plan.train_samples, evals * evaluation, evaluation),
         split=cfg.data.split, seed=cfg.training.seed, cache_dir=cfg.data.cache_dir,
+        valid_prefix=cfg.data.valid_prefix, test_prefix=cfg.data.test_prefix, evaluation_samples=evaluation,
     )
     model, optimizer = build_model_and_optimizer(cfg)
     if cfg.adagc.enabled:
@@ -151,7 +156,11 @@ def _train(cfg: Config, plan: RunPlan, signals: StopSignals) -> dict:
         if iteration % cfg.training.eval_interval == 0 or iteration == plan.train_iters:
             valid = evaluate(cfg, model, step, valid_set, plan, dp_group)
             if logger is not None and valid is not None:
-                logger.validation(iteration, consumed, valid)
+                logger.evaluation("valid", iteration, consumed, valid)
+        if iteration == plan.train_iters:  # as megatron.training: the test set once, after the last iteration
+            test = evaluate(cfg, model, step, test_set, plan, dp_group)
+            if logger is not None and test is not None:
+                logger.evaluation("test", iteration, consumed, test)
         signalled = signals.agreed()
         stop = cfg.training.exit_interval is not None and iteration % cfg.training.exit_interval == 0 or bool(signalled)
         if stop or iteration % cfg.training.save_interval == 0 or iteration == plan.train_iters:
@@ -176,12 +185,12 @@ def parallel_model(model):
     return model.module
 
 
-def evaluate(cfg: Config, model, step, valid_set, plan: RunPlan, dp_group) -> dict | None:
-    """Mean metrics over `eval_iters` global batches from the start of the validation split."""
-    if valid_set is None:
+def evaluate(cfg: Config, model, step, dataset, plan: RunPlan, dp_group) -> dict | None:
+    """Mean metrics over `eval_iters` global batches from the start of `dataset` (validation or test)."""
+    if dataset is None:
         return None
     run_schedule = get_forward_backward_func()
-    batches = micro_batches(valid_set, 0, cfg.training.micro_batch_size, plan.micro_batches)
+    batches = micro_batches(dataset, 0, cfg.training.micro_batch_size, plan.micro_batches)
     reports = []
     model.eval()
     with torch.no_grad():
@@ -230,17 +239,18 @@ class _RunLogger:
             )
         return metrics
 
-    def validation(self, iteration: int, consumed: int, metrics: dict) -> None:
-        self._write("valid", iteration, consumed, metrics)
+    def evaluation(self, split: str, iteration: int, consumed: int, metrics: dict) -> None:
+        self._write(split, iteration, consumed, metrics)
         text = " | ".join(f"{k}: {v:.4g}" for k, v in metrics.items())
         perplexity = math.exp(min(20, metrics["lm loss"]))
-        self.bar.write(f" validation at iteration {iteration} | {text} | lm loss PPL: {perplexity:.2f}")
+        name = "validation" if split == "valid" else split
+        self.bar.write(f" {name} at iteration {iteration} | {text} | lm loss PPL: {perplexity:.2f}")
 
     def _write(self, split: str, iteration: int, consumed: int, metrics: dict) -> None:
         if self.jsonl is not None:
             self.jsonl.write(split, iteration, consumed * self.cfg.model.seq_length, metrics)
         if self.tensorboard is not None:
-            suffix = " validation" if split == "valid" else ""
+            suffix = TENSORBOARD_SUFFIXES.get(split, "")
             for name, value in metrics.items():
                 self.tensorboard.add_scalar(f"{name}{suffix}", value, iteration)
                 self.tensorboard.add_scalar(f"{name}{suffix} vs samples", value, consumed)

@@ -78,8 +78,7 @@ def megatron_arguments(cfg: Config, plan: RunPlan, *, transformer_engine: bool) 
         "--context-parallel-size", p.context,
         "--log-interval", t.log_interval, "--eval-interval", t.eval_interval, "--eval-iters", t.eval_iters,
         "--save-interval", t.save_interval, "--save", plan.save_dir, "--load", plan.load_dir,
-        "--split", cfg.data.split, "--data-path", *cfg.data.prefix,
-        "--log-throughput", "--log-timers-to-tensorboard", "--log-validation-ppl-to-tensorboard",
+        *_data_arguments(cfg), "--log-throughput", "--log-timers-to-tensorboard", "--log-validation-ppl-to-tensorboard",
     ]
     if t.exit_interval:
         args += ["--exit-interval", t.exit_interval]
@@ -112,6 +111,18 @@ def megatron_arguments(cfg: Config, plan: RunPlan, *, transformer_engine: bool) 
         args += LOCAL_LAYER_ARGS
     args += _failure_handling_arguments(cfg)
     return [str(a) for a in args + cfg.megatron.extra_args]
+
+
+def _data_arguments(cfg: Config) -> list[str]:
+    """Megatron's `--data-path` and `--split`, or a path per split for held-out evaluation sets (the datasets
+    themselves come from our provider; Megatron reads these to know which evaluations to run)."""
+    d = cfg.data
+    if d.valid_prefix is None and d.test_prefix is None:
+        return ["--split", d.split, "--data-path", *d.prefix]
+    args = ["--train-data-path", *d.prefix]
+    for flag, prefix in (("--valid-data-path", d.valid_prefix), ("--test-data-path", d.test_prefix)):
+        args += [flag, prefix] if prefix is not None else []
+    return args
 
 
 def _failure_handling_arguments(cfg: Config) -> list[str]:
@@ -160,7 +171,9 @@ def _pretrain(cfg: Config, plan: RunPlan) -> None:
         tokenizer = build_tokenizer(plan.tokenizer_path)
         num_samples = (plan.train_samples, *num_samples[1:])  # Megatron asks for its train_iters x today's batch
         return build_gpt_datasets(cfg.data.prefix, tokenizer, cfg.model.seq_length, num_samples,
-                                  split=cfg.data.split, seed=cfg.training.seed, cache_dir=cfg.data.cache_dir)
+                                  split=cfg.data.split, seed=cfg.training.seed, cache_dir=cfg.data.cache_dir,
+                                  valid_prefix=cfg.data.valid_prefix, test_prefix=cfg.data.test_prefix,
+                                  evaluation_samples=cfg.training.eval_iters * cfg.training.global_batch_size)
 
     datasets_provider.is_distributed = True  # every rank reads its own batches (no broadcast)
     step = partial(forward_step, SimRegObjective.from_config(cfg), _cuda_batch)
@@ -172,6 +185,7 @@ def _pretrain(cfg: Config, plan: RunPlan) -> None:
         during_the_run.enter_context(_replaced(training, "load_checkpoint", partial(_verifying_checksums, args)))
         during_the_run.enter_context(_replaced(training, "get_optimizer_param_scheduler",  # ours, in samples
                                                lambda _: partial(build_scheduler, cfg, plan=plan)))
+        during_the_run.enter_context(_replaced(training, "evaluate_and_print_results", _test_logged_as_test))
         during_the_run.enter_context(_stop_in_one_line(args))
         training.pretrain(
             pretrain_cfg_container_from_args(args),
@@ -258,6 +272,35 @@ def _replaced(owner, name: str, wrap):
         yield
     finally:
         setattr(owner, name, original)
+
+
+def _test_logged_as_test(evaluate_and_print):
+    """The test evaluation at the end of training under its own TensorBoard names (`lm loss test`): megatron.training
+    logs it as `lm loss validation` at the last validation's step, where a reader would take it for that."""
+    from megatron.training import training
+
+    def evaluate_tagged(prefix, *args, **kwargs):
+        if not prefix.endswith("on test set"):
+            return evaluate_and_print(prefix, *args, **kwargs)
+        get_writer = training.get_tensorboard_writer
+        renamed = (lambda: None) if get_writer() is None else (lambda: _RenamedScalars(get_writer()))
+        with _replaced(training, "get_tensorboard_writer", lambda _: renamed):
+            return evaluate_and_print(prefix, *args, **kwargs)
+
+    return evaluate_tagged
+
+
+class _RenamedScalars:
+    """A TensorBoard writer whose `... validation ...` scalars are written as `... test ...`."""
+
+    def __init__(self, writer):
+        self.writer = writer
+
+    def add_scalar(self, tag, *args, **kwargs):
+        return self.writer.add_scalar(tag.replace(" validation", " test"), *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.writer, name)
 
 
 def _saving_only_finite_weights(args, save):

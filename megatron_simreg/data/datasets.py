@@ -23,13 +23,18 @@ TOKENS_CHECKED = 10_000_000  # tokens scanned for ids beyond the vocabulary, fro
 
 
 def build_gpt_datasets(data_prefix, tokenizer, seq_length: int, num_samples: tuple[int, int, int],
-                       split: str = "98,1,1", seed: int = 1234, cache_dir: str | None = None):
+                       split: str = "98,1,1", seed: int = 1234, cache_dir: str | None = None,
+                       valid_prefix: str | None = None, test_prefix: str | None = None,
+                       evaluation_samples: int = 0):
     """(train, valid, test) GPTDatasets; a split with a 0 share comes back None.
 
     `data_prefix`: one prefix, a list of prefixes (blended by size), or Megatron's weighted list
     ["30", "path/a", "70", "path/b"]. `num_samples`: samples wanted per split (a split smaller than that
-    repeats in shuffled epochs). The sample-order indices are cached in `cache_dir` (default: beside the
-    data), built by rank 0 and read by the others, so on several nodes it must be a shared folder.
+    repeats in shuffled epochs). With `valid_prefix` or `test_prefix` (held-out sets, held_out.py) those are
+    the evaluation sets and `data_prefix` is all training data (megatron-core's `blend_per_split`); each must
+    hold the `evaluation_samples` sequences one evaluation scores, so none is scored twice. The sample-order
+    indices are cached in `cache_dir` (default: beside the data), built by rank 0 and read by the others, so
+    on several nodes it must be a shared folder.
     """
     check_dataset_helpers()
     prefixes, weights = dataset_prefixes(data_prefix)
@@ -39,11 +44,19 @@ def build_gpt_datasets(data_prefix, tokenizer, seq_length: int, num_samples: tup
             f"the data holds {total_tokens} tokens, fewer than one sequence of {seq_length} + 1: "
             "prepare more text or lower model.seq_length"
         )
+    if valid_prefix is None and test_prefix is None:
+        data = {"blend": (prefixes, weights), "split": split}
+    else:
+        for name, prefix in (("valid", valid_prefix), ("test", test_prefix)):
+            if prefix is not None:
+                _check_held_out_size(name, prefix, check_indexed_dataset(prefix, tokenizer), seq_length,
+                                     evaluation_samples)
+        held_out = [None if prefix is None else ([prefix], None) for prefix in (valid_prefix, test_prefix)]
+        data = {"blend_per_split": [(prefixes, weights), *held_out], "split": None}
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend=(prefixes, weights),
-        split=split,
+        **data,
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
@@ -51,7 +64,7 @@ def build_gpt_datasets(data_prefix, tokenizer, seq_length: int, num_samples: tup
         create_attention_mask=False,  # causal attention needs no explicit mask
         path_to_cache=cache_dir,
     )
-    for prefix in prefixes:
+    for prefix in prefixes if config.split is not None else []:
         _check_split_sizes(prefix, config.split_matrix, seq_length, num_samples, split)
     builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), _built_on_every_rank, config)
     return tuple(builder.build())
@@ -73,6 +86,17 @@ def _check_split_sizes(prefix: str, split_matrix, seq_length: int, num_samples, 
                 f"{tokens} tokens, fewer than {needed} (one sequence of {seq_length} + 1): give it a larger share in "
                 f"data.split (or 0 if unused), lower model.seq_length, or prepare more documents"
             )
+
+
+def _check_held_out_size(name: str, prefix: str, tokens: int, seq_length: int, wanted: int) -> None:
+    """A held-out set holds the sequences one evaluation scores (megatron-core would repeat them otherwise)."""
+    sequences = (tokens - 1) // seq_length  # GPTDataset's samples in one epoch
+    if sequences < max(wanted, 1):
+        raise ValueError(
+            f"the held-out {name} set {prefix} holds {tokens:,} tokens, {sequences} sequences of {seq_length}, fewer "
+            f"than the {wanted} one evaluation scores (training.eval_iters x training.global_batch_size): hold out "
+            f"more tokens (tools/prepare_data.py --held-out-tokens {wanted * seq_length + 1}) or lower eval_iters"
+        )
 
 
 def _built_on_every_rank() -> bool:
