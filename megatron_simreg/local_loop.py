@@ -30,7 +30,7 @@ from megatron_simreg.checkpoint import (
 )
 from megatron_simreg.config import Config, save_config
 from megatron_simreg.cpu_compat import cpu_compat
-from megatron_simreg.data import build_gpt_datasets, build_tokenizer
+from megatron_simreg.data import build_run_datasets
 from megatron_simreg.failures import (
     Interrupted,
     StopSignals,
@@ -90,17 +90,7 @@ def _train(cfg: Config, plan: RunPlan, signals: StopSignals) -> dict:
     resume_from = chosen_iteration(plan.load_dir, cfg.checkpoint.load_iteration)
     remove_partial_checkpoints(plan.save_dir)
     gbs = cfg.training.global_batch_size
-    evaluation = cfg.training.eval_iters * gbs  # samples one evaluation scores: the first of its set, every time
-    # Megatron's numbers of samples (so both loops draw the same batches), except for a held-out validation set:
-    # one evaluation's worth, a single epoch, so no sequence is scored twice (Megatron's loop asks for one per
-    # evaluation, walks on through them, and repeats the set in reshuffled epochs)
-    evals = 1 if cfg.data.valid_prefix else plan.train_iters // cfg.training.eval_interval + 1
-    train_set, valid_set, test_set = build_gpt_datasets(
-        cfg.data.prefix, build_tokenizer(plan.tokenizer_path), cfg.model.seq_length,
-        (plan.train_samples, evals * evaluation, evaluation),
-        split=cfg.data.split, seed=cfg.training.seed, cache_dir=cfg.data.cache_dir,
-        valid_prefix=cfg.data.valid_prefix, test_prefix=cfg.data.test_prefix, evaluation_samples=evaluation,
-    )
+    train_set, valid_set, test_set = build_run_datasets(cfg, plan)
     model, optimizer = build_model_and_optimizer(cfg)
     if cfg.adagc.enabled:
         attach_adagc(optimizer, [model], AdaGC(cfg.adagc))  # its state rides in the optimizer's checkpoint entry

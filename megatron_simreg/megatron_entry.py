@@ -30,7 +30,7 @@ from megatron_simreg.checkpoint import (
     verify_checkpoint,
 )
 from megatron_simreg.config import Config, save_config
-from megatron_simreg.data import build_gpt_datasets, build_tokenizer
+from megatron_simreg.data import build_run_datasets
 from megatron_simreg.failures import (
     TrainingError,
     UnwritablePath,
@@ -167,13 +167,12 @@ def _pretrain(cfg: Config, plan: RunPlan) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         save_config(cfg, cfg.run_dir)
 
+    evaluated = {}  # the valid and test sets, each evaluation's fixed sample
+
     def datasets_provider(num_samples, vp_stage=None):  # megatron passes vp_stage with virtual pipelines
-        tokenizer = build_tokenizer(plan.tokenizer_path)
-        num_samples = (plan.train_samples, *num_samples[1:])  # Megatron asks for its train_iters x today's batch
-        return build_gpt_datasets(cfg.data.prefix, tokenizer, cfg.model.seq_length, num_samples,
-                                  split=cfg.data.split, seed=cfg.training.seed, cache_dir=cfg.data.cache_dir,
-                                  valid_prefix=cfg.data.valid_prefix, test_prefix=cfg.data.test_prefix,
-                                  evaluation_samples=cfg.training.eval_iters * cfg.training.global_batch_size)
+        datasets = build_run_datasets(cfg, plan)  # not Megatron's num_samples: its train_iters x today's batch, and
+        evaluated.update(valid=datasets[1], test=datasets[2])  # a fresh sample per evaluation
+        return datasets
 
     datasets_provider.is_distributed = True  # every rank reads its own batches (no broadcast)
     step = partial(forward_step, SimRegObjective.from_config(cfg), _cuda_batch)
@@ -185,7 +184,8 @@ def _pretrain(cfg: Config, plan: RunPlan) -> None:
         during_the_run.enter_context(_replaced(training, "load_checkpoint", partial(_verifying_checksums, args)))
         during_the_run.enter_context(_replaced(training, "get_optimizer_param_scheduler",  # ours, in samples
                                                lambda _: partial(build_scheduler, cfg, plan=plan)))
-        during_the_run.enter_context(_replaced(training, "evaluate_and_print_results", _test_logged_as_test))
+        during_the_run.enter_context(_replaced(training, "evaluate_and_print_results",
+                                               partial(_scoring_fixed_samples, evaluated)))
         during_the_run.enter_context(_stop_in_one_line(args))
         training.pretrain(
             pretrain_cfg_container_from_args(args),
@@ -274,20 +274,26 @@ def _replaced(owner, name: str, wrap):
         setattr(owner, name, original)
 
 
-def _test_logged_as_test(evaluate_and_print):
-    """The test evaluation at the end of training under its own TensorBoard names (`lm loss test`): megatron.training
-    logs it as `lm loss validation` at the last validation's step, where a reader would take it for that."""
+def _scoring_fixed_samples(evaluated: dict, evaluate_and_print):
+    """Every evaluation scores the first eval_iters global batches of its set, as the local loop does (Megatron's
+    loop walks on through the validation set, so each evaluation would score other sequences), and the test
+    evaluation at the end of training is logged under its own TensorBoard names (`lm loss test`), where
+    megatron.training logs it as `lm loss validation` at the last validation's step."""
+    from megatron.core.rerun_state_machine import RerunDataIterator
     from megatron.training import training
+    from megatron.training.datasets.data_samplers import build_pretraining_data_loader
 
-    def evaluate_tagged(prefix, *args, **kwargs):
-        if not prefix.endswith("on test set"):
-            return evaluate_and_print(prefix, *args, **kwargs)
+    def evaluate_fixed(prefix, forward_step_func, data_iterator, *args, **kwargs):
+        split = "test" if prefix.endswith("on test set") else "valid"
+        from_the_start = RerunDataIterator(iter(build_pretraining_data_loader(evaluated[split], 0)))
+        if split == "valid":
+            return evaluate_and_print(prefix, forward_step_func, from_the_start, *args, **kwargs)
         get_writer = training.get_tensorboard_writer
         renamed = (lambda: None) if get_writer() is None else (lambda: _RenamedScalars(get_writer()))
         with _replaced(training, "get_tensorboard_writer", lambda _: renamed):
-            return evaluate_and_print(prefix, *args, **kwargs)
+            return evaluate_and_print(prefix, forward_step_func, from_the_start, *args, **kwargs)
 
-    return evaluate_tagged
+    return evaluate_fixed
 
 
 class _RenamedScalars:

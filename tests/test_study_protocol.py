@@ -73,7 +73,8 @@ def test_both_loops_score_the_test_set_once_at_the_end(held_out, tmp_path):
     """Two iterations of each loop on the held-out sets: `test/lm loss` at the last iteration only, the same in
     both (the same weights on the same first test batches)."""
     data = [f"data.prefix={held_out['train']}", f"data.valid_prefix={held_out['valid']}",
-            f"data.test_prefix={held_out['test']}", "schedule.train_iters=2", "training.eval_interval=1"]
+            f"data.test_prefix={held_out['test']}", "schedule.train_iters=2", "schedule.warmup_steps=1",
+            "adagc.warmup_steps=1", "training.eval_interval=1"]
     local_training(tmp_path / "local", *data)
     log = megatron_training(tmp_path / "megatron", *data)
     local, megatron = load_run(str(tmp_path / "local")), load_run(str(tmp_path / "megatron"))
