@@ -73,7 +73,7 @@ DEFAULT_PLOTS = ("valid/lm loss", "train/simreg", "train/simreg negative angle")
 RUN_ONLY_KEYS = ("training.exit_interval",)
 STUDY_KEYS = ("name", "description", "config", "set", "seeds", "baseline", "variants", "grid", "around_best_of",
               "select", "report", "out", "runs", "launcher", "plots")
-SELECT_KEYS, REPORT_KEYS, METHOD_KEYS = ("seeds", "metric", "methods"), ("seeds", "metric"), ("set", "grid")
+SELECT_KEYS, REPORT_KEYS, METHOD_KEYS = ("seeds", "metric", "methods"), ("seeds", "metric", "test_set"), ("set", "grid")
 
 
 class StudyError(ValueError):
@@ -100,6 +100,7 @@ class Protocol:
     select_metric: str  # split/metric, e.g. valid/lm loss
     report_seeds: list[int]
     report_metric: str  # e.g. test/lm loss
+    test_set: str | None  # data.test_prefix of the report's cells only: the selection's never score it
 
     def method_of(self) -> dict[Setting, str]:
         return {setting: method for method, settings in self.methods.items() for setting in settings}
@@ -245,15 +246,23 @@ def _select_and_report(path: str, name: str, raw: dict) -> Study:
         raise StudyError(f"study {path!r}: report seeds {reused} are also selection seeds: report on fresh seeds, "
                          "not on those the choice was made on")
     select_metric = _metric(select.get("metric", "valid/lm loss"), path, "select.metric", ("valid",))
+    report_metric = _metric(report.get("metric", "test/lm loss"), path, "report.metric", ("valid", "test"))
+    shared = _overrides(raw.get("set"), path, "set")
+    if "data.test_prefix" in shared:
+        raise StudyError(f"study {path!r}: name the test set in report.test_set, not in `set`, so that only the "
+                         "report's cells score it")
+    test_set = report.get("test_set")
+    if report_metric.startswith("test/") and test_set is None:
+        raise StudyError(f"study {path!r}: report.metric {report_metric!r} needs report.test_set: a held-out test set "
+                         "(tools/prepare_data.py --held-out-tokens), scored by the report's cells only")
     out = str(raw.get("out") or os.path.join("runs", "studies", name))
     return Study(
-        name=name, path=path, config=str(raw["config"]), shared=_overrides(raw.get("set"), path, "set"), seeds=seeds,
+        name=name, path=path, config=str(raw["config"]), shared=shared, seeds=seeds,
         settings=[setting for settings in methods.values() for setting in settings], baseline=None, grid={}, out=out,
         runs=str(raw.get("runs") or os.path.join(out, "runs")), launcher=str(raw.get("launcher") or DEFAULT_LAUNCHER),
         plots=_plots(raw.get("plots"), path), description=str(raw.get("description") or "").strip(),
         protocol=Protocol(methods, _overrides(raw.get("baseline"), path, "baseline") if "baseline" in raw else None,
-                          select_metric, report_seeds,
-                          _metric(report.get("metric", "test/lm loss"), path, "report.metric", ("valid", "test"))),
+                          select_metric, report_seeds, report_metric, None if test_set is None else str(test_set)),
     )
 
 
@@ -263,8 +272,10 @@ def report_phase(study: Study, choices: list[Choice]) -> Study:
     chosen = ", ".join(f"{c.method}: `{c.setting.name}`" for c in choices)
     derived = (f"each method's best by mean final {protocol.select_metric} over the selection seeds "
                f"{', '.join(map(str, study.seeds))} ({chosen}; see Selection), reported on fresh seeds")
-    return _finish(dataclasses.replace(study, seeds=protocol.report_seeds, settings=[c.setting for c in choices],
-                                       derived=derived, protocol=None), protocol.baseline)
+    shared = {**study.shared, **({"data.test_prefix": protocol.test_set} if protocol.test_set else {})}
+    return _finish(dataclasses.replace(study, shared=shared, seeds=protocol.report_seeds,
+                                       settings=[c.setting for c in choices], derived=derived, protocol=None),
+                   protocol.baseline)
 
 
 def _known(spec: dict, keys: tuple[str, ...], path: str, where: str) -> dict:
@@ -686,6 +697,10 @@ def _prepare_data(states: list[CellState]) -> None:
             if not (os.path.isfile(shard + ".bin") and os.path.isfile(shard + ".idx")):
                 raise StudyError(f"data {shard}.bin/.idx not found: write it with tools/prepare_data.py "
                                  "or set data.prefix (the study's `set`) to where it is")
+    for prefix in sorted({p for s in states for p in (s.config.data.valid_prefix, s.config.data.test_prefix) if p}):
+        if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
+            raise StudyError(f"held-out data {prefix}.bin/.idx not found: write it with tools/prepare_data.py "
+                             "--held-out-from PREFIX --held-out-tokens N (see the study's description)")
 
 
 def main(argv=None):
@@ -710,7 +725,7 @@ def main(argv=None):
         if unknown:
             raise StudyError(f"--only {', '.join(unknown)}: no such setting; the study has {', '.join(names)}")
         if study.protocol is not None:
-            _check_test_set(study, states)
+            _check_held_out(study, states)
         failed = [] if args.status or args.report_only else _run(study, states, args)
         if args.status:
             _print_status(states)
@@ -771,15 +786,17 @@ def _report_phase(study: Study, states: list[CellState], args, failed: list) -> 
     return reported, report_states, protocol_sections(study, states, reported, report_states, choices)
 
 
-def _check_test_set(study: Study, states: list[CellState]) -> None:
-    """A report scored on the test set needs one in the cells' data, before anything runs."""
-    metric = study.protocol.report_metric
+def _check_held_out(study: Study, states: list[CellState]) -> None:
+    """Before anything runs: the selection's cells score no test set (a split's test share included), and the
+    report's test set comes with a held-out validation set (one without the other leaves a split unscored)."""
     data = states[0].config.data
     shares = re.split(r"[,/]", data.split)
-    has_test = data.test_prefix is not None or data.valid_prefix is None and len(shares) == 3 and float(shares[2]) > 0
-    if metric.startswith("test/") and not has_test:
-        raise StudyError(f"study {study.path!r}: report.metric {metric!r} needs a test set: set data.test_prefix "
-                         "(tools/prepare_data.py --held-out-tokens) in the study's `set`")
+    if data.valid_prefix is None and len(shares) > 2 and float(shares[2]) > 0:
+        raise StudyError(f"study {study.path!r}: data.split {data.split!r} gives the selection's cells a test share: "
+                         "set its third share to 0, or data.valid_prefix (tools/prepare_data.py --held-out-tokens)")
+    if study.protocol.test_set is not None and data.valid_prefix is None:
+        raise StudyError(f"study {study.path!r}: report.test_set needs data.valid_prefix in the study's `set`, the "
+                         "validation set held out with it")
 
 
 if __name__ == "__main__":

@@ -95,13 +95,13 @@ def test_both_loops_score_the_test_set_once_at_the_end(held_out, tmp_path):
 def protocol_study(tmp_path, report_seeds=(3, 4, 5), **extra):
     fields = dict(
         name="fair", config="configs/tiny-llama.yaml", out=str(tmp_path / "out"),
-        set={"schedule.train_iters": 4, "data.test_prefix": "data/held-out_test", "data.valid_prefix": "data/v"},
+        set={"schedule.train_iters": 4, "data.valid_prefix": "data/held-out_valid"},
         baseline={"simreg.weight": 0},
         select={"seeds": [1, 2], "methods": {
             "simreg": {"grid": {"simreg.weight": [1, 10]}},
             "simcse": {"set": {"regularizer.name": "simcse"}, "grid": {"regularizer.weight": [0.5, 1]}},
         }},
-        report={"seeds": list(report_seeds)},
+        report={"seeds": list(report_seeds), "test_set": "data/held-out_test"},
     )
     fields.update(extra)
     path = tmp_path / "fair.yaml"
@@ -157,6 +157,12 @@ def test_the_best_of_each_method_is_chosen_on_selection_seeds_and_reported_on_fr
     assert reported.seeds == [3, 4, 5] and reported.baseline is reported.settings[0]
     command = cell_command(reported, settings["simreg_weight=10"], 4, [])
     assert "training.seed=4" in command and "simreg.weight=10" in command
+    # what each phase evaluates: the selection's cells have no test set, the report's score the held-out one
+    assert {s.config.data.test_prefix for s in states} == {None}
+    assert not any("test_prefix" in part for setting, seed in study.cells()
+                   for part in cell_command(study, setting, seed, []))
+    report_states = [_state(reported, setting, seed, []) for setting, seed in reported.cells()]
+    assert {s.config.data.test_prefix for s in report_states} == {"data/held-out_test"}
 
     test = {"baseline": (5.00, 5.10, 4.90), "simreg_weight=10": (4.90, 5.05, 4.70),
             "simcse_weight=0.5": (5.01, 5.08, 4.93)}
@@ -193,9 +199,14 @@ def test_protocols_that_would_mix_choosing_and_reporting_are_refused(tmp_path):
                                               "methods": {"simreg": {}}}), "--status"])
     with pytest.raises(SystemExit, match="seeds belong in `select:`"):
         main([protocol_study(tmp_path, seeds=[1]), "--status"])
-    no_test = protocol_study(tmp_path)
-    raw = yaml.safe_load(open(no_test))
-    raw["set"] = {"schedule.train_iters": 4}
-    open(no_test, "w").write(yaml.safe_dump(raw))
-    with pytest.raises(SystemExit, match="report.metric 'test/lm loss' needs a test set: set data.test_prefix"):
-        main([no_test, "--status"])
+    with pytest.raises(SystemExit, match="name the test set in report.test_set, not in `set`"):
+        main([protocol_study(tmp_path, set={"data.valid_prefix": "v", "data.test_prefix": "t"}), "--status"])
+    with pytest.raises(SystemExit, match="report.metric 'test/lm loss' needs report.test_set"):
+        main([protocol_study(tmp_path, report={"seeds": [3, 4]}), "--status"])
+    with pytest.raises(SystemExit, match="report.test_set needs data.valid_prefix"):
+        main([protocol_study(tmp_path, set={"data.split": "95,5,0"}), "--status"])
+    with pytest.raises(SystemExit, match="data.split '98,1,1' gives the selection's cells a test share"):
+        main([protocol_study(tmp_path, set={"data.split": "98,1,1"}, report={"seeds": [3], "metric": "valid/lm loss"}),
+              "--status"])
+    with pytest.raises(SystemExit, match="unknown key.* tests in report; valid keys: seeds, metric, test_set"):
+        main([protocol_study(tmp_path, report={"seeds": [3], "tests": "t"}), "--status"])
