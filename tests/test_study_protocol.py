@@ -11,9 +11,11 @@ import pytest
 import yaml
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from scipy import stats
+from test_data_prepare import DOCUMENTS, prepare_data
 from test_megatron_training import SAME_ARITHMETIC_REL, local_training, megatron_training
 from test_training import corpus  # noqa: F401  (corpus is a fixture)
 
+from megatron_simreg.data import build_gpt_datasets, build_tokenizer
 from megatron_simreg.data.held_out import draw_held_out, hold_out
 from megatron_simreg.metrics import MetricsWriter, load_run
 from megatron_simreg.provenance import code_identity
@@ -56,6 +58,46 @@ def test_held_out_sets_are_disjoint_seeded_documents_excluded_from_training(corp
                 assert a.read() == b.read()
     other = hold_out(corpus, str(tmp_path / "other"), HELD_OUT_TOKENS, seed=8)
     assert documents(other["valid"]) != documents(held_out["valid"])
+
+
+def test_prepare_data_writes_held_out_sets_that_read_back(tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCUMENTS[:60]))
+    prefix = str(tmp_path / "data")
+    prepare_data.main(["--input", str(source), "--output-prefix", prefix, "--held-out-tokens", "300",
+                       "--held-out-seed", "3", "--quiet"])
+    assert "held out (seed 3)" in capsys.readouterr().out
+    parts = {split: documents(f"{prefix}_{split}") for split in ("train", "valid", "test")}
+    assert sorted(sum(parts.values(), [])) == sorted(documents(prefix))  # every document in exactly one set
+    for split in ("valid", "test"):
+        with open(f"{prefix}_{split}.stats.json") as f:
+            record = json.load(f)
+        assert record["seed"] == 3 and record["held_out_tokens"] == 300 and record["held_out_from"] == prefix
+        assert [documents(prefix)[d] for d in record["source_documents"]] == parts[split]
+        assert sum(map(len, parts[split])) >= 300
+
+    again = str(tmp_path / "again")  # from the dataset already written: the same draw
+    prepare_data.main(["--held-out-from", prefix, "--held-out-tokens", "300", "--held-out-seed", "3",
+                       "--output-prefix", again, "--quiet"])
+    assert documents(f"{again}_valid") == parts["valid"] and documents(f"{again}_test") == parts["test"]
+    with pytest.raises(SystemExit, match="prepare_data: --held-out-from needs --held-out-tokens N"):
+        prepare_data.main(["--held-out-from", prefix, "--output-prefix", again])
+    with pytest.raises(SystemExit, match="already exist: pass --overwrite"):
+        prepare_data.main(["--held-out-from", prefix, "--held-out-tokens", "300", "--output-prefix", again])
+    with pytest.raises(SystemExit, match="too few to hold out 100,000 tokens twice"):
+        prepare_data.main(["--held-out-from", prefix, "--held-out-tokens", "100000", "--output-prefix",
+                           str(tmp_path / "more")])
+
+
+def test_a_held_out_set_smaller_than_one_evaluation_is_refused(held_out):
+    tokenizer = build_tokenizer()
+    sequences = (json.load(open(held_out["valid"] + ".stats.json"))["tokens"] - 1) // 32
+    build_gpt_datasets(held_out["train"], tokenizer, 32, (8, sequences, 4), valid_prefix=held_out["valid"],
+                       test_prefix=held_out["test"])  # one evaluation that scores all of it: fine
+    with pytest.raises(ValueError, match=f"the held-out valid set .* {sequences} sequences of 32, fewer than the "
+                                         f"{sequences + 1} one evaluation scores"):
+        build_gpt_datasets(held_out["train"], tokenizer, 32, (8, sequences + 1, 4), valid_prefix=held_out["valid"],
+                           test_prefix=held_out["test"])
 
 
 def test_held_out_documents_come_from_everywhere_in_the_file_not_its_tail():
