@@ -21,6 +21,27 @@ A study file (YAML; paths relative to the working directory, as every command of
     launcher: "{python} -m megatron_simreg.train --config {config}"   # e.g. "scripts/launch.sh {config}" on a GPU node
     plots: [valid/lm loss, train/simreg, train/simreg negative angle]
 
+A study that separates choosing from reporting says `select:` and `report:` instead of seeds, variants and grid:
+
+    baseline: {simreg.weight: 0}       # runs on the report seeds only
+    select:
+      seeds: [11, 22]                  # every method's grid runs on these
+      metric: valid/lm loss            # each method's setting of lowest mean final value is its choice
+      methods:
+        simreg: {grid: {simreg.weight: [0.5, 1], simreg.temperature: [0.01, 0.05]}}
+        simcse: {set: {regularizer.name: simcse}, grid: {regularizer.weight: [0.5, 1]}}
+    report:
+      seeds: [101, 102, 103]           # fresh: a selection seed here is refused
+      metric: test/lm loss             # scored once, after the last iteration
+      test_set: data/held-out/x_test   # data.test_prefix of the report's cells only
+
+Once every selection cell is finished, each method's choice and the baseline run on the report seeds, and the
+report gives the selection table (every setting, per seed) and each choice's test loss (mean ± sd) with its
+paired difference to the baseline (95% CI, paired t-test p, "not resolved" when the interval holds zero);
+`<out>/selection.json` records the choice. The selection's cells never score a test set (a split with a test
+share is refused); the validation set is `data.valid_prefix`, a held-out sample of the whole corpus
+(tools/prepare_data.py --held-out-tokens, data/held_out.py).
+
 Each cell (setting x seed) runs through the normal training entry in its own process (`--set` carries the
 overrides, the seed and the run folder `<runs>/<setting>/seed<N>`), so a crash or a kill of one cell loses
 nothing of the others. A cell is finished when its latest checkpoint is its last iteration; a half-finished
