@@ -12,14 +12,14 @@ import yaml
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from scipy import stats
 from test_data_prepare import DOCUMENTS, prepare_data
-from test_megatron_training import SAME_ARITHMETIC_REL, local_training, megatron_training
-from test_training import corpus  # noqa: F401  (corpus is a fixture)
+from test_megatron_training import SAME_ARITHMETIC_REL, megatron_training
+from test_training import TINY, corpus  # noqa: F401  (corpus is a fixture)
 
 from megatron_simreg.data import build_gpt_datasets, build_tokenizer
 from megatron_simreg.data.held_out import draw_held_out, hold_out
 from megatron_simreg.metrics import MetricsWriter, load_run
 from megatron_simreg.provenance import code_identity
-from megatron_simreg.study import _state, cell_command, load_study, main, report_phase
+from megatron_simreg.study import _state, cell_command, cell_overrides, load_study, main, report_phase
 from megatron_simreg.study_protocol import choose
 from megatron_simreg.study_report import collect
 
@@ -111,24 +111,40 @@ def test_held_out_documents_come_from_everywhere_in_the_file_not_its_tail():
         draw_held_out(lengths, 600_000, seed=1234)
 
 
-def test_both_loops_score_the_test_set_once_at_the_end(held_out, tmp_path):
-    """Two iterations of each loop on the held-out sets: `test/lm loss` at the last iteration only, the same in
-    both (the same weights on the same first test batches)."""
-    data = [f"data.prefix={held_out['train']}", f"data.valid_prefix={held_out['valid']}",
-            f"data.test_prefix={held_out['test']}", "schedule.train_iters=2", "schedule.warmup_steps=1",
-            "adagc.warmup_steps=1", "training.eval_interval=1"]
-    local_training(tmp_path / "local", *data)
-    log = megatron_training(tmp_path / "megatron", *data)
-    local, megatron = load_run(str(tmp_path / "local")), load_run(str(tmp_path / "megatron"))
-    tokens = 2 * 4 * 32  # two global batches of 4 sequences of 32
-    assert local.curve("test", "lm loss").tokens == [tokens] == megatron.curve("test", "lm loss").tokens
-    valid = local.curve("valid", "lm loss").values
+def test_a_tiny_protocol_end_to_end_and_megatron_scores_its_report_cell_alike(held_out, tmp_path, capsys):
+    """The selection recorded (two settings on one seed: training them would only cost time), the report's cell
+    trained for two iterations by the study tool and scored on the held-out test set; then megatron.training runs
+    that cell's config and scores the same fixed validation sample at every evaluation and the same test sample
+    at the end (the same weights, the same batches)."""
+    cell = TINY + [f"data.prefix={held_out['train']}", f"data.valid_prefix={held_out['valid']}",
+                   "schedule.train_iters=2", "schedule.warmup_steps=1", "adagc.warmup_steps=1",
+                   "training.eval_interval=1", "logging.tensorboard=false"]
+    study = load_study(protocol_study(tmp_path, set=cell, baseline=None, select={"seeds": [1], "methods": {
+        "simreg": {"grid": {"simreg.weight": [0, 100]}}}}, report={"seeds": [2], "test_set": held_out["test"]}))
+    chosen, other = study.settings
+    recorded_cell(study, chosen, 1, valid=3.0)
+    recorded_cell(study, other, 1, valid=4.0)
+    main([study.path])
+    assert "report:" in capsys.readouterr().out
+    with open(tmp_path / "out" / "selection.json") as f:
+        assert json.load(f)["chosen"]["simreg"]["setting"] == chosen.name == "simreg_weight=0"
+    reported = load_run(study.run_dir(chosen, 2))
+    test = reported.curve("test", "lm loss")
+    assert test.tokens == [2 * 4 * 32]  # once, after the last of two global batches of 4 sequences of 32
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert f"| simreg | {chosen.name} | 1/1 | {test.values[0]:.4f} (1) |" in report
+    assert not os.path.exists(study.run_dir(other, 2))  # only the choice is reported
+
+    overrides = [o for o in cell_overrides(study, chosen, 2, []) if not o.startswith("logging.run_dir=")]
+    log = megatron_training(tmp_path / "megatron", *overrides, f"data.test_prefix={held_out['test']}",
+                            "logging.tensorboard=true")
+    megatron = load_run(str(tmp_path / "megatron"))
+    valid = reported.curve("valid", "lm loss").values
     assert len(valid) == 2  # both loops score the same fixed validation sample at every evaluation
     assert megatron.curve("valid", "lm loss").values == pytest.approx(valid, rel=SAME_ARITHMETIC_REL)
-    test = local.curve("test", "lm loss").values[0]
-    assert megatron.curve("test", "lm loss").values == [pytest.approx(test, rel=SAME_ARITHMETIC_REL)]
+    assert megatron.curve("test", "lm loss").values == [pytest.approx(test.values[0], rel=SAME_ARITHMETIC_REL)]
     assert "validation loss at iteration 2 on test set" in log
-    assert test != valid[-1]  # another set than the last validation's, logged under its own name
+    assert test.values[0] != valid[-1]  # another set than the last validation's, logged under its own name
 
 
 # ---- the select/report protocol, on recorded metrics ---------------------------------------------------------------
@@ -146,6 +162,7 @@ def protocol_study(tmp_path, report_seeds=(3, 4, 5), **extra):
         report={"seeds": list(report_seeds), "test_set": "data/held-out_test"},
     )
     fields.update(extra)
+    fields = {key: value for key, value in fields.items() if value is not None}  # None: leave the key out
     path = tmp_path / "fair.yaml"
     path.write_text(yaml.safe_dump(fields, sort_keys=False))
     return str(path)
