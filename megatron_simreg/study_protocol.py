@@ -103,7 +103,8 @@ def protocol_sections(study, selection_states, reported, report_states, choices:
         f"The choices and the baseline on fresh seeds {', '.join(map(str, reported.seeds))}, scored by the final "
         f"{protocol.report_metric}, which the selection never saw. Mean ± sample standard deviation over seeds (n in "
         "brackets); Δ pairs each run with the baseline run of the same seed; the 95% confidence interval of the mean "
-        "Δ and the two-sided p are Student's t over the pairs; 'not resolved' when the interval holds zero.", "",
+        "Δ and the two-sided p are Student's t over the pairs; 'not resolved' when the interval holds zero. The "
+        "Results below are the same cells on the validation set, for reference.", "",
         report_table(collect(reported, report_states), reported.baseline, protocol.report_metric,
                      protocol.method_of()), "",
     ]
