@@ -170,8 +170,10 @@ def _pretrain(cfg: Config, plan: RunPlan) -> None:
     evaluated = {}  # the valid and test sets, each evaluation's fixed sample
 
     def datasets_provider(num_samples, vp_stage=None):  # megatron passes vp_stage with virtual pipelines
-        datasets = build_run_datasets(cfg, plan)  # not Megatron's num_samples: its train_iters x today's batch, and
-        evaluated.update(valid=datasets[1], test=datasets[2])  # a fresh sample per evaluation
+        # the run's own sizes, not Megatron's num_samples (its train_iters x today's batch, and another validation
+        # sample for each evaluation)
+        datasets = build_run_datasets(cfg, plan)
+        evaluated.update(valid=datasets[1], test=datasets[2])
         return datasets
 
     datasets_provider.is_distributed = True  # every rank reads its own batches (no broadcast)
