@@ -126,7 +126,10 @@ class ParallelConfig:
 class DataConfig:
     prefix: list[str] = field(default_factory=list)  # Megatron indexed datasets (PREFIX.bin/.idx)
     tokenizer: str | None = None  # SentencePiece model or HF folder; None = the default LLaMA-style 32k
-    split: str = "98,1,1"
+    split: str = "98,1,1"  # shares of `prefix` by contiguous document ranges, unless held-out sets are given:
+    # evaluation sets of their own (data/held_out.py); then `prefix` is all training data and `split` unused
+    valid_prefix: str | None = None
+    test_prefix: str | None = None  # scored once, at the end of training
     cache_dir: str | None = None
 
 

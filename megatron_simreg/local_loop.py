@@ -30,7 +30,7 @@ from megatron_simreg.checkpoint import (
 )
 from megatron_simreg.config import Config, save_config
 from megatron_simreg.cpu_compat import cpu_compat
-from megatron_simreg.data import build_gpt_datasets, build_tokenizer
+from megatron_simreg.data import build_run_datasets
 from megatron_simreg.failures import (
     Interrupted,
     StopSignals,
@@ -41,7 +41,7 @@ from megatron_simreg.failures import (
     non_finite_gradient_stop,
 )
 from megatron_simreg.megatron_adagc import attach_adagc
-from megatron_simreg.metrics import MetricsWriter
+from megatron_simreg.metrics import TENSORBOARD_SUFFIXES, MetricsWriter
 from megatron_simreg.model import model_provider
 from megatron_simreg.objective import SimRegObjective, forward_step, reduce_reports, update_regularizer_state
 from megatron_simreg.progress import progress_bar
@@ -90,12 +90,7 @@ def _train(cfg: Config, plan: RunPlan, signals: StopSignals) -> dict:
     resume_from = chosen_iteration(plan.load_dir, cfg.checkpoint.load_iteration)
     remove_partial_checkpoints(plan.save_dir)
     gbs = cfg.training.global_batch_size
-    evals = plan.train_iters // cfg.training.eval_interval + 1
-    train_set, valid_set, _ = build_gpt_datasets(
-        cfg.data.prefix, build_tokenizer(plan.tokenizer_path), cfg.model.seq_length,
-        (plan.train_samples, evals * cfg.training.eval_iters * gbs, 0),
-        split=cfg.data.split, seed=cfg.training.seed, cache_dir=cfg.data.cache_dir,
-    )
+    train_set, valid_set, test_set = build_run_datasets(cfg, plan)
     model, optimizer = build_model_and_optimizer(cfg)
     if cfg.adagc.enabled:
         attach_adagc(optimizer, [model], AdaGC(cfg.adagc))  # its state rides in the optimizer's checkpoint entry
@@ -156,7 +151,11 @@ def _train(cfg: Config, plan: RunPlan, signals: StopSignals) -> dict:
         if iteration % cfg.training.eval_interval == 0 or iteration == plan.train_iters:
             valid = evaluate(cfg, model, step, valid_set, plan, dp_group)
             if logger is not None and valid is not None:
-                logger.validation(iteration, consumed, valid)
+                logger.evaluation("valid", iteration, consumed, valid)
+        if iteration == plan.train_iters:  # as megatron.training: the test set once, after the last iteration
+            test = evaluate(cfg, model, step, test_set, plan, dp_group)
+            if logger is not None and test is not None:
+                logger.evaluation("test", iteration, consumed, test)
         signalled = signals.agreed()
         stop = cfg.training.exit_interval is not None and iteration % cfg.training.exit_interval == 0 or bool(signalled)
         if stop or iteration % cfg.training.save_interval == 0 or iteration == plan.train_iters:
@@ -181,12 +180,12 @@ def parallel_model(model):
     return model.module
 
 
-def evaluate(cfg: Config, model, step, valid_set, plan: RunPlan, dp_group) -> dict | None:
-    """Mean metrics over `eval_iters` global batches from the start of the validation split."""
-    if valid_set is None:
+def evaluate(cfg: Config, model, step, dataset, plan: RunPlan, dp_group) -> dict | None:
+    """Mean metrics over `eval_iters` global batches from the start of `dataset` (validation or test)."""
+    if dataset is None:
         return None
     run_schedule = get_forward_backward_func()
-    batches = micro_batches(valid_set, 0, cfg.training.micro_batch_size, plan.micro_batches)
+    batches = micro_batches(dataset, 0, cfg.training.micro_batch_size, plan.micro_batches)
     reports = []
     model.eval()
     with torch.no_grad():
@@ -235,17 +234,18 @@ class _RunLogger:
             )
         return metrics
 
-    def validation(self, iteration: int, consumed: int, metrics: dict) -> None:
-        self._write("valid", iteration, consumed, metrics)
+    def evaluation(self, split: str, iteration: int, consumed: int, metrics: dict) -> None:
+        self._write(split, iteration, consumed, metrics)
         text = " | ".join(f"{k}: {v:.4g}" for k, v in metrics.items())
         perplexity = math.exp(min(20, metrics["lm loss"]))
-        self.bar.write(f" validation at iteration {iteration} | {text} | lm loss PPL: {perplexity:.2f}")
+        name = "validation" if split == "valid" else split
+        self.bar.write(f" {name} at iteration {iteration} | {text} | lm loss PPL: {perplexity:.2f}")
 
     def _write(self, split: str, iteration: int, consumed: int, metrics: dict) -> None:
         if self.jsonl is not None:
             self.jsonl.write(split, iteration, consumed * self.cfg.model.seq_length, metrics)
         if self.tensorboard is not None:
-            suffix = " validation" if split == "valid" else ""
+            suffix = TENSORBOARD_SUFFIXES.get(split, "")
             for name, value in metrics.items():
                 self.tensorboard.add_scalar(f"{name}{suffix}", value, iteration)
                 self.tensorboard.add_scalar(f"{name}{suffix} vs samples", value, consumed)

@@ -30,7 +30,7 @@ from megatron_simreg.checkpoint import (
     verify_checkpoint,
 )
 from megatron_simreg.config import Config, save_config
-from megatron_simreg.data import build_gpt_datasets, build_tokenizer
+from megatron_simreg.data import build_run_datasets
 from megatron_simreg.failures import (
     TrainingError,
     UnwritablePath,
@@ -78,8 +78,7 @@ def megatron_arguments(cfg: Config, plan: RunPlan, *, transformer_engine: bool) 
         "--context-parallel-size", p.context,
         "--log-interval", t.log_interval, "--eval-interval", t.eval_interval, "--eval-iters", t.eval_iters,
         "--save-interval", t.save_interval, "--save", plan.save_dir, "--load", plan.load_dir,
-        "--split", cfg.data.split, "--data-path", *cfg.data.prefix,
-        "--log-throughput", "--log-timers-to-tensorboard", "--log-validation-ppl-to-tensorboard",
+        *_data_arguments(cfg), "--log-throughput", "--log-timers-to-tensorboard", "--log-validation-ppl-to-tensorboard",
     ]
     if t.exit_interval:
         args += ["--exit-interval", t.exit_interval]
@@ -114,6 +113,18 @@ def megatron_arguments(cfg: Config, plan: RunPlan, *, transformer_engine: bool) 
         args += LOCAL_LAYER_ARGS
     args += _failure_handling_arguments(cfg)
     return [str(a) for a in args + cfg.megatron.extra_args]
+
+
+def _data_arguments(cfg: Config) -> list[str]:
+    """Megatron's `--data-path` and `--split`, or a path per split for held-out evaluation sets (the datasets
+    themselves come from our provider; Megatron reads these to know which evaluations to run)."""
+    d = cfg.data
+    if d.valid_prefix is None and d.test_prefix is None:
+        return ["--split", d.split, "--data-path", *d.prefix]
+    args = ["--train-data-path", *d.prefix]
+    for flag, prefix in (("--valid-data-path", d.valid_prefix), ("--test-data-path", d.test_prefix)):
+        args += [flag, prefix] if prefix is not None else []
+    return args
 
 
 def _failure_handling_arguments(cfg: Config) -> list[str]:
@@ -160,11 +171,14 @@ def _pretrain(cfg: Config, plan: RunPlan) -> None:
         if plan.finetune:
             print(plan.finetune_start, flush=True)
 
+    evaluated = {}  # the valid and test sets, each evaluation's fixed sample
+
     def datasets_provider(num_samples, vp_stage=None):  # megatron passes vp_stage with virtual pipelines
-        tokenizer = build_tokenizer(plan.tokenizer_path)
-        num_samples = (plan.train_samples, *num_samples[1:])  # Megatron asks for its train_iters x today's batch
-        return build_gpt_datasets(cfg.data.prefix, tokenizer, cfg.model.seq_length, num_samples,
-                                  split=cfg.data.split, seed=cfg.training.seed, cache_dir=cfg.data.cache_dir)
+        # the run's own sizes, not Megatron's num_samples (its train_iters x today's batch, and another validation
+        # sample for each evaluation)
+        datasets = build_run_datasets(cfg, plan)
+        evaluated.update(valid=datasets[1], test=datasets[2])
+        return datasets
 
     datasets_provider.is_distributed = True  # every rank reads its own batches (no broadcast)
     step = partial(forward_step, SimRegObjective.from_config(cfg), _cuda_batch)
@@ -176,6 +190,8 @@ def _pretrain(cfg: Config, plan: RunPlan) -> None:
         during_the_run.enter_context(_replaced(training, "load_checkpoint", partial(_verifying_checksums, args)))
         during_the_run.enter_context(_replaced(training, "get_optimizer_param_scheduler",  # ours, in samples
                                                lambda _: partial(build_scheduler, cfg, plan=plan)))
+        during_the_run.enter_context(_replaced(training, "evaluate_and_print_results",
+                                               partial(_scoring_fixed_samples, evaluated)))
         during_the_run.enter_context(_stop_in_one_line(args))
         training.pretrain(
             pretrain_cfg_container_from_args(args),
@@ -262,6 +278,41 @@ def _replaced(owner, name: str, wrap):
         yield
     finally:
         setattr(owner, name, original)
+
+
+def _scoring_fixed_samples(evaluated: dict, evaluate_and_print):
+    """Every evaluation scores the first eval_iters global batches of its set, as the local loop does (Megatron's
+    loop walks on through the validation set, so each evaluation would score other sequences), and the test
+    evaluation at the end of training is logged under its own TensorBoard names (`lm loss test`), where
+    megatron.training logs it as `lm loss validation` at the last validation's step."""
+    from megatron.core.rerun_state_machine import RerunDataIterator
+    from megatron.training import training
+    from megatron.training.datasets.data_samplers import build_pretraining_data_loader
+
+    def evaluate_fixed(prefix, forward_step_func, data_iterator, *args, **kwargs):
+        split = "test" if prefix.endswith("on test set") else "valid"
+        from_the_start = RerunDataIterator(iter(build_pretraining_data_loader(evaluated[split], 0)))
+        if split == "valid":
+            return evaluate_and_print(prefix, forward_step_func, from_the_start, *args, **kwargs)
+        get_writer = training.get_tensorboard_writer
+        renamed = (lambda: None) if get_writer() is None else (lambda: _RenamedScalars(get_writer()))
+        with _replaced(training, "get_tensorboard_writer", lambda _: renamed):
+            return evaluate_and_print(prefix, forward_step_func, from_the_start, *args, **kwargs)
+
+    return evaluate_fixed
+
+
+class _RenamedScalars:
+    """A TensorBoard writer whose `... validation ...` scalars are written as `... test ...`."""
+
+    def __init__(self, writer):
+        self.writer = writer
+
+    def add_scalar(self, tag, *args, **kwargs):
+        return self.writer.add_scalar(tag.replace(" validation", " test"), *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.writer, name)
 
 
 def _saving_only_finite_weights(args, save):

@@ -1,6 +1,6 @@
 """Run metrics: the JSONL log our CPU loop writes, and reading it or Megatron's TensorBoard events back.
 
-One JSON object a line: `{"split": "train"|"valid", "iteration": 10, "tokens": 20480, "lm loss": 7.1, ...}`.
+One JSON object a line: `{"split": "train"|"valid"|"test", "iteration": 10, "tokens": 20480, "lm loss": 7.1, ...}`.
 Reading gives, per split and metric, the values against tokens seen, which is how the paper compares
 runs (convergence speed is measured in tokens).
 """
@@ -17,6 +17,7 @@ import yaml
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
+TENSORBOARD_SUFFIXES = {"valid": " validation", "test": " test"}  # `lm loss validation`: valid/lm loss
 
 
 class MetricsWriter:
@@ -70,7 +71,7 @@ class Curve:
 
 @dataclass
 class Run:
-    """A run's curves: `curves[split][metric]` (split: "train" or "valid")."""
+    """A run's curves: `curves[split][metric]` (split: "train", "valid" or "test": the end of training only)."""
 
     name: str
     curves: dict[str, dict[str, Curve]]
@@ -148,8 +149,9 @@ def _read_tensorboard(path: str, seq_length: int | None) -> dict[str, dict[str, 
             if not tag.endswith(" vs samples"):
                 continue
             metric = tag.removesuffix(" vs samples")
-            split = "valid" if metric.endswith(" validation") else "train"
-            curve = curves.setdefault(split, {}).setdefault(metric.removesuffix(" validation"), Curve())
+            split, suffix = next(((split, suffix) for split, suffix in TENSORBOARD_SUFFIXES.items()
+                                  if metric.endswith(suffix)), ("train", ""))
+            curve = curves.setdefault(split, {}).setdefault(metric.removesuffix(suffix), Curve())
             for event in accumulator.Scalars(tag):
                 curve.tokens.append(float(event.step * seq_length))
                 curve.values.append(float(event.value))

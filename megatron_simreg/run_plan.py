@@ -35,6 +35,7 @@ class RunPlan:
     warmup_samples: int  # the learning-rate schedule, in samples as Megatron counts it
     decay_samples: int
     train_samples: int  # consumed when training ends
+    evaluation_samples: int  # one evaluation's eval_iters global batches: the fixed sample every evaluation scores
     min_lr: float
     tokenizer_path: str
     tokenizer_library: str  # "sentencepiece" (a model file) or "huggingface" (a folder)
@@ -146,6 +147,7 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
         warmup_samples=cfg.schedule.warmup_steps * batch,
         decay_samples=iters * batch,
         train_samples=consumed + steps * t.global_batch_size,
+        evaluation_samples=t.eval_iters * t.global_batch_size,
         min_lr=min_lr(cfg),
         tokenizer_path=tokenizer_path,
         tokenizer_library=library,

@@ -21,6 +21,27 @@ A study file (YAML; paths relative to the working directory, as every command of
     launcher: "{python} -m megatron_simreg.train --config {config}"   # e.g. "scripts/launch.sh {config}" on a GPU node
     plots: [valid/lm loss, train/simreg, train/simreg negative angle]
 
+A study that separates choosing from reporting says `select:` and `report:` instead of seeds, variants and grid:
+
+    baseline: {simreg.weight: 0}       # runs on the report seeds only
+    select:
+      seeds: [11, 22]                  # every method's grid runs on these
+      metric: valid/lm loss            # each method's setting of lowest mean final value is its choice
+      methods:
+        simreg: {grid: {simreg.weight: [0.5, 1], simreg.temperature: [0.01, 0.05]}}
+        simcse: {set: {regularizer.name: simcse}, grid: {regularizer.weight: [0.5, 1]}}
+    report:
+      seeds: [101, 102, 103]           # fresh: a selection seed here is refused
+      metric: test/lm loss             # scored once, after the last iteration
+      test_set: data/held-out/x_test   # data.test_prefix of the report's cells only
+
+Once every selection cell is finished, each method's choice and the baseline run on the report seeds, and the
+report gives the selection table (every setting, per seed) and each choice's test loss (mean ± sd) with its
+paired difference to the baseline (95% CI, paired t-test p, "not resolved" when the interval holds zero);
+`<out>/selection.json` records the choice. The selection's cells never score a test set (a split with a test
+share is refused); the validation set is `data.valid_prefix`, a held-out sample of the whole corpus
+(tools/prepare_data.py --held-out-tokens, data/held_out.py).
+
 Each cell (setting x seed) runs through the normal training entry in its own process (`--set` carries the
 overrides, the seed and the run folder `<runs>/<setting>/seed<N>`), so a crash or a kill of one cell loses
 nothing of the others. A cell is finished when its latest checkpoint is its last iteration; a half-finished
@@ -45,6 +66,7 @@ import fcntl
 import itertools
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -60,6 +82,7 @@ from megatron_simreg.config import Config, load_config, parse_yaml, resolved_dic
 from megatron_simreg.progress import progress_bar
 from megatron_simreg.provenance import code_identity, describe, same_code
 from megatron_simreg.run_plan import train_iters
+from megatron_simreg.study_protocol import Choice, choose, protocol_sections, write_selection
 from megatron_simreg.study_report import collect, duration, write_report
 
 LOCK_FILE = ".study.lock"
@@ -70,7 +93,8 @@ DEFAULT_PLOTS = ("valid/lm loss", "train/simreg", "train/simreg negative angle")
 # Settings that say how a cell is run, not what it is: a cell run with other values is the same cell.
 RUN_ONLY_KEYS = ("training.exit_interval",)
 STUDY_KEYS = ("name", "description", "config", "set", "seeds", "baseline", "variants", "grid", "around_best_of",
-              "out", "runs", "launcher", "plots")
+              "select", "report", "out", "runs", "launcher", "plots")
+SELECT_KEYS, REPORT_KEYS, METHOD_KEYS = ("seeds", "metric", "methods"), ("seeds", "metric", "test_set"), ("set", "grid")
 
 
 class StudyError(ValueError):
@@ -89,6 +113,21 @@ class Setting:
 
 
 @dataclass
+class Protocol:
+    """A select/report study: the settings are chosen on the study's seeds, the choices reported on others."""
+
+    methods: dict[str, list[Setting]]  # each method's settings; the best of each is reported
+    baseline: dict | None  # its overrides: it runs on the report seeds only
+    select_metric: str  # split/metric, e.g. valid/lm loss
+    report_seeds: list[int]
+    report_metric: str  # e.g. test/lm loss
+    test_set: str | None  # data.test_prefix of the report's cells only: the selection's never score it
+
+    def method_of(self) -> dict[Setting, str]:
+        return {setting: method for method, settings in self.methods.items() for setting in settings}
+
+
+@dataclass
 class Study:
     name: str
     path: str
@@ -103,7 +142,8 @@ class Study:
     launcher: str
     plots: list[tuple[str, str]]
     description: str = ""
-    derived: str = ""  # how around_best_of chose the settings
+    derived: str = ""  # how around_best_of (or a protocol's selection) chose the settings
+    protocol: Protocol | None = None  # select/report: these settings and seeds are the selection's
 
     def run_dir(self, setting: Setting, seed: int) -> str:
         return os.path.join(self.runs, setting.name, f"seed{seed}")
@@ -186,10 +226,9 @@ def load_study(path: str) -> Study:
         return _around_best(path, name, raw)
     if "config" not in raw:
         raise StudyError(f"study {path!r} names no base config: add e.g. `config: configs/tiny-llama.yaml`")
-    grid = _mapping(raw.get("grid"), path, "grid")
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise StudyError(f"study {path!r}: grid.{key} must be a non-empty list of values, got {values!r}")
+    if "select" in raw or "report" in raw:
+        return _select_and_report(path, name, raw)
+    grid = _grid(raw.get("grid"), path, "grid")
     variants = _mapping(raw.get("variants"), path, "variants")
     settings = _cross(variants, grid, default=os.path.splitext(os.path.basename(raw["config"]))[0])
     out = str(raw.get("out") or os.path.join("runs", "studies", name))
@@ -199,6 +238,90 @@ def load_study(path: str) -> Study:
         runs=str(raw.get("runs") or os.path.join(out, "runs")), launcher=str(raw.get("launcher") or DEFAULT_LAUNCHER),
         plots=_plots(raw.get("plots"), path), description=str(raw.get("description") or "").strip(),
     ), _overrides(raw.get("baseline"), path, "baseline") if raw.get("baseline") is not None else None)
+
+
+def _select_and_report(path: str, name: str, raw: dict) -> Study:
+    """`select:` (seeds, metric, each method's grid) and `report:` (fresh seeds, metric): the study's cells are
+    the selection's; report_phase() makes the report's once every selection cell is finished."""
+    if "select" not in raw or "report" not in raw:
+        raise StudyError(f"study {path!r}: `select:` and `report:` go together (choose on some seeds, report on "
+                         "others)")
+    misplaced = sorted({"seeds", "grid", "variants"} & set(raw))
+    if misplaced:
+        raise StudyError(f"study {path!r}: {', '.join(misplaced)} belong in `select:` (its seeds, each method's grid) "
+                         "in a select/report study")
+    select = _known(_mapping(raw["select"], path, "select"), SELECT_KEYS, path, "select")
+    report = _known(_mapping(raw["report"], path, "report"), REPORT_KEYS, path, "report")
+    methods = {}
+    for method, spec in _mapping(select.get("methods"), path, "select.methods").items():
+        spec = _known(_mapping(spec, path, f"select.methods.{method}"), METHOD_KEYS, path, f"select.methods.{method}")
+        grid = _grid(spec.get("grid"), path, f"select.methods.{method}.grid")
+        overrides = _overrides(spec.get("set"), path, f"select.methods.{method}.set")
+        methods[str(method)] = _cross({str(method): overrides}, grid, default=str(method))
+    if not methods:
+        raise StudyError(f"study {path!r}: select.methods names no method, e.g. "
+                         "{simreg: {grid: {simreg.weight: [1, 2.5]}}, simcse: {set: {regularizer.name: simcse}}}")
+    seeds, report_seeds = _seeds(select.get("seeds"), path), _seeds(report.get("seeds"), path)
+    reused = sorted(set(seeds) & set(report_seeds))
+    if reused:
+        raise StudyError(f"study {path!r}: report seeds {reused} are also selection seeds: report on fresh seeds, "
+                         "not on those the choice was made on")
+    select_metric = _metric(select.get("metric", "valid/lm loss"), path, "select.metric", ("valid",))
+    report_metric = _metric(report.get("metric", "test/lm loss"), path, "report.metric", ("valid", "test"))
+    shared = _overrides(raw.get("set"), path, "set")
+    if "data.test_prefix" in shared:
+        raise StudyError(f"study {path!r}: name the test set in report.test_set, not in `set`, so that only the "
+                         "report's cells score it")
+    test_set = report.get("test_set")
+    if report_metric.startswith("test/") and test_set is None:
+        raise StudyError(f"study {path!r}: report.metric {report_metric!r} needs report.test_set: a held-out test set "
+                         "(tools/prepare_data.py --held-out-tokens), scored by the report's cells only")
+    out = str(raw.get("out") or os.path.join("runs", "studies", name))
+    return Study(
+        name=name, path=path, config=str(raw["config"]), shared=shared, seeds=seeds,
+        settings=[setting for settings in methods.values() for setting in settings], baseline=None, grid={}, out=out,
+        runs=str(raw.get("runs") or os.path.join(out, "runs")), launcher=str(raw.get("launcher") or DEFAULT_LAUNCHER),
+        plots=_plots(raw.get("plots"), path), description=str(raw.get("description") or "").strip(),
+        protocol=Protocol(methods, _overrides(raw.get("baseline"), path, "baseline") if "baseline" in raw else None,
+                          select_metric, report_seeds, report_metric, None if test_set is None else str(test_set)),
+    )
+
+
+def report_phase(study: Study, choices: list[Choice]) -> Study:
+    """The report's cells: the baseline and each method's chosen setting on the report seeds."""
+    protocol = study.protocol
+    chosen = ", ".join(f"{c.method}: `{c.setting.name}`" for c in choices)
+    derived = (f"each method's best by mean final {protocol.select_metric} over the selection seeds "
+               f"{', '.join(map(str, study.seeds))} ({chosen}; see Selection), reported on fresh seeds")
+    shared = {**study.shared, **({"data.test_prefix": protocol.test_set} if protocol.test_set else {})}
+    return _finish(dataclasses.replace(study, shared=shared, seeds=protocol.report_seeds,
+                                       settings=[c.setting for c in choices], derived=derived, protocol=None),
+                   protocol.baseline)
+
+
+def _known(spec: dict, keys: tuple[str, ...], path: str, where: str) -> dict:
+    unknown = sorted(set(spec) - set(keys))
+    if unknown:
+        raise StudyError(f"study {path!r}: unknown key(s) {', '.join(map(str, unknown))} in {where}; "
+                         f"valid keys: {', '.join(keys)}")
+    return spec
+
+
+def _metric(value, path: str, where: str, splits: tuple[str, ...]) -> str:
+    split, _, metric = str(value).partition("/")
+    if split not in splits or not metric:
+        shapes = " or ".join(f"{s}/<metric>" for s in splits)
+        why = " (choosing on the test set would report on what chose)" if where == "select.metric" else ""
+        raise StudyError(f"study {path!r}: {where} {value!r} must be {shapes}{why}, e.g. {splits[-1]}/lm loss")
+    return str(value)
+
+
+def _grid(value, path: str, where: str) -> dict:
+    grid = _mapping(value, path, where)
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise StudyError(f"study {path!r}: {where}.{key} must be a non-empty list of values, got {values!r}")
+    return grid
 
 
 def _finish(study: Study, baseline: dict | None) -> Study:
@@ -595,6 +718,10 @@ def _prepare_data(states: list[CellState]) -> None:
             if not (os.path.isfile(shard + ".bin") and os.path.isfile(shard + ".idx")):
                 raise StudyError(f"data {shard}.bin/.idx not found: write it with tools/prepare_data.py "
                                  "or set data.prefix (the study's `set`) to where it is")
+    for prefix in sorted({p for s in states for p in (s.config.data.valid_prefix, s.config.data.test_prefix) if p}):
+        if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
+            raise StudyError(f"held-out data {prefix}.bin/.idx not found: write it with tools/prepare_data.py "
+                             "--held-out-from PREFIX --held-out-tokens N (see the study's description)")
 
 
 def main(argv=None):
@@ -613,29 +740,84 @@ def main(argv=None):
     args = parser.parse_args(argv)
     with one_line_errors("study"):
         study = load_study(args.study)
-        states = [_state(study, setting, seed, args.extra, args.allow_mixed_code) for setting, seed in study.cells()]
-        unknown = sorted(set(args.only) - {s.name for s in study.settings})
+        states = _states(study, args)
+        names = [s.name for s in study.settings] + (["baseline"] if study.protocol and study.protocol.baseline else [])
+        unknown = sorted(set(args.only) - set(names))
         if unknown:
-            known = ", ".join(s.name for s in study.settings)
-            raise StudyError(f"--only {', '.join(unknown)}: no such setting; the study has {known}")
+            raise StudyError(f"--only {', '.join(unknown)}: no such setting; the study has {', '.join(names)}")
+        if study.protocol is not None:
+            _check_held_out(study, states)
+        failed = [] if args.status or args.report_only else _run(study, states, args)
         if args.status:
-            for state in states:
-                print(f"{state.label:40s} {state.describe()}")
-            print(f"{sum(s.finished for s in states)} of {len(states)} cells finished; {_time_left(states)}")
+            _print_status(states)
+        report_study, report_states, sections = study, states, []
+        if study.protocol is not None:
+            report_study, report_states, sections = _report_phase(study, states, args, failed)
+        if args.status:
             return
-        chosen = [s for s in states if not args.only or s.setting.name in args.only]
-        failed = []
-        if not args.report_only:
-            _prepare_data(chosen)
-            failed = run_study(study, chosen, args.extra)
-        report = write_report(study, states)
+        report = write_report(report_study, report_states, sections)
     print(f"report: {report}")
-    missing = [s for s in states if not s.finished]
+    everything = states + (report_states if report_study is not study else [])
+    missing = [s for s in everything if not s.finished]
     if missing:
-        print(f"{len(missing)} of {len(states)} cells not finished; "
+        print(f"{len(missing)} of {len(everything)} cells not finished; "
               f"continue with: python -m megatron_simreg.study {study.path}")
     if failed:
         sys.exit(f"study: {len(failed)} cell(s) failed: {', '.join(s.label for s in failed)} (see their {LOG_FILE})")
+
+
+def _states(study: Study, args) -> list[CellState]:
+    return [_state(study, setting, seed, args.extra, args.allow_mixed_code) for setting, seed in study.cells()]
+
+
+def _run(study: Study, states: list[CellState], args) -> list[CellState]:
+    chosen = [s for s in states if not args.only or s.setting.name in args.only]
+    _prepare_data(chosen)
+    return run_study(study, chosen, args.extra)
+
+
+def _print_status(states: list[CellState]) -> None:
+    for state in states:
+        print(f"{state.label:40s} {state.describe()}")
+    print(f"{sum(s.finished for s in states)} of {len(states)} cells finished; {_time_left(states)}")
+
+
+def _report_phase(study: Study, states: list[CellState], args, failed: list) -> tuple[Study, list, list[str]]:
+    """A select/report study once its selection is finished: the choices, the report's cells (run here unless
+    --status or --report-only) and the report's sections; before that, a section saying what it waits for."""
+    unfinished = [s for s in states if not s.finished]
+    if unfinished:
+        waiting = (f"The report's cells (each method's best setting on seeds "
+                   f"{', '.join(map(str, study.protocol.report_seeds))}) wait for the selection: {len(unfinished)} "
+                   f"of its {len(states)} cells not finished.")
+        if args.status:
+            print(waiting)
+        return study, states, ["## Report", "", waiting, ""]
+    choices = choose(study.protocol.methods, collect(study, states), study.protocol.select_metric)
+    reported = report_phase(study, choices)
+    report_states = _states(reported, args)
+    if args.status:
+        print("chosen on the selection seeds: " + ", ".join(f"{c.method}: {c.setting.name}" for c in choices))
+        _print_status(report_states)
+    elif not args.report_only:
+        failed += _run(reported, report_states, args)
+    if not args.status:
+        os.makedirs(study.out, exist_ok=True)
+        write_selection(os.path.join(study.out, "selection.json"), choices, study.protocol.select_metric)
+    return reported, report_states, protocol_sections(study, states, reported, report_states, choices)
+
+
+def _check_held_out(study: Study, states: list[CellState]) -> None:
+    """Before anything runs: the selection's cells score no test set (a split's test share included), and the
+    report's test set comes with a held-out validation set (one without the other leaves a split unscored)."""
+    data = states[0].config.data
+    shares = re.split(r"[,/]", data.split)
+    if data.valid_prefix is None and len(shares) > 2 and float(shares[2]) > 0:
+        raise StudyError(f"study {study.path!r}: data.split {data.split!r} gives the selection's cells a test share: "
+                         "set its third share to 0, or data.valid_prefix (tools/prepare_data.py --held-out-tokens)")
+    if study.protocol.test_set is not None and data.valid_prefix is None:
+        raise StudyError(f"study {study.path!r}: report.test_set needs data.valid_prefix in the study's `set`, the "
+                         "validation set held out with it")
 
 
 if __name__ == "__main__":

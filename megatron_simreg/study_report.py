@@ -309,8 +309,9 @@ def duration(seconds: float) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
 
 
-def write_report(study, states) -> str:
-    """`<out>/report.md` with summary.png, curves.png and (2-D grids) heatmap.png beside it."""
+def write_report(study, states, sections: list[str] = ()) -> str:
+    """`<out>/report.md` with summary.png, curves.png and (2-D grids) heatmap.png beside it; `sections` (markdown
+    lines) go before the results."""
     os.makedirs(study.out, exist_ok=True)
     results = collect(study, states)
     finished = [s for s in states if s.finished]
@@ -344,7 +345,7 @@ def write_report(study, states) -> str:
     elif codes:
         lines.append("- Code: MIXED (kept by --allow-mixed-code), each row marked with the code that made it:")
         lines += [f"  - [{chr(ord('a') + i)}] {describe(code)}" for i, code in enumerate(codes)]
-    lines += ["", "## Results", "", EXPLAINED, "", results_table(study, results), ""]
+    lines += ["", *sections, "## Results", "", EXPLAINED, "", results_table(study, results), ""]
     if any(r.seeds for r in results):
         summary = plot_summary(study, results, os.path.join(study.out, "summary.png"))
         lines += [f"![summary]({os.path.basename(summary)})", ""]

@@ -96,9 +96,10 @@ def test_megatron_loop_trains_like_the_local_loop(runs):
     expected = local_losses(folder / "local", relaunched_at=(5,))  # iterations 5-8 come after the resume
     for iteration in range(1, 9):  # the same kernels on the same shapes: only the logged average's order differs
         assert train[iteration] == pytest.approx(expected[iteration], rel=SAME_ARITHMETIC_REL), iteration
-    # The first validation sees the same batches in both loops; later ones differ by design: Megatron
-    # walks on through the validation split, the local loop scores the same first batches every time.
-    assert valid[4] == pytest.approx(read_metrics(folder / "local", "valid")[4]["lm loss"], rel=SAME_ARITHMETIC_REL)
+    # Every evaluation scores the same fixed sample in both loops (Megatron's own would walk on through the set)
+    local_valid = read_metrics(folder / "local", "valid")
+    for iteration in (4, 8):
+        assert valid[iteration] == pytest.approx(local_valid[iteration]["lm loss"], rel=SAME_ARITHMETIC_REL)
     assert train[8][0] < train[1][0]
 
 

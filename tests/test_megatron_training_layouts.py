@@ -8,6 +8,7 @@ A file of its own so that `make test`'s workers run these beside test_megatron_t
 import pytest
 from test_megatron_training import (
     SAME_ARITHMETIC_REL,
+    VALID_LINE,
     WEIGHTS_REL,
     adagc_state,
     exported_weights,
@@ -16,7 +17,7 @@ from test_megatron_training import (
     megatron_losses,
     megatron_training,
 )
-from test_training import corpus  # noqa: F401  (corpus is a fixture)
+from test_training import corpus, read_metrics  # noqa: F401  (corpus is a fixture)
 
 TWO_RANK_LAYOUTS = {  # TP: SimReg gathers the sequence shards, AdaGC reduces norms over the tensor group
     "TP=2 + SP": ["parallel.tensor=2", "parallel.sequence_parallel=true"],
@@ -52,6 +53,9 @@ def test_megatron_loop_on_two_ranks_matches_the_local_loop(two_rank_run):
     assert sorted(train) == sorted(expected) == [1, 2, 3, 4]
     for iteration in train:
         assert train[iteration] == pytest.approx(expected[iteration], rel=SAME_ARITHMETIC_REL), iteration
+    (iteration, valid), = VALID_LINE.findall(log)  # each rank its share of the same fixed validation sample
+    local_valid = read_metrics(folder / "local", "valid")[int(iteration)]["lm loss"]
+    assert float(valid) == pytest.approx(local_valid, rel=SAME_ARITHMETIC_REL)
     megatron = exported_weights(folder / "megatron", folder / "from_megatron")
     local = exported_weights(folder / "local", folder / "from_local")
     for name in local:

@@ -6,7 +6,12 @@
     train, valid, test = build_gpt_datasets("data/demo/gutenberg_text_document", tokenizer, 512, (1000, 100, 0))
 """
 
-from megatron_simreg.data.datasets import build_gpt_datasets, check_indexed_dataset, dataset_prefixes
+from megatron_simreg.data.datasets import (
+    build_gpt_datasets,
+    build_run_datasets,
+    check_indexed_dataset,
+    dataset_prefixes,
+)
 from megatron_simreg.data.offline_corpus import write_offline_corpus
 from megatron_simreg.data.prepare import CorpusStats, prepare_corpus
 from megatron_simreg.data.tokenizer import build_tokenizer, default_tokenizer_path
@@ -14,6 +19,7 @@ from megatron_simreg.data.tokenizer import build_tokenizer, default_tokenizer_pa
 __all__ = [
     "CorpusStats",
     "build_gpt_datasets",
+    "build_run_datasets",
     "build_tokenizer",
     "check_indexed_dataset",
     "dataset_prefixes",

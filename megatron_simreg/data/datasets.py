@@ -18,18 +18,23 @@ from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType, Indexed
 from megatron.core.datasets.utils import get_blend_from_list, normalize
 
 from megatron_simreg.data.indexed import stats_path
+from megatron_simreg.data.tokenizer import build_tokenizer
 
 TOKENS_CHECKED = 10_000_000  # tokens scanned for ids beyond the vocabulary, from the start of each file
 
 
 def build_gpt_datasets(data_prefix, tokenizer, seq_length: int, num_samples: tuple[int, int, int],
-                       split: str = "98,1,1", seed: int = 1234, cache_dir: str | None = None):
+                       split: str = "98,1,1", seed: int = 1234, cache_dir: str | None = None,
+                       valid_prefix: str | None = None, test_prefix: str | None = None):
     """(train, valid, test) GPTDatasets; a split with a 0 share comes back None.
 
     `data_prefix`: one prefix, a list of prefixes (blended by size), or Megatron's weighted list
     ["30", "path/a", "70", "path/b"]. `num_samples`: samples wanted per split (a split smaller than that
-    repeats in shuffled epochs). The sample-order indices are cached in `cache_dir` (default: beside the
-    data), built by rank 0 and read by the others, so on several nodes it must be a shared folder.
+    repeats in shuffled epochs). With `valid_prefix` or `test_prefix` (held-out sets, held_out.py) those are
+    the evaluation sets and `data_prefix` is all training data (megatron-core's `blend_per_split`); each must
+    hold its `num_samples` (one evaluation's), so no sequence is scored twice. The sample-order
+    indices are cached in `cache_dir` (default: beside the data), built by rank 0 and read by the others, so
+    on several nodes it must be a shared folder.
     """
     check_dataset_helpers()
     prefixes, weights = dataset_prefixes(data_prefix)
@@ -39,11 +44,18 @@ def build_gpt_datasets(data_prefix, tokenizer, seq_length: int, num_samples: tup
             f"the data holds {total_tokens} tokens, fewer than one sequence of {seq_length} + 1: "
             "prepare more text or lower model.seq_length"
         )
+    if valid_prefix is None and test_prefix is None:
+        data = {"blend": (prefixes, weights), "split": split}
+    else:
+        for name, prefix, wanted in zip(("valid", "test"), (valid_prefix, test_prefix), num_samples[1:]):
+            if prefix is not None:
+                _check_held_out_size(name, prefix, check_indexed_dataset(prefix, tokenizer), seq_length, wanted)
+        held_out = [None if prefix is None else ([prefix], None) for prefix in (valid_prefix, test_prefix)]
+        data = {"blend_per_split": [(prefixes, weights), *held_out], "split": None}
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend=(prefixes, weights),
-        split=split,
+        **data,
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
@@ -51,10 +63,22 @@ def build_gpt_datasets(data_prefix, tokenizer, seq_length: int, num_samples: tup
         create_attention_mask=False,  # causal attention needs no explicit mask
         path_to_cache=cache_dir,
     )
-    for prefix in prefixes:
+    for prefix in prefixes if config.split is not None else []:
         _check_split_sizes(prefix, config.split_matrix, seq_length, num_samples, split)
     builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), _built_on_every_rank, config)
     return tuple(builder.build())
+
+
+def build_run_datasets(cfg, plan):
+    """A run's (train, valid, test) datasets, the same in both loops: the run's training samples, and for each
+    evaluation set the fixed sample every evaluation scores (plan.evaluation_samples; Megatron would ask for one
+    per evaluation and walk on through them)."""
+    d = cfg.data
+    return build_gpt_datasets(
+        d.prefix, build_tokenizer(plan.tokenizer_path), cfg.model.seq_length,
+        (plan.train_samples, plan.evaluation_samples, plan.evaluation_samples), split=d.split,
+        seed=cfg.training.seed, cache_dir=d.cache_dir, valid_prefix=d.valid_prefix, test_prefix=d.test_prefix,
+    )
 
 
 def _check_split_sizes(prefix: str, split_matrix, seq_length: int, num_samples, split: str) -> None:
@@ -73,6 +97,17 @@ def _check_split_sizes(prefix: str, split_matrix, seq_length: int, num_samples, 
                 f"{tokens} tokens, fewer than {needed} (one sequence of {seq_length} + 1): give it a larger share in "
                 f"data.split (or 0 if unused), lower model.seq_length, or prepare more documents"
             )
+
+
+def _check_held_out_size(name: str, prefix: str, tokens: int, seq_length: int, wanted: int) -> None:
+    """A held-out set holds the sequences one evaluation scores (megatron-core would repeat them otherwise)."""
+    sequences = (tokens - 1) // seq_length  # GPTDataset's samples in one epoch
+    if sequences < max(wanted, 1):
+        raise ValueError(
+            f"the held-out {name} set {prefix} holds {tokens:,} tokens, {sequences} sequences of {seq_length}, fewer "
+            f"than the {wanted} one evaluation scores (training.eval_iters x training.global_batch_size): hold out "
+            f"more tokens (tools/prepare_data.py --held-out-tokens {wanted * seq_length + 1}) or lower eval_iters"
+        )
 
 
 def _built_on_every_rank() -> bool:

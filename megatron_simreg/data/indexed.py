@@ -58,12 +58,12 @@ class IndexedShardWriter:
         self.builder = None
         self.tokens_in_shard = 0
 
-    def add(self, tokens: numpy.ndarray) -> None:
-        """One document (its tokens, EOD included)."""
+    def add(self, tokens: numpy.ndarray, lengths: list[int] | None = None) -> None:
+        """One document (its tokens, EOD included), one sequence unless `lengths` splits it into several."""
         if self.builder is None:
             self.shards.append(self.prefix if self.shard_tokens is None else f"{self.prefix}-{len(self.shards):05d}")
             self.builder = IndexedDatasetBuilder(get_bin_path(self.shards[-1] + PARTIAL), dtype=self.dtype)
-        self.builder.add_document(tokens, [tokens.size])
+        self.builder.add_document(tokens, lengths or [tokens.size])
         self.tokens_in_shard += tokens.size
         if self.shard_tokens is not None and self.tokens_in_shard >= self.shard_tokens:
             self._finalize_shard()
