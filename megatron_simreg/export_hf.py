@@ -112,9 +112,10 @@ def one_process_config(cfg: Config) -> Config:
 
 
 @contextlib.contextmanager
-def model_on_one_process(cfg: Config, purpose: str):
+def model_on_one_process(cfg: Config, purpose: str, device: str = "cpu"):
     """The whole model of `one_process_config(cfg)`, built on the CPU in a gloo group of one process, to read or
-    write a `torch_dist` checkpoint of any layout (megatron-core reshards).
+    write a `torch_dist` checkpoint of any layout (megatron-core reshards). On `device="meta"` it takes no memory:
+    its sharded keys without weights, for a caller that assigns its own tensors.
 
     megatron-core's local layers are used whatever the node has (a GPU, Transformer Engine): their sharded keys
     are the ones Transformer Engine's layers write (the fused norms are `linear_qkv.layer_norm_weight` and
@@ -133,7 +134,9 @@ def model_on_one_process(cfg: Config, purpose: str):
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # a group of one, no port
     try:
         parallel_state.initialize_model_parallel()
-        yield model_provider(single, config=config)
+        with torch.device(device):
+            model = model_provider(single, config=config)
+        yield model
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()

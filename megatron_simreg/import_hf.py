@@ -42,6 +42,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from typing import NamedTuple
 
 import torch
@@ -255,6 +256,20 @@ class _Reader:
             return shard.get_tensor(stored).to(self.dtype)
 
 
+def file_backed(tensor: torch.Tensor, folder: str) -> torch.Tensor:
+    """`tensor` copied into a file of `folder`, mapped shared (`torch.from_file`) and unlinked at once: its pages
+    are page cache, which the kernel writes back and reclaims under pressure, not anonymous memory, and the disk
+    space is freed with the tensor (also on an error, Ctrl-C or a kill: no file is left behind). The writers
+    (torch.save, dist_checkpointing.save) read it as any CPU tensor and write the same bytes."""
+    handle, path = tempfile.mkstemp(dir=folder, suffix=".import-scratch")
+    os.close(handle)
+    try:
+        mapped = torch.from_file(path, shared=True, size=tensor.numel(), dtype=tensor.dtype)
+    finally:
+        os.unlink(path)
+    return mapped.view(tensor.shape).copy_(tensor)
+
+
 def full_tensor(key: str, read: _Reader, cfg, padded_vocab: int) -> torch.Tensor:
     """One of our (TP=1) weights by its global name, from the Hugging Face tensors it is made of."""
     m = cfg.model
@@ -317,8 +332,9 @@ def _tensor_parallel_piece(key: str, tensor: torch.Tensor, tp: int, rank: int) -
     return tensor.chunk(tp, dim=0)[rank]
 
 
-def rank_state(cfg, read: _Reader, tp: int, pp: int, ep: int, padded_vocab: int) -> dict:
-    """The model part of one rank's local-loop checkpoint file, keyed as that rank's GPTModel.state_dict()."""
+def rank_state(cfg, read: _Reader, tp: int, pp: int, ep: int, padded_vocab: int, scratch: str) -> dict:
+    """The model part of one rank's local-loop checkpoint file, keyed as that rank's GPTModel.state_dict(); each
+    tensor `file_backed` in `scratch` as soon as it is converted."""
     m, p = cfg.model, cfg.parallel
     per_stage, per_rank = m.num_layers // p.pipeline, (m.num_experts or 1) // p.expert
     first, last = pp == 0, pp == p.pipeline - 1
@@ -338,13 +354,15 @@ def rank_state(cfg, read: _Reader, tp: int, pp: int, ep: int, padded_vocab: int)
                 local = local.replace(f"local_experts.{e}.", f"local_experts.{e - ep * per_rank}.")
         elif key.startswith("embedding.") and not first or key.startswith(("decoder.final", "output")) and not last:
             continue
-        state[local] = _tensor_parallel_piece(key, full_tensor(key, read, cfg, padded_vocab), p.tensor, tp).clone()
+        piece = _tensor_parallel_piece(key, full_tensor(key, read, cfg, padded_vocab), p.tensor, tp)
+        state[local] = file_backed(piece, scratch)
         if local.endswith(tuple(f"{name}.weight" for name in LINEAR)):
             state[local.removesuffix("weight") + "_extra_state"] = None
     if last:
         if not m.untie_embeddings_and_output_weights and not first:  # a tied model's last stage keeps a copy
             embedding = full_tensor("embedding.word_embeddings.weight", read, cfg, padded_vocab)
-            state["output_layer.weight"] = _tensor_parallel_piece("output_layer.weight", embedding, p.tensor, tp)
+            piece = _tensor_parallel_piece("output_layer.weight", embedding, p.tensor, tp)
+            state["output_layer.weight"] = file_backed(piece, scratch)
         state["output_layer._extra_state"] = None
     return state
 
@@ -356,22 +374,23 @@ def write_torch_layout(cfg, read: _Reader, folder: str) -> None:
     from megatron_simreg.run_plan import padded_vocab_size
 
     p = cfg.parallel
+    os.makedirs(folder)
     for tp in range(p.tensor):
         for pp in range(p.pipeline):
             for ep in range(p.expert):
                 name = rank_dir_name(tp, pp, ep, p.expert)
-                state = {"model": rank_state(cfg, read, tp, pp, ep, padded_vocab_size(cfg)), "iteration": 0,
+                os.makedirs(os.path.join(folder, name))
+                state = {"model": rank_state(cfg, read, tp, pp, ep, padded_vocab_size(cfg), folder), "iteration": 0,
                          "consumed_samples": 0, "global_batch_size": cfg.training.global_batch_size,
                          "model_shape": model_shape(cfg)}
-                os.makedirs(os.path.join(folder, name))
                 torch.save(state, os.path.join(folder, name, FILE))
                 del state
 
 
 def write_torch_dist(cfg, read: _Reader, folder: str) -> None:
-    """megatron.training's layout: our whole model built once on one process (export_hf.model_on_one_process),
-    filled weight by weight from the shards, and saved by megatron-core's dist_checkpointing, which reshards it
-    onto the config's layout when training loads it."""
+    """megatron.training's layout: our whole model built on the meta device on one process
+    (export_hf.model_on_one_process), given the `file_backed` weights converted one by one from the shards, and
+    saved by megatron-core's dist_checkpointing, which reshards it onto the config's layout when training loads it."""
     from megatron.core import dist_checkpointing
 
     from megatron_simreg.cpu_compat import cpu_compat
@@ -379,12 +398,13 @@ def write_torch_dist(cfg, read: _Reader, folder: str) -> None:
     from megatron_simreg.run_plan import padded_vocab_size
 
     single = one_process_config(cfg)
-    with model_on_one_process(cfg, "write a torch_dist import") as model, torch.no_grad():
-        weights = model.state_dict(keep_vars=True)  # the `_extra_state`s stay as built
-        for key in global_keys(single):
-            weights[key].copy_(full_tensor(key, read, single, padded_vocab_size(single)))
+    os.makedirs(folder)
+    with model_on_one_process(cfg, "write a torch_dist import", device="meta") as model, torch.no_grad():
+        state = {key: value for key, value in model.state_dict().items() if key.endswith("_extra_state")}
+        state.update((key, file_backed(full_tensor(key, read, single, padded_vocab_size(single)), folder))
+                     for key in global_keys(single))
+        model.load_state_dict(state, assign=True)  # strict: every weight of the model is one of these
         metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}  # megatron.training's
-        os.makedirs(folder)
         with cpu_compat():  # without CUDA, megatron-core's writer would synchronise a GPU
             dist_checkpointing.save({"model": model.sharded_state_dict(metadata=metadata), "iteration": 0,
                                      "checkpoint_version": 3.0}, folder, content_metadata=metadata)
