@@ -76,3 +76,16 @@ def test_step_bench_baselines_are_the_settings_their_rows_name():
         assert regularizer.name == row.split(" ")[0].lower(), row
         option = re.search(r"\((\w+): (\w+)\)", row)
         assert option is None or getattr(regularizer.settings, option[1]) == option[2], row
+
+
+def test_import_memory_bench_reads_a_childs_peak_anonymous_and_resident_memory():
+    """A child that holds 200 MB of written bytes for a moment: both peaks see them, the baseline interpreter not."""
+    import sys
+
+    from megatron_simreg.bench import import_memory
+
+    idle = import_memory.peaks([sys.executable, "-c", "pass"], import_memory.HERE)
+    held = import_memory.peaks([sys.executable, "-c", "import time; b = bytearray(200_000_000); time.sleep(0.2)"],
+                               import_memory.HERE)
+    for name in ("RssAnon", "VmHWM"):
+        assert held[name] - idle[name] == pytest.approx(200e6, rel=0.1), name
