@@ -15,7 +15,7 @@ from test_training import TINY, corpus, read_metrics, train_worker  # noqa: F401
 from tiny_checkpoints import full_logits
 
 from megatron_simreg.config import load_config
-from megatron_simreg.import_hf import import_folder, main
+from megatron_simreg.import_hf import global_keys, import_folder, main
 
 transformers = pytest.importorskip("transformers")
 
@@ -266,3 +266,51 @@ def test_folders_the_importer_cannot_take_get_one_line(folders, tmp_path):
         message = import_message("--input", source, "--output", str(output), *options)
         assert message is not None and message.startswith("import_hf: ") and expected in message, message
         assert "\n" not in message and not output.exists()
+
+
+def scratch_mappings() -> list[tuple[int, int]]:
+    """This process's address ranges mapped from import scratch files, which are deleted as soon as mapped."""
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if line.rstrip().endswith(".import-scratch (deleted)"):
+                start, end = (int(address, 16) for address in line.split()[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+def written_tensors(state) -> list[torch.Tensor]:
+    """The tensors of a state a writer was given: torch.save's tensors, dist_checkpointing's ShardedTensors' data."""
+    if isinstance(state, dict):
+        return [t for value in state.values() for t in written_tensors(value)]
+    if isinstance(state, torch.Tensor):
+        return [state]
+    data = getattr(state, "data", None)
+    return [data] if isinstance(data, torch.Tensor) else []
+
+
+@pytest.mark.parametrize("layout", ["torch", "torch_dist"])
+def test_the_writers_read_every_weight_from_page_cache_not_anonymous_memory(layout, folders, tmp_path, monkeypatch):
+    """Memory that stays about a shard whatever the model: each weight the writer is given lies in a shared mapping
+    of a scratch file (page cache the kernel can reclaim), which is already unlinked, so none is left behind.
+    (bench/import_memory.py measures the peaks.)"""
+    from megatron.core import dist_checkpointing
+
+    given = []
+
+    def recording(write):
+        def record(state, *args, **kwargs):
+            mapped = scratch_mappings()
+            for tensor in written_tensors(state):
+                start = tensor.data_ptr()
+                given.append(any(low <= start and start + tensor.nbytes <= high for low, high in mapped))
+            return write(state, *args, **kwargs)
+        return record
+
+    writer = torch if layout == "torch" else dist_checkpointing  # (the latter calls torch.save on its own copies)
+    monkeypatch.setattr(writer, "save", recording(writer.save))
+    checkpoints = import_folder(folders["llama"], str(tmp_path / "imported"), CONFIGS["llama"], FP32, layout)
+    assert len(given) == len(global_keys(load_config(CONFIGS["llama"], FP32))) and all(given)
+    leftovers = [name for _, _, names in os.walk(tmp_path) for name in names if "scratch" in name]
+    assert leftovers == [] and not scratch_mappings()  # the files gone, their mappings freed with the tensors
+    assert os.path.isdir(checkpoints)
