@@ -392,6 +392,8 @@ def write_torch_dist(cfg, read: _Reader, folder: str) -> None:
     (export_hf.model_on_one_process), given the `file_backed` weights converted one by one from the shards, and
     saved by megatron-core's dist_checkpointing, which reshards it onto the config's layout when training loads it."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
     from megatron_simreg.cpu_compat import cpu_compat
     from megatron_simreg.export_hf import model_on_one_process, one_process_config
@@ -405,9 +407,18 @@ def write_torch_dist(cfg, read: _Reader, folder: str) -> None:
                      for key in global_keys(single))
         model.load_state_dict(state, assign=True)  # strict: every weight of the model is one of these
         metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}  # megatron.training's
+        sharded = model.sharded_state_dict(metadata=metadata)
+        apply_factories(sharded)  # as save() would: SwiGLU's fc1 becomes two views, its gate and up halves
+
+        def own_file(item):  # megatron-core's writer clones every view up front, anonymous memory until the end
+            if isinstance(item, ShardedTensor) and item.data.untyped_storage().nbytes() != item.data.nbytes:
+                item.data = file_backed(item.data, folder)
+            return item
+
+        dict_list_map_inplace(own_file, sharded)
         with cpu_compat():  # without CUDA, megatron-core's writer would synchronise a GPU
-            dist_checkpointing.save({"model": model.sharded_state_dict(metadata=metadata), "iteration": 0,
-                                     "checkpoint_version": 3.0}, folder, content_metadata=metadata)
+            dist_checkpointing.save({"model": sharded, "iteration": 0, "checkpoint_version": 3.0}, folder,
+                                    content_metadata=metadata)
 
 
 def import_folder(input_dir: str, output: str, config_path: str | None = None, overrides: list[str] | None = None,
