@@ -1,5 +1,6 @@
 """The benchmarks run end to end and print one ratio row per variant (their figures are in docs/performance.md)."""
 
+import os
 import re
 
 import pytest
@@ -89,3 +90,17 @@ def test_import_memory_bench_reads_a_childs_peak_anonymous_and_resident_memory()
                                import_memory.HERE)
     for name in ("RssAnon", "VmHWM"):
         assert held[name] - idle[name] == pytest.approx(200e6, rel=0.1), name
+
+
+def test_import_memory_bench_writes_a_sharded_llama_the_importer_reads(tmp_path):
+    """The model the bench imports: its size is the shards' tensors, in several shards the importer accepts."""
+    from megatron_simreg.bench import import_memory
+    from megatron_simreg.import_hf import read_folder
+
+    size = import_memory.write_model(str(tmp_path), hidden=64, layers=2, shard_mb=2)
+    shards = [name for name in os.listdir(tmp_path) if name.endswith(".safetensors")]
+    hf = read_folder(str(tmp_path))
+    assert len(shards) > 1 and len(set(hf.files.values())) == len(shards)
+    assert hf.config.dtype == torch.bfloat16 and hf.config.num_hidden_layers == 2
+    assert size == sum(os.path.getsize(tmp_path / name) for name in shards) - sum(
+        8 + int.from_bytes((tmp_path / name).read_bytes()[:8], "little") for name in shards)  # less each header
