@@ -28,9 +28,9 @@ Memory: tensors are read from the safetensors shards one at a time, each shard m
 read (`safe_open`). Each converted tensor (fused, padded, cut for its rank) is copied at once into a scratch file
 of the output folder, mapped shared and unlinked (`file_backed`): what the writers then hold (torch.save one
 rank's file, megatron-core's dist_checkpointing.save the whole model of a model built on the meta device) is page
-cache the kernel writes back and reclaims under pressure, not anonymous memory; the scratch space, about one
-rank's file (`torch`) or the model (`torch_dist`) of extra disk, is gone with the tensors, also after a crash
-(an output folder on tmpfs would keep it all in memory: give one on disk).
+cache the kernel writes back and reclaims under pressure, not anonymous memory. The scratch space, about one
+rank's file (`torch`) or 1.5x the model (`torch_dist`: fc1's halves are copied apart) of extra disk, is gone with
+the tensors, also after a crash (an output folder on tmpfs would keep it all in memory: give one on disk).
 Anonymous memory stays at a few of the largest tensors (the embedding read, converted and padded), whatever the
 model size; resident memory still counts the mapped pages. Measured with `python -m
 megatron_simreg.bench.import_memory --against CHECKOUT` (a child sampled every 2 ms; bf16 Llama, hidden 1024,
