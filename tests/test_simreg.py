@@ -335,7 +335,11 @@ def old_triton(monkeypatch):
     monkeypatch.delattr(simreg, "triton", raising=False)
     simreg._triton.cache_clear()
     simreg._say_once.cache_clear()
+    before = set(sys.modules)
     yield
+    for name in set(sys.modules) - before:  # imported under the stand-in: gone, so no later test sees it
+        if name.startswith("megatron_simreg."):
+            del sys.modules[name]
     simreg._triton.cache_clear()
 
 

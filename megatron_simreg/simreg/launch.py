@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import triton
-
 MAX_GRID_X = 2**31 - 1
 MAX_GRID_Y = 65_535
 KEY_SPLITS = 16
@@ -36,11 +34,11 @@ class Launch:
 
     @property
     def row_blocks(self) -> int:
-        return triton.cdiv(self.length, self.block)
+        return _cdiv(self.length, self.block)
 
     @property
     def key_blocks(self) -> int:
-        return triton.cdiv(self.key_length, self.block)
+        return _cdiv(self.key_length, self.block)
 
     @property
     def splits(self) -> int:
@@ -58,13 +56,13 @@ class Launch:
             "forward": self.segments * self.row_blocks * self.splits,
             "backward": self.segments * self.tiles,
             "deterministic_backward": self.segments * self.row_blocks,
-            "normalize_backward": triton.cdiv(self.tokens, self.normalize_tokens),
+            "normalize_backward": _cdiv(self.tokens, self.normalize_tokens),
         }
 
     def grid(self, kernel: str) -> tuple[int, int]:
         """(x, y) covering the kernel's programs; x * y may pass their count by less than one row of x."""
         programs = self.programs[kernel]
-        rows = triton.cdiv(programs, MAX_GRID_X)
+        rows = _cdiv(programs, MAX_GRID_X)
         if rows > MAX_GRID_Y:
             raise ValueError(f"SimReg's {kernel} kernel would need {programs} programs; split the micro-batch")
         return (min(programs, MAX_GRID_X), rows)
@@ -73,3 +71,8 @@ class Launch:
     def partials_shape(self) -> tuple[int, int, int, int]:
         """(max, sum) of positives and negatives per anchor and split: linear in s."""
         return (self.segments, self.length, self.splits, 4)
+
+
+def _cdiv(a: int, b: int) -> int:
+    """Ceiling division of integers, as triton.cdiv (this module imports no Triton, so it is plain arithmetic)."""
+    return -(-a // b)
