@@ -17,7 +17,11 @@ On a machine without CUDA, `cpu_compat()` points exactly those at the CPU:
 - megatron's mixed-precision and distributed optimizers (`Float16OptimizerWithFloat16Params`,
   `DistributedOptimizer`) sort parameters by `param.type()` strings such as "torch.cuda.FloatTensor"
   and refuse anything else: while their constructors run, CPU tensors report those CUDA names, so
-  bf16 training and the distributed optimizer (reduce-scatter/all-gather over gloo) work on CPU.
+  bf16 training and the distributed optimizer (reduce-scatter/all-gather over gloo) work on CPU;
+- functions megatron-core compiles (`megatron.core.jit.jit_fuser` is torch.compile: the bias-dropout-add,
+  SwiGLU) run eagerly (`torch.compiler.set_stance("force_eager")`): Inductor's CPU code for the
+  bias-dropout-add gives NaN on its first call under ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU (torch
+  2.14.1), and the same Python functions run eagerly compute the same sums.
 
 `with cpu_compat():` applies these remaps and undoes every one of them on exit (nested uses stack); nothing
 changes where CUDA is available. Only the CPU training entry (the local loop), the importer's `torch_dist`
@@ -44,7 +48,8 @@ def cpu_compat():
     patches = _Patches()
     try:
         _apply(patches)
-        yield True
+        with torch.compiler.set_stance("force_eager"):
+            yield True
     finally:
         patches.undo()
 

@@ -38,3 +38,24 @@ def test_everything_patched_is_restored_on_exit_even_when_nested():
     assert inside != before  # it did patch
     changed = sorted(key for key in before if after.get(key) != before[key])
     assert not changed, changed
+
+
+
+def test_compiled_functions_run_eagerly_on_the_cpu_and_compile_again_on_exit():
+    """megatron-core's fused functions (`jit_fuser`, torch.compile) run eagerly inside cpu_compat: Inductor's CPU
+    code for its bias-dropout-add gives NaN on the first call under ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU
+    (torch 2.14.1). The layers' bias-dropout-add is residual + x exactly at megatron's dropout 0."""
+    from megatron.core.fusions import fused_bias_dropout as bda
+    from torch._dynamo.utils import counters
+
+    x, residual = torch.randn(16, 2, 8, requires_grad=True), torch.randn(16, 2, 8, requires_grad=True)
+    plus_one = torch.compile(lambda t: t + 1)
+    frames = counters["frames"]["total"]
+    with cpu_compat():
+        assert torch.equal(plus_one(x), x + 1)
+        for training in (True, False):
+            add = bda.get_bias_dropout_add(training, fused=True)
+            assert torch.equal(add((x, None), residual, 0.0), residual + x)
+    assert counters["frames"]["total"] == frames, "a function was compiled inside cpu_compat"
+    plus_one(x)
+    assert counters["frames"]["total"] > frames, "compiling should work again after cpu_compat"
