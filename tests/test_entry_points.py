@@ -128,7 +128,11 @@ def test_ctrl_c_while_training_starts_up_is_one_line_and_130(tmp_path):
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     lines = [line for line in err.strip().splitlines() if not line.startswith("megatron-simreg: no GPU")]
-    assert process.returncode == 130 and len(lines) == 1 and "Traceback" not in err, (process.returncode, err)
+    # 130, or ended by SIGINT itself after the one line (returncode -2, seen in about 1 run of 5 when the Ctrl-C
+    # lands inside an extension module's import: CPython then exits by the signal although the handler raised
+    # SystemExit(130)); a shell's $? reads both as 130. Any other status, or more than the one line, fails.
+    assert process.returncode in (130, -signal.SIGINT), (process.returncode, err)
+    assert len(lines) == 1 and "Traceback" not in err, (process.returncode, err)
     assert "SIGINT" in lines[0]
 
 
