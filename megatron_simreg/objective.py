@@ -119,7 +119,6 @@ class SimRegObjective:
 
     def simreg(self, hidden_states, labels, loss_mask, sequence_parallel: bool) -> SimRegOutput:
         """SimReg on this rank's slice `[s_local, b, h]` of the sequences whose labels are `[b, s]`."""
-        hidden_states = hidden_states if self.weight else hidden_states.detach()  # lambda = 0: nothing to train
         group, layout, position = _sequence_sharding(sequence_parallel)
         local = hidden_states.shape[0]
         positions = slice(position * local, (position + 1) * local)
@@ -128,7 +127,9 @@ class SimRegObjective:
 
     def loss(self, hidden_states, labels, loss_mask, **layout) -> SimRegOutput:
         """`simreg_loss` with these settings; `layout`: its `sequence_first`, `process_group`, `sequence_layout`
-        (megatron_simreg.hf calls it with none: batch-first states, one process per sequence)."""
+        (megatron_simreg.hf calls it with none: batch-first states, one process per sequence). At lambda 0 the
+        states are detached: SimReg is logged, not trained on, so none of its backward runs."""
+        hidden_states = hidden_states if self.weight else hidden_states.detach()
         if self.mode == "full":
             chunk_size = None
         else:

@@ -120,6 +120,23 @@ def test_gradient_accumulation_does_not_change_the_step(tmp_path):
     assert (whole - without).abs().max() > 100 * tolerance, "SimReg should move the weights beyond the tolerance"
 
 
+def test_weight_zero_logs_simreg_without_its_backward(tmp_path, monkeypatch):
+    """At lambda 0 SimReg is logged, not trained on: its kernels get detached states (simreg_loss leaves that to
+    the caller), so no SimReg backward runs beside the cross-entropy's."""
+    import megatron_simreg.objective as objective
+
+    given = []
+
+    def recording(hidden_states, *args, **kwargs):
+        given.append(hidden_states.requires_grad)
+        return simreg_loss(hidden_states, *args, **kwargs)
+
+    simreg_loss = objective.simreg_loss
+    monkeypatch.setattr(objective, "simreg_loss", recording)
+    trainer(tmp_path, {"weight": 0.0}).train()
+    assert given == [False]
+
+
 def test_lambda_auto_and_settings(tmp_path):
     assert trainer(tmp_path).objective.weight == pytest.approx(10 * math.sqrt(HIDDEN / 1024))
     assert trainer(tmp_path, {"weight": 0.5, "temperature": 0.05}).objective.weight == 0.5
