@@ -109,16 +109,11 @@ def _segment_parts(per_token: torch.Tensor, segment: int) -> list[tuple[torch.Te
     return parts
 
 
-FLOAT32_EXACT_LABELS = 2**24
-"""Integers below this are exact float32 numbers (and int32 ones): the PyTorch tiles compare labels (their ranks,
-below a segment's key count) as float32 numbers, the Triton ones as int32."""
-
-
 def _kernel_labels(labels: torch.Tensor) -> torch.Tensor:
     """Labels `[batch, tokens]` as every kernel compares them: each one's rank in its row (where its first
     occurrence sorts), equal exactly where the labels are, in [0, tokens) whatever int64 values they hold. Tokens
     pair only within a row, so ranks per row suffice. A sort and a binary search on the labels' device, for every
     call: deciding whether ranks are needed would read the labels back to the host, making each call wait for the
-    GPU's queue."""
+    GPU's queue. The PyTorch tiles compare the ranks as float32 numbers, exact below 2**24 tokens."""
     labels = labels.contiguous()  # as searchsorted wants (gathered labels are not)
     return torch.searchsorted(torch.sort(labels, dim=-1).values, labels)
