@@ -255,7 +255,8 @@ def forward_step(objective: SimRegObjective, batch_fn, data_iterator, model):
     kwargs = {}
     if objective.enabled or objective.baseline is not None:
         kwargs = dict(output_processor=objective.output_processor, output_processor_context=context)
-    with _capture_layer_output(model, objective, context), _baseline_context(model, objective, batch, context):
+    _baseline_inputs(model, objective, batch, context)
+    with _capture_layer_output(model, objective, context):
         output = model(
             batch["tokens"],
             batch["position_ids"],
@@ -324,11 +325,10 @@ def _gpt_model(model):
     return model
 
 
-@contextlib.contextmanager
-def _baseline_context(model, objective: SimRegObjective, batch: dict, context: dict):
-    """What a baseline reads besides the final states: its state module in the model, whether the model is in
-    training (evaluation drops nothing out), the final states of a second forward with dropout (views: forward,
-    training only) and of SCE's momentum encoder (without gradient)."""
+def _baseline_inputs(model, objective: SimRegObjective, batch: dict, context: dict) -> None:
+    """Into `context`, what a baseline reads besides the final states: its state module in the model, whether the
+    model is in training (evaluation drops nothing out), the final states of a second forward with dropout (views:
+    forward, training only) and of SCE's momentum encoder (without gradient)."""
     if objective.baseline is not None:
         gpt = _gpt_model(model)
         state, needs = getattr(gpt, "regularizer_state", None), objective.baseline.needs
@@ -339,7 +339,6 @@ def _baseline_context(model, objective: SimRegObjective, batch: dict, context: d
         if "target_view" in needs:
             with torch.no_grad():
                 context["target_view"] = _final_states(state.encoder, batch)
-    yield
 
 
 def _final_states(model, batch: dict) -> torch.Tensor:

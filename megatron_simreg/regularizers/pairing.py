@@ -12,6 +12,7 @@ be counted once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -35,7 +36,12 @@ class Pairs:
     key_labels: torch.Tensor
     key_valid: torch.Tensor
     key_index: torch.Tensor
-    key_first: torch.Tensor
+
+    @cached_property
+    def key_first(self) -> torch.Tensor:
+        """Whether each key is its label's first valid occurrence among the keys (CPretrain counts a label once);
+        computed on first use, as only CPretrain reads it."""
+        return first_occurrence(self.key_labels, self.key_valid)
 
     def rows(self, per_token: torch.Tensor) -> torch.Tensor:
         return _batched(per_token, self.segment)
@@ -72,7 +78,6 @@ def pairs_for(labels: torch.Tensor, valid: torch.Tensor, chunk_size, group: dist
         gathered = _all_gather_sequence(labels, gather)
         keys = dict(key_labels=gathered, key_valid=_all_gather_sequence(valid, gather),
                     key_index=torch.arange(gathered.shape[1], device=valid.device).expand_as(gathered))
-    keys["key_first"] = first_occurrence(keys["key_labels"], keys["key_valid"])
     return Pairs(b, s, segment, group if distributed else None, gather, row_index=index, **rows, **keys)
 
 
