@@ -108,7 +108,7 @@ class SimRegTritonFunction(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, plan):
         hidden, keys = _operands(hidden, plan)
         setup = _Setup.of(hidden, keys, plan)
-        launch = setup.launch(hidden, keys)
+        launch = setup.launch
         partials = hidden.new_empty(launch.partials_shape, dtype=torch.float32)
         angles = hidden.new_empty(launch.programs["forward"], dtype=torch.float32)
         _forward_kernel[launch.grid("forward")](
@@ -143,7 +143,7 @@ class SimRegTritonFunction(torch.autograd.Function):
         grad_units = hidden.new_zeros((setup.segments, setup.length, hidden.shape[-1]), dtype=torch.float32)
         tokens = (hidden, keys, setup.scale, setup.key_scale, setup.labels, setup.key_labels,
                   stats.float().contiguous(), key_stats.float().contiguous())
-        launch = setup.launch(hidden, keys)
+        launch = setup.launch
         dot_dtype, precision = _backward_products(hidden.dtype)
         constants = dict(BLOCK=setup.block, BLOCK_K=BLOCK_K, PRECISION=precision, DOT_DTYPE=dot_dtype,
                          num_warps=NUM_WARPS)
@@ -216,16 +216,13 @@ class _Setup:
             self.key_scale = _scales(keys, self.temperature, self.key_length)[0]
             self.key_labels = torch.where(key_valid, key_ids, -1).to(torch.int32).contiguous()
 
-        self.key_blocks = triton.cdiv(self.key_length, self.block)
-        index = _tile_index(triton.cdiv(self.length, self.block), self.key_blocks, self.symmetric, hidden.device)
-        self.tile_rows, self.tile_cols = index[0], index[1]
-        return self
-
-    def launch(self, hidden: torch.Tensor, keys: torch.Tensor) -> Launch:
-        return Launch(
+        self.launch = Launch(
             hidden.shape[0] * hidden.shape[1], hidden.shape[-1], self.segments, self.length, self.key_length,
             self.block, BLOCK_K, NORMALIZE_TOKENS, self.symmetric,
         )
+        index = _tile_index(self.launch.row_blocks, self.launch.key_blocks, self.symmetric, hidden.device)
+        self.tile_rows, self.tile_cols = index[0], index[1]
+        return self
 
     def shape_args(self, hidden: torch.Tensor, keys: torch.Tensor):
         return (
