@@ -63,8 +63,9 @@ def build_gpt_datasets(data_prefix, tokenizer, seq_length: int, num_samples: tup
         create_attention_mask=False,  # causal attention needs no explicit mask
         path_to_cache=cache_dir,
     )
-    for prefix in prefixes if config.split is not None else []:
-        _check_split_sizes(prefix, config.split_matrix, seq_length, num_samples, split)
+    if config.split is not None:  # one corpus cut by shares, no held-out sets
+        for prefix in prefixes:
+            _check_split_sizes(prefix, config.split_matrix, seq_length, num_samples, split)
     builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), _built_on_every_rank, config)
     return tuple(builder.build())
 
