@@ -35,10 +35,13 @@ USER_ERRORS = (
 
 
 class Stopped(KeyboardInterrupt):
-    """SIGTERM raised where the program is, as Ctrl-C raises KeyboardInterrupt, so the same cleanup runs."""
+    """SIGTERM or Ctrl-C raised where the program is, as KeyboardInterrupt, so the same cleanup runs. Ctrl-C too,
+    because a plain KeyboardInterrupt leaving code run from a string (the methods dataclasses and namedtuple
+    make, megatron-core's imports are full of them) is flagged by CPython as unhandled, and under `python -m` the
+    process then ends by SIGINT whatever exit code the program chose; CPython flags the exact type only."""
 
-    def __init__(self, signum: int):
-        super().__init__()
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(*[message] if message else [])  # str(stop): the message, or "" for one_line_errors' own
         self.signum = signum
 
 
@@ -54,7 +57,8 @@ def _user_errors() -> tuple[type, ...]:
 def one_line_errors(program: str):
     """Known errors, Ctrl-C and SIGTERM inside the block end the program with one line (see the module)."""
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_stopped) if main_thread else None
+    signals = (signal.SIGINT, signal.SIGTERM) if main_thread else ()
+    previous = {signum: signal.signal(signum, _raise_stopped) for signum in signals}
     try:
         yield
     except KeyboardInterrupt as stop:  # a message in it (set by the program) says what was kept or removed
@@ -72,5 +76,5 @@ def one_line_errors(program: str):
             print(f"{program}: {error}", file=sys.stderr)
         raise SystemExit(code) from None
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

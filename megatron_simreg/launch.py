@@ -13,7 +13,7 @@ exits with. The rest is torch.distributed.run itself.
 import signal
 import sys
 
-from megatron_simreg.cli import one_line_errors
+from megatron_simreg.cli import Stopped, one_line_errors
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 received = []  # the stop signals passed on, first first
@@ -26,8 +26,8 @@ def _pass_to_workers(signum, frame) -> None:
     received.append(signum)
     workers = psutil.Process().children()
     if not workers:  # before the workers start: stop here
-        raise KeyboardInterrupt(f"interrupted by {signal.Signals(signum).name} before the workers started "
-                                f"(exit code {128 + signum})")
+        raise Stopped(signum, f"interrupted by {signal.Signals(signum).name} before the workers started "
+                              f"(exit code {128 + signum})")
     for worker in workers:
         worker.send_signal(signum)
 
