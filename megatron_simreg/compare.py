@@ -13,6 +13,7 @@ from megatron_simreg.metrics import Curve, Run, seed_band, smoothed, tokens_to_r
 from megatron_simreg.regularizers import REGISTRY
 
 PLOTTED = (("train", "lm loss"), ("valid", "lm loss"), ("train", "simreg"))
+LINE_STYLES = ("-", "--", ":", "-.")
 BASELINE_TERMS = tuple(name for name in REGISTRY if name != "simreg")  # each baseline logs its value by name
 
 
@@ -85,6 +86,17 @@ def _final(run: Run, split: str, metric: str, spec: str = ".4f") -> str:
     return "-" if curve is None or not curve.values else format(curve.values[-1], spec)
 
 
+def zoomed_range(curves: list[Curve], skip: float = 0.2) -> tuple[float, float]:
+    """An axis range for loss curves: their values after the first `skip` of the tokens, padded by 5%. The first
+    fall (from ~10 to ~6 in a few steps) would otherwise set the axis and flatten the gaps of a few hundredths
+    that a comparison is about; the start is cut off the plot, not hidden in it (the range says where)."""
+    end = max(c.tokens[-1] for c in curves)
+    late = [v for c in curves for t, v in zip(c.tokens, c.values) if t >= skip * end]
+    low, high = min(late), max(late)
+    pad = 0.05 * (high - low) or 0.05 * abs(high) or 0.05
+    return low - pad, high + pad
+
+
 def plot_runs(runs: list[Run], path: str) -> str:
     """One PNG: training loss, validation loss and the SimReg term against tokens, a line per run."""
     return plot_seed_bands({run.name: [run] for run in runs}, path)
@@ -92,7 +104,9 @@ def plot_runs(runs: list[Run], path: str) -> str:
 
 def plot_seed_bands(groups: dict[str, list[Run]], path: str, panels=PLOTTED, train_smoothing: float = 0.0) -> str:
     """One PNG, a panel per (split, metric): for each group of runs (seeds of one setting) the mean against
-    tokens and a band of one standard deviation; a group of one run is its plain curve.
+    tokens and a band of one standard deviation; a group of one run is its plain curve. The legend stands beside
+    the panels, not over the lines; up to 20 groups get their own colour (then line styles tell them apart); loss
+    axes span the curves after their first fall (`zoomed_range`).
 
     Training curves are first smoothed per run with `train_smoothing` (TensorBoard's EMA weight).
     """
@@ -102,8 +116,9 @@ def plot_seed_bands(groups: dict[str, list[Run]], path: str, panels=PLOTTED, tra
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    colors = plt.get_cmap("tab10" if len(groups) <= 10 else "viridis")
+    colors = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
     for ax, (split, metric) in zip(axes[0], panels):
+        shown = []
         for index, (name, runs) in enumerate(groups.items()):
             curves = [run.curve(split, metric) for run in runs]
             curves = [c for c in curves if c is not None and c.values]
@@ -112,20 +127,26 @@ def plot_seed_bands(groups: dict[str, list[Run]], path: str, panels=PLOTTED, tra
             if split == "train":
                 curves = [smoothed(c, train_smoothing) for c in curves]
             tokens, mean, std = seed_band(curves)
-            color = colors(index if len(groups) <= 10 else index / max(1, len(groups) - 1))
-            ax.plot(tokens, mean, label=name if len(runs) == 1 else f"{name} ({len(runs)} seeds)", color=color)
+            color, style = colors(index % 20), LINE_STYLES[index // 20 % len(LINE_STYLES)]
+            ax.plot(tokens, mean, style, color=color,
+                    label=name if len(runs) == 1 else f"{name} ({len(runs)} seeds)")
+            lower, upper = [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)]
             if len(curves) > 1:
-                ax.fill_between(tokens, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                                color=color, alpha=0.2, linewidth=0)
+                ax.fill_between(tokens, lower, upper, color=color, alpha=0.2, linewidth=0)
+            shown += [Curve(tokens, lower), Curve(tokens, upper)]
         ax.set_title(f"{'validation' if split == 'valid' else 'training'} {metric}")
         ax.set_xlabel("tokens")
         ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
         if metric == "simreg":
             ax.set_yscale("log")
+        elif shown:
+            ax.set_ylim(*zoomed_range(shown))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        axes[0][-1].legend(handles, labels, fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend beside the panels included
     plt.close(fig)
     return path

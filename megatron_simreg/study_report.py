@@ -216,6 +216,15 @@ def _show(values: dict, key: str, spec: str) -> str:
     return "-" if values.get(key) is None else format(values[key], spec)
 
 
+def seed_phrase(seed_counts: list[int]) -> str:
+    """What a summary plot's error bars are, from each setting's number of seeds."""
+    low, high = min(seed_counts), max(seed_counts)
+    if high == 1:
+        return "one seed each (no error bars)"
+    counts = f"{low}" if low == high else f"{low}-{high}"
+    return f"mean ± std over {counts} seeds" + (" (a setting of one seed has no bar)" if low == 1 else "")
+
+
 def plot_summary(study, results: list[SettingResult], path: str) -> str:
     """Final validation loss per setting, mean ± one standard deviation, the baseline's as a band."""
     import matplotlib
@@ -238,7 +247,7 @@ def plot_summary(study, results: list[SettingResult], path: str) -> str:
     ax.set_xticks(list(xs), [r.setting.name for r in shown], rotation=45 if crowded else 0,
                   ha="right" if crowded else "center", fontsize="small")
     ax.set_ylabel("final validation loss")
-    ax.set_title(f"{study.name}: mean ± std over seeds")
+    ax.set_title(f"{study.name}: {seed_phrase([len(r.seeds) for r in shown])}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -100,3 +100,25 @@ def test_a_resumed_run_reads_as_one_run(tmp_path):
     writer.close()
     curve = load_run(str(tmp_path)).curve("train", "lm loss")
     assert curve.tokens == [10, 20, 30, 40] and curve.values == [4.0, 3.0, 1.0, 0.0]
+
+
+def test_loss_axes_show_the_gaps_after_the_first_fall():
+    """Curves falling from 10 to 5.20 and 5.25: the axis spans the later values, so a 0.05 gap fills a fifth of
+    it instead of a hundredth."""
+    from megatron_simreg.compare import zoomed_range
+
+    tokens = [100.0 * i for i in range(1, 11)]
+    falling = [10.0, 7.0, 6.0, 5.6, 5.4, 5.3, 5.25, 5.22, 5.21, 5.20]
+    curves = [Curve(tokens, falling), Curve(tokens, [v + 0.05 for v in falling])]
+    low, high = zoomed_range(curves)  # values from 200 tokens on (the first 20% of 1000 skipped)
+    assert low == pytest.approx(5.20 - 0.05 * (7.05 - 5.20)) and high == pytest.approx(7.05 + 0.05 * (7.05 - 5.20))
+    assert 0.05 / (high - low) > 0.02
+    assert zoomed_range([Curve(tokens, [5.0] * 10)]) == pytest.approx((4.75, 5.25))  # flat: 5% of its value
+
+
+def test_summary_titles_say_what_the_error_bars_are():
+    from megatron_simreg.study_report import seed_phrase
+
+    assert seed_phrase([1, 1, 1]) == "one seed each (no error bars)"
+    assert seed_phrase([3, 3]) == "mean ± std over 3 seeds"
+    assert seed_phrase([1, 3, 5]) == "mean ± std over 1-5 seeds (a setting of one seed has no bar)"
