@@ -284,14 +284,20 @@ def _scoring_fixed_samples(evaluated: dict, evaluate_and_print):
     """Every evaluation scores the first eval_iters global batches of its set, as the local loop does (Megatron's
     loop walks on through the validation set, so each evaluation would score other sequences), and the test
     evaluation at the end of training is logged under its own TensorBoard names (`lm loss test`), where
-    megatron.training logs it as `lm loss validation` at the last validation's step."""
+    megatron.training logs it as `lm loss validation` at the last validation's step. Each set's loader is built
+    once: a new iterator over it starts again at its first sample (Megatron's loaders keep their workers, which
+    then drop what they had read ahead)."""
     from megatron.core.rerun_state_machine import RerunDataIterator
     from megatron.training import training
     from megatron.training.datasets.data_samplers import build_pretraining_data_loader
 
+    loaders = {}
+
     def evaluate_fixed(prefix, forward_step_func, data_iterator, *args, **kwargs):
         split = "test" if prefix.endswith("on test set") else "valid"
-        from_the_start = RerunDataIterator(iter(build_pretraining_data_loader(evaluated[split], 0)))
+        if split not in loaders:
+            loaders[split] = build_pretraining_data_loader(evaluated[split], 0)
+        from_the_start = RerunDataIterator(iter(loaders[split]))
         if split == "valid":
             return evaluate_and_print(prefix, forward_step_func, from_the_start, *args, **kwargs)
         get_writer = training.get_tensorboard_writer
