@@ -231,13 +231,23 @@ def load_study(path: str) -> Study:
     grid = _grid(raw.get("grid"), path, "grid")
     variants = _mapping(raw.get("variants"), path, "variants")
     settings = _cross(variants, grid, default=os.path.splitext(os.path.basename(raw["config"]))[0])
+    return _finish(Study(**_file_fields(path, name, raw), shared=_overrides(raw.get("set"), path, "set"),
+                         seeds=_seeds(raw.get("seeds"), path), settings=settings, baseline=None, grid=grid),
+                   _baseline(path, raw))
+
+
+def _file_fields(path: str, name: str, raw: dict) -> dict:
+    """The Study fields a plain and a select/report study file give alike."""
     out = str(raw.get("out") or os.path.join("runs", "studies", name))
-    return _finish(Study(
-        name=name, path=path, config=str(raw["config"]), shared=_overrides(raw.get("set"), path, "set"),
-        seeds=_seeds(raw.get("seeds"), path), settings=settings, baseline=None, grid=grid, out=out,
-        runs=str(raw.get("runs") or os.path.join(out, "runs")), launcher=str(raw.get("launcher") or DEFAULT_LAUNCHER),
-        plots=_plots(raw.get("plots"), path), description=str(raw.get("description") or "").strip(),
-    ), _overrides(raw.get("baseline"), path, "baseline") if raw.get("baseline") is not None else None)
+    return dict(name=name, path=path, config=str(raw["config"]), out=out,
+                runs=str(raw.get("runs") or os.path.join(out, "runs")),
+                launcher=str(raw.get("launcher") or DEFAULT_LAUNCHER), plots=_plots(raw.get("plots"), path),
+                description=str(raw.get("description") or "").strip())
+
+
+def _baseline(path: str, raw: dict) -> dict | None:
+    """The baseline's overrides; None without one (`baseline:` absent or null)."""
+    return None if raw.get("baseline") is None else _overrides(raw["baseline"], path, "baseline")
 
 
 def _select_and_report(path: str, name: str, raw: dict) -> Study:
@@ -276,14 +286,11 @@ def _select_and_report(path: str, name: str, raw: dict) -> Study:
     if report_metric.startswith("test/") and test_set is None:
         raise StudyError(f"study {path!r}: report.metric {report_metric!r} needs report.test_set: a held-out test set "
                          "(tools/prepare_data.py --held-out-tokens), scored by the report's cells only")
-    out = str(raw.get("out") or os.path.join("runs", "studies", name))
     return Study(
-        name=name, path=path, config=str(raw["config"]), shared=shared, seeds=seeds,
-        settings=[setting for settings in methods.values() for setting in settings], baseline=None, grid={}, out=out,
-        runs=str(raw.get("runs") or os.path.join(out, "runs")), launcher=str(raw.get("launcher") or DEFAULT_LAUNCHER),
-        plots=_plots(raw.get("plots"), path), description=str(raw.get("description") or "").strip(),
-        protocol=Protocol(methods, _overrides(raw.get("baseline"), path, "baseline") if "baseline" in raw else None,
-                          select_metric, report_seeds, report_metric, None if test_set is None else str(test_set)),
+        **_file_fields(path, name, raw), shared=shared, seeds=seeds,
+        settings=[setting for settings in methods.values() for setting in settings], baseline=None, grid={},
+        protocol=Protocol(methods, _baseline(path, raw), select_metric, report_seeds, report_metric,
+                          None if test_set is None else str(test_set)),
     )
 
 
