@@ -757,12 +757,12 @@ def main(argv=None):
         failed = [] if args.status or args.report_only else _run(study, states, args)
         if args.status:
             _print_status(states)
-        report_study, report_states, sections = study, states, []
+        report_study, report_states, sections, results = study, states, [], None
         if study.protocol is not None:
-            report_study, report_states, sections = _report_phase(study, states, args, failed)
+            report_study, report_states, sections, results = _report_phase(study, states, args, failed)
         if args.status:
             return
-        report = write_report(report_study, report_states, sections)
+        report = write_report(report_study, report_states, sections, results)
     print(f"report: {report}")
     everything = states + (report_states if report_study is not study else [])
     missing = [s for s in everything if not s.finished]
@@ -789,9 +789,10 @@ def _print_status(states: list[CellState]) -> None:
     print(f"{sum(s.finished for s in states)} of {len(states)} cells finished; {_time_left(states)}")
 
 
-def _report_phase(study: Study, states: list[CellState], args, failed: list) -> tuple[Study, list, list[str]]:
+def _report_phase(study: Study, states: list[CellState], args, failed: list):
     """A select/report study once its selection is finished: the choices, the report's cells (run here unless
-    --status or --report-only) and the report's sections; before that, a section saying what it waits for."""
+    --status or --report-only), the report's sections and its cells' results (None: not read yet); before that,
+    a section saying what it waits for. Each cell's metrics are read once."""
     unfinished = [s for s in states if not s.finished]
     if unfinished:
         waiting = (f"The report's cells (each method's best setting on seeds "
@@ -799,19 +800,21 @@ def _report_phase(study: Study, states: list[CellState], args, failed: list) -> 
                    f"of its {len(states)} cells not finished.")
         if args.status:
             print(waiting)
-        return study, states, ["## Report", "", waiting, ""]
-    choices = choose(study.protocol.methods, collect(study, states), study.protocol.select_metric)
+        return study, states, ["## Report", "", waiting, ""], None
+    selected = collect(study, states)
+    choices = choose(study.protocol.methods, selected, study.protocol.select_metric)
     reported = report_phase(study, choices)
     report_states = _states(reported, args)
     if args.status:
         print("chosen on the selection seeds: " + ", ".join(f"{c.method}: {c.setting.name}" for c in choices))
         _print_status(report_states)
-    elif not args.report_only:
+        return reported, report_states, [], None
+    if not args.report_only:
         failed += _run(reported, report_states, args)
-    if not args.status:
-        os.makedirs(study.out, exist_ok=True)
-        write_selection(os.path.join(study.out, "selection.json"), choices, study.protocol.select_metric)
-    return reported, report_states, protocol_sections(study, states, reported, report_states, choices)
+    os.makedirs(study.out, exist_ok=True)
+    write_selection(os.path.join(study.out, "selection.json"), choices, study.protocol.select_metric)
+    results = collect(reported, report_states)
+    return reported, report_states, protocol_sections(study, selected, reported, results, choices), results
 
 
 def _check_held_out(study: Study, states: list[CellState]) -> None:

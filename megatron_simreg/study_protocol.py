@@ -13,7 +13,7 @@ import statistics
 from dataclasses import dataclass
 
 from megatron_simreg.metrics import Run
-from megatron_simreg.study_report import SettingResult, collect, paired_difference
+from megatron_simreg.study_report import SettingResult, paired_difference
 
 
 @dataclass
@@ -90,22 +90,24 @@ def report_table(results: list[SettingResult], baseline, metric: str, methods: d
     return "\n".join(lines)
 
 
-def protocol_sections(study, selection_states, reported, report_states, choices: list[Choice]) -> list[str]:
-    """The report's Selection and Report sections (markdown lines): what was chosen on what, and how it fared."""
+def protocol_sections(study, selected: list[SettingResult], reported, results: list[SettingResult],
+                      choices: list[Choice]) -> list[str]:
+    """The report's Selection and Report sections (markdown lines): what was chosen on what (`selected`: the
+    selection's results), and how it fared (`results`: the report's)."""
     protocol = study.protocol
     selection, seeds = protocol.select_metric, ", ".join(map(str, study.seeds))
     return [
         "## Selection", "",
         f"Each method's settings ran on the selection seeds {seeds}; the setting of lowest mean final {selection} "
         "(in bold) is the method's choice. These runs enter no number below.", "",
-        selection_table(protocol.methods, collect(study, selection_states), selection, choices), "",
+        selection_table(protocol.methods, selected, selection, choices), "",
         "## Report", "",
         f"The choices and the baseline on fresh seeds {', '.join(map(str, reported.seeds))}, scored by the final "
         f"{protocol.report_metric}, which the selection never saw. Mean ± sample standard deviation over seeds (n in "
         "brackets); Δ pairs each run with the baseline run of the same seed; the 95% confidence interval of the mean "
         "Δ and the two-sided p are Student's t over the pairs; 'not resolved' when the interval holds zero. The "
         "Results below are the same cells on the validation set, for reference.", "",
-        report_table(collect(reported, report_states), reported.baseline, protocol.report_metric,
+        report_table(results, reported.baseline, protocol.report_metric,
                      protocol.method_of()), "",
     ]
 

@@ -318,11 +318,11 @@ def duration(seconds: float) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
 
 
-def write_report(study, states, sections: list[str] = ()) -> str:
+def write_report(study, states, sections: list[str] = (), results: list[SettingResult] | None = None) -> str:
     """`<out>/report.md` with summary.png, curves.png and (2-D grids) heatmap.png beside it; `sections` (markdown
-    lines) go before the results."""
+    lines) go before the results (`collect(study, states)`, read here unless given)."""
     os.makedirs(study.out, exist_ok=True)
-    results = collect(study, states)
+    results = collect(study, states) if results is None else results
     finished = [s for s in states if s.finished]
     missing = [s for s in states if not s.finished]
     machines = sorted({a["machine"] for s in finished for a in s.record.get("attempts", []) if a.get("machine")})
