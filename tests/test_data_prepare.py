@@ -216,6 +216,37 @@ def test_hugging_face_source_streams_the_named_dataset(tmp_path, monkeypatch):
         prepare_corpus(["hf:allenai/c4"], str(tmp_path / "c4-again"), progress=False)
 
 
+def test_a_pool_stopped_while_its_workers_start_does_not_hang(tmp_path):
+    """The pool's workers inherit the main process's SIGTERM handler (one_line_errors') until they reset it; a
+    SIGTERM from Pool.terminate landing in between (a small input done before the second worker started) was
+    raised inside Python code run at fork, where CPython drops exceptions, so that worker lived on and the main
+    process waited for it forever. Here every child spends a second in such code."""
+    import contextlib
+    import subprocess
+    import textwrap
+
+    script = tmp_path / "stopped_while_starting.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, time
+        from megatron_simreg.cli import one_line_errors
+        from megatron_simreg.data.encoding import DocumentEncoder
+        from megatron_simreg.data.indexed import token_dtype
+        os.register_at_fork(after_in_child=lambda: time.sleep(1.0))
+        with one_line_errors("demo"), DocumentEncoder({default_tokenizer_path()!r}, token_dtype(32000), 2):
+            pass  # nothing to encode: the pool is stopped at once
+        print("stopped")
+    """))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    process = subprocess.Popen([sys.executable, str(script)], env=dict(os.environ, PYTHONPATH=root), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=90)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # a worker left waiting goes too
+    assert (process.returncode, out) == (0, "stopped\n"), err[-2000:]
+
+
 def test_command_line(tmp_path, capsys):
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCUMENTS[:20]))

@@ -6,6 +6,7 @@ indexed dataset stores: the main process only reads text and writes arrays.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import signal
 import warnings
@@ -38,7 +39,7 @@ class DocumentEncoder:
         else:
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _stop_signals_held():
                 # torch/numpy leave idle native threads; the children only tokenize, touching none of their locks.
                 warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead to deadlocks",
                                         category=DeprecationWarning)
@@ -72,12 +73,30 @@ _TOKENIZER = None
 _DTYPE = None
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def _stop_signals_held():
+    """Ctrl-C and SIGTERM held back (pending, not lost) while the pool forks its workers: a forked worker runs
+    the main process's handlers until `_init_worker` replaces them, and one that ran there could raise inside
+    code CPython runs at fork and drops exceptions from, leaving a worker alive that Pool.terminate meant to end
+    (the main process then waits for it forever). Each worker lets them through once its own handlers are set;
+    threads the pool starts meanwhile keep them held, so they reach the main thread, as Python's handlers do."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def _init_worker(tokenizer_path: str, dtype, in_pool: bool) -> None:
     global _TOKENIZER, _DTYPE
     if in_pool:
         # Ctrl-C and Slurm's SIGTERM are the main process's to handle: it stops the pool and cleans up.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held since the fork (_stop_signals_held)
     _TOKENIZER, _DTYPE = build_tokenizer(tokenizer_path), dtype
 
 
