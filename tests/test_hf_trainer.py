@@ -3,6 +3,7 @@ recomputation: each sequence alone, unpadded, through a plain forward with `outp
 the float64 reference (tests/simreg_reference.py)."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -135,6 +136,37 @@ def test_weight_zero_logs_simreg_without_its_backward(tmp_path, monkeypatch):
     monkeypatch.setattr(objective, "simreg_loss", recording)
     trainer(tmp_path, {"weight": 0.0}).train()
     assert given == [False]
+
+
+def test_two_data_parallel_processes_take_the_same_step_as_one(tmp_path):
+    """torchrun, 2 processes of 4 sequences each (gloo): Trainer sums the valid labels over the processes, so the
+    step equals one process's on all 8 (as the accumulation test, up to the order of the 81 token terms)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    worker = tmp_path / "data_parallel_step.py"
+    worker.write_text(textwrap.dedent(f"""
+        import os, sys, torch
+        sys.path.insert(0, {tests!r})
+        from test_hf_trainer import trainer
+        run = trainer({str(tmp_path / "dp")!r}, batch=4, ddp_backend="gloo")
+        before = [p.detach().clone() for p in run.model.parameters()]
+        run.train()
+        if int(os.environ["RANK"]) == 0:
+            torch.save(torch.cat([(p.detach() - b).flatten() for p, b in zip(run.model.parameters(), before)]),
+                       {str(tmp_path / "update.pt")!r})
+    """))
+    root = os.path.dirname(tests)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    str(worker)], check=True, timeout=300, env=dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1"))
+    run = trainer(tmp_path / "one", batch=8)
+    before = [p.detach().clone() for p in run.model.parameters()]
+    run.train()
+    whole = torch.cat([(p.detach() - b).flatten() for p, b in zip(run.model.parameters(), before)])
+    tolerance = 81 * EPS32 / TAU * whole.abs().max().item()
+    torch.testing.assert_close(torch.load(tmp_path / "update.pt"), whole, rtol=0.0, atol=tolerance)
 
 
 def test_lambda_auto_and_settings(tmp_path):
