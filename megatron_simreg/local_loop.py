@@ -43,7 +43,13 @@ from megatron_simreg.failures import (
 from megatron_simreg.megatron_adagc import attach_adagc
 from megatron_simreg.metrics import TENSORBOARD_SUFFIXES, MetricsWriter
 from megatron_simreg.model import model_provider
-from megatron_simreg.objective import SimRegObjective, forward_step, reduce_reports, update_regularizer_state
+from megatron_simreg.objective import (
+    SimRegObjective,
+    forward_step,
+    reduce_reports,
+    regularizer_state_left_out,
+    update_regularizer_state,
+)
 from megatron_simreg.progress import progress_bar
 from megatron_simreg.resume import build_scheduler, model_shape
 from megatron_simreg.run_folder import RunFolders
@@ -99,12 +105,15 @@ def _train(cfg: Config, plan: RunPlan, signals: StopSignals) -> dict:
     iteration, consumed = 0, 0
     if resume_from is not None:
         state = load_checkpoint(plan.load_dir, resume_from, weights_only=plan.finetune)
-        parallel_model(model).load_state_dict(state["model"])
-        if plan.finetune:  # weights only, as Megatron's --finetune: fresh optimizer state and schedule
+        if plan.finetune:  # weights only, as Megatron's --finetune: fresh optimizer state, schedule, baseline state
+            weights = {k: v for k, v in state["model"].items() if not k.startswith("regularizer_state.")}
+            with regularizer_state_left_out([model]):
+                parallel_model(model).load_state_dict(weights)
             optimizer.reload_model_params()  # bf16: the optimizer's fp32 main copies of the weights
             if parallel.is_logging_rank():
                 print(plan.finetune_start, flush=True)
         else:
+            parallel_model(model).load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             iteration, consumed = state["iteration"], state["consumed_samples"]

@@ -41,7 +41,12 @@ from megatron_simreg.failures import (
 )
 from megatron_simreg.megatron_adagc import AdaGCStateMissing
 from megatron_simreg.model import have_transformer_engine, model_provider
-from megatron_simreg.objective import SimRegObjective, forward_step, update_regularizer_state
+from megatron_simreg.objective import (
+    SimRegObjective,
+    forward_step,
+    regularizer_state_left_out,
+    update_regularizer_state,
+)
 from megatron_simreg.parallel import join_process_group, launched
 from megatron_simreg.resume import build_scheduler
 from megatron_simreg.run_folder import FolderInUse, RunFolders
@@ -337,13 +342,14 @@ def _saving_only_finite_weights(args, save):
 
 def _verifying_checksums(args, load):
     """Check the files of the checkpoint Megatron is about to load against their checksums (as the local loop
-    does), on every rank before any reads a weight."""
+    does), on every rank before any reads a weight; under --finetune read no baseline state (as the local loop)."""
 
-    def verify_then_load(*a, **kw):
+    def verify_then_load(model_chunks, *a, **kw):
         iteration = chosen_iteration(args.load, args.ckpt_step)  # checked by pretrain() before Megatron started
         if iteration is not None:
             verify_checkpoint(args.load, iteration, RESUME, collective=True)
-        return load(*a, **kw)
+        with regularizer_state_left_out(model_chunks) if args.finetune else contextlib.nullcontext():
+            return load(model_chunks, *a, **kw)
 
     return verify_then_load
 

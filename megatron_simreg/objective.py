@@ -380,6 +380,29 @@ def update_regularizer_state(model_chunks) -> None:
             state.update(gpt)
 
 
+@contextlib.contextmanager
+def regularizer_state_left_out(model_chunks):
+    """Around a weights-only load (checkpoint.finetune, Megatron's --finetune): the trained baseline's state is
+    not read, as the optimizer's is not, so a checkpoint without one (an import, a SimReg run) loads; the state
+    starts afresh from the loaded weights (SCE's momentum encoder becomes their copy, CPretrain's temperature
+    keeps its initial value)."""
+    held = []
+    for chunk in model_chunks:
+        gpt = _gpt_model(chunk)
+        state = getattr(gpt, "regularizer_state", None)
+        if state is not None:
+            del gpt.regularizer_state  # out of state_dict() and sharded_state_dict() while loading
+            held.append((gpt, state))
+    try:
+        yield
+        for gpt, state in held:
+            if hasattr(state, "start_from"):
+                state.start_from(gpt)
+    finally:
+        for gpt, state in held:
+            gpt.regularizer_state = state
+
+
 def reduce_reports(reports: list[dict[str, torch.Tensor]], group=None) -> dict[str, float]:
     """Average each reported [sum, count] pair over micro-batches and the data-parallel group, as Megatron does."""
     reduced = {}

@@ -132,6 +132,41 @@ def own_term_worker(rank, world, runs, steps):
     return values
 
 
+def finetune_load_worker(rank, world, overrides):
+    """A SimReg model's weights (no baseline state) loaded as checkpoint.finetune loads them into a model with
+    the baseline's state: the baseline state's tensors after the load."""
+    from megatron_simreg import parallel
+    from megatron_simreg.local_loop import build_model_and_optimizer, parallel_model
+    from megatron_simreg.objective import regularizer_state_left_out
+
+    cfg = load_config("configs/tiny-llama.yaml", BASE + overrides)
+    parallel.initialize(cfg)
+    try:
+        torch.manual_seed(1)
+        source, _ = build_model_and_optimizer(load_config("configs/tiny-llama.yaml", BASE))
+        torch.manual_seed(2)
+        model, _ = build_model_and_optimizer(cfg)
+        with regularizer_state_left_out([model]):
+            parallel_model(model).load_state_dict(parallel_model(source).state_dict())
+        weights = {name: t for name, t in parallel_model(source).state_dict().items() if torch.is_tensor(t)}
+        state = parallel_model(model).regularizer_state.state_dict()
+        return weights, {name: t.clone() for name, t in state.items() if torch.is_tensor(t)}
+    finally:
+        parallel.destroy()
+
+
+def test_a_weights_only_load_starts_the_baselines_state_afresh_from_the_loaded_weights():
+    """checkpoint.finetune from a checkpoint without the baseline's state (an import, a SimReg run) loads, and SCE's
+    momentum encoder starts as a copy of the loaded weights (not of the model's initialisation), CPretrain's
+    temperature at its initial value."""
+    (weights, sce), = run_distributed(finetune_load_worker, 1, ["regularizer.name=sce"])
+    assert sorted(sce) == sorted(f"encoder.{name}" for name in weights)
+    for name, tensor in weights.items():
+        assert torch.equal(sce[f"encoder.{name}"], tensor.float()), name
+    (_, cpretrain), = run_distributed(finetune_load_worker, 1, ["regularizer.name=cpretrain"])
+    assert cpretrain["log_scale"].item() == pytest.approx(math.log(1 / 0.07))
+
+
 def test_training_lowers_each_baselines_own_term():
     """At the defaults (SimCSE's second forward with dropout 0.1, SCE's momentum encoder), and the cheap options
     (dropout views of the final states, SCE's target another such view)."""

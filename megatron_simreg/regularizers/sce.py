@@ -70,6 +70,11 @@ class SCEState(torch.nn.Module):
         super().__init__()
         self.momentum = settings.momentum
         self.encoder = encoder.requires_grad_(False).float()
+        self.start_from(model)
+
+    @torch.no_grad()
+    def start_from(self, model: torch.nn.Module) -> None:
+        """The encoder as a copy of `model`'s weights: at the start of a run, and after a weights-only load."""
         self.encoder.load_state_dict(model.state_dict())
 
     def _apply(self, fn, recurse=True):
