@@ -80,7 +80,8 @@ def jensen_shannon(logits_p: torch.Tensor, logits_q: torch.Tensor,
 class _JensenShannon(torch.autograd.Function):
     """JS with its gradient written out, dJS/dlogits_p = p * (log p/m - KL(p || m)) / 2 (and q's alike), so that a
     step makes a few passes over the vocabulary-sized tensors instead of autograd's dozens (through log_softmax and
-    logaddexp, with recomputation, CReg's step took 10x the baseline's on the tiny LLaMA, 7x of it here). With
+    logaddexp, with recomputation, CReg's step took 10x the baseline's on the tiny LLaMA; 5.3x with this,
+    docs/baselines.md). With
     e = log q/p: log p/m = log 2 - softplus(e) and log q/m = log p/m + e.
     Only the logits and per-token statistics are kept for backward, as the cross-entropy keeps little beyond its
     logits; backward needs no collective (each rank's logits get their own part; the loss is the same on every
