@@ -371,11 +371,15 @@ def _dropout(gpt, p: float):
             setattr(owner, name, value)
 
 
+def _regularizer_states(model_chunks) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+    """(GPTModel, its baseline state) of each model chunk that holds one."""
+    chunks = [_gpt_model(chunk) for chunk in model_chunks]
+    return [(gpt, gpt.regularizer_state) for gpt in chunks if getattr(gpt, "regularizer_state", None) is not None]
+
+
 def update_regularizer_state(model_chunks) -> None:
     """After each optimizer step that updated the weights: SCE's momentum encoder follows the model."""
-    for chunk in model_chunks:
-        gpt = _gpt_model(chunk)
-        state = getattr(gpt, "regularizer_state", None)
+    for gpt, state in _regularizer_states(model_chunks):
         if hasattr(state, "update"):
             state.update(gpt)
 
@@ -386,13 +390,9 @@ def regularizer_state_left_out(model_chunks):
     not read, as the optimizer's is not, so a checkpoint without one (an import, a SimReg run) loads; the state
     starts afresh from the loaded weights (SCE's momentum encoder becomes their copy, CPretrain's temperature
     keeps its initial value)."""
-    held = []
-    for chunk in model_chunks:
-        gpt = _gpt_model(chunk)
-        state = getattr(gpt, "regularizer_state", None)
-        if state is not None:
-            del gpt.regularizer_state  # out of state_dict() and sharded_state_dict() while loading
-            held.append((gpt, state))
+    held = _regularizer_states(model_chunks)
+    for gpt, _ in held:
+        del gpt.regularizer_state  # out of state_dict() and sharded_state_dict() while loading
     try:
         yield
         for gpt, state in held:
