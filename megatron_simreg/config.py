@@ -241,6 +241,11 @@ RANGES = {  # every numeric key's allowed values (None, where a key allows it, i
 _SPLIT = re.compile(r"\s*\d+(\.\d*)?(\s*[,/]\s*\d+(\.\d*)?){0,2}\s*")  # Megatron's "train,valid,test" shares
 
 
+def split_shares(split: str) -> list[float]:
+    """data.split's shares as written (up to three, train first), read as megatron-core reads them."""
+    return [float(share) for share in re.split(r"[,/]", split)]
+
+
 def load_config(path: str, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (following `extends`), apply `section.key=value` overrides, check it."""
     raw = _read_with_bases(path, seen=())
@@ -435,7 +440,7 @@ def _check_ranges(config: Config) -> None:
     if not _SPLIT.fullmatch(split):
         raise ConfigError(f"data.split={split!r} must be up to three non-negative shares for train, valid, test, "
                           "e.g. 98,1,1")
-    if float(re.split(r"[,/]", split)[0]) <= 0:
+    if split_shares(split)[0] <= 0:
         raise ConfigError(f"data.split={split!r} gives the training split no share: e.g. 98,1,1")
 
 

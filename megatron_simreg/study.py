@@ -66,7 +66,6 @@ import fcntl
 import itertools
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -78,7 +77,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from megatron_simreg.cli import one_line_errors
-from megatron_simreg.config import Config, load_config, parse_yaml, resolved_dict
+from megatron_simreg.config import Config, load_config, parse_yaml, resolved_dict, split_shares
 from megatron_simreg.progress import progress_bar
 from megatron_simreg.provenance import code_identity, describe, same_code
 from megatron_simreg.run_plan import train_iters
@@ -821,8 +820,8 @@ def _check_held_out(study: Study, states: list[CellState]) -> None:
     """Before anything runs: the selection's cells score no test set (a split's test share included), and the
     report's test set comes with a held-out validation set (one without the other leaves a split unscored)."""
     data = states[0].config.data
-    shares = re.split(r"[,/]", data.split)
-    if data.valid_prefix is None and len(shares) > 2 and float(shares[2]) > 0:
+    shares = split_shares(data.split)
+    if data.valid_prefix is None and len(shares) > 2 and shares[2] > 0:
         raise StudyError(f"study {study.path!r}: data.split {data.split!r} gives the selection's cells a test share: "
                          "set its third share to 0, or data.valid_prefix (tools/prepare_data.py --held-out-tokens)")
     if study.protocol.test_set is not None and data.valid_prefix is None:
