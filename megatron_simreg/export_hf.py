@@ -24,6 +24,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 
+from megatron_simreg import regularizers
 from megatron_simreg.checkpoint import (
     EXPORT,
     FILE,
@@ -160,17 +161,14 @@ def _merge_tensor_parallel(key: str, pieces: list) -> torch.Tensor:
     return torch.cat(pieces, dim=0)
 
 
-TRAINING_ONLY = ("regularizer_state.",)  # a regularizer's learnable temperature or EMA target: not the model's
-
-
 def hugging_face_state(state: dict[str, torch.Tensor], cfg: Config, vocab_size: int) -> dict[str, torch.Tensor]:
     """Rename and split our GPTModel weights into Llama / Mixtral names; a weight left over means an
     architecture these classes cannot hold, which is an error rather than a silently different model.
-    State only training uses (`TRAINING_ONLY`) is left out."""
+    A regularizer's state (`regularizers.STATE_KEYS`) is training-only and left out."""
     m = cfg.model
     heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
     head_dim = m.hidden_size // heads
-    remaining = {name: tensor for name, tensor in state.items() if not name.startswith(TRAINING_ONLY)}
+    remaining = {name: tensor for name, tensor in state.items() if not name.startswith(regularizers.STATE_KEYS)}
     take = remaining.pop
     out = {
         "model.embed_tokens.weight": take("embedding.word_embeddings.weight")[:vocab_size],

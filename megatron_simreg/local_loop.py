@@ -19,7 +19,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_simreg import parallel
+from megatron_simreg import parallel, regularizers
 from megatron_simreg.adagc import AdaGC
 from megatron_simreg.batches import micro_batches, on_this_rank
 from megatron_simreg.checkpoint import (
@@ -106,7 +106,7 @@ def _train(cfg: Config, plan: RunPlan, signals: StopSignals) -> dict:
     if resume_from is not None:
         state = load_checkpoint(plan.load_dir, resume_from, weights_only=plan.finetune)
         if plan.finetune:  # weights only, as Megatron's --finetune: fresh optimizer state, schedule, baseline state
-            weights = {k: v for k, v in state["model"].items() if not k.startswith("regularizer_state.")}
+            weights = {k: v for k, v in state["model"].items() if not k.startswith(regularizers.STATE_KEYS)}
             with regularizer_state_left_out([model]):
                 parallel_model(model).load_state_dict(weights)
             optimizer.reload_model_params()  # bf16: the optimizer's fp32 main copies of the weights

@@ -23,7 +23,11 @@ from megatron_simreg.regularizers.sce import SCESettings, SCEState, sce_loss
 from megatron_simreg.regularizers.simcse import SimCSESettings, simcse_loss
 from megatron_simreg.regularizers.simreg import SimRegSettings, simreg_output
 
-__all__ = ["REGISTRY", "Regularizer", "RegularizerInputs", "RegularizerOutput", "PairingSettings", "get"]
+__all__ = ["REGISTRY", "STATE_KEYS", "Regularizer", "RegularizerInputs", "RegularizerOutput", "PairingSettings", "get"]
+
+STATE_KEYS = "regularizer_state."
+"""How a checkpoint's keys of a regularizer's state begin (the GPTModel's `regularizer_state`): training-only,
+left out of an export and of a weights-only load."""
 
 
 @dataclass(frozen=True)
