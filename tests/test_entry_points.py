@@ -124,12 +124,20 @@ def test_ctrl_c_while_training_starts_up_is_one_line_and_130(tmp_path):
         [sys.executable, "-m", "megatron_simreg.train", "--config", "configs/tiny-llama.yaml",
          "--set", f"logging.run_dir={tmp_path / 'run'}"],
         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)  # importing torch and megatron-core
+    _wait_until_mapped(process, "libtorch_cpu")  # importing torch has begun: inside main, whatever the load
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     lines = [line for line in err.strip().splitlines() if not line.startswith("megatron-simreg: no GPU")]
     assert process.returncode == 130 and len(lines) == 1 and "Traceback" not in err, (process.returncode, err)
     assert "SIGINT" in lines[0]
+
+
+def _wait_until_mapped(process, library, timeout=60):
+    """Until `process` has `library` in its address space (a fixed sleep lands before main on a loaded machine)."""
+    deadline = time.time() + timeout
+    while library not in open(f"/proc/{process.pid}/maps").read():
+        assert process.poll() is None and time.time() < deadline, f"{library} never loaded"
+        time.sleep(0.01)
 
 
 def test_ctrl_c_inside_code_run_from_a_string_is_still_130(tmp_path):
