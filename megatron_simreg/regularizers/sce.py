@@ -83,10 +83,8 @@ class SCEState(torch.nn.Module):
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         """One EMA step towards `model`'s weights (`model` holds this state; its own names match the encoder's)."""
-        names, emas = zip(*self.encoder.named_parameters())
-        weights = [model.get_parameter(name).float() for name in names]
-        torch._foreach_mul_(emas, self.momentum)  # one launch for all tensors on a GPU, as torch.optim's foreach
-        torch._foreach_add_(emas, weights, alpha=1.0 - self.momentum)
+        for name, ema in self.encoder.named_parameters():
+            ema.mul_(self.momentum).add_(model.get_parameter(name).float(), alpha=1.0 - self.momentum)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """Megatron's distributed checkpoint: the encoder's shards, keyed and split as the model's own."""
