@@ -167,10 +167,13 @@ def _gpt_model(cfg: Config, config: TransformerConfig, pre_process, post_process
 
 
 def _fp32_twin(config: TransformerConfig) -> TransformerConfig:
-    """`config` for an fp32 copy of the model whose weights are copied in, not initialised (SCE's momentum
-    encoder: an EMA needs fp32, and an fp32 model keeps Megatron's bf16 casts out of its forward)."""
+    """`config` for a copy of the model with plain fp32 weights, copied in rather than initialised (SCE's momentum
+    encoder: an EMA needs fp32 weights; the objective runs its forward in the model's precision). No fp8/fp4
+    weights and no CUDA graphs: the EMA updates the weights in place and the forward runs outside the schedule."""
     twin = copy.copy(config)
     twin.bf16, twin.fp16, twin.params_dtype, twin.perform_initialization = False, False, torch.float32, False
+    twin.fp8_param, twin.fp4_param = False, False
+    twin.enable_cuda_graph, twin.external_cuda_graph, twin.cuda_graph_impl = False, False, "none"
     return twin
 
 

@@ -337,8 +337,15 @@ def _baseline_inputs(model, objective: SimRegObjective, batch: dict, context: di
             with _dropout(gpt, objective.baseline.settings.dropout):
                 context["second_view"] = _final_states(model, batch)
         if "target_view" in needs:
-            with torch.no_grad():
+            with torch.no_grad(), _in_precision_of(gpt, batch["tokens"].device):
                 context["target_view"] = _final_states(state.encoder, batch)
+
+
+def _in_precision_of(gpt, device: torch.device):
+    """Autocast to the model's bf16/fp16 (nothing for fp32): the fp32 momentum encoder then computes as the model
+    does, and Transformer Engine's fused and flash attention, which take only bf16/fp16, can run it."""
+    dtype = torch.bfloat16 if gpt.config.bf16 else torch.float16 if gpt.config.fp16 else None
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def _final_states(model, batch: dict) -> torch.Tensor:

@@ -318,6 +318,45 @@ def test_megatron_training_moves_the_ema_after_each_successful_step():
     assert optimizer.step()[0] is True and torch.equal(encoder.decoder.final_layernorm.weight, torch.full((3,), 2.0))
 
 
+def momentum_encoder_worker(rank, world, precision):
+    """The dtype of the queries reaching each of the momentum encoder's attention cores, and per-token cosines
+    between its final states and the model's own (the encoder starts as the model's copy), on one micro-batch."""
+    from megatron_simreg import parallel
+    from megatron_simreg.local_loop import build_model_and_optimizer
+    from megatron_simreg.objective import SimRegObjective, _baseline_inputs, _final_states, _gpt_model
+
+    cfg = load_config("configs/tiny-llama.yaml", BASE + BASELINES["sce"] + [f"training.precision={precision}"])
+    parallel.initialize(cfg)
+    try:
+        model, _ = build_model_and_optimizer(cfg)
+        encoder = _gpt_model(model).regularizer_state.encoder
+        dtypes = []
+        for layer in encoder.decoder.layers:
+            layer.self_attention.core_attention.register_forward_pre_hook(
+                lambda module, args, kwargs: dtypes.append((args[0] if args else kwargs["query"]).dtype),
+                with_kwargs=True)
+        batch, context = batch_for(micro_batches=1), {}
+        with torch.no_grad():
+            _baseline_inputs(model, SimRegObjective.from_config(cfg), batch, context)
+            own = _final_states(model, batch)
+        cosines = torch.nn.functional.cosine_similarity(context["target_view"].float(), own.float(), dim=-1)
+        return dtypes, cosines
+    finally:
+        parallel.destroy()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_the_momentum_encoder_runs_in_the_models_precision(precision):
+    """Its weights are fp32 (an EMA needs them), its forward runs in the model's precision: Transformer Engine's
+    fused and flash attention take only bf16/fp16 queries (with fp32 ones and --attention-backend fused, as
+    configs/base.yaml sets, no backend is left). Its final states are then the model's own within bf16 rounding
+    (a few 2^-8 relative errors through two layers: cosines above 0.999)."""
+    (dtypes, cosines), = run_distributed(momentum_encoder_worker, 1, precision)
+    want = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert dtypes == [want, want], dtypes
+    assert cosines.min().item() > (0.999 if precision == "bf16" else 1 - 1e-6), cosines.min()
+
+
 def assert_megatron_log_matches(log, local_run, name, restarts=(1, 3)):
     """Megatron's logged lm loss, SimReg and `name` at iterations 1-4, (re)started at `restarts`, are the local
     loop's."""

@@ -61,8 +61,9 @@ class SCEState(torch.nn.Module):
     layout, so each rank holds the EMA of its own shard) whose weights follow the model's by
     ema <- momentum * ema + (1 - momentum) * weight after every optimizer step, run forward without gradient.
 
-    Kept in fp32 whatever the model's dtype: Megatron's Float16Module casts the whole model to bf16, and an
-    update of (1 - momentum) times a step's change is below bf16's resolution. Its weights are buffers in
+    Its weights are kept in fp32 whatever the model's dtype: Megatron's Float16Module casts the whole model to
+    bf16, and an update of (1 - momentum) times a step's change is below bf16's resolution. Its forward runs in
+    the model's precision (autocast, in the objective). Its weights are buffers in
     effect (no gradient): the optimizer and DDP skip them; both checkpoint formats keep them.
     """
 
