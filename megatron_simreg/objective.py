@@ -386,9 +386,21 @@ def _regularizer_states(model_chunks) -> list[tuple[torch.nn.Module, torch.nn.Mo
 
 def update_regularizer_state(model_chunks) -> None:
     """After each optimizer step that updated the weights: SCE's momentum encoder follows the model."""
-    for gpt, state in _regularizer_states(model_chunks):
-        if hasattr(state, "update"):
-            state.update(gpt)
+    moving = [(gpt, state) for gpt, state in _regularizer_states(model_chunks) if hasattr(state, "update")]
+    if moving:
+        _gather_new_weights(model_chunks)
+    for gpt, state in moving:
+        state.update(gpt)
+
+
+@torch.no_grad()
+def _gather_new_weights(model_chunks) -> None:
+    """With the distributed optimizer and --overlap-param-gather, a rank holds only its own shard of the new
+    weights after a step (the rest arrives during the next forward): gather them all now, as megatron.training
+    does before it evaluates or saves. That all-gather is then no longer hidden behind the forward."""
+    for chunk in model_chunks:
+        if getattr(getattr(chunk, "ddp_config", None), "overlap_param_gather", False):
+            chunk.start_param_sync(force_sync=True)
 
 
 @contextlib.contextmanager

@@ -408,6 +408,22 @@ def test_sce_through_megatron_training_matches_the_local_loop(corpus, tmp_path):
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=0, msg=key)
 
 
+def test_sce_follows_every_weight_under_the_overlapped_parameter_gather(corpus, tmp_path):  # noqa: F811
+    """DP = 2 with the distributed optimizer and base.yaml's --overlap-param-gather: after a step each rank holds
+    only its own shard of the new weights until the next forward gathers the rest, yet the momentum encoder moves
+    towards all of them, as in the local loop (whose gather follows the step; the grad reduce overlapped as well,
+    which megatron requires with it)."""
+    settings = [f"data.prefix={corpus}", "regularizer.name=sce", "regularizer.dropout=0",
+                "regularizer.target_dropout=0", "parallel.distributed_optimizer=true", *RESUMED]
+    overlapped = "megatron.extra_args=[--overlap-grad-reduce, --overlap-param-gather]"
+    megatron_training(tmp_path / "megatron", *settings, overlapped, processes=2)
+    local_training(tmp_path / "local", *settings, processes=2)
+    ours, theirs = regularizer_states([tmp_path / "megatron", tmp_path / "local"], tmp_path / "local")
+    assert sorted(ours) == sorted(theirs)
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=0, msg=key)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["regularizer.name=simclr"], "regularizer.name must be one of simreg, simcse, cpretrain, creg, sce, got 'simclr'"),
     (["regularizer.name=sce", "regularizer.tau_m=0.1"], "unknown config key 'regularizer.tau_m'"),
