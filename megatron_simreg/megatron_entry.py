@@ -11,6 +11,7 @@ inside that optimizer's part of Megatron's checkpoint.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import signal
 import sys
@@ -58,10 +59,18 @@ LOCAL_LAYER_ARGS = ["--transformer-impl", "local", "--no-rope-fusion", "--no-gra
                     "--no-masked-softmax-fusion"]
 
 
-def megatron_arguments(cfg: Config, plan: RunPlan, *, transformer_engine: bool) -> list[str]:
+def have_apex_wgrad_fusion() -> bool:
+    """Whether NVIDIA apex's fused weight-gradient extension (`fused_weight_gradient_mlp_cuda`) can be imported."""
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
+def megatron_arguments(cfg: Config, plan: RunPlan, *, transformer_engine: bool, wgrad_fusion: bool = True) -> list[str]:
     """The megatron.training command-line arguments for this config on a node with or without Transformer Engine.
 
-    `cfg.megatron.extra_args` come last, so a flag given there wins over the derived one.
+    `wgrad_fusion`: whether NVIDIA apex's weight-gradient extension is there (NGC images ship it); without it the
+    gradient-accumulation fusion is turned off, as megatron-core's output layer, a plain ColumnParallelLinear also
+    under Transformer Engine, refuses to be built with it. `cfg.megatron.extra_args` come last, so a flag given
+    there wins over the derived one.
     """
     m, o, s, t, p = cfg.model, cfg.optimizer, cfg.schedule, cfg.training, cfg.parallel
     args = [
@@ -114,6 +123,8 @@ def megatron_arguments(cfg: Config, plan: RunPlan, *, transformer_engine: bool) 
         args += ["--data-cache-path", cfg.data.cache_dir]
     if transformer_engine:
         args += ["--transformer-impl", "transformer_engine"]
+        if not wgrad_fusion:
+            args += ["--no-gradient-accumulation-fusion"]
     else:
         args += LOCAL_LAYER_ARGS
     args += _failure_handling_arguments(cfg)
@@ -167,7 +178,8 @@ def _pretrain(cfg: Config, plan: RunPlan) -> None:
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
-    sys.argv = [sys.argv[0]] + megatron_arguments(cfg, plan, transformer_engine=have_transformer_engine())
+    sys.argv = [sys.argv[0]] + megatron_arguments(cfg, plan, transformer_engine=have_transformer_engine(),
+                                                  wgrad_fusion=have_apex_wgrad_fusion())
     args = parse_and_validate_args()
     if not launched():  # megatron.training would rendezvous at env:// (MASTER_PORT); it joins this group instead
         join_process_group(args.distributed_backend)

@@ -83,6 +83,22 @@ def test_megatron_accepts_the_generated_arguments_and_performance_flags(name, mo
     assert " ".join(cfg.megatron.extra_args) in report(cfg, 64)
 
 
+def test_without_apex_the_gradient_accumulation_fusion_is_off(monkeypatch):
+    """A Transformer Engine node without NVIDIA apex (TE from pip): megatron-core's output layer refuses the fusion
+    without apex's extension, so the arguments turn it off; this node's answer is megatron-core's own."""
+    from megatron.core.tensor_parallel import layers
+    from megatron.training import arguments
+
+    from megatron_simreg.megatron_entry import have_apex_wgrad_fusion
+    from megatron_simreg.run_plan import plan_run
+
+    assert have_apex_wgrad_fusion() == layers._grad_accum_fusion_available
+    cfg = load_config("configs/llama2-1.3b.yaml")
+    generated = megatron_arguments(cfg, plan_run(cfg, 64), transformer_engine=True, wgrad_fusion=False)
+    monkeypatch.setattr(sys, "argv", ["pretrain"] + generated)
+    assert not arguments.parse_args().gradient_accumulation_fusion
+
+
 def test_impossible_layout_fails_with_the_reason():
     with pytest.raises(ConfigError, match="not divisible by tensor"):
         report(load_config("configs/llama2-7b.yaml"), 6)
