@@ -47,7 +47,20 @@ def main(argv=None):
                 from megatron_simreg.megatron_entry import pretrain as run
             else:
                 from megatron_simreg.local_loop import train as run
+        with one_line_errors("config error"):
+            _check_this_node_runs(cfg)
         run(cfg)
+
+
+def _check_this_node_runs(cfg) -> None:
+    """What the config asks of this node's software, before either loop starts."""
+    from megatron_simreg.config import ConfigError
+    from megatron_simreg.model import have_transformer_engine
+
+    if cfg.parallel.context > 1 and not have_transformer_engine():
+        raise ConfigError(f"parallel.context={cfg.parallel.context} needs Transformer Engine's attention on GPUs "
+                          "(megatron-core's local attention splits no sequence): set parallel.context=1 here, or "
+                          "run where Transformer Engine is installed (the NGC PyTorch image)")
 
 
 @contextlib.contextmanager

@@ -119,6 +119,17 @@ def test_a_folder_that_is_no_tokenizer_is_named_in_one_line(corpus, tmp_path):  
         plan_run(cfg, 1)
 
 
+def test_context_parallelism_without_transformer_engine_is_refused_before_anything_runs(tmp_path):
+    """Only Transformer Engine's attention splits a sequence over ranks (megatron-core's local one asserts deep
+    in the first forward): a node without it says so, on CPU as on a GPU node with a pip-only install."""
+    run_dir = tmp_path / "run"
+    done = run(sys.executable, "-m", "megatron_simreg.train", "--config", "configs/tiny-llama.yaml",
+               "--set", "parallel.context=2", "--set", f"logging.run_dir={run_dir}")
+    assert one_line(done, 1, "config error").startswith(
+        "config error: parallel.context=2 needs Transformer Engine's attention on GPUs")
+    assert not run_dir.exists()
+
+
 def test_ctrl_c_while_training_starts_up_is_one_line_and_130(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "megatron_simreg.train", "--config", "configs/tiny-llama.yaml",
