@@ -110,6 +110,7 @@ def main(argv=None) -> int:
         ("export and logit parity", lambda deadline: export_parity(args)),
         ("SimReg cost", lambda deadline: simreg_cost(deadline)),
         ("training step at the 7B layer shape and at the LLaMA2-350M shape", lambda deadline: step_cost(deadline)),
+        ("the Table 1 baselines in bf16 with the production flags", lambda deadline: baselines(args, deadline)),
     ]
     sections = [header(args)]
     if args.dry_run:
@@ -401,6 +402,22 @@ def _our_logits(cfg, state, tokens):
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
+
+
+def baselines(args, deadline: Deadline) -> str:
+    """Each baseline at its faithful defaults (SimCSE's second forward, SCE's fp32 momentum encoder run in bf16,
+    CPretrain's label pairs, CReg's vocabulary-sized views) through megatron.training: the CPU tests train them in
+    fp32 and without Transformer Engine, whose fused attention (base.yaml's backend) takes only bf16/fp16."""
+    from megatron_simreg import regularizers
+    from megatron_simreg.model import have_transformer_engine
+
+    flags = PRODUCTION_FLAGS + (["--attention-backend", "fused"] if have_transformer_engine() else [])
+    production = f"megatron.extra_args=[{','.join(flags)}]"
+    rows = [f"Flags: {' '.join(flags)}, bf16, distributed optimizer.\n", "| baseline | loss at 1 -> 10 |", "|---|---|"]
+    for name in (name for name in regularizers.REGISTRY if name != "simreg"):
+        losses = _megatron(args, deadline, name, ["schedule.train_iters=10", f"regularizer.name={name}", production])
+        rows.append(f"| {name} | {losses[1]:.4f} -> {losses[10]:.4f} |")
+    return "\n".join(rows)
 
 
 def _megatron(args, deadline: Deadline, name: str, overrides: list[str],

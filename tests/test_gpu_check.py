@@ -41,7 +41,7 @@ def test_dry_run_lists_every_package_and_finds_every_piece(small_corpus, tmp_pat
     done = gpu_check_sh("--dry-run", "--data", small_corpus, "--output", str(report), "--work", str(tmp_path / "w"))
     assert done.returncode == 0, done.stdout + done.stderr
     written = report.read_text()
-    assert written.count("not run (dry run)") == 9 and "every piece imports and the data is there" in written
+    assert written.count("not run (dry run)") == 10 and "every piece imports and the data is there" in written
     needed = gpu_check.needed_distributions()
     for name in ("megatron-core", "mistral-common", "sentencepiece", "transformers", "safetensors", "pydantic"):
         assert f"{name} {needed[name]}" in done.stdout and f"{name} {needed[name]}" in written, name
