@@ -1,6 +1,7 @@
 """The study tool: cells run through the training entry, a killed study resumes without rerunning finished
 cells (a half-finished one from its own checkpoint), mean/std against a hand computation, report and PNGs."""
 
+import glob
 import json
 import math
 import os
@@ -182,6 +183,22 @@ def test_grid_report_numbers_heatmap_and_the_follow_up_around_the_best(tmp_path,
     capsys.readouterr()
     main([follow_up, "--status"])
     assert "12 of 16 cells finished" in capsys.readouterr().out  # seed 4 is new
+
+
+def test_every_shipped_study_resolves_each_settings_config():
+    """A misspelt key or value in a shipped study file fails here, not hours into a study. A follow-up study
+    (`around_best_of`) is read once its parent has run, so only its parent is checked: shipped too."""
+    paths = sorted(glob.glob(os.path.join("configs", "studies", "*.yaml")))
+    assert len(paths) >= 10
+    for path in paths:
+        with open(path) as f:
+            parent = yaml.safe_load(f).get("around_best_of")
+        if parent:
+            assert parent in paths, f"{path}: around_best_of names {parent}, not a shipped study"
+            continue
+        study = load_study(path)
+        for setting in study.settings:  # the seed is one override like any other: the first will do
+            load_config(study.config, cell_overrides(study, setting, study.seeds[0], []))
 
 
 def test_bad_studies_are_refused_before_anything_runs(tmp_path):
