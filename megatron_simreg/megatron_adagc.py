@@ -69,7 +69,9 @@ class AdaGCStateMissing(ValueError):
     """A checkpoint to resume from holds no AdaGC state."""
 
 
-ADAGC_KEY = "adagc"
+ADAGC_KEY = "adagc"  # the optimizer checkpoint entry's key (resume.py reads it before anything is built)
+NO_ADAGC_STATE = ("holds no AdaGC state (saved without AdaGC, or by an older version): resume with "
+                  "adagc.load_state=false to start AdaGC afresh (its warm-up again), or with adagc.enabled=false")
 
 
 def _checkpoint_with_optimizer(optimizer, adagc: AdaGC, names: set[str]) -> None:
@@ -96,10 +98,7 @@ def _checkpoint_with_optimizer(optimizer, adagc: AdaGC, names: set[str]) -> None
         state = dict(state)
         saved = state.pop(ADAGC_KEY, None)
         if saved is None and adagc.config.load_state:
-            raise AdaGCStateMissing(
-                "the checkpoint holds no AdaGC state (saved without AdaGC, or by an older version): resume with "
-                "adagc.load_state=false to start AdaGC afresh (its warm-up again), or with adagc.enabled=false"
-            )
+            raise AdaGCStateMissing(f"the checkpoint {NO_ADAGC_STATE}")
         if saved is not None and adagc.config.load_state:
             adagc.load_state_dict(_this_ranks_state(saved, names))
         return load_state_dict(state, *args, **kwargs)

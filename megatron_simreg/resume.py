@@ -1,12 +1,13 @@
 """Resuming with settings other than the checkpoint's: another global batch size, other optimizer settings
-(lr, min_lr, warm-up, length, decay style, weight decay), or, refused, another model size.
+(lr, min_lr, warm-up, length, decay style, weight decay), or, refused, another model size or a missing AdaGC state.
 
 Before anything is built, `saved_progress` reads what the checkpoint was trained with (iteration, consumed
-samples, global batch size, the model settings that shape its weights), from a local-loop file or from the
-arguments megatron.training records in its torch_dist checkpoint, so both loops and the dry run plan alike
-(run_plan.py): the schedule lives in samples, as Megatron's scheduler counts it, and a batch-size change moves
-neither the warm-up, nor the decay, nor the run's end (a line says so); a model of another size is refused in
-one line (`check_same_model`) instead of a size-mismatch traceback.
+samples, global batch size, the model settings that shape its weights, whether it holds AdaGC's state), from a
+local-loop file or from the arguments and common state megatron.training records in its torch_dist checkpoint, so
+both loops and the dry run plan alike (run_plan.py): the schedule lives in samples, as Megatron's scheduler counts
+it, and a batch-size change moves neither the warm-up, nor the decay, nor the run's end (a line says so); a model
+of another size is refused in one line (`check_same_model`) instead of a size-mismatch traceback, and resuming
+AdaGC from a checkpoint without its state before the model is built (`check_adagc_state`).
 
 After a stop the natural recovery is often a lower learning rate. megatron-core refuses that twice: the
 optimizer matches the checkpoint's parameter groups by their settings (max_lr, min_lr, ... are part of the
@@ -29,6 +30,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_simreg.checkpoint import FILE, CheckpointError, iteration_dir
 from megatron_simreg.config import Config
+from megatron_simreg.megatron_adagc import ADAGC_KEY, NO_ADAGC_STATE
 from megatron_simreg.run_plan import RunPlan, padded_vocab_size
 
 SCHEDULED = ("max_lr", "min_lr", "start_wd", "end_wd")  # per-group values the scheduler owns; the config's win
@@ -45,6 +47,7 @@ class SavedProgress:
     consumed_samples: int
     global_batch_size: int  # the batch the run was trained with: the unit of the config's iteration counts
     model: dict | None  # model_shape() of the run that saved it (megatron.training: from its arguments)
+    adagc_state: bool | None  # whether its optimizer state holds AdaGC's (None: saved without optimizer state)
 
 
 def model_shape(cfg: Config) -> dict:
@@ -78,7 +81,8 @@ def saved_progress(load_dir: str, iteration: int | None) -> SavedProgress | None
         return None
     # checkpoints from before the batch size and model were recorded: the batch from the samples per iteration
     batch = state.get("global_batch_size") or state["consumed_samples"] // max(state["iteration"], 1)
-    return SavedProgress(folder, state["iteration"], state["consumed_samples"], batch, state.get("model_shape"))
+    return SavedProgress(folder, state["iteration"], state["consumed_samples"], batch, state.get("model_shape"),
+                         _holds_adagc_state(state.get("optimizer")))
 
 
 def _megatron_progress(folder: str) -> SavedProgress | None:
@@ -105,7 +109,14 @@ def _megatron_progress(folder: str) -> SavedProgress | None:
     embedding = tensors.get("embedding.word_embeddings.weight")
     if embedding is not None:
         model[PADDED_VOCAB] = embedding.global_shape[0]
-    return SavedProgress(folder, common["iteration"], args.consumed_train_samples, args.global_batch_size, model)
+    return SavedProgress(folder, common["iteration"], args.consumed_train_samples, args.global_batch_size, model,
+                         _holds_adagc_state(common.get("optimizer")))
+
+
+def _holds_adagc_state(optimizer_state) -> bool | None:
+    """AdaGC's entry beside the optimizer's own (megatron_adagc), in a local-loop file or a torch_dist checkpoint's
+    common state alike."""
+    return ADAGC_KEY in optimizer_state if isinstance(optimizer_state, dict) else None
 
 
 def check_same_model(cfg: Config, progress: SavedProgress | None) -> None:
@@ -123,6 +134,18 @@ def check_same_model(cfg: Config, progress: SavedProgress | None) -> None:
         + ", ".join(str(now[key]) for key in changed)
         + f": resume with the checkpoint's model settings, or start a new run ({new_run})"
     )
+
+
+def check_adagc_state(cfg: Config, progress: SavedProgress | None) -> None:
+    """Refuse, before anything is built, to resume AdaGC from a checkpoint without its state: the optimizer's load
+    refuses it too (megatron_adagc), but only once the model is built. Megatron flags that skip the optimizer's
+    state leave the verdict to that load."""
+    if progress is None or progress.adagc_state is not False or not (cfg.adagc.enabled and cfg.adagc.load_state):
+        return
+    if {"--no-load-optim", "--finetune"} & set(cfg.megatron.extra_args):
+        return
+    raise CheckpointError(f"checkpoint {os.path.dirname(progress.folder)} (iteration {progress.iteration}) "
+                          f"{NO_ADAGC_STATE}")
 
 
 def build_scheduler(cfg: Config, optimizer, plan: RunPlan) -> OptimizerParamScheduler:

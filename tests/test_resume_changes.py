@@ -2,7 +2,7 @@
 
 Another global batch size: the schedule stays in samples, as Megatron counts it (warm-up, decay and the run's
 end are the config's iterations times the batch the run started with), and one line says so. Other model
-sizes: refused in one line naming each difference, before anything is written.
+sizes, and AdaGC resumed from a checkpoint without its state: refused in one line, before anything is written.
 
 One saved run per loop (stopped at iteration 2 of 8 with a global batch of 4, so 8 samples consumed; warm-up 2 x 4
 and decay 8 x 4 samples) is copied into each test.
@@ -15,7 +15,7 @@ import shutil
 
 import pytest
 from distributed import run_distributed
-from test_megatron_training import SETTINGS, megatron_training
+from test_megatron_training import SETTINGS, adagc_state, megatron_training
 from test_training import corpus, read_metrics  # noqa: F401  (corpus is a fixture)
 
 from megatron_simreg.config import load_config
@@ -159,3 +159,44 @@ def test_dry_run_plans_the_resumed_run_as_both_loops_do(saved, corpus, tmp_path)
     state = torch.load(path, weights_only=False)
     torch.save({key: value for key, value in state.items() if key not in ("global_batch_size", "model_shape")}, path)
     assert plan_run(cfg, 1) == dataclasses.replace(plan, resumed=dataclasses.replace(plan.resumed, model=None))
+
+
+def no_adagc_state(run_dir) -> str:
+    return (f"training stopped: checkpoint {run_dir / 'checkpoints'} (iteration 2) holds no AdaGC state (saved without "
+            "AdaGC, or by an older version): resume with adagc.load_state=false to start AdaGC afresh (its warm-up "
+            "again), or with adagc.enabled=false")
+
+
+@pytest.fixture(scope="module")
+def saved_without_adagc(corpus, tmp_path_factory):  # noqa: F811
+    """Each loop's run stopped at iteration 2 of 8, trained without AdaGC."""
+    folder = tmp_path_factory.mktemp("saved_without_adagc")
+    local_training(folder / "local", corpus, "training.exit_interval=2", "adagc.enabled=false")
+    megatron_training(folder / "megatron", f"data.prefix={corpus}", "training.exit_interval=2", "adagc.enabled=false")
+    return folder
+
+
+def test_adagc_resumed_without_its_state_is_refused_before_the_model_is_built(saved_without_adagc, corpus,  # noqa: F811
+                                                                              tmp_path):
+    """Both loops and the dry run refuse in one line that names the fix, read from the checkpoint before anything
+    is built (the optimizer's load would refuse only after the model was); the fix then resumes, AdaGC afresh."""
+    from megatron_simreg.train import main
+
+    local, megatron = (copy_of(saved_without_adagc, loop, tmp_path) for loop in ("local", "megatron"))
+    before = {run_dir: (run_dir / "config.yaml").read_text() for run_dir in (local, megatron)}
+    assert local_training(local, corpus) == no_adagc_state(local)
+    cfg = load_config("configs/tiny-llama.yaml", [*SETTINGS, f"data.prefix={corpus}", f"logging.run_dir={megatron}"])
+    assert run_distributed(exit_message_or_output, 1, pretrain_on_cpu, cfg)[0] == no_adagc_state(megatron)
+    settings = [*SETTINGS, f"data.prefix={corpus}", f"logging.run_dir={local}"]
+    with pytest.raises(SystemExit) as stopped:
+        main(["--config", "configs/tiny-llama.yaml", "--dry-run", *(f"--set={s}" for s in settings)])
+    assert stopped.value.code == no_adagc_state(local).replace("training stopped:", "dry run:")
+    assert {run_dir: (run_dir / "config.yaml").read_text() for run_dir in (local, megatron)} == before
+
+    # A resume that leaves the optimizer's state to the load (here megatron flags, which the local loop does not
+    # read, so it loads the optimizer all the same) is refused there.
+    assert local_training(local, corpus, 'megatron.extra_args=["--no-load-optim"]') == (
+        "training stopped: the checkpoint " + no_adagc_state(local).split(") ", 1)[1])
+
+    megatron_training(megatron, f"data.prefix={corpus}", "adagc.load_state=false")
+    assert adagc_state(megatron / "checkpoints", 8)["step"] == 6  # afresh at the resume: six steps
