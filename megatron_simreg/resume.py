@@ -1,13 +1,15 @@
 """Resuming with settings other than the checkpoint's: another global batch size, other optimizer settings
-(lr, min_lr, warm-up, length, decay style, weight decay), or, refused, another model size or a missing AdaGC state.
+(lr, min_lr, warm-up, length, decay style, weight decay), or, refused, another model size, another regularizer or a
+missing AdaGC state.
 
 Before anything is built, `saved_progress` reads what the checkpoint was trained with (iteration, consumed
-samples, global batch size, the model settings that shape its weights, whether it holds AdaGC's state), from a
+samples, global batch size, the model settings that shape its weights, its regularizer's and AdaGC's state), from a
 local-loop file or from the arguments and common state megatron.training records in its torch_dist checkpoint, so
 both loops and the dry run plan alike (run_plan.py): the schedule lives in samples, as Megatron's scheduler counts
 it, and a batch-size change moves neither the warm-up, nor the decay, nor the run's end (a line says so); a model
-of another size is refused in one line (`check_same_model`) instead of a size-mismatch traceback, and resuming
-AdaGC from a checkpoint without its state before the model is built (`check_adagc_state`).
+of another size is refused in one line (`check_same_model`) instead of a size-mismatch traceback, and so are
+resuming with another regularizer's state (`check_same_regularizer`) and AdaGC from a checkpoint without its
+state (`check_adagc_state`), before the model is built.
 
 After a stop the natural recovery is often a lower learning rate. megatron-core refuses that twice: the
 optimizer matches the checkpoint's parameter groups by their settings (max_lr, min_lr, ... are part of the
@@ -28,6 +30,7 @@ import torch.distributed as dist
 from megatron.core.optimizer.optimizer import param_group_identifier_keys
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_simreg import regularizers
 from megatron_simreg.checkpoint import FILE, CheckpointError, iteration_dir
 from megatron_simreg.config import Config
 from megatron_simreg.megatron_adagc import ADAGC_KEY, NO_ADAGC_STATE
@@ -48,6 +51,7 @@ class SavedProgress:
     global_batch_size: int  # the batch the run was trained with: the unit of the config's iteration counts
     model: dict | None  # model_shape() of the run that saved it (megatron.training: from its arguments)
     adagc_state: bool | None  # whether its optimizer state holds AdaGC's (None: saved without optimizer state)
+    regularizer_state: frozenset[str]  # the top-level names of its regularizer's state (regularizers.STATE_KEYS)
 
 
 def model_shape(cfg: Config) -> dict:
@@ -81,8 +85,9 @@ def saved_progress(load_dir: str, iteration: int | None) -> SavedProgress | None
         return None
     # checkpoints from before the batch size and model were recorded: the batch from the samples per iteration
     batch = state.get("global_batch_size") or state["consumed_samples"] // max(state["iteration"], 1)
+    last_stage = state if len(files) == 1 else torch.load(files[-1], map_location="cpu", mmap=True, weights_only=False)
     return SavedProgress(folder, state["iteration"], state["consumed_samples"], batch, state.get("model_shape"),
-                         _holds_adagc_state(state.get("optimizer")))
+                         _holds_adagc_state(state.get("optimizer")), _regularizer_state(last_stage["model"]))
 
 
 def _megatron_progress(folder: str) -> SavedProgress | None:
@@ -110,7 +115,14 @@ def _megatron_progress(folder: str) -> SavedProgress | None:
     if embedding is not None:
         model[PADDED_VOCAB] = embedding.global_shape[0]
     return SavedProgress(folder, common["iteration"], args.consumed_train_samples, args.global_batch_size, model,
-                         _holds_adagc_state(common.get("optimizer")))
+                         _holds_adagc_state(common.get("optimizer")), _regularizer_state(tensors))
+
+
+def _regularizer_state(keys) -> frozenset[str]:
+    """`encoder` (SCE), `log_scale` (CPretrain): the first part of each key after regularizers.STATE_KEYS, in a
+    local-loop file's model state or a torch_dist checkpoint's tensors alike."""
+    prefix = regularizers.STATE_KEYS
+    return frozenset(key.removeprefix(prefix).split(".")[0] for key in keys if key.startswith(prefix))
 
 
 def _holds_adagc_state(optimizer_state) -> bool | None:
@@ -134,6 +146,29 @@ def check_same_model(cfg: Config, progress: SavedProgress | None) -> None:
         + ", ".join(str(now[key]) for key in changed)
         + f": resume with the checkpoint's model settings, or start a new run ({new_run})"
     )
+
+
+def check_same_regularizer(cfg: Config, progress: SavedProgress | None) -> None:
+    """Refuse, before anything is built, to resume a checkpoint whose regularizer state is not the one this
+    config's regularizer keeps (another baseline's, or none): loading would fail on the missing entries or drop
+    the saved ones. A weights-only start (checkpoint.finetune) reads no regularizer state and is the way across."""
+    if progress is None:
+        return
+    r = cfg.regularizer
+    ours = regularizers.get(r.name).state_names(r.settings) if r.settings is not None else frozenset()
+    if ours == progress.regularizer_state:
+        return
+    folder = os.path.dirname(progress.folder)
+    raise CheckpointError(
+        f"checkpoint {folder} (iteration {progress.iteration}) holds {_state_phrase(progress.regularizer_state)}; "
+        f"regularizer.name={r.name} here keeps {_state_phrase(ours)}: resume with the regularizer it was trained "
+        f"with, or start from its weights in another logging.run_dir (checkpoint.load={folder}, "
+        "checkpoint.finetune=true)"
+    )
+
+
+def _state_phrase(names: frozenset[str]) -> str:
+    return f"regularizer state {', '.join(sorted(names))}" if names else "no regularizer state"
 
 
 def check_adagc_state(cfg: Config, progress: SavedProgress | None) -> None:

@@ -284,6 +284,32 @@ def test_resume_is_exact_with_the_regularizers_state(resumed_runs, name, state):
     assert saved.dtype == torch.float32 and not torch.equal(saved, initial)  # trained / moved, and saved
 
 
+def test_a_resume_with_another_regularizers_state_is_refused_before_anything_is_built(resumed_runs, corpus):  # noqa: F811
+    """What each baseline declares it keeps (state_names, read before a model is built) is what its checkpoints
+    hold; resuming one with a regularizer that keeps another state, or none, is refused in one line naming both."""
+    from megatron_simreg import regularizers
+    from megatron_simreg.checkpoint import CheckpointError
+    from megatron_simreg.resume import saved_progress
+    from megatron_simreg.run_plan import plan_run
+
+    for name in ("cpretrain", "sce"):
+        run = resumed_runs[name][1]
+        cfg = config(corpus, run, f"regularizer.name={name}", *RESUMED)
+        declared = regularizers.get(name).state_names(cfg.regularizer.settings)
+        assert saved_progress(str(run / "checkpoints"), 4).regularizer_state == declared != frozenset()
+        plan_run(cfg, 1)  # its own regularizer resumes
+    sce = resumed_runs["sce"][1]
+    for other, keeps in (("cpretrain", "regularizer state log_scale"), ("simreg", "no regularizer state"),
+                         ("sce", "no regularizer state")):
+        overrides = [f"regularizer.name={other}"] + (["regularizer.target=view"] if other == "sce" else [])
+        with pytest.raises(CheckpointError) as refused:
+            plan_run(config(corpus, sce, *overrides, *RESUMED), 1)
+        assert str(refused.value) == (
+            f"checkpoint {sce / 'checkpoints'} (iteration 4) holds regularizer state encoder; regularizer.name="
+            f"{other} here keeps {keeps}: resume with the regularizer it was trained with, or start from its weights "
+            f"in another logging.run_dir (checkpoint.load={sce / 'checkpoints'}, checkpoint.finetune=true)")
+
+
 def test_export_leaves_the_regularizers_state_out(resumed_runs):
     from megatron_simreg.export_hf import hugging_face_state, load_merged_state
 

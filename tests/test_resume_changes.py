@@ -2,7 +2,8 @@
 
 Another global batch size: the schedule stays in samples, as Megatron counts it (warm-up, decay and the run's
 end are the config's iterations times the batch the run started with), and one line says so. Other model
-sizes, and AdaGC resumed from a checkpoint without its state: refused in one line, before anything is written.
+sizes, another regularizer's state, and AdaGC resumed from a checkpoint without its state: refused in one line,
+before anything is written.
 
 One saved run per loop (stopped at iteration 2 of 8 with a global batch of 4, so 8 samples consumed; warm-up 2 x 4
 and decay 8 x 4 samples) is copied into each test.
@@ -200,3 +201,26 @@ def test_adagc_resumed_without_its_state_is_refused_before_the_model_is_built(sa
 
     megatron_training(megatron, f"data.prefix={corpus}", "adagc.load_state=false")
     assert adagc_state(megatron / "checkpoints", 8)["step"] == 6  # afresh at the resume: six steps
+
+
+def test_a_simreg_checkpoint_resumed_as_sce_is_refused_in_one_line_by_both_loops(saved, corpus, tmp_path):  # noqa: F811
+    """SCE keeps a momentum encoder that a SimReg run's checkpoint lacks: both loops and the dry run say so in one
+    line with the way across (the local loop used to stop in load_state_dict's traceback of missing keys)."""
+    from megatron_simreg.train import main
+
+    local, megatron = (copy_of(saved, loop, tmp_path) for loop in ("local", "megatron"))
+
+    def refusal(run_dir, stopped="training stopped"):
+        folder = run_dir / "checkpoints"
+        return (f"{stopped}: checkpoint {folder} (iteration 2) holds no regularizer state; regularizer.name=sce here "
+                "keeps regularizer state encoder: resume with the regularizer it was trained with, or start from its "
+                f"weights in another logging.run_dir (checkpoint.load={folder}, checkpoint.finetune=true)")
+
+    assert local_training(local, corpus, "regularizer.name=sce") == refusal(local)
+    cfg = load_config("configs/tiny-llama.yaml", [*SETTINGS, f"data.prefix={corpus}", f"logging.run_dir={megatron}",
+                                                  "regularizer.name=sce"])
+    assert run_distributed(exit_message_or_output, 1, pretrain_on_cpu, cfg)[0] == refusal(megatron)
+    settings = [*SETTINGS, f"data.prefix={corpus}", f"logging.run_dir={local}", "regularizer.name=sce"]
+    with pytest.raises(SystemExit) as stopped:
+        main(["--config", "configs/tiny-llama.yaml", "--dry-run", *(f"--set={s}" for s in settings)])
+    assert stopped.value.code == refusal(local, "dry run")

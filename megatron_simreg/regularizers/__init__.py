@@ -37,6 +37,8 @@ class Regularizer:
     default_weight(hidden_size): its weight when the config says `auto` (or nothing, for the baselines).
     state(settings, model, twin): the module it keeps in `model` (a megatron-core GPTModel, whose `config` is its
     TransformerConfig), or None; `twin()` builds another model of the same layers in fp32 (SCE's momentum encoder).
+    state_names(settings): the top-level names of that module's checkpoint entries (under STATE_KEYS), known
+    before a model is built, so that a resume with another regularizer is refused before anything is built.
     needs: what the objective must provide besides the final hidden states ("label_embeddings", "logits",
     "second_view", "target_view").
     """
@@ -46,6 +48,7 @@ class Regularizer:
     compute: Callable[..., RegularizerOutput]
     default_weight: Callable[[int], float]
     state: Callable[..., torch.nn.Module | None] = lambda *args: None
+    state_names: Callable[[object], frozenset] = lambda settings: frozenset()
     needs: Callable[[object], frozenset] = lambda settings: frozenset()
 
 
@@ -63,6 +66,7 @@ REGISTRY: dict[str, Regularizer] = {
         state=lambda settings, model, twin: (CPretrainState(settings, model.config.params_dtype,
                                                             model.config.sequence_parallel)
                                              if settings.learnable else None),
+        state_names=lambda settings: frozenset({"log_scale"} if settings.learnable else ()),
         needs=lambda settings: frozenset({"label_embeddings"}),
     ),
     "creg": Regularizer(
@@ -72,6 +76,7 @@ REGISTRY: dict[str, Regularizer] = {
     "sce": Regularizer(
         "sce", SCESettings, sce_loss, default_weight=lambda hidden: 1.0,
         state=lambda settings, model, twin: SCEState(settings, model, twin()) if settings.target == "ema" else None,
+        state_names=lambda settings: frozenset({"encoder"} if settings.target == "ema" else ()),
         needs=lambda settings: _views(settings) | ({"target_view"} if settings.target == "ema" else set()),
     ),
 }
