@@ -152,7 +152,7 @@ def check_same_regularizer(cfg: Config, progress: SavedProgress | None) -> None:
     """Refuse, before anything is built, to resume a checkpoint whose regularizer state is not the one this
     config's regularizer keeps (another baseline's, or none): loading would fail on the missing entries or drop
     the saved ones. A weights-only start (checkpoint.finetune) reads no regularizer state and is the way across."""
-    if progress is None:
+    if progress is None or _left_to_megatron(cfg, "--finetune"):
         return
     r = cfg.regularizer
     ours = regularizers.get(r.name).state_names(r.settings) if r.settings is not None else frozenset()
@@ -167,17 +167,22 @@ def check_same_regularizer(cfg: Config, progress: SavedProgress | None) -> None:
     )
 
 
+def _left_to_megatron(cfg: Config, *flags: str) -> bool:
+    """Megatron flags (megatron.extra_args) under which megatron.training loads less than the checkpoint holds:
+    the checks in this file leave such resumes to that load."""
+    return bool(set(flags) & set(cfg.megatron.extra_args))
+
+
 def _state_phrase(names: frozenset[str]) -> str:
     return f"regularizer state {', '.join(sorted(names))}" if names else "no regularizer state"
 
 
 def check_adagc_state(cfg: Config, progress: SavedProgress | None) -> None:
     """Refuse, before anything is built, to resume AdaGC from a checkpoint without its state: the optimizer's load
-    refuses it too (megatron_adagc), but only once the model is built. Megatron flags that skip the optimizer's
-    state leave the verdict to that load."""
+    refuses it too (megatron_adagc), but only once the model is built."""
     if progress is None or progress.adagc_state is not False or not (cfg.adagc.enabled and cfg.adagc.load_state):
         return
-    if {"--no-load-optim", "--finetune"} & set(cfg.megatron.extra_args):
+    if _left_to_megatron(cfg, "--no-load-optim", "--finetune"):
         return
     raise CheckpointError(f"checkpoint {os.path.dirname(progress.folder)} (iteration {progress.iteration}) "
                           f"{NO_ADAGC_STATE}")

@@ -308,6 +308,8 @@ def test_a_resume_with_another_regularizers_state_is_refused_before_anything_is_
             f"checkpoint {sce / 'checkpoints'} (iteration 4) holds regularizer state encoder; regularizer.name="
             f"{other} here keeps {keeps}: resume with the regularizer it was trained with, or start from its weights "
             f"in another logging.run_dir (checkpoint.load={sce / 'checkpoints'}, checkpoint.finetune=true)")
+    # Megatron's own --finetune (passed through) reads no regularizer state either: left to megatron.training
+    plan_run(config(corpus, sce, "regularizer.name=cpretrain", 'megatron.extra_args=["--finetune"]', *RESUMED), 1)
 
 
 def test_export_leaves_the_regularizers_state_out(resumed_runs):
