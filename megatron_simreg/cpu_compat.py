@@ -131,7 +131,8 @@ _MODULES_WITH_CUDA_LITERALS = (
 
 
 def _with_cuda_type_names(init):
-    """An optimizer constructor during which CPU tensors' `type()` names the CUDA type megatron expects."""
+    """An optimizer constructor during which CPU tensors' `type()` names the CUDA type megatron expects (once, also
+    when a nested entry wraps the constructor again)."""
 
     @functools.wraps(init)
     def init_on_cpu(self, *args, **kwargs):
@@ -139,7 +140,8 @@ def _with_cuda_type_names(init):
 
         def cuda_type_name(tensor, dtype=None, non_blocking=False, **kw):
             if dtype is None and tensor.device.type == "cpu":
-                return tensor_type(tensor).replace("torch.", "torch.cuda.", 1)
+                name = tensor_type(tensor)
+                return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
             return tensor_type(tensor, dtype, non_blocking, **kw)
 
         torch.Tensor.type = cuda_type_name

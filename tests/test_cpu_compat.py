@@ -1,5 +1,6 @@
 """`cpu_compat()`: megatron-core runs on CPU inside it, and every remap is undone on leaving it, nested or not."""
 
+import contextlib
 import sys
 
 import torch
@@ -39,6 +40,24 @@ def test_everything_patched_is_restored_on_exit_even_when_nested():
     changed = sorted(key for key in before if after.get(key) != before[key])
     assert not changed, changed
 
+
+
+def test_a_bf16_optimizer_builds_inside_nested_entries():
+    """megatron's mixed-precision optimizer sorts parameters by their CUDA type names; a nested entry used to rename
+    them twice ("torch.cuda.cuda.BFloat16Tensor"), which it refuses: bf16 training stopped in any loop entered from
+    inside cpu_compat (a test worker's)."""
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    for depth in (1, 2):
+        with contextlib.ExitStack() as entries:
+            for _ in range(depth):
+                entries.enter_context(cpu_compat())
+            weight = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+            optimizer = Float16OptimizerWithFloat16Params(torch.optim.Adam([weight]), OptimizerConfig(bf16=True),
+                                                          None, lambda *args: None)
+            (main,) = optimizer.fp32_from_float16_groups[0]
+            assert main.dtype == torch.float32 and torch.equal(main, weight.float())
 
 
 def test_compiled_functions_run_eagerly_on_the_cpu_and_compile_again_on_exit():
