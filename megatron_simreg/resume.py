@@ -1,15 +1,16 @@
 """Resuming with settings other than the checkpoint's: another global batch size, other optimizer settings
-(lr, min_lr, warm-up, length, decay style, weight decay), or, refused, another model size, another regularizer or a
-missing AdaGC state.
+(lr, min_lr, warm-up, length, decay style, weight decay), or, refused, another model size, precision or regularizer,
+or a missing AdaGC state.
 
 Before anything is built, `saved_progress` reads what the checkpoint was trained with (iteration, consumed
-samples, global batch size, the model settings that shape its weights, its regularizer's and AdaGC's state), from a
-local-loop file or from the arguments and common state megatron.training records in its torch_dist checkpoint, so
-both loops and the dry run plan alike (run_plan.py): the schedule lives in samples, as Megatron's scheduler counts
-it, and a batch-size change moves neither the warm-up, nor the decay, nor the run's end (a line says so); a model
-of another size is refused in one line (`check_same_model`) instead of a size-mismatch traceback, and so are
-resuming with another regularizer's state (`check_same_regularizer`) and AdaGC from a checkpoint without its
-state (`check_adagc_state`), before the model is built.
+samples, global batch size, the model settings that shape its weights, its precision, its regularizer's and
+AdaGC's state), from a local-loop file or from the arguments, common state and tensor names megatron.training
+records in its torch_dist checkpoint, so both loops and the dry run plan alike (run_plan.py): the schedule lives
+in samples, as Megatron's scheduler counts it, and a batch-size change moves neither the warm-up, nor the decay,
+nor the run's end (a line says so); a model of another size is refused in one line (`check_same_model`) instead of
+a size-mismatch traceback, and so are resuming in another precision (`check_same_precision`), with another
+regularizer's state (`check_same_regularizer`) and AdaGC from a checkpoint without its state
+(`check_adagc_state`), before the model is built.
 
 After a stop the natural recovery is often a lower learning rate. megatron-core refuses that twice: the
 optimizer matches the checkpoint's parameter groups by their settings (max_lr, min_lr, ... are part of the
@@ -52,6 +53,7 @@ class SavedProgress:
     model: dict | None  # model_shape() of the run that saved it (megatron.training: from its arguments)
     adagc_state: bool | None  # whether its optimizer state holds AdaGC's (None: saved without optimizer state)
     regularizer_state: frozenset[str]  # the top-level names of its regularizer's state (regularizers.STATE_KEYS)
+    precision: str | None  # training.precision it was trained in (None: not known)
 
 
 def model_shape(cfg: Config) -> dict:
@@ -87,7 +89,8 @@ def saved_progress(load_dir: str, iteration: int | None) -> SavedProgress | None
     batch = state.get("global_batch_size") or state["consumed_samples"] // max(state["iteration"], 1)
     last_stage = state if len(files) == 1 else torch.load(files[-1], map_location="cpu", mmap=True, weights_only=False)
     return SavedProgress(folder, state["iteration"], state["consumed_samples"], batch, state.get("model_shape"),
-                         _holds_adagc_state(state.get("optimizer")), _regularizer_state(last_stage["model"]))
+                         _holds_adagc_state(state.get("optimizer")), _regularizer_state(last_stage["model"]),
+                         _precision_of(state["model"]))
 
 
 def _megatron_progress(folder: str) -> SavedProgress | None:
@@ -115,7 +118,16 @@ def _megatron_progress(folder: str) -> SavedProgress | None:
     if embedding is not None:
         model[PADDED_VOCAB] = embedding.global_shape[0]
     return SavedProgress(folder, common["iteration"], args.consumed_train_samples, args.global_batch_size, model,
-                         _holds_adagc_state(common.get("optimizer")), _regularizer_state(tensors))
+                         _holds_adagc_state(common.get("optimizer")), _regularizer_state(tensors),
+                         "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32")
+
+
+def _precision_of(model_state: dict) -> str | None:
+    """The local loop saves the model's weights in the dtype it trains in (a baseline's state is fp32 whatever)."""
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    return next((names.get(tensor.dtype) for key, tensor in model_state.items() if not
+                 key.startswith(regularizers.STATE_KEYS) and isinstance(tensor, torch.Tensor) and
+                 tensor.is_floating_point()), None)
 
 
 def _regularizer_state(keys) -> frozenset[str]:
@@ -164,6 +176,19 @@ def check_same_regularizer(cfg: Config, progress: SavedProgress | None) -> None:
         f"regularizer.name={r.name} here keeps {_state_phrase(ours)}: resume with the regularizer it was trained "
         f"with, or start from its weights in another logging.run_dir (checkpoint.load={folder}, "
         "checkpoint.finetune=true)"
+    )
+
+
+def check_same_precision(cfg: Config, progress: SavedProgress | None) -> None:
+    """Refuse, before anything is built, to resume in another training.precision: the optimizer's state differs
+    (fp32 master weights beside bf16 ones, or none), and both loops' loads would stop on the missing entries."""
+    if progress is None or progress.precision is None or progress.precision == cfg.training.precision:
+        return
+    raise CheckpointError(
+        f"checkpoint {os.path.dirname(progress.folder)} (iteration {progress.iteration}) was trained with "
+        f"training.precision={progress.precision}; this config has {cfg.training.precision}: resume with "
+        f"training.precision={progress.precision}, or start from its weights in another logging.run_dir "
+        f"(checkpoint.load={os.path.dirname(progress.folder)}, checkpoint.finetune=true)"
     )
 
 

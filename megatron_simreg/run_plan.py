@@ -95,7 +95,13 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     from megatron_simreg.checkpoint import check_holds_checkpoint, chosen_iteration
     from megatron_simreg.data import build_tokenizer, default_tokenizer_path
     from megatron_simreg.data.tokenizer import NotATokenizer, tokenizer_library
-    from megatron_simreg.resume import check_adagc_state, check_same_model, check_same_regularizer, saved_progress
+    from megatron_simreg.resume import (
+        check_adagc_state,
+        check_same_model,
+        check_same_precision,
+        check_same_regularizer,
+        saved_progress,
+    )
 
     if not cfg.data.prefix:
         raise ConfigError(f"data.prefix is empty: name the indexed dataset(s) to train on, {DATA_PREFIX_EXAMPLE}")
@@ -114,6 +120,7 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     check_same_model(cfg, resumed)
     if finetune:
         resumed = None  # weights only: the schedule and the data start from 0
+    check_same_precision(cfg, resumed)
     check_same_regularizer(cfg, resumed)
     check_adagc_state(cfg, resumed)
     batch = resumed.global_batch_size if resumed is not None else t.global_batch_size  # the unit of the iterations

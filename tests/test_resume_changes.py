@@ -2,8 +2,8 @@
 
 Another global batch size: the schedule stays in samples, as Megatron counts it (warm-up, decay and the run's
 end are the config's iterations times the batch the run started with), and one line says so. Other model
-sizes, another regularizer's state, and AdaGC resumed from a checkpoint without its state: refused in one line,
-before anything is written.
+sizes, another precision, another regularizer's state, and AdaGC resumed from a checkpoint without its state:
+refused in one line, before anything is written.
 
 One saved run per loop (stopped at iteration 2 of 8 with a global batch of 4, so 8 samples consumed; warm-up 2 x 4
 and decay 8 x 4 samples) is copied into each test.
@@ -162,10 +162,28 @@ def test_dry_run_plans_the_resumed_run_as_both_loops_do(saved, corpus, tmp_path)
     assert plan_run(cfg, 1) == dataclasses.replace(plan, resumed=dataclasses.replace(plan.resumed, model=None))
 
 
-def no_adagc_state(run_dir) -> str:
-    return (f"training stopped: checkpoint {run_dir / 'checkpoints'} (iteration 2) holds no AdaGC state (saved without "
-            "AdaGC, or by an older version): resume with adagc.load_state=false to start AdaGC afresh (its warm-up "
-            "again), or with adagc.enabled=false")
+def refused_by_both_loops_and_the_dry_run(saved, corpus, tmp_path, *overrides, refusal):  # noqa: F811
+    """Each loop's copy of `saved`, resumed with `overrides`, stops in one line, `refusal(checkpoints folder)`
+    after the loop's prefix, and so does --dry-run, with nothing written; returns the copies (local, megatron)."""
+    from megatron_simreg.train import main
+
+    local, megatron = (copy_of(saved, loop, tmp_path) for loop in ("local", "megatron"))
+    before = {run_dir: (run_dir / "config.yaml").read_text() for run_dir in (local, megatron)}
+    assert local_training(local, corpus, *overrides) == "training stopped: " + refusal(local / "checkpoints")
+    cfg = load_config("configs/tiny-llama.yaml", [*SETTINGS, f"data.prefix={corpus}", f"logging.run_dir={megatron}",
+                                                  *overrides])
+    assert run_distributed(exit_message_or_output, 1, pretrain_on_cpu, cfg)[0] == (
+        "training stopped: " + refusal(megatron / "checkpoints"))
+    settings = [*SETTINGS, f"data.prefix={corpus}", f"logging.run_dir={local}", *overrides]
+    with pytest.raises(SystemExit) as stopped:
+        main(["--config", "configs/tiny-llama.yaml", "--dry-run", *(f"--set={s}" for s in settings)])
+    assert stopped.value.code == "dry run: " + refusal(local / "checkpoints")
+    assert {run_dir: (run_dir / "config.yaml").read_text() for run_dir in (local, megatron)} == before
+    return local, megatron
+
+
+NO_ADAGC_STATE = ("holds no AdaGC state (saved without AdaGC, or by an older version): resume with "
+                  "adagc.load_state=false to start AdaGC afresh (its warm-up again), or with adagc.enabled=false")
 
 
 @pytest.fixture(scope="module")
@@ -181,23 +199,14 @@ def test_adagc_resumed_without_its_state_is_refused_before_the_model_is_built(sa
                                                                               tmp_path):
     """Both loops and the dry run refuse in one line that names the fix, read from the checkpoint before anything
     is built (the optimizer's load would refuse only after the model was); the fix then resumes, AdaGC afresh."""
-    from megatron_simreg.train import main
-
-    local, megatron = (copy_of(saved_without_adagc, loop, tmp_path) for loop in ("local", "megatron"))
-    before = {run_dir: (run_dir / "config.yaml").read_text() for run_dir in (local, megatron)}
-    assert local_training(local, corpus) == no_adagc_state(local)
-    cfg = load_config("configs/tiny-llama.yaml", [*SETTINGS, f"data.prefix={corpus}", f"logging.run_dir={megatron}"])
-    assert run_distributed(exit_message_or_output, 1, pretrain_on_cpu, cfg)[0] == no_adagc_state(megatron)
-    settings = [*SETTINGS, f"data.prefix={corpus}", f"logging.run_dir={local}"]
-    with pytest.raises(SystemExit) as stopped:
-        main(["--config", "configs/tiny-llama.yaml", "--dry-run", *(f"--set={s}" for s in settings)])
-    assert stopped.value.code == no_adagc_state(local).replace("training stopped:", "dry run:")
-    assert {run_dir: (run_dir / "config.yaml").read_text() for run_dir in (local, megatron)} == before
+    local, megatron = refused_by_both_loops_and_the_dry_run(saved_without_adagc, corpus, tmp_path,
+                                                            refusal=lambda folder: f"checkpoint {folder} (iteration 2) "
+                                                                                   + NO_ADAGC_STATE)
 
     # A resume that leaves the optimizer's state to the load (here megatron flags, which the local loop does not
     # read, so it loads the optimizer all the same) is refused there.
     assert local_training(local, corpus, 'megatron.extra_args=["--no-load-optim"]') == (
-        "training stopped: the checkpoint " + no_adagc_state(local).split(") ", 1)[1])
+        f"training stopped: the checkpoint {NO_ADAGC_STATE}")
 
     megatron_training(megatron, f"data.prefix={corpus}", "adagc.load_state=false")
     assert adagc_state(megatron / "checkpoints", 8)["step"] == 6  # afresh at the resume: six steps
@@ -206,21 +215,21 @@ def test_adagc_resumed_without_its_state_is_refused_before_the_model_is_built(sa
 def test_a_simreg_checkpoint_resumed_as_sce_is_refused_in_one_line_by_both_loops(saved, corpus, tmp_path):  # noqa: F811
     """SCE keeps a momentum encoder that a SimReg run's checkpoint lacks: both loops and the dry run say so in one
     line with the way across (the local loop used to stop in load_state_dict's traceback of missing keys)."""
-    from megatron_simreg.train import main
+    refused_by_both_loops_and_the_dry_run(saved, corpus, tmp_path, "regularizer.name=sce", refusal=lambda folder: (
+        f"checkpoint {folder} (iteration 2) holds no regularizer state; regularizer.name=sce here keeps regularizer "
+        "state encoder: resume with the regularizer it was trained with, or start from its weights in another "
+        f"logging.run_dir (checkpoint.load={folder}, checkpoint.finetune=true)"))
 
-    local, megatron = (copy_of(saved, loop, tmp_path) for loop in ("local", "megatron"))
 
-    def refusal(run_dir, stopped="training stopped"):
-        folder = run_dir / "checkpoints"
-        return (f"{stopped}: checkpoint {folder} (iteration 2) holds no regularizer state; regularizer.name=sce here "
-                "keeps regularizer state encoder: resume with the regularizer it was trained with, or start from its "
-                f"weights in another logging.run_dir (checkpoint.load={folder}, checkpoint.finetune=true)")
-
-    assert local_training(local, corpus, "regularizer.name=sce") == refusal(local)
-    cfg = load_config("configs/tiny-llama.yaml", [*SETTINGS, f"data.prefix={corpus}", f"logging.run_dir={megatron}",
-                                                  "regularizer.name=sce"])
-    assert run_distributed(exit_message_or_output, 1, pretrain_on_cpu, cfg)[0] == refusal(megatron)
-    settings = [*SETTINGS, f"data.prefix={corpus}", f"logging.run_dir={local}", "regularizer.name=sce"]
-    with pytest.raises(SystemExit) as stopped:
-        main(["--config", "configs/tiny-llama.yaml", "--dry-run", *(f"--set={s}" for s in settings)])
-    assert stopped.value.code == refusal(local, "dry run")
+def test_another_precision_is_refused_in_one_line_by_both_loops_and_the_way_across_trains(saved, corpus,  # noqa: F811
+                                                                                        tmp_path):
+    """fp32 checkpoints resumed in bf16 (both loops used to stop in their optimizer loads' KeyError tracebacks):
+    one line with the fix, in both loops and the dry run; its weights then train in bf16 in another run folder."""
+    local, _ = refused_by_both_loops_and_the_dry_run(saved, corpus, tmp_path, "training.precision=bf16",
+                                                     refusal=lambda folder: (
+        f"checkpoint {folder} (iteration 2) was trained with training.precision=fp32; this config has bf16: resume "
+        f"with training.precision=fp32, or start from its weights in another logging.run_dir (checkpoint.load="
+        f"{folder}, checkpoint.finetune=true)"))
+    local_training(tmp_path / "bf16", corpus, "training.precision=bf16", f"checkpoint.load={local / 'checkpoints'}",
+                   "checkpoint.finetune=true")
+    assert sorted(read_metrics(tmp_path / "bf16")) == list(range(1, 9))
