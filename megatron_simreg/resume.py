@@ -182,7 +182,9 @@ def check_same_regularizer(cfg: Config, progress: SavedProgress | None) -> None:
 def check_same_precision(cfg: Config, progress: SavedProgress | None) -> None:
     """Refuse, before anything is built, to resume in another training.precision: the optimizer's state differs
     (fp32 master weights beside bf16 ones, or none), and both loops' loads would stop on the missing entries."""
-    if progress is None or progress.precision is None or progress.precision == cfg.training.precision:
+    if progress is None or progress.precision in (None, cfg.training.precision):
+        return
+    if _left_to_megatron(cfg, "--no-load-optim", "--finetune"):  # weights only: they load in any precision
         return
     raise CheckpointError(
         f"checkpoint {os.path.dirname(progress.folder)} (iteration {progress.iteration}) was trained with "

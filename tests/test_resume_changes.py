@@ -230,6 +230,12 @@ def test_another_precision_is_refused_in_one_line_by_both_loops_and_the_way_acro
         f"checkpoint {folder} (iteration 2) was trained with training.precision=fp32; this config has bf16: resume "
         f"with training.precision=fp32, or start from its weights in another logging.run_dir (checkpoint.load="
         f"{folder}, checkpoint.finetune=true)"))
+    from megatron_simreg.run_plan import plan_run
+
+    # Megatron's --no-load-optim (passed through) reads the weights only, which load in any precision
+    plan_run(load_config("configs/tiny-llama.yaml", [*SETTINGS, f"data.prefix={corpus}", f"logging.run_dir={local}",
+                                                     "training.precision=bf16",
+                                                     'megatron.extra_args=["--no-load-optim"]']), 1)
     local_training(tmp_path / "bf16", corpus, "training.precision=bf16", f"checkpoint.load={local / 'checkpoints'}",
                    "checkpoint.finetune=true")
     assert sorted(read_metrics(tmp_path / "bf16")) == list(range(1, 9))
