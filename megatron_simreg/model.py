@@ -180,6 +180,7 @@ def _fp32_twin(config: TransformerConfig) -> TransformerConfig:
 def regularizer_state(cfg: Config, model: GPTModel, twin) -> torch.nn.Module | None:
     """The trained baseline's state (CPretrain's learnable temperature, SCE's momentum encoder), or None."""
     r = cfg.regularizer
-    if r.settings is None:
+    regularizer = regularizers.get(r.name)
+    if r.settings is None or not regularizer.state_names(r.settings):
         return None
-    return regularizers.get(r.name).state(r.settings, model, twin)
+    return regularizer.state(r.settings, model, twin)

@@ -35,10 +35,12 @@ class Regularizer:
     """A registered regularizer.
 
     default_weight(hidden_size): its weight when the config says `auto` (or nothing, for the baselines).
-    state(settings, model, twin): the module it keeps in `model` (a megatron-core GPTModel, whose `config` is its
-    TransformerConfig), or None; `twin()` builds another model of the same layers in fp32 (SCE's momentum encoder).
-    state_names(settings): the top-level names of that module's checkpoint entries (under STATE_KEYS), known
-    before a model is built, so that a resume with another regularizer is refused before anything is built.
+    state_names(settings): the top-level names of the state it keeps in the model's checkpoint (under
+    STATE_KEYS), known before a model is built (a resume with another regularizer is refused before anything is
+    built); none: it keeps no state.
+    state(settings, model, twin): that state, a module kept in `model` (a megatron-core GPTModel, whose `config`
+    is its TransformerConfig), built only where state_names is not empty; `twin()` builds another model of the
+    same layers in fp32 (SCE's momentum encoder).
     needs: what the objective must provide besides the final hidden states ("label_embeddings", "logits",
     "second_view", "target_view").
     """
@@ -63,9 +65,8 @@ REGISTRY: dict[str, Regularizer] = {
     "simcse": Regularizer("simcse", SimCSESettings, simcse_loss, default_weight=lambda hidden: 1.0, needs=_views),
     "cpretrain": Regularizer(
         "cpretrain", CPretrainSettings, cpretrain_loss, default_weight=lambda hidden: 1.0,
-        state=lambda settings, model, twin: (CPretrainState(settings, model.config.params_dtype,
-                                                            model.config.sequence_parallel)
-                                             if settings.learnable else None),
+        state=lambda settings, model, twin: CPretrainState(settings, model.config.params_dtype,
+                                                           model.config.sequence_parallel),
         state_names=lambda settings: frozenset({"log_scale"} if settings.learnable else ()),
         needs=lambda settings: frozenset({"label_embeddings"}),
     ),
@@ -75,7 +76,7 @@ REGISTRY: dict[str, Regularizer] = {
     ),
     "sce": Regularizer(
         "sce", SCESettings, sce_loss, default_weight=lambda hidden: 1.0,
-        state=lambda settings, model, twin: SCEState(settings, model, twin()) if settings.target == "ema" else None,
+        state=lambda settings, model, twin: SCEState(settings, model, twin()),
         state_names=lambda settings: frozenset({"encoder"} if settings.target == "ema" else ()),
         needs=lambda settings: _views(settings) | ({"target_view"} if settings.target == "ema" else set()),
     ),
